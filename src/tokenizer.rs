@@ -1,0 +1,119 @@
+//! Tokenizer: HF `tokenizer.json` when present, otherwise a byte-level BPE rebuilt from GGUF
+//! metadata. The GGUF path must give the same ids as transformers (no prefix space for SmolLM2).
+use crate::model::config::LlamaConfig;
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::quantized::gguf_file;
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, Tokenizer};
+
+pub struct Tok {
+    inner: Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    /// Whether a BOS token is prepended on encode (false for SmolLM2, as in its GGUF/HF files).
+    pub add_bos: bool,
+}
+
+impl Tok {
+    pub fn from_file(path: &Path, cfg: &LlamaConfig) -> Result<Self> {
+        let inner = Tokenizer::from_file(path).map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
+        let mut eos = cfg.eos_token_ids.clone();
+        // tokenizer_config.json names the chat end token for instruct models; honour it too.
+        if let Some(dir) = path.parent() {
+            if let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                    if let Some(id) = v.get("eos_token").and_then(|e| e.as_str()).and_then(|s| inner.token_to_id(s)) {
+                        if !eos.contains(&id) {
+                            eos.push(id);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self { inner, bos: cfg.bos_token_id, eos, add_bos: false })
+    }
+
+    pub fn from_gguf(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<Self> {
+        let md = &content.metadata;
+        let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        if model != "gpt2" {
+            bail!("GGUF tokenizer model {model:?} is not supported (byte-level BPE \"gpt2\" only)");
+        }
+        let tokens = md
+            .get("tokenizer.ggml.tokens")
+            .context("GGUF has no tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<candle_core::Result<Vec<String>>>()?;
+        let merges = match md.get("tokenizer.ggml.merges") {
+            Some(m) => m
+                .to_vec()?
+                .iter()
+                .map(|v| {
+                    let s = v.to_string()?;
+                    s.split_once(' ')
+                        .map(|(a, b)| (a.to_string(), b.to_string()))
+                        .ok_or_else(|| candle_core::Error::Msg(format!("bad merge {s:?}")))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            None => vec![],
+        };
+        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
+            Some(t) => t.to_vec()?.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
+            None => vec![1; tokens.len()],
+        };
+        let vocab: ahash::AHashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
+        let mut inner = Tokenizer::new(bpe);
+        // Byte-level, GPT-2 regex, and *no* prefix space: what transformers builds for `smollm`.
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevelDecoder::new(true, true, true)));
+        // Control tokens (type 3) are matched whole, never split, as HF's added special tokens.
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 3)
+            .map(|(t, _)| AddedToken::from(t.clone(), true))
+            .collect();
+        inner.add_special_tokens(specials).map_err(|e| anyhow!("adding special tokens: {e}"))?;
+        let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
+        Ok(Self { inner, bos: cfg.bos_token_id, eos: cfg.eos_token_ids.clone(), add_bos })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            if let Some(b) = self.bos {
+                ids.push(b);
+            }
+        }
+        ids.extend_from_slice(enc.get_ids());
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| anyhow!("decoding: {e}"))
+    }
+
+    /// The text of one token, for labels in tables and plots.
+    pub fn token_str(&self, id: u32) -> String {
+        self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
+    }
+
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}
+
