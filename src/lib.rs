@@ -4,4 +4,5 @@ pub mod cli;
 pub mod fetch;
 pub mod generate;
 pub mod model;
+pub mod road;
 pub mod tokenizer;

@@ -1,0 +1,158 @@
+//! RoAd as a weight adapter on linear outputs, saved and loaded in peft's format.
+use super::rotation::{Rotation, Variant};
+use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// One adapted projection: its rotation geometry and trainable θ, α.
+pub struct RoadLayer {
+    pub rot: Rotation,
+    pub theta: Var,
+    pub alpha: Var,
+}
+
+impl RoadLayer {
+    pub fn columns(&self) -> Result<(Tensor, Tensor)> {
+        self.rot.columns(self.theta.as_tensor(), self.alpha.as_tensor())
+    }
+}
+
+/// RoAd on a set of (layer, projection) outputs.
+pub struct RoadAdapter {
+    pub variant: Variant,
+    pub group_size: usize,
+    pub layers: BTreeMap<(usize, Proj), RoadLayer>,
+}
+
+/// Output dimension of a projection.
+pub fn proj_out_dim(cfg: &LlamaConfig, p: Proj) -> usize {
+    match p {
+        Proj::Q => cfg.num_heads * cfg.head_dim,
+        Proj::K | Proj::V => cfg.num_kv_heads * cfg.head_dim,
+        Proj::O | Proj::Down => cfg.hidden_size,
+        Proj::Gate | Proj::Up => cfg.intermediate_size,
+    }
+}
+
+fn peft_key(layer: usize, p: Proj, what: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.{what}", p.hf_path())
+}
+
+impl RoadAdapter {
+    /// Identity-initialised (θ = 0, α = 1) RoAd on `targets` of every layer in `layers`.
+    pub fn new_identity(
+        cfg: &LlamaConfig,
+        variant: Variant,
+        group_size: usize,
+        layers: impl IntoIterator<Item = usize>,
+        targets: &[Proj],
+        device: &Device,
+    ) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for l in layers {
+            if l >= cfg.num_layers {
+                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
+            }
+            for &p in targets {
+                let rot = Rotation::new(variant, group_size, proj_out_dim(cfg, p))?;
+                let (t, a) = rot.identity_params(device)?;
+                map.insert((l, p), RoadLayer { rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)? });
+            }
+        }
+        Ok(Self { variant, group_size, layers: map })
+    }
+
+    /// Load a peft-saved RoAd adapter (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let conf_path = dir.join("adapter_config.json");
+        let conf: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&conf_path).with_context(|| format!("no adapter_config.json in {}", dir.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", conf_path.display()))?;
+        let peft_type = conf.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+        if peft_type != "ROAD" {
+            bail!("{}: peft_type {peft_type:?} is not ROAD", conf_path.display());
+        }
+        let variant = Variant::parse(conf.get("variant").and_then(|v| v.as_str()).unwrap_or("road_1"))?;
+        let group_size = conf.get("group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
+        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
+            .with_context(|| format!("reading {}/adapter_model.safetensors", dir.display()))?;
+        let mut layers = BTreeMap::new();
+        for l in 0..cfg.num_layers {
+            for p in Proj::ALL {
+                let (tk, ak) = (peft_key(l, p, "road_theta"), peft_key(l, p, "road_alpha"));
+                let (Some(t), Some(a)) = (tensors.get(&tk), tensors.get(&ak)) else { continue };
+                let rot = Rotation::new(variant, group_size, proj_out_dim(cfg, p))?;
+                let (t, a) = (t.to_dtype(candle_core::DType::F32)?, a.to_dtype(candle_core::DType::F32)?);
+                rot.columns(&t, &a).with_context(|| format!("adapter tensor {tk}"))?;
+                layers.insert((l, p), RoadLayer { rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)? });
+            }
+        }
+        let known = layers.len() * 2;
+        if known == 0 {
+            bail!("{}: no RoAd tensors matching this model's layers", dir.display());
+        }
+        if known != tensors.len() {
+            bail!(
+                "{}: {} of {} adapter tensors do not match this model (wrong base model?)",
+                dir.display(),
+                tensors.len() - known,
+                tensors.len()
+            );
+        }
+        Ok(Self { variant, group_size, layers })
+    }
+
+    /// Save in peft's format, loadable by `PeftModel.from_pretrained`.
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut targets: Vec<&str> = self.layers.keys().map(|(_, p)| p.hf_name()).collect();
+        targets.sort();
+        targets.dedup();
+        let conf = serde_json::json!({
+            "peft_type": "ROAD", "variant": self.variant.peft_name(), "group_size": self.group_size,
+            "target_modules": targets, "base_model_name_or_path": base_model, "init_weights": true,
+            "inference_mode": true, "modules_to_save": null, "revision": null, "task_type": null,
+        });
+        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&conf)?)?;
+        let mut map = std::collections::HashMap::new();
+        for ((l, p), layer) in &self.layers {
+            map.insert(peft_key(*l, *p, "road_theta"), layer.theta.as_tensor().clone());
+            map.insert(peft_key(*l, *p, "road_alpha"), layer.alpha.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors"))?;
+        Ok(())
+    }
+
+    /// Trainable variables (θ and/or α of every layer).
+    pub fn vars(&self, theta: bool, alpha: bool) -> Vec<Var> {
+        let mut v = Vec::new();
+        for l in self.layers.values() {
+            if theta {
+                v.push(l.theta.clone());
+            }
+            if alpha {
+                v.push(l.alpha.clone());
+            }
+        }
+        v
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layers.values().map(|l| l.theta.elem_count() + l.alpha.elem_count()).sum()
+    }
+}
+
+impl LinearAdapter for RoadAdapter {
+    fn touches(&self, layer: usize, proj: Proj) -> bool {
+        self.layers.contains_key(&(layer, proj))
+    }
+    fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor) -> Result<Tensor> {
+        let l = &self.layers[&(layer, proj)];
+        let (f, s) = l.columns()?;
+        let (f, s) = (f.to_dtype(h.dtype())?, s.to_dtype(h.dtype())?);
+        l.rot.apply(&h, &f, &s)
+    }
+}

@@ -1,0 +1,53 @@
+//! Shared test helpers: where the reference fixtures live, and models loaded once per test binary.
+#![allow(dead_code)]
+use candle_core::{DType, Device, Tensor};
+use road_dii::model::{load, registry, Loaded};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// `../shared/reference` beside the checkout (override with ROAD_REFERENCE).
+pub fn reference_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("ROAD_REFERENCE") {
+        return PathBuf::from(p);
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/reference")
+}
+
+pub fn ref_json(name: &str) -> serde_json::Value {
+    let p = reference_dir().join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+pub fn ref_tensors(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(reference_dir().join(name), &Device::Cpu).unwrap()
+}
+
+/// SmolLM2-135M (fetched into the cache on first use), f32 on CPU.
+pub fn smollm2() -> &'static Loaded {
+    static M: OnceLock<Loaded> = OnceLock::new();
+    M.get_or_init(|| registry::load("smollm2-135m", DType::F32, &Device::Cpu, true).expect("load smollm2-135m"))
+}
+
+/// The transformers-made tiny random LLaMA `a` (tied, GQA, f32).
+pub fn tiny_a() -> &'static Loaded {
+    static M: OnceLock<Loaded> = OnceLock::new();
+    M.get_or_init(|| load::load_path(&reference_dir().join("hf-tiny-llama-a"), DType::F32, &Device::Cpu).unwrap())
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
