@@ -6,3 +6,12 @@ pub mod generate;
 pub mod model;
 pub mod road;
 pub mod tokenizer;
+
+/// candle asks for the thread count on every matmul and, without RAYON_NUM_THREADS, re-reads
+/// /proc/cpuinfo each time (measurable in decode). Fix it once at start-up.
+pub fn pin_thread_count() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

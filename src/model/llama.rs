@@ -3,7 +3,7 @@
 use super::config::LlamaConfig;
 use super::sites::{Hooks, LinearAdapter, Proj, Site, SiteCtx};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
 /// Which positions get logits.
@@ -241,7 +241,12 @@ impl Llama {
             pos.extend_from_slice(&rp[past..]);
         }
         let (cos, sin) = self.rope_tables(&pos, b, t)?;
-        let mask = self.attn_mask(&mask_rows, past, t)?;
+        // A single new token with no padding may attend to everything: no mask needed (decode).
+        let mask = if t == 1 && mask_rows.iter().all(|r| r.iter().all(|&m| m == 1)) {
+            None
+        } else {
+            Some(self.attn_mask(&mask_rows, past, t)?)
+        };
 
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let flat = Tensor::from_vec(flat, b * t, &self.device)?;
@@ -263,7 +268,7 @@ impl Llama {
                 Ok(a)
             };
             let lin = |p: Proj, l: &Linear, xin: &Tensor| -> Result<Tensor> {
-                let h = l.forward(xin)?;
+                let h = self.linear(l.weight(), xin, differentiable)?;
                 match adapter {
                     Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
                     _ => Ok(h),
@@ -275,7 +280,7 @@ impl Llama {
             let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let heads = self.attention(&q, &k, &v, &cos, &sin, &mask, layer_cache, b, t, differentiable)?;
+            let heads = self.attention(&q, &k, &v, &cos, &sin, mask.as_ref(), layer_cache, b, t, differentiable)?;
             let heads = site(Site::HeadOutput, heads)?;
             let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
             x = site(Site::ResidMid, (x + attn)?)?;
@@ -303,10 +308,20 @@ impl Llama {
                     rows.push(hidden.get(bi)?.get(i as usize)?);
                 }
                 let last = Tensor::stack(&rows, 0)?;
-                Some(last.matmul(&self.lm_head.t()?)?)
+                Some(self.linear(&self.lm_head, &last, differentiable)?)
             }
         };
         Ok(FwdOut { logits, hidden })
+    }
+
+    /// `x @ wᵀ`, through the decode fast path when it applies (inference only).
+    fn linear(&self, w: &Tensor, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if !differentiable {
+            if let Some(y) = super::gemv::try_linear(x, w)? {
+                return Ok(y);
+            }
+        }
+        Ok(x.broadcast_matmul(&w.t()?)?)
     }
 
     fn rms(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
@@ -364,7 +379,7 @@ impl Llama {
         v: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         b: usize,
         t: usize,
@@ -393,7 +408,10 @@ impl Llama {
         let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
-        let scores = scores.broadcast_add(mask)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = if differentiable {
             candle_nn::ops::softmax(&scores, D::Minus1)?
         } else {
