@@ -1,8 +1,11 @@
-//! Command-line interface: one binary, `road`, with subcommands.
+//! Command-line interface: one binary, `road`, with subcommands. Each group of commands keeps
+//! its handlers in its own file; this one holds the argument definitions and the dispatch.
+mod model_cmds;
+
 use crate::bench;
 use crate::fetch;
-use crate::generate::{greedy, top_k};
-use crate::model::{load, registry, Fwd, LogitsAt, Site};
+use crate::generate::greedy;
+use crate::model::{load, registry};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
@@ -118,8 +121,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let p = if s.is_cached() { s.path() } else { s.fetch(true)? };
             println!("{}", p.display());
         }
-        Cmd::Info { m, json } => info(&m, json)?,
-        Cmd::Logits { m, prompt, top, json } => logits(&m, &prompt, top, json)?,
+        Cmd::Info { m, json } => model_cmds::info(&m, json)?,
+        Cmd::Logits { m, prompt, top, json } => model_cmds::logits(&m, &prompt, top, json)?,
         Cmd::Generate { m, prompt, max_tokens } => {
             let l = m.load()?;
             let ids = l.tok.encode(&prompt)?;
@@ -142,58 +145,3 @@ pub fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn info(m: &ModelArgs, json: bool) -> Result<()> {
-    let l = m.load()?;
-    let c = &l.model.cfg;
-    let sites: Vec<&str> = Site::ALL.iter().map(|s| s.name()).collect();
-    if json {
-        let v = serde_json::json!({
-            "source": l.source, "format": l.format, "config": c, "parameters": c.param_count(),
-            "sites": sites, "layers": c.num_layers, "tokenizer_vocab": l.tok.vocab_size(),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!("model      {} ({})", l.source.display(), l.format);
-    println!("arch       llama: {} blocks, d={}, ffn={}, vocab={}", c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size);
-    println!(
-        "attention  {} heads x {} (GQA: {} kv heads, {} q heads per kv head)",
-        c.num_heads, c.head_dim, c.num_kv_heads, c.kv_groups()
-    );
-    let scaling = c.rope_scaling.as_ref().map(|s| format!(", llama3 scaling x{}", s.factor)).unwrap_or_default();
-    println!("rope       theta={}{scaling}; rms_norm eps={:e}", c.rope_theta, c.rms_norm_eps as f32);
-    println!("context    {} tokens; tied embeddings: {}", c.max_position_embeddings, c.tie_word_embeddings);
-    println!("parameters {} ({:.1} M)", c.param_count(), c.param_count() as f64 / 1e6);
-    println!("dtype      {:?} on {:?}", l.model.dtype(), l.model.device());
-    println!("sites      layers 0..{} x {{{}}}", c.num_layers - 1, sites.join(", "));
-    println!("tokenizer  {} tokens; bos {:?}, eos {:?}", l.tok.vocab_size(), l.tok.bos, l.tok.eos);
-    Ok(())
-}
-
-fn logits(m: &ModelArgs, prompt: &str, top: usize, json: bool) -> Result<()> {
-    let l = m.load()?;
-    let ids = l.tok.encode(prompt)?;
-    let out = l.model.forward(&[ids.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() })?;
-    let v = out.logits.expect("requested logits").get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    let maxv = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-    let z: f64 = v.iter().map(|x| ((x - maxv) as f64).exp()).sum();
-    let best = top_k(&v, top);
-    if json {
-        let rows: Vec<_> = best
-            .iter()
-            .map(|&(id, lg)| {
-                serde_json::json!({"id": id, "token": l.tok.token_str(id), "logit": lg,
-                    "prob": (((lg - maxv) as f64).exp() / z)})
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"prompt": prompt, "ids": ids, "top": rows}))?);
-        return Ok(());
-    }
-    println!("prompt ids {:?}", ids);
-    println!("{:>4} {:>7} {:>10} {:>8}  token", "rank", "id", "logit", "prob");
-    for (r, &(id, lg)) in best.iter().enumerate() {
-        let p = ((lg - maxv) as f64).exp() / z;
-        println!("{:>4} {:>7} {:>10.4} {:>8.4}  {:?}", r + 1, id, lg, p, l.tok.token_str(id));
-    }
-    Ok(())
-}
