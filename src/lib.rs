@@ -5,6 +5,8 @@ pub mod fetch;
 pub mod generate;
 pub mod model;
 pub mod road;
+pub mod tasks;
+pub mod util;
 pub mod tokenizer;
 
 /// candle asks for the thread count on every matmul and, without RAYON_NUM_THREADS, re-reads
