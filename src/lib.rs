@@ -1,7 +1,9 @@
 //! road-dii: distributed interchange interventions and RoAd on LLaMA-family models.
 pub mod bench;
 pub mod cli;
+pub mod experiment;
 pub mod fetch;
+pub mod intervene;
 pub mod generate;
 pub mod model;
 pub mod road;

@@ -1,5 +1,6 @@
 //! Command-line interface: one binary, `road`, with subcommands. Each group of commands keeps
 //! its handlers in its own file; this one holds the argument definitions and the dispatch.
+mod experiment_cmds;
 mod model_cmds;
 
 use crate::bench;
@@ -88,6 +89,25 @@ pub enum Cmd {
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
     },
+    /// Run an experiment file headless (progress bar; outputs under notebooks-out/).
+    Run {
+        file: std::path::PathBuf,
+        /// Override a key, e.g. --set train.lr=3e-3 --set sites.layers=8..16
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Run one shard of the cells, i/n (join shards with `road merge`).
+        #[arg(long)]
+        shard: Option<String>,
+        /// Print a JSON summary to stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Join the metrics.csv of several runs (e.g. shards) into a new run directory.
+    Merge {
+        dirs: Vec<std::path::PathBuf>,
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Benchmarks (forward: prefill and decode throughput).
     Bench {
         #[command(subcommand)]
@@ -138,6 +158,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::Run { file, sets, shard, json } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json)?,
+        Cmd::Merge { dirs, name } => experiment_cmds::merge(&dirs, name.as_deref())?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
         },

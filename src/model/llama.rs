@@ -24,11 +24,22 @@ pub struct Fwd<'a> {
     pub logits: LogitsAt,
     /// Use only ops with a backward pass (candle's fused rms_norm/softmax have none).
     pub differentiable: bool,
+    /// Resume at block `layer` with this `[b, t, d]` block input instead of embedding `ids`
+    /// (ids still give the shape). Interventions at layer L reuse the clean run's blocks < L.
+    pub start: Option<(usize, Tensor)>,
 }
 
 impl Default for Fwd<'_> {
     fn default() -> Self {
-        Self { attention_mask: None, cache: None, hooks: None, adapter: None, logits: LogitsAt::All, differentiable: false }
+        Self {
+            attention_mask: None,
+            cache: None,
+            hooks: None,
+            adapter: None,
+            logits: LogitsAt::All,
+            differentiable: false,
+            start: None,
+        }
     }
 }
 
@@ -42,12 +53,17 @@ impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self { layers: vec![None; n_layers] }
     }
+    /// A cache from per-layer (k, v) `[b, n_kv, s, head_dim]`; `None` for layers a resumed
+    /// forward skips.
+    pub fn from_layers(layers: Vec<Option<(Tensor, Tensor)>>) -> Self {
+        Self { layers }
+    }
+    pub fn layer(&self, l: usize) -> Option<&(Tensor, Tensor)> {
+        self.layers.get(l).and_then(|x| x.as_ref())
+    }
+    /// Cached positions (of the first layer that has any).
     pub fn seq_len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map(|(k, _)| k.dim(2).unwrap_or(0))
-            .unwrap_or(0)
+        self.layers.iter().flatten().next().map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
 }
 
@@ -197,7 +213,7 @@ impl Llama {
     /// Run the model on token ids `[b][t]` (all rows the same length; pad with any id and mark
     /// padding in `fwd.attention_mask`).
     pub fn forward(&self, ids: &[Vec<u32>], fwd: Fwd<'_>) -> Result<FwdOut> {
-        let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable } = fwd;
+        let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable, start } = fwd;
         let b = ids.len();
         if b == 0 {
             bail!("empty batch");
@@ -248,12 +264,25 @@ impl Llama {
             Some(self.attn_mask(&mask_rows, past, t)?)
         };
 
-        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let flat = Tensor::from_vec(flat, b * t, &self.device)?;
-        let mut x = self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        let (first_layer, mut x) = match start {
+            Some((l, x0)) => {
+                if l >= self.cfg.num_layers {
+                    bail!("cannot resume at layer {l}: the model has {} layers", self.cfg.num_layers);
+                }
+                if x0.dims() != [b, t, self.cfg.hidden_size] {
+                    bail!("resumed block input must be [b={b}, t={t}, d={}]", self.cfg.hidden_size);
+                }
+                (l, x0)
+            }
+            None => {
+                let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+                let flat = Tensor::from_vec(flat, b * t, &self.device)?;
+                (0, self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+            }
+        };
         let ctx = SiteCtx { pos_offset: past };
 
-        for (li, blk) in self.blocks.iter().enumerate() {
+        for (li, blk) in self.blocks.iter().enumerate().skip(first_layer) {
             let mut site = |s: Site, a: Tensor| -> Result<Tensor> {
                 if let Some(h) = hooks.as_deref_mut() {
                     if h.wants(li, s) {

@@ -1,0 +1,57 @@
+//! `road run FILE` and `road merge`: experiments headless.
+use crate::experiment::events::ProgressPrinter;
+use crate::experiment::outputs::{self, MetricRow};
+use crate::experiment::{run, RunOptions, Spec};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
+    let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected i/n, e.g. 0/4"))?;
+    let (i, n): (usize, usize) = (i.trim().parse()?, n.trim().parse()?);
+    if n == 0 || i >= n {
+        bail!("--shard {i}/{n}: need 0 <= i < n");
+    }
+    Ok((i, n))
+}
+
+pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool) -> Result<()> {
+    let spec = Spec::load(file, sets)?;
+    let opts = RunOptions { shard: shard.map(parse_shard).transpose()?, ..Default::default() };
+    let mut printer = ProgressPrinter::new(false);
+    let summary = run(&spec, &opts, &mut printer)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!("{} finished in {:.1}s; outputs in {}", spec.name, summary.seconds, summary.run_dir.display());
+        let mut best: Vec<_> = summary.cells.iter().collect();
+        best.sort_by(|a, b| b.test_iia_vocab.total_cmp(&a.test_iia_vocab));
+        for c in best.iter().take(5) {
+            println!("  {:<40} test IIA {:.3} (answers {:.3}), logit diff {:+.3}", c.label, c.test_iia_vocab, c.test_iia_answers, c.test_logit_diff);
+        }
+    }
+    Ok(())
+}
+
+/// Join the metrics of several run directories (shards) into a new run directory.
+pub fn merge(dirs: &[PathBuf], out_name: Option<&str>) -> Result<()> {
+    if dirs.is_empty() {
+        bail!("road merge needs at least one run directory");
+    }
+    let mut all: Vec<MetricRow> = Vec::new();
+    let mut configs = String::new();
+    for d in dirs {
+        all.extend(outputs::read_metrics(&d.join("metrics.csv"))?);
+        configs.push_str(&std::fs::read_to_string(d.join("config.toml")).with_context(|| format!("{} has no config.toml", d.display()))?);
+    }
+    let name = out_name.map(String::from).unwrap_or_else(|| all.first().map(|r| r.experiment.clone()).unwrap_or_else(|| "merged".into()));
+    all.sort_by(|a, b| (a.layer, &a.site, &a.position, &a.split).cmp(&(b.layer, &b.site, &b.position, &b.split)));
+    let dir = outputs::new_run_dir(&name, &outputs::short_hash(&configs))?;
+    let sources: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+    std::fs::write(dir.join("config.toml"), format!("# merged from: {}\n{}", sources.join(", "), std::fs::read_to_string(dirs[0].join("config.toml"))?))?;
+    outputs::write_csv(&dir.join("metrics.csv"), &all, &outputs::METRIC_HEADER)?;
+    if let Ok(spec) = Spec::from_toml(&std::fs::read_to_string(dirs[0].join("config.toml"))?, "config.toml") {
+        crate::experiment::runner::write_figures(&dir, &spec, &all)?;
+    }
+    println!("merged {} rows from {} runs into {}", all.len(), dirs.len(), dir.display());
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! One cell of a sweep = (layer, site, position[, heads]): train its intervention if it has
+//! parameters, then evaluate it on every split.
+use super::data::{left_pad, CellCache, Clean, EVAL_BATCH};
+use super::outputs::{ExampleRow, TrainRow};
+use super::spec::TrainSpec;
+use crate::intervene::hook::InterventionHook;
+use crate::intervene::{ApplyCtx, Intervention};
+use crate::model::{Fwd, Llama, LogitsAt, Site};
+use crate::tasks::Pair;
+use crate::util::rng::Rng;
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+pub struct Cell {
+    pub layer: usize,
+    pub site: Site,
+    pub position: String,
+    /// Column indices for head-restricted interventions.
+    pub cols: Option<Tensor>,
+    pub heads: String,
+}
+
+impl Cell {
+    pub fn label(&self) -> String {
+        let h = if self.heads.is_empty() { String::new() } else { format!(" heads {}", self.heads) };
+        format!("L{} {} @{}{h}", self.layer, self.site, self.position)
+    }
+}
+
+/// Logits `[b, vocab]` of the base runs of `idx` with the intervention applied at `cell`.
+pub fn intervened_logits(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    idx: &[usize],
+    iv: &dyn Intervention,
+    ctx: ApplyCtx,
+    differentiable: bool,
+) -> Result<Tensor> {
+    if let Some(l) = reuse_prefix(model, cell, cache, pairs, idx, iv, ctx, differentiable)? {
+        return Ok(l);
+    }
+    let rows: Vec<&[u32]> = idx.iter().map(|&i| pairs[i].base.ids.as_slice()).collect();
+    let (ids, mask, offs) = left_pad(&rows);
+    let t = ids[0].len();
+    let d = model.cfg.hidden_size;
+    // Resume at the cell's layer from the clean base's block input (left padded with zeros).
+    let mut xs = Vec::with_capacity(idx.len());
+    for (k, &i) in idx.iter().enumerate() {
+        let x = &cache.base_input[i];
+        xs.push(if offs[k] > 0 { Tensor::cat(&[&Tensor::zeros((offs[k], d), x.dtype(), x.device())?, x], 0)? } else { x.clone() });
+    }
+    let x0 = Tensor::stack(&xs, 0)?;
+    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
+    let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
+    let mut hook = InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx };
+    debug_assert_eq!(x0.dim(1)?, t);
+    let out = model.forward(
+        &ids,
+        Fwd {
+            attention_mask: Some(&mask),
+            hooks: Some(&mut hook),
+            logits: LogitsAt::Last,
+            differentiable,
+            start: Some((cell.layer, x0)),
+            ..Default::default()
+        },
+    )?;
+    Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
+}
+
+/// Fast path when every row has the same length and intervened position p: positions < p are
+/// unchanged by the intervention, so run only positions p.. from the cell's layer, attending to
+/// the clean run's cached keys/values for 0..p.
+#[allow(clippy::too_many_arguments)]
+fn reuse_prefix(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    idx: &[usize],
+    iv: &dyn Intervention,
+    ctx: ApplyCtx,
+    differentiable: bool,
+) -> Result<Option<Tensor>> {
+    let (t, p) = (pairs[idx[0]].base.ids.len(), cache.base_pos[idx[0]]);
+    if p == 0 || idx.iter().any(|&i| pairs[i].base.ids.len() != t || cache.base_pos[i] != p) {
+        return Ok(None);
+    }
+    let n_layers = model.cfg.num_layers;
+    let mut layers: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layers];
+    for l in cell.layer..n_layers {
+        let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
+        let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
+        layers[l] = Some((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?));
+    }
+    let mut kv = crate::model::KvCache::from_layers(layers);
+    let x0 = Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+    let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids[p..].to_vec()).collect();
+    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
+    let mut hook = InterventionHook { layer: cell.layer, site: cell.site, positions: vec![p; idx.len()], source, cols: cell.cols.clone(), intervention: iv, ctx };
+    let out = model.forward(
+        &ids,
+        Fwd { cache: Some(&mut kv), hooks: Some(&mut hook), logits: LogitsAt::Last, differentiable, start: Some((cell.layer, x0)), ..Default::default() },
+    )?;
+    Ok(Some(out.logits.expect("requested logits").to_dtype(DType::F32)?))
+}
+
+/// Pair indices grouped by (base length, intervened position).
+fn groups(cache: &CellCache<'_>, pairs: &[Pair]) -> Vec<Vec<usize>> {
+    let mut m: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
+    for (i, p) in pairs.iter().enumerate() {
+        m.entry((p.base.ids.len(), cache.base_pos[i])).or_default().push(i);
+    }
+    m.into_values().collect()
+}
+
+/// Per-split evaluation result.
+#[derive(Debug, Clone, Default)]
+pub struct Eval {
+    pub iia_vocab: f64,
+    pub iia_answers: f64,
+    pub logit_diff: f64,
+    pub normalized_effect: f64,
+    pub base_acc: f64,
+    pub source_acc: f64,
+    pub n: usize,
+    pub examples: Vec<(usize, u32, bool, f64)>, // (example, predicted, correct, logit diff)
+}
+
+pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], clean: &[&Clean], iv: &dyn Intervention) -> Result<Eval> {
+    let n = pairs.len();
+    let mut e = Eval { n, ..Default::default() };
+    if n == 0 {
+        return Ok(e);
+    }
+    let (mut hit_v, mut hit_a, mut ld_sum) = (0usize, 0usize, 0f64);
+    for chunk in groups(cache, pairs).iter().flat_map(|g| g.chunks(EVAL_BATCH)) {
+        let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?.to_vec2::<f32>()?;
+        for (row, &i) in logits.iter().zip(chunk) {
+            let p = &pairs[i];
+            let pred = crate::generate::argmax(row);
+            let pred_ans = *p.answers.iter().max_by(|a, b| row[**a as usize].total_cmp(&row[**b as usize])).unwrap_or(&pred);
+            let ld = (row[p.cf_label as usize] - row[p.base.label as usize]) as f64;
+            hit_v += (pred == p.cf_label) as usize;
+            hit_a += (pred_ans == p.cf_label) as usize;
+            ld_sum += ld;
+            e.examples.push((i, pred, pred == p.cf_label, ld));
+        }
+    }
+    e.examples.sort_by_key(|x| x.0);
+    let nf = n as f64;
+    e.iia_vocab = hit_v as f64 / nf;
+    e.iia_answers = hit_a as f64 / nf;
+    e.logit_diff = ld_sum / nf;
+    let ld_base = clean.iter().map(|c| c.ld_base).sum::<f64>() / nf;
+    let ld_source = clean.iter().map(|c| c.ld_source).sum::<f64>() / nf;
+    let den = ld_source - ld_base;
+    e.normalized_effect = if den.abs() > 1e-6 { (e.logit_diff - ld_base) / den } else { f64::NAN };
+    e.base_acc = clean.iter().filter(|c| c.base_correct).count() as f64 / nf;
+    e.source_acc = clean.iter().filter(|c| c.source_correct).count() as f64 / nf;
+    Ok(e)
+}
+
+fn lr_at(spec: &TrainSpec, base: f64, step: usize) -> f64 {
+    let total = spec.steps.max(1);
+    if step < spec.warmup {
+        return base * (step + 1) as f64 / spec.warmup as f64;
+    }
+    let p = (step - spec.warmup) as f64 / (total - spec.warmup.min(total)).max(1) as f64;
+    match spec.schedule.as_str() {
+        "linear" => base * (1.0 - p),
+        "cosine" => base * 0.5 * (1.0 + (std::f64::consts::PI * p).cos()),
+        _ => base,
+    }
+}
+
+/// Train the intervention on the train pairs: cross-entropy of the intervened output against
+/// the counterfactual label (+ the kind's penalty). Only the intervention's variables get
+/// gradients; the model's weights are constants.
+#[allow(clippy::too_many_arguments)]
+pub fn train(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    iv: &mut dyn Intervention,
+    spec: &TrainSpec,
+    seed: u64,
+    cancel: &AtomicBool,
+    on_step: &mut dyn FnMut(usize, f64),
+) -> Result<Vec<TrainRow>> {
+    let params = iv.params();
+    let group = |g: &str| params.iter().filter(|p| p.group == g).map(|p| p.var.clone()).collect::<Vec<_>>();
+    let mk = |vars: Vec<candle_core::Var>, lr: f64| -> Result<Option<AdamW>> {
+        if vars.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(AdamW::new(vars, ParamsAdamW { lr, weight_decay: spec.weight_decay, ..Default::default() })?))
+    };
+    let mut opt_main = mk(group("main"), spec.lr)?;
+    let mut opt_bound = mk(group("boundary"), spec.boundary_lr)?;
+    let mut rng = Rng::new(seed);
+    // Batches come from one (length, position) group at a time, so each can reuse the clean
+    // prefix; groups are drawn in proportion to their size.
+    let mut groups = groups(cache, pairs);
+    let mut cursors = vec![usize::MAX; groups.len()];
+    let total: usize = groups.iter().map(|g| g.len()).sum();
+    let mut log = Vec::with_capacity(spec.steps);
+    for step in 0..spec.steps {
+        if cancel.load(Ordering::Relaxed) {
+            break;
+        }
+        let mut r = rng.below(total);
+        let gi = groups.iter().position(|g| if r < g.len() { true } else { r -= g.len(); false }).expect("r < total");
+        let g = &mut groups[gi];
+        let mut idx = Vec::with_capacity(spec.batch);
+        while idx.len() < spec.batch.min(g.len()) {
+            if cursors[gi] >= g.len() {
+                rng.shuffle(g);
+                cursors[gi] = 0;
+            }
+            idx.push(g[cursors[gi]]);
+            cursors[gi] += 1;
+        }
+        let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
+        let logits = intervened_logits(model, cell, cache, pairs, &idx, iv, ctx, true)?;
+        let targets = Tensor::new(idx.iter().map(|&i| pairs[i].cf_label).collect::<Vec<u32>>(), logits.device())?;
+        let mut loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
+        if let Some(p) = iv.penalty()? {
+            loss = (loss + p)?;
+        }
+        let grads = loss.backward()?;
+        let lr = lr_at(spec, spec.lr, step);
+        if let Some(o) = opt_main.as_mut() {
+            o.set_learning_rate(lr);
+            o.step(&grads)?;
+        }
+        if let Some(o) = opt_bound.as_mut() {
+            o.set_learning_rate(lr_at(spec, spec.boundary_lr, step));
+            o.step(&grads)?;
+        }
+        iv.after_step()?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        let stats = iv.stats(ctx);
+        let stat = |k: &str| stats.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap_or(f64::NAN);
+        log.push(TrainRow {
+            layer: cell.layer,
+            site: cell.site.name().into(),
+            position: cell.position.clone(),
+            step,
+            loss: l,
+            lr,
+            beta: stat("beta"),
+            temperature: stat("temperature"),
+            subspace_dims: stat("subspace_dims"),
+        });
+        on_step(step, l);
+    }
+    Ok(log)
+}
+
+/// Rows of `examples.csv` for one cell's test split.
+pub fn example_rows(cell: &Cell, pairs: &[Pair], e: &Eval, tok: &crate::tokenizer::Tok) -> Vec<ExampleRow> {
+    e.examples
+        .iter()
+        .map(|&(i, pred, correct, ld)| ExampleRow {
+            layer: cell.layer,
+            site: cell.site.name().into(),
+            position: cell.position.clone(),
+            example: i,
+            base: pairs[i].base.text.clone(),
+            source: pairs[i].source.text.clone(),
+            base_label: tok.token_str(pairs[i].base.label),
+            cf_label: tok.token_str(pairs[i].cf_label),
+            predicted: tok.token_str(pred),
+            correct,
+            logit_diff: ld,
+        })
+        .collect()
+}

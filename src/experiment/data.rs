@@ -1,0 +1,249 @@
+//! From a spec's task to checked pairs: build the dataset, run the clean model on every base and
+//! source once, report task accuracy, drop pairs the model gets wrong, and cache what cells reuse.
+use super::spec::Spec;
+use crate::model::{Collector, Fwd, Llama, LogitsAt, Site};
+use crate::tasks::{self, Dataset, Pair, Split};
+use crate::tokenizer::Tok;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+/// Clean-run facts about one pair.
+#[derive(Debug, Clone)]
+pub struct Clean {
+    /// logit[cf] − logit[base_label] on the clean base and source runs.
+    pub ld_base: f64,
+    pub ld_source: f64,
+    pub base_correct: bool,
+    pub source_correct: bool,
+}
+
+pub struct Prepared {
+    pub data: Dataset,
+    pub clean: HashMap<(Split, usize), Clean>,
+    /// (accuracy on base+source prompts, kept fraction) per split, before filtering.
+    pub report: Vec<(Split, f64, f64, usize)>,
+    pub task_accuracy: f64,
+}
+
+pub fn build_dataset(spec: &Spec, tok: &Tok) -> Result<Dataset> {
+    let t = &spec.task;
+    let seed = spec.seed;
+    match t.name.as_str() {
+        "ioi" => {
+            let variable = if t.variable.is_empty() { "flip" } else { &t.variable };
+            tasks::ioi::dataset(
+                tok,
+                &tasks::ioi::IoiConfig { variable: tasks::ioi::Variable::parse(variable)?, templates: t.templates.clone(), sizes: t.sizes, seed },
+            )
+        }
+        "capitals" => {
+            if !t.variable.is_empty() && t.variable != "country" {
+                bail!("capitals task has one variable, `country`; got {:?}", t.variable);
+            }
+            let path = if t.path.is_empty() { data_dir().join("capitals.csv") } else { PathBuf::from(&t.path) };
+            tasks::capitals::dataset(tok, &tasks::capitals::load_facts(&path)?, t.sizes, seed)
+        }
+        "jsonl" => {
+            if t.path.is_empty() {
+                bail!("task jsonl needs task.path = \"pairs.jsonl\"");
+            }
+            tasks::jsonl::dataset(tok, &PathBuf::from(&t.path), seed)
+        }
+        other => bail!("unknown task {other:?} (ioi, capitals, jsonl)"),
+    }
+}
+
+/// `data/` of the project: the working directory's, else the source tree's.
+pub fn data_dir() -> PathBuf {
+    let local = PathBuf::from("data");
+    if local.is_dir() {
+        return local;
+    }
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
+}
+
+/// Left-pad a batch of id rows; returns (ids, mask, left offsets).
+pub fn left_pad(rows: &[&[u32]]) -> (Vec<Vec<u32>>, Vec<Vec<u8>>, Vec<usize>) {
+    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut mask = Vec::with_capacity(rows.len());
+    let mut offs = Vec::with_capacity(rows.len());
+    for r in rows {
+        let o = t - r.len();
+        let mut row = vec![0u32; o];
+        row.extend_from_slice(r);
+        let mut m = vec![0u8; o];
+        m.extend(std::iter::repeat_n(1u8, r.len()));
+        ids.push(row);
+        mask.push(m);
+        offs.push(o);
+    }
+    (ids, mask, offs)
+}
+
+/// Last-position logits for prompts (batched, left padded), with optional activation collection.
+pub fn last_logits(model: &Llama, prompts: &[&[u32]], col: Option<&mut Collector>) -> Result<Tensor> {
+    let (ids, mask, _) = left_pad(prompts);
+    let out = model.forward(
+        &ids,
+        Fwd {
+            attention_mask: Some(&mask),
+            hooks: col.map(|c| c as &mut dyn crate::model::Hooks),
+            logits: LogitsAt::Last,
+            ..Default::default()
+        },
+    )?;
+    Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
+}
+
+pub const EVAL_BATCH: usize = 32;
+
+pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String)) -> Result<Prepared> {
+    let mut data = build_dataset(spec, tok)?;
+    let mut clean = HashMap::new();
+    let mut report = Vec::new();
+    let (mut right, mut total) = (0usize, 0usize);
+    for split in [Split::Train, Split::Dev, Split::Test] {
+        let pairs = data.split(split).clone();
+        let mut facts = Vec::with_capacity(pairs.len());
+        for chunk in pairs.chunks(EVAL_BATCH) {
+            let prompts: Vec<&[u32]> = chunk.iter().flat_map(|p| [p.base.ids.as_slice(), p.source.ids.as_slice()]).collect();
+            let logits = last_logits(model, &prompts, None)?.to_vec2::<f32>()?;
+            for (i, p) in chunk.iter().enumerate() {
+                let (lb, ls) = (&logits[2 * i], &logits[2 * i + 1]);
+                facts.push(Clean {
+                    ld_base: (lb[p.cf_label as usize] - lb[p.base.label as usize]) as f64,
+                    ld_source: (ls[p.cf_label as usize] - ls[p.base.label as usize]) as f64,
+                    base_correct: crate::generate::argmax(lb) == p.base.label,
+                    source_correct: crate::generate::argmax(ls) == p.source.label,
+                });
+            }
+        }
+        let n = pairs.len();
+        let correct: usize = facts.iter().map(|c| c.base_correct as usize + c.source_correct as usize).sum();
+        right += correct;
+        total += 2 * n;
+        let keep: Vec<(Pair, Clean)> = pairs.into_iter().zip(facts).filter(|(_, c)| c.base_correct && c.source_correct).collect();
+        let acc = if n > 0 { correct as f64 / (2 * n) as f64 } else { f64::NAN };
+        let kept = if n > 0 { keep.len() as f64 / n as f64 } else { f64::NAN };
+        log(format!("{:<5} split: {n} pairs, model accuracy {acc:.3} on base+source prompts, kept {} ({:.0}%)", split.name(), keep.len(), kept * 100.0));
+        report.push((split, acc, kept, keep.len()));
+        let (kept_pairs, kept_clean): (Vec<Pair>, Vec<Clean>) = keep.into_iter().unzip();
+        for (i, c) in kept_clean.into_iter().enumerate() {
+            clean.insert((split, i), c);
+        }
+        *data.split_mut(split) = kept_pairs;
+    }
+    let task_accuracy = right as f64 / total.max(1) as f64;
+    if task_accuracy < spec.task.min_accuracy {
+        bail!(
+            "the model gets only {:.1}% of the task's prompts right (threshold {:.0}%): interventions on a task it cannot do are not meaningful; stopping",
+            task_accuracy * 100.0,
+            spec.task.min_accuracy * 100.0
+        );
+    }
+    if data.test.is_empty() {
+        bail!("no test pair left after filtering out the ones the model gets wrong");
+    }
+    Ok(Prepared { data, clean, report, task_accuracy })
+}
+
+/// Indices grouped by prompt length, so every forward here runs without padding.
+fn by_length(prompts: &[&crate::tasks::Prompt]) -> Vec<Vec<usize>> {
+    let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, p) in prompts.iter().enumerate() {
+        groups.entry(p.ids.len()).or_default().push(i);
+    }
+    groups.into_values().flat_map(|g| g.chunks(EVAL_BATCH).map(|c| c.to_vec()).collect::<Vec<_>>()).collect()
+}
+
+/// Clean activations of one split, computed once and shared by every cell of a sweep.
+pub struct SplitCache {
+    /// Per pair: layer -> block input `[t, d]`.
+    base_input: Vec<HashMap<usize, Tensor>>,
+    /// Per pair: per layer (k, v) `[n_kv, t, head_dim]`.
+    base_kv: Vec<Vec<(Tensor, Tensor)>>,
+    /// Per pair: (layer, site) -> activation `[t, w]` (f32).
+    base_act: Vec<HashMap<(usize, Site), Tensor>>,
+    source_act: Vec<HashMap<(usize, Site), Tensor>>,
+}
+
+/// Run the clean base and source prompts once, keeping what the cells at `cells` need.
+pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Result<SplitCache> {
+    let n = pairs.len();
+    let layers: Vec<usize> = {
+        let mut l: Vec<usize> = cells.iter().map(|c| c.0).collect();
+        l.sort();
+        l.dedup();
+        l
+    };
+    let mut sc = SplitCache {
+        base_input: vec![HashMap::new(); n],
+        base_kv: vec![Vec::new(); n],
+        base_act: vec![HashMap::new(); n],
+        source_act: vec![HashMap::new(); n],
+    };
+    for is_base in [true, false] {
+        let prompts: Vec<&crate::tasks::Prompt> = pairs.iter().map(|p| if is_base { &p.base } else { &p.source }).collect();
+        for group in by_length(&prompts) {
+            let ids: Vec<Vec<u32>> = group.iter().map(|&i| prompts[i].ids.clone()).collect();
+            let mut wanted: Vec<(usize, Site)> = cells.to_vec();
+            if is_base {
+                wanted.extend(layers.iter().map(|&l| (l, Site::BlockInput)));
+            }
+            let mut col = Collector::new(wanted);
+            let mut kv = crate::model::KvCache::new(model.cfg.num_layers);
+            model.forward(
+                &ids,
+                Fwd { hooks: Some(&mut col), cache: if is_base { Some(&mut kv) } else { None }, logits: LogitsAt::None, ..Default::default() },
+            )?;
+            for (k, &i) in group.iter().enumerate() {
+                for &c in cells {
+                    let a = col.get(c.0, c.1).expect("collected").get(k)?.to_dtype(DType::F32)?;
+                    if is_base { &mut sc.base_act[i] } else { &mut sc.source_act[i] }.insert(c, a);
+                }
+                if is_base {
+                    for &l in &layers {
+                        sc.base_input[i].insert(l, col.get(l, Site::BlockInput).expect("collected").get(k)?);
+                    }
+                    sc.base_kv[i] = (0..model.cfg.num_layers)
+                        .map(|l| {
+                            let (kk, vv) = kv.layer(l).expect("cache filled");
+                            Ok((kk.get(k)?, vv.get(k)?))
+                        })
+                        .collect::<Result<_>>()?;
+                }
+            }
+        }
+    }
+    Ok(sc)
+}
+
+/// What one cell reads from a split's cache.
+pub struct CellCache<'a> {
+    /// `[t_i, d]` per pair: the clean base's block input at the cell's layer.
+    pub base_input: Vec<Tensor>,
+    /// Per pair, all layers: clean (k, v), so positions before the intervened one are reused.
+    pub base_kv: Vec<&'a [(Tensor, Tensor)]>,
+    /// `[w]` per pair at the intervened position.
+    pub base_vec: Vec<Tensor>,
+    pub source_vec: Vec<Tensor>,
+    pub base_pos: Vec<usize>,
+}
+
+impl SplitCache {
+    pub fn cell(&self, pairs: &[Pair], layer: usize, site: Site, position: &str) -> Result<CellCache<'_>> {
+        let mut c = CellCache { base_input: vec![], base_kv: vec![], base_vec: vec![], source_vec: vec![], base_pos: vec![] };
+        for (i, p) in pairs.iter().enumerate() {
+            let (pb, ps) = (p.base.position(position)?, p.source.position(position)?);
+            c.base_input.push(self.base_input[i][&layer].clone());
+            c.base_kv.push(&self.base_kv[i]);
+            c.base_vec.push(self.base_act[i][&(layer, site)].get(pb)?);
+            c.source_vec.push(self.source_act[i][&(layer, site)].get(ps)?);
+            c.base_pos.push(pb);
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,310 @@
+//! spec → model + data → cells (train/evaluate interventions) → CSVs, figures, events.
+//! The same runner serves `road run` (headless) and the TUI (through a `Sink`).
+use super::cells::{self, Cell, Eval};
+use super::data::{self, Prepared};
+use super::events::{RunEvent, Sink};
+use super::figures;
+use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
+use super::spec::Spec;
+use crate::intervene::{self, ApplyCtx};
+use crate::model::{load, registry, Llama, Site};
+use crate::tasks::Split;
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Default, Clone)]
+pub struct RunOptions {
+    /// Run only cells with index % n == i (`--shard i/n`).
+    pub shard: Option<(usize, usize)>,
+    pub cancel: Arc<AtomicBool>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CellSummary {
+    pub label: String,
+    pub layer: usize,
+    pub site: String,
+    pub position: String,
+    pub test_iia_vocab: f64,
+    pub test_iia_answers: f64,
+    pub test_logit_diff: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunSummary {
+    pub experiment: String,
+    pub run_dir: PathBuf,
+    pub seed: u64,
+    pub complete: bool,
+    pub seconds: f64,
+    pub task_accuracy: f64,
+    pub kept_fraction: Vec<(String, f64)>,
+    pub cells: Vec<CellSummary>,
+}
+
+/// Expand position specs; "all" means every index of the (equal-length) prompts.
+fn positions(spec: &Spec, prepared: &Prepared) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for p in &spec.sites.positions {
+        if p == "all" {
+            let lens: Vec<usize> = [Split::Train, Split::Dev, Split::Test]
+                .iter()
+                .flat_map(|s| prepared.data.split(*s).iter().flat_map(|x| [x.base.ids.len(), x.source.ids.len()]))
+                .collect();
+            let t = lens[0];
+            if lens.iter().any(|&l| l != t) {
+                bail!("sites.positions = \"all\" needs prompts of one length (use a single template, or named positions)");
+            }
+            out.extend((0..t).map(|i| i.to_string()));
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn head_cols(spec: &Spec, model: &Llama, site: Site) -> Result<Option<Tensor>> {
+    if spec.sites.heads.is_empty() {
+        return Ok(None);
+    }
+    let c = &model.cfg;
+    let n = if matches!(site, Site::K | Site::V) { c.num_kv_heads } else { c.num_heads };
+    let mut cols = Vec::new();
+    for &h in &spec.sites.heads {
+        if h >= n {
+            bail!("head {h} is out of range for site {site} ({n} heads)");
+        }
+        cols.extend((h * c.head_dim..(h + 1) * c.head_dim).map(|x| x as u32));
+    }
+    Ok(Some(Tensor::new(cols, model.device())?))
+}
+
+pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
+    let t0 = std::time::Instant::now();
+    let mut config = spec.to_toml()?;
+    if let Some((i, n)) = opts.shard {
+        if n == 0 || i >= n {
+            bail!("--shard {i}/{n}: expected i/n with i < n");
+        }
+        config.push_str(&format!("\n# shard {i}/{n}\n"));
+    }
+    let run_dir = outputs::new_run_dir(&spec.name, &outputs::short_hash(&config))?;
+    std::fs::write(run_dir.join("config.toml"), &config)?;
+    let result = run_in(spec, opts, sink, &run_dir, t0);
+    if let Err(e) = &result {
+        // Keep the failure next to the partial outputs.
+        let _ = std::fs::write(run_dir.join("error.txt"), format!("{e:#}\n"));
+        sink.send(RunEvent::Log(format!("run failed: {e:#}")));
+        sink.send(RunEvent::Finished { run_dir: run_dir.clone(), complete: false });
+    }
+    result
+}
+
+fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::path::Path, t0: std::time::Instant) -> Result<RunSummary> {
+    let device = crate::cli::parse_device(&spec.model.device)?;
+    let loaded = registry::load(&spec.model.name, load::parse_dtype(&spec.model.dtype)?, &device, true)
+        .with_context(|| format!("loading model {:?}", spec.model.name))?;
+    let (model, tok) = (&loaded.model, &loaded.tok);
+    let layers = spec.layer_list(model.cfg.num_layers)?;
+    let sites = spec.site_list()?;
+    let prepared = data::prepare(spec, model, tok, &mut |s| sink.send(RunEvent::Log(s)))?;
+    let positions = positions(spec, &prepared)?;
+
+    let mut cells = Vec::new();
+    for &layer in &layers {
+        for &site in &sites {
+            for p in &positions {
+                let heads = spec.sites.heads.iter().map(|h| h.to_string()).collect::<Vec<_>>().join("+");
+                cells.push(Cell { layer, site, position: p.clone(), cols: head_cols(spec, model, site)?, heads });
+            }
+        }
+    }
+    let cells: Vec<(usize, Cell)> = cells
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| opts.shard.map(|(s, n)| i % n == s).unwrap_or(true))
+        .collect();
+    let trainable = intervene::is_trainable_kind(&spec.intervention);
+    let steps = if trainable { spec.train.steps } else { 0 };
+    sink.send(RunEvent::Started { run_dir: run_dir.to_path_buf(), cells: cells.len(), steps_per_cell: steps });
+    sink.send(RunEvent::Log(format!(
+        "{} cells ({} layers x {} sites x {} positions), intervention {}{}",
+        cells.len(),
+        layers.len(),
+        sites.len(),
+        positions.len(),
+        spec.intervention.kind,
+        if trainable { format!(", {} training steps each", steps) } else { String::new() }
+    )));
+
+    // Clean activations once per split, shared by every cell.
+    let needed: Vec<(usize, Site)> = {
+        let mut v: Vec<(usize, Site)> = cells.iter().map(|(_, c)| (c.layer, c.site)).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let mut split_caches: HashMap<Split, data::SplitCache> = HashMap::new();
+    for s in [Split::Train, Split::Dev, Split::Test] {
+        let pairs = prepared.data.split(s);
+        if !pairs.is_empty() && (s != Split::Train || trainable || spec.intervention.kind == "mean") {
+            sink.send(RunEvent::Log(format!("caching clean activations of the {} split ({} pairs)", s.name(), pairs.len())));
+            split_caches.insert(s, data::cache_split(model, pairs, &needed)?);
+        }
+    }
+
+    let mut metrics: Vec<MetricRow> = Vec::new();
+    let mut examples: Vec<ExampleRow> = Vec::new();
+    let mut train_log: Vec<TrainRow> = Vec::new();
+    let mut params: HashMap<String, Tensor> = HashMap::new();
+    let mut summaries = Vec::new();
+    let mut complete = true;
+    for (ci, (global_idx, cell)) in cells.iter().enumerate() {
+        if opts.cancel.load(Ordering::Relaxed) {
+            complete = false;
+            break;
+        }
+        sink.send(RunEvent::CellStarted { cell: ci, label: cell.label() });
+        let split_pairs = |s: Split| prepared.data.split(s);
+        let caches: HashMap<Split, data::CellCache> = split_caches
+            .iter()
+            .map(|(s, sc)| Ok((*s, sc.cell(split_pairs(*s), cell.layer, cell.site, &cell.position)?)))
+            .collect::<Result<_>>()?;
+        let width = caches[&Split::Test].source_vec[0].dim(0)?;
+        let d_iv = cell.cols.as_ref().map(|c| c.dim(0)).transpose()?.unwrap_or(width);
+        let mean = match caches.get(&Split::Train) {
+            Some(c) if spec.intervention.kind == "mean" => {
+                let m = Tensor::stack(&c.base_vec, 0)?.mean(0)?;
+                Some(match &cell.cols {
+                    Some(cols) => m.index_select(cols, 0)?,
+                    None => m,
+                })
+            }
+            _ => None,
+        };
+        let cell_seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(*global_idx as u64);
+        let mut iv = intervene::build(&spec.intervention, d_iv, cell_seed, mean.as_ref(), model.device())?;
+        if iv.is_trainable() {
+            let log = cells::train(
+                model,
+                cell,
+                &caches[&Split::Train],
+                split_pairs(Split::Train),
+                iv.as_mut(),
+                &spec.train,
+                cell_seed,
+                &opts.cancel,
+                &mut |step, loss| sink.send(RunEvent::Step { cell: ci, step, steps, loss }),
+            )?;
+            if log.len() < spec.train.steps {
+                complete = false;
+            }
+            train_log.extend(log);
+            for p in iv.params() {
+                params.insert(format!("L{}.{}.{}.{}", cell.layer, cell.site, cell.position, p.name), p.var.as_tensor().clone());
+            }
+        }
+        let mut test_eval = Eval::default();
+        for split in [Split::Train, Split::Dev, Split::Test] {
+            let Some(cache) = caches.get(&split) else { continue };
+            let pairs = split_pairs(split);
+            let clean: Vec<&data::Clean> = (0..pairs.len()).map(|i| &prepared.clean[&(split, i)]).collect();
+            let e = cells::evaluate(model, cell, cache, pairs, &clean, iv.as_ref())?;
+            metrics.push(MetricRow {
+                experiment: spec.name.clone(),
+                seed: spec.seed,
+                layer: cell.layer,
+                site: cell.site.name().into(),
+                position: cell.position.clone(),
+                heads: cell.heads.clone(),
+                intervention: iv.kind().into(),
+                split: split.name().into(),
+                iia_vocab: e.iia_vocab,
+                iia_answers: e.iia_answers,
+                logit_diff: e.logit_diff,
+                normalized_effect: e.normalized_effect,
+                base_acc: e.base_acc,
+                source_acc: e.source_acc,
+                n: e.n,
+            });
+            if split == Split::Test {
+                examples.extend(cells::example_rows(cell, pairs, &e, tok));
+                test_eval = e;
+            }
+        }
+        let stats = iv.stats(ApplyCtx::EVAL);
+        if !stats.is_empty() {
+            let s: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
+            sink.send(RunEvent::Log(format!("  {}: {}", cell.label(), s.join(" "))));
+        }
+        sink.send(RunEvent::CellDone {
+            cell: ci,
+            label: cell.label(),
+            layer: cell.layer,
+            site: cell.site.name().into(),
+            position: cell.position.clone(),
+            iia: test_eval.iia_vocab,
+            logit_diff: test_eval.logit_diff,
+        });
+        summaries.push(CellSummary {
+            label: cell.label(),
+            layer: cell.layer,
+            site: cell.site.name().into(),
+            position: cell.position.clone(),
+            test_iia_vocab: test_eval.iia_vocab,
+            test_iia_answers: test_eval.iia_answers,
+            test_logit_diff: test_eval.logit_diff,
+        });
+        // Rewrite as we go, so a cancelled or crashed run keeps what it finished.
+        write_tables(run_dir, &metrics, &examples, &train_log)?;
+    }
+    write_tables(run_dir, &metrics, &examples, &train_log)?;
+    if !params.is_empty() {
+        candle_core::safetensors::save(&params, run_dir.join("params.safetensors"))?;
+    }
+    write_figures(run_dir, spec, &metrics)?;
+    let summary = RunSummary {
+        experiment: spec.name.clone(),
+        run_dir: run_dir.to_path_buf(),
+        seed: spec.seed,
+        complete,
+        seconds: t0.elapsed().as_secs_f64(),
+        task_accuracy: prepared.task_accuracy,
+        kept_fraction: prepared.report.iter().map(|(s, _, k, _)| (s.name().to_string(), *k)).collect(),
+        cells: summaries,
+    };
+    std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    if !complete {
+        std::fs::write(run_dir.join("INCOMPLETE"), "cancelled before every cell finished\n")?;
+    }
+    sink.send(RunEvent::Finished { run_dir: run_dir.to_path_buf(), complete });
+    Ok(summary)
+}
+
+fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[TrainRow]) -> Result<()> {
+    outputs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
+    outputs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff"])?;
+    outputs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
+    Ok(())
+}
+
+/// One heatmap and one per-layer line chart per site (test split).
+pub fn write_figures(dir: &std::path::Path, spec: &Spec, metrics: &[MetricRow]) -> Result<()> {
+    let mut sites: Vec<&str> = metrics.iter().map(|r| r.site.as_str()).collect();
+    sites.sort();
+    sites.dedup();
+    for site in sites {
+        let rows: Vec<&MetricRow> = metrics.iter().filter(|r| r.site == site && r.split == "test").collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let title = format!("{}: test IIA ({}, {site})", spec.name, spec.intervention.kind);
+        figures::heatmap(&dir.join(format!("iia_heatmap_{site}.svg")), &title, &rows, |r| r.iia_vocab)?;
+        figures::by_layer(&dir.join(format!("iia_by_layer_{site}.svg")), &title, "IIA (vocab argmax)", &rows, |r| r.iia_vocab)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! Experiment files (TOML): what to run, fully resolved before anything runs. Unknown keys and
+//! wrong types are errors naming the key and line.
+use crate::intervene::InterventionSpec;
+use crate::model::Site;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Master seed: datasets, initialisation and batch order derive from it.
+    #[serde(default)]
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub task: TaskSpec,
+    pub sites: SitesSpec,
+    #[serde(default)]
+    pub intervention: InterventionSpec,
+    #[serde(default)]
+    pub train: TrainSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub name: String,
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// ioi | capitals | equality | jsonl
+    pub name: String,
+    /// The causal variable interchanged (task-specific; see experiments/README.md).
+    #[serde(default)]
+    pub variable: String,
+    /// Pairs per split: [train, dev, test].
+    #[serde(default = "default_sizes")]
+    pub sizes: [usize; 3],
+    /// IOI: template indices (empty = all).
+    #[serde(default)]
+    pub templates: Vec<usize>,
+    /// jsonl: the pairs file; capitals: the facts CSV (default data/capitals.csv).
+    #[serde(default)]
+    pub path: String,
+    /// Stop when the model's accuracy on the task's prompts is below this.
+    #[serde(default = "default_min_acc")]
+    pub min_accuracy: f64,
+}
+
+fn default_sizes() -> [usize; 3] {
+    [160, 40, 40]
+}
+fn default_min_acc() -> f64 {
+    0.7
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Layers {
+    /// "all", "8..16" (end exclusive), "8..=16", "20"
+    Text(String),
+    List(Vec<usize>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SitesSpec {
+    pub layers: Layers,
+    pub site: OneOrMany,
+    /// Named positions (`last`, `S2`, `IO`, `subject_last`, ...), indices ("3", "-1"), or "all".
+    pub positions: Vec<String>,
+    /// Heads to intervene on (headed sites only: q, k, v, head_output); empty = whole vector.
+    #[serde(default)]
+    pub heads: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSpec {
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    /// Learning rate for boundaries/masks (boundless β, mask logits).
+    pub boundary_lr: f64,
+    pub weight_decay: f64,
+    /// constant | linear | cosine (after warm-up)
+    pub schedule: String,
+    pub warmup: usize,
+}
+
+impl Default for TrainSpec {
+    fn default() -> Self {
+        Self { steps: 50, batch: 16, lr: 1e-2, boundary_lr: 1e-2, weight_decay: 0.0, schedule: "constant".into(), warmup: 0 }
+    }
+}
+
+/// One `--set key.path=value` override; the value is parsed as TOML when it can be, else taken
+/// as a string (so `sites.layers=8..16` works).
+pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (path, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?}: expected key.path=value"))?;
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+        Ok(mut t) => t.remove("v").expect("parsed key"),
+        Err(_) => toml::Value::String(raw.to_string()),
+    };
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    let mut cur = doc;
+    for k in &keys[..keys.len() - 1] {
+        let entry = cur.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry.as_table_mut().with_context(|| format!("--set {path}: `{k}` is not a table"))?;
+    }
+    cur.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+impl Spec {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
+        let spec: Spec = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// Read a file, apply `--set` overrides, and validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read experiment file {}", path.display()))?;
+        let origin = path.display().to_string();
+        // Parse once as-is first, so errors carry the file's own line numbers.
+        if overrides.is_empty() {
+            return Self::from_toml(&text, &origin);
+        }
+        Self::from_toml(&text, &origin)?;
+        let mut doc: toml::Table = toml::from_str(&text)?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        Self::from_toml(&toml::to_string(&doc)?, &format!("{origin} (with --set overrides)"))
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        if self.name.trim().is_empty() || self.name.contains(['/', '\\']) {
+            bail!("experiment name {:?} must be non-empty and contain no path separators", self.name);
+        }
+        for s in self.site_list()? {
+            if !self.sites.heads.is_empty() && !s.is_headed() {
+                bail!("sites.heads is set but site {s} has no heads (use q, k, v or head_output)");
+            }
+        }
+        if self.sites.positions.is_empty() {
+            bail!("sites.positions is empty");
+        }
+        if !crate::intervene::KINDS.contains(&self.intervention.kind.as_str()) {
+            bail!("intervention.kind {:?} must be one of: {}", self.intervention.kind, crate::intervene::KINDS.join(", "));
+        }
+        if !["constant", "linear", "cosine"].contains(&self.train.schedule.as_str()) {
+            bail!("train.schedule {:?} must be constant, linear or cosine", self.train.schedule);
+        }
+        if self.train.batch == 0 {
+            bail!("train.batch must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn site_list(&self) -> Result<Vec<Site>> {
+        match &self.sites.site {
+            OneOrMany::One(s) => Ok(vec![Site::parse(s)?]),
+            OneOrMany::Many(v) => v.iter().map(|s| Site::parse(s)).collect(),
+        }
+    }
+
+    /// Layers, checked against the model's depth.
+    pub fn layer_list(&self, n_layers: usize) -> Result<Vec<usize>> {
+        let v: Vec<usize> = match &self.sites.layers {
+            Layers::List(v) => v.clone(),
+            Layers::Text(s) => parse_layers(s, n_layers)?,
+        };
+        if v.is_empty() {
+            bail!("sites.layers selects no layer");
+        }
+        if let Some(&bad) = v.iter().find(|&&l| l >= n_layers) {
+            bail!("sites.layers: layer {bad} is out of range (the model has layers 0..{})", n_layers - 1);
+        }
+        Ok(v)
+    }
+
+    /// TOML of the resolved spec (what `config.toml` records).
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string_pretty(self)?)
+    }
+}
+
+fn parse_layers(s: &str, n: usize) -> Result<Vec<usize>> {
+    let s = s.trim();
+    if s == "all" {
+        return Ok((0..n).collect());
+    }
+    let num = |x: &str| -> Result<usize> { x.trim().parse().with_context(|| format!("sites.layers: {x:?} is not a layer number")) };
+    if let Some((a, b)) = s.split_once("..=") {
+        return Ok((num(a)?..=num(b)?).collect());
+    }
+    if let Some((a, b)) = s.split_once("..") {
+        return Ok((num(a)?..num(b)?).collect());
+    }
+    s.split(',').map(num).collect()
+}

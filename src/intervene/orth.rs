@@ -1,0 +1,58 @@
+//! Orthonormal matrices: seeded random init and the QR (Gram–Schmidt) retraction that keeps DAS
+//! rotations on the Stiefel manifold after each optimiser step.
+use crate::util::rng::Rng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+/// Orthonormalise the rows of `m` (`r x d`, r <= d) in f64 with modified Gram–Schmidt (twice,
+/// for stability). Returns row-major data.
+pub fn orthonormal_rows(m: &[f64], r: usize, d: usize) -> Result<Vec<f64>> {
+    if r > d {
+        bail!("cannot have {r} orthonormal rows in dimension {d}");
+    }
+    let mut q = m.to_vec();
+    for _pass in 0..2 {
+        for i in 0..r {
+            for j in 0..i {
+                let dot: f64 = (0..d).map(|k| q[i * d + k] * q[j * d + k]).sum();
+                for k in 0..d {
+                    q[i * d + k] -= dot * q[j * d + k];
+                }
+            }
+            let n: f64 = (0..d).map(|k| q[i * d + k].powi(2)).sum::<f64>().sqrt();
+            if n < 1e-12 {
+                bail!("rotation became rank-deficient");
+            }
+            for k in 0..d {
+                q[i * d + k] /= n;
+            }
+        }
+    }
+    Ok(q)
+}
+
+/// A random `r x d` matrix with orthonormal rows.
+pub fn random_orthonormal(r: usize, d: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = Rng::new(seed);
+    let m: Vec<f64> = (0..r * d).map(|_| rng.normal()).collect();
+    let q = orthonormal_rows(&m, r, d)?;
+    Ok(Tensor::from_vec(q.into_iter().map(|x| x as f32).collect::<Vec<_>>(), (r, d), device)?)
+}
+
+/// Project a variable back onto orthonormal rows (QR retraction).
+pub fn retract(v: &Var) -> Result<()> {
+    let (r, d) = v.dims2()?;
+    let m: Vec<f64> = v.as_tensor().to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
+    let q = orthonormal_rows(&m, r, d)?;
+    let t = Tensor::from_vec(q, (r, d), v.device())?.to_dtype(v.dtype())?;
+    v.set(&t)?;
+    Ok(())
+}
+
+/// max |R Rᵀ − I|, for checks and tests.
+pub fn orthonormality_error(r: &Tensor) -> Result<f32> {
+    let n = r.dim(0)?;
+    let g = r.matmul(&r.t()?)?;
+    let eye = Tensor::eye(n, r.dtype(), r.device())?;
+    Ok((g - eye)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar()?)
+}
