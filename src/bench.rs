@@ -47,3 +47,80 @@ pub fn forward(m: &ModelArgs, reps: usize, decode_tokens: usize) -> Result<()> {
     println!("greedy decode (KV cache, batch 1, {decode_tokens} tokens): {:.1} tokens/s", median(rates));
     Ok(())
 }
+
+/// IOI pairs for the intervention benchmarks (the same prompts pyvene's script uses).
+fn ioi_pairs(tok: &crate::tokenizer::Tok, variable: crate::tasks::ioi::Variable, n: usize) -> Result<Vec<crate::tasks::Pair>> {
+    let cfg = crate::tasks::ioi::IoiConfig { variable, templates: vec![0], sizes: [n, 0, 0], seed: 0 };
+    // Entities are split 60/20/20; the train split alone is enough here.
+    Ok(crate::tasks::ioi::dataset(tok, &cfg)?.train)
+}
+
+/// `road bench patching`: a full layer x position activation-patching sweep on IOI.
+pub fn patching(m: &ModelArgs, pairs: usize, layers: Option<usize>) -> Result<()> {
+    use crate::experiment::cells::{evaluate, Cell};
+    use crate::experiment::data::{cache_split, Clean};
+    use crate::model::Site;
+    let l = m.load()?;
+    let model = &l.model;
+    let ps = ioi_pairs(&l.tok, crate::tasks::ioi::Variable::Flip, pairs)?;
+    let n_layers = layers.unwrap_or(model.cfg.num_layers).min(model.cfg.num_layers);
+    let t = ps[0].base.ids.len();
+    let iv = crate::intervene::build(&Default::default(), model.cfg.hidden_size, 0, None, model.device())?;
+    let clean: Vec<Clean> = vec![Clean { ld_base: 0.0, ld_source: 1.0, base_correct: true, source_correct: true }; ps.len()];
+    let clean_refs: Vec<&Clean> = clean.iter().collect();
+    let t0 = Instant::now();
+    let needed: Vec<(usize, Site)> = (0..n_layers).map(|l| (l, Site::BlockOutput)).collect();
+    let sc = cache_split(model, &ps, &needed)?;
+    let mut cells = 0usize;
+    for layer in 0..n_layers {
+        for p in 0..t {
+            let pos = p.to_string();
+            let cell = Cell { layer, site: Site::BlockOutput, position: pos.clone(), cols: None, heads: String::new() };
+            let cc = sc.cell(&ps, layer, Site::BlockOutput, &pos)?;
+            evaluate(model, &cell, &cc, &ps, &clean_refs, iv.as_ref())?;
+            cells += 1;
+        }
+    }
+    let s = t0.elapsed().as_secs_f64();
+    println!(
+        "road patching: {:.2} cells/s, {:.1} examples/s ({cells} cells = {n_layers} layers x {t} positions, {} pairs, {:.1}s incl. clean caching)",
+        cells as f64 / s,
+        (cells * ps.len()) as f64 / s,
+        ps.len(),
+        s
+    );
+    Ok(())
+}
+
+/// `road bench das`: rank-1 DAS training throughput at one layer's final token.
+pub fn das(m: &ModelArgs, layer: usize, steps: usize, batch: usize) -> Result<()> {
+    use crate::experiment::cells::{train, Cell};
+    use crate::experiment::data::cache_split;
+    use crate::experiment::spec::TrainSpec;
+    use crate::model::Site;
+    let l = m.load()?;
+    let model = &l.model;
+    if layer >= model.cfg.num_layers {
+        anyhow::bail!("--layer {layer} out of range (0..{})", model.cfg.num_layers);
+    }
+    let ps = ioi_pairs(&l.tok, crate::tasks::ioi::Variable::SPosition, 160)?;
+    let spec = crate::intervene::InterventionSpec { kind: "das".into(), rank: Some(1), ..Default::default() };
+    let mut iv = crate::intervene::build(&spec, model.cfg.hidden_size, 0, None, model.device())?;
+    let t0 = Instant::now();
+    let sc = cache_split(model, &ps, &[(layer, Site::BlockOutput)])?;
+    let cache_s = t0.elapsed().as_secs_f64();
+    let cc = sc.cell(&ps, layer, Site::BlockOutput, "last")?;
+    let cell = Cell { layer, site: Site::BlockOutput, position: "last".into(), cols: None, heads: String::new() };
+    let ts = TrainSpec { steps, batch, lr: 1e-2, ..Default::default() };
+    let t1 = Instant::now();
+    train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), &mut |_, _| {})?;
+    let s = t1.elapsed().as_secs_f64();
+    println!(
+        "road das: {:.1} examples/s ({steps} steps x batch {batch}, layer {layer}, last token; {:.1}s training + {:.1}s one-off clean caching of {} pairs)",
+        (steps * batch) as f64 / s,
+        s,
+        cache_s,
+        ps.len()
+    );
+    Ok(())
+}

@@ -127,6 +127,27 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
     },
+    /// Activation-patching sweep (every layer x position of one IOI template): cells/s.
+    Patching {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value_t = 48)]
+        pairs: usize,
+        /// Only the first N layers (quick runs).
+        #[arg(long)]
+        layers: Option<usize>,
+    },
+    /// Rank-1 DAS training at one layer's final token: examples/s.
+    Das {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value_t = 20)]
+        layer: usize,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -162,6 +183,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Merge { dirs, name } => experiment_cmds::merge(&dirs, name.as_deref())?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
+            BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,
+            BenchCmd::Das { m, layer, steps, batch } => bench::das(&m, layer, steps, batch)?,
         },
     }
     Ok(())

@@ -41,6 +41,14 @@ impl ProgressPrinter {
     pub fn new(quiet: bool) -> Self {
         Self { bar: None, quiet }
     }
+    /// A line above the bar; printed plainly when the bar is hidden (stderr not a terminal).
+    fn line(&self, s: String) {
+        match &self.bar {
+            Some(b) if !b.is_hidden() => b.println(s),
+            _ if !self.quiet => eprintln!("{s}"),
+            _ => {}
+        }
+    }
 }
 
 impl Sink for ProgressPrinter {
@@ -53,14 +61,10 @@ impl Sink for ProgressPrinter {
                     indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps  ETA {eta}  {msg}")
                         .expect("valid template"),
                 );
-                bar.println(format!("run directory: {}", run_dir.display()));
                 self.bar = Some(bar);
+                self.line(format!("run directory: {}", run_dir.display()));
             }
-            RunEvent::Log(s) => match &self.bar {
-                Some(b) => b.println(s),
-                None if !self.quiet => eprintln!("{s}"),
-                None => {}
-            },
+            RunEvent::Log(s) => self.line(s),
             RunEvent::CellStarted { label, .. } => {
                 if let Some(b) = &self.bar {
                     b.set_message(label);
@@ -75,9 +79,7 @@ impl Sink for ProgressPrinter {
                 }
             }
             RunEvent::CellDone { label, iia, logit_diff, .. } => {
-                if let Some(b) = &self.bar {
-                    b.println(format!("  {label:<40} test IIA {iia:.3}  logit diff {logit_diff:+.3}"));
-                }
+                self.line(format!("  {label:<40} test IIA {iia:.3}  logit diff {logit_diff:+.3}"));
             }
             RunEvent::Finished { .. } => {
                 if let Some(b) = self.bar.take() {
