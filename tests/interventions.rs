@@ -8,7 +8,7 @@ use road_dii::experiment::data::cache_split;
 use road_dii::experiment::spec::TrainSpec;
 use road_dii::experiment::Spec;
 use road_dii::intervene::{self, orth, ApplyCtx, InterventionSpec};
-use road_dii::model::{Fwd, Hooks, LogitsAt, Site, SiteCtx};
+use road_dii::model::{Fwd, LogitsAt, Site};
 use road_dii::tasks::{Pair, Prompt};
 use std::sync::atomic::AtomicBool;
 
@@ -91,36 +91,6 @@ fn tiny_pairs() -> Vec<Pair> {
         ("When John and Mary went to the store", "When Bob and Alice went to the park"),
     ];
     texts.iter().map(|(b, s)| Pair { base: mk(b), source: mk(s), cf_label: 7, answers: vec![5, 7] }).collect()
-}
-
-/// Replaces one position's vector with a given one, over a full forward (the plain computation).
-struct PlainSwap {
-    layer: usize,
-    site: Site,
-    pos: Vec<usize>,
-    with: Vec<Tensor>,
-}
-impl Hooks for PlainSwap {
-    fn wants(&self, l: usize, s: Site) -> bool {
-        l == self.layer && s == self.site
-    }
-    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
-        let mut rows = Vec::new();
-        for (b, (&p, v)) in self.pos.iter().zip(&self.with).enumerate() {
-            let row = act.get(b)?;
-            let t = row.dim(0)?;
-            let mut parts = Vec::new();
-            if p > 0 {
-                parts.push(row.narrow(0, 0, p)?);
-            }
-            parts.push(v.unsqueeze(0)?);
-            if p + 1 < t {
-                parts.push(row.narrow(0, p + 1, t - p - 1)?);
-            }
-            rows.push(Tensor::cat(&parts, 0)?);
-        }
-        Ok(Some(Tensor::stack(&rows, 0)?))
-    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! Shared test helpers: where the reference fixtures live, and models loaded once per test binary.
 #![allow(dead_code)]
 use candle_core::{DType, Device, Tensor};
-use road_dii::model::{load, registry, Loaded};
+use road_dii::model::{load, registry, Hooks, Loaded, Site, SiteCtx};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -51,3 +51,34 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
     v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
+
+/// Replaces one position's vector with a given one, over a full forward (the plain computation).
+pub struct PlainSwap {
+    pub layer: usize,
+    pub site: Site,
+    pub pos: Vec<usize>,
+    pub with: Vec<Tensor>,
+}
+impl Hooks for PlainSwap {
+    fn wants(&self, l: usize, s: Site) -> bool {
+        l == self.layer && s == self.site
+    }
+    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
+        let mut rows = Vec::new();
+        for (b, (&p, v)) in self.pos.iter().zip(&self.with).enumerate() {
+            let row = act.get(b)?;
+            let t = row.dim(0)?;
+            let mut parts = Vec::new();
+            if p > 0 {
+                parts.push(row.narrow(0, 0, p)?);
+            }
+            parts.push(v.unsqueeze(0)?);
+            if p + 1 < t {
+                parts.push(row.narrow(0, p + 1, t - p - 1)?);
+            }
+            rows.push(Tensor::cat(&parts, 0)?);
+        }
+        Ok(Some(Tensor::stack(&rows, 0)?))
+    }
+}
+
