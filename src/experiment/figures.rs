@@ -20,17 +20,23 @@ pub fn colour(v: f64) -> RGBColor {
     }
 }
 
-/// Heatmap of `value(row)` over layer (y) x position (x) for the rows of one site and split.
-pub fn heatmap(path: &Path, title: &str, rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Result<()> {
-    let mut layers: Vec<usize> = rows.iter().map(|r| r.layer).collect();
-    layers.sort();
-    layers.dedup();
+/// Distinct positions in first-seen order (the order the sweep ran them).
+fn positions_in_order(rows: &[&MetricRow]) -> Vec<String> {
     let mut positions: Vec<String> = Vec::new();
     for r in rows {
         if !positions.contains(&r.position) {
             positions.push(r.position.clone());
         }
     }
+    positions
+}
+
+/// Heatmap of `value(row)` over layer (y) x position (x) for the rows of one site and split.
+pub fn heatmap(path: &Path, title: &str, rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Result<()> {
+    let mut layers: Vec<usize> = rows.iter().map(|r| r.layer).collect();
+    layers.sort();
+    layers.dedup();
+    let positions = positions_in_order(rows);
     let (w, h) = (140 + 60 * positions.len() as u32, 120 + 22 * layers.len() as u32);
     let root = SVGBackend::new(path, (w.max(360), h.max(240))).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -67,12 +73,7 @@ pub fn heatmap(path: &Path, title: &str, rows: &[&MetricRow], value: impl Fn(&Me
 
 /// Line chart of `value(row)` against layer, one series per position.
 pub fn by_layer(path: &Path, title: &str, y_desc: &str, rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Result<()> {
-    let mut positions: Vec<String> = Vec::new();
-    for r in rows {
-        if !positions.contains(&r.position) {
-            positions.push(r.position.clone());
-        }
-    }
+    let positions = positions_in_order(rows);
     let max_layer = rows.iter().map(|r| r.layer).max().unwrap_or(0) as f64;
     let vals: Vec<f64> = rows.iter().map(|r| value(r)).filter(|v| v.is_finite()).collect();
     let (lo, hi) = (vals.iter().cloned().fold(0.0, f64::min), vals.iter().cloned().fold(1.0, f64::max));
