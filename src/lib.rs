@@ -6,6 +6,8 @@ pub mod generate;
 pub mod model;
 pub mod road;
 pub mod tokenizer;
+pub mod train;
+pub mod util;
 
 /// candle asks for the thread count on every matmul and, without RAYON_NUM_THREADS, re-reads
 /// /proc/cpuinfo each time (measurable in decode). Fix it once at start-up.

@@ -1,10 +1,12 @@
 //! Command-line interface: one binary, `road`, with subcommands. Each group of commands keeps
 //! its handlers in its own file; this one holds the argument definitions and the dispatch.
+mod adapter_cmds;
 mod model_cmds;
+mod train_cmds;
 
 use crate::bench;
 use crate::fetch;
-use crate::generate::greedy;
+use crate::generate::greedy_with;
 use crate::model::{load, registry};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -76,6 +78,9 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// A peft RoAd or LoRA adapter directory to apply (kind read from adapter_config.json).
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -87,7 +92,20 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
+        /// A peft RoAd or LoRA adapter directory to apply.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
     },
+    /// Fetch a registered dataset into the cache (sentiment).
+    FetchData { name: String },
+    /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
+    Finetune(train_cmds::FinetuneArgs),
+    /// Accuracy of a model (+ adapter) on a classification task.
+    Eval(train_cmds::EvalArgs),
+    /// Merge an adapter into the weights and write a HF checkpoint (or --unmerge).
+    Merge(adapter_cmds::MergeArgs),
+    /// Greedy generation for JSONL requests, rows using different adapters, in one batch.
+    ServeBatch(adapter_cmds::ServeBatchArgs),
     /// Benchmarks (forward: prefill and decode throughput).
     Bench {
         #[command(subcommand)]
@@ -122,11 +140,17 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
         }
         Cmd::Info { m, json } => model_cmds::info(&m, json)?,
-        Cmd::Logits { m, prompt, top, json } => model_cmds::logits(&m, &prompt, top, json)?,
-        Cmd::Generate { m, prompt, max_tokens } => {
+        Cmd::Logits { m, prompt, top, json, adapter } => model_cmds::logits(&m, adapter.as_deref(), &prompt, top, json)?,
+        Cmd::FetchData { name } => train_cmds::fetch_data(&name)?,
+        Cmd::Finetune(a) => train_cmds::finetune(&a)?,
+        Cmd::Eval(a) => train_cmds::eval(&a)?,
+        Cmd::Merge(a) => adapter_cmds::merge_cmd(&a)?,
+        Cmd::ServeBatch(a) => adapter_cmds::serve_batch(&a)?,
+        Cmd::Generate { m, prompt, max_tokens, adapter } => {
             let l = m.load()?;
+            let ad = adapter.as_deref().map(|d| crate::road::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
             let ids = l.tok.encode(&prompt)?;
-            let g = greedy(&l.model, &ids, max_tokens, &l.tok.eos)?;
+            let g = greedy_with(&l.model, ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter), &ids, max_tokens, &l.tok.eos)?;
             println!("{}{}", prompt, l.tok.decode(&g.tokens)?);
             let n = g.tokens.len().saturating_sub(1);
             if n > 0 {

@@ -1,0 +1,3 @@
+//! Small shared helpers: seeded RNG, run directories and timestamps.
+pub mod rng;
+pub mod rundir;
