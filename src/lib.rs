@@ -1,6 +1,8 @@
 //! road-dii: distributed interchange interventions and RoAd on LLaMA-family models.
 pub mod bench;
+pub mod bench_batching;
 pub mod cli;
+pub mod compose;
 pub mod fetch;
 pub mod generate;
 pub mod model;

@@ -104,6 +104,13 @@ pub enum Cmd {
     Eval(train_cmds::EvalArgs),
     /// Merge an adapter into the weights and write a HF checkpoint (or --unmerge).
     Merge(adapter_cmds::MergeArgs),
+    /// Composability of RoAd subspaces (two tasks on disjoint 2D blocks) from a TOML spec.
+    Compose {
+        spec: std::path::PathBuf,
+        /// Override a spec key, e.g. --set train.steps=5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Greedy generation for JSONL requests, rows using different adapters, in one batch.
     ServeBatch(adapter_cmds::ServeBatchArgs),
     /// Benchmarks (forward: prefill and decode throughput).
@@ -124,6 +131,23 @@ pub enum BenchCmd {
         reps: usize,
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
+    },
+    /// Mixed-adapter batching throughput: RoAd vs LoRA vs plain, over batch sizes/adapters/tokens.
+    Batching {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        batches: Vec<usize>,
+        /// Numbers of distinct adapters in a batch (only those <= the batch size are run).
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        adapters: Vec<usize>,
+        /// Generated tokens per row.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 8)]
+        lora_r: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_len: usize,
     },
 }
 
@@ -146,6 +170,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Eval(a) => train_cmds::eval(&a)?,
         Cmd::Merge(a) => adapter_cmds::merge_cmd(&a)?,
         Cmd::ServeBatch(a) => adapter_cmds::serve_batch(&a)?,
+        Cmd::Compose { spec, set } => {
+            crate::compose::run_compose(&spec, &set)?;
+        }
         Cmd::Generate { m, prompt, max_tokens, adapter } => {
             let l = m.load()?;
             let ad = adapter.as_deref().map(|d| crate::road::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
@@ -164,6 +191,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
+            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len } => {
+                let sw = crate::bench_batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len };
+                crate::bench_batching::batching(&m, &sw)?;
+            }
         },
     }
     Ok(())
