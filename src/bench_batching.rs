@@ -23,7 +23,9 @@ pub struct Row {
 }
 
 fn random_road(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
-    let a = RoadAdapter::new_identity(&m.cfg, Variant::Road1, 64, 0..m.cfg.num_layers, &Proj::ALL, m.device())?;
+    // peft's default pairing where the widths allow it (tiny test models are narrower).
+    let g = if Proj::ALL.iter().all(|&p| crate::road::adapter::proj_out_dim(&m.cfg, p) % 64 == 0) { 64 } else { 2 };
+    let a = RoadAdapter::new_identity(&m.cfg, Variant::Road1, g, 0..m.cfg.num_layers, &Proj::ALL, m.device())?;
     for l in a.layers.values() {
         let n = l.theta.elem_count();
         l.theta.set(&rng.normal_tensor(&[n], 0.1, m.device())?)?;
