@@ -139,10 +139,9 @@ fn toy_cls() -> (Vec<ClsExample>, Vec<ClsExample>) {
     // Two classes told apart by one word; the tiny random model starts near chance.
     let words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"];
     let mut all = vec![];
-    for (i, w) in words.iter().enumerate() {
+    for w in words {
         all.push(ClsExample { text: format!("{w} is good"), label: 0 });
         all.push(ClsExample { text: format!("{w} is bad"), label: 1 });
-        let _ = i;
     }
     (all.clone(), all)
 }

@@ -42,7 +42,7 @@ impl RoadIntervention {
 
     /// Per-row `(first, second)` columns `[b, 1, d]` with inactive blocks at identity.
     fn row_columns(&self, m: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, nb) = m.dims2()?;
+        let (b, _) = m.dims2()?;
         let (d, g) = (self.rot.dim, self.rot.group_size);
         let theta = m.broadcast_mul(self.theta.as_tensor())?;
         let alpha = (m.broadcast_mul(&(self.alpha.as_tensor() - 1.0)?)? + 1.0)?;
@@ -51,7 +51,6 @@ impl RoadIntervention {
             let p = p.reshape((b, d / g, 1, g / 2))?;
             Ok(Tensor::cat(&[&p, &p], 2)?.reshape((b, 1, d))?)
         };
-        let _ = nb;
         let (t, a) = (expand(&theta)?, expand(&alpha)?);
         Ok(((&a * t.cos()?)?, (&a * t.sin()?)?))
     }

@@ -41,7 +41,6 @@ impl MixedAdapters {
     /// Stack `adapters` (name, adapter). RoAd adapters sharing a projection must share its pairing
     /// (group_size), since `rot(h)` is computed once for the whole batch.
     pub fn new(adapters: &[(String, AnyAdapter)], cfg: &LlamaConfig, device: &Device) -> Result<Self> {
-        let n = adapters.len();
         let mut road = HashMap::new();
         let mut lora = HashMap::new();
         for l in 0..cfg.num_layers {
@@ -110,7 +109,6 @@ impl MixedAdapters {
                 }
             }
         }
-        let _ = n;
         Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, cur: None })
     }
 
@@ -167,7 +165,11 @@ impl LinearAdapter for MixedAdapters {
             if f.dim(0)? != b {
                 bail!("MixedAdapters: batch has {b} rows but set_rows was given {}", f.dim(0)?);
             }
-            out = self.road[&k].rot.apply(&h, f, s)?;
+            let g = self.road[&k].rot.group_size;
+            out = match super::fused::try_fused_rows(&h, f, s, g)? {
+                Some(z) => z,
+                None => self.road[&k].rot.apply(&h, f, s)?,
+            };
         }
         if let Some((a, bb)) = g.lora.get(&k) {
             if a.dim(0)? != b {

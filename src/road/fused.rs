@@ -9,6 +9,9 @@ use rayon::prelude::*;
 
 struct RoadOp {
     g: usize,
+    /// Consecutive rows of `h` (each `d` wide) that share one (f, s) row: all of them for `[d]`
+    /// columns, `t` for per-batch-row `[b, 1, d]` columns (mixed-adapter batches).
+    rows_per_col: usize,
 }
 
 #[inline]
@@ -41,10 +44,12 @@ impl CustomOp3 for RoadOp {
         sl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (h, f, s) = (slice(hs, hl)?, slice(fs, fl)?, slice(ss, sl)?);
-        let d = f.len();
-        let g = self.g;
+        let d = *hl.dims().last().unwrap_or(&0);
+        let (g, rpc) = (self.g, self.rows_per_col.max(1));
         let mut z = vec![0f32; h.len()];
-        z.par_chunks_mut(d).zip(h.par_chunks(d)).for_each(|(zr, hr)| {
+        z.par_chunks_mut(d).zip(h.par_chunks(d)).enumerate().for_each(|(r, (zr, hr))| {
+            let c = (r / rpc) * d;
+            let (f, s) = (&f[c..c + d], &s[c..c + d]);
             for j in 0..d {
                 let (p, sg) = partner(j, g);
                 zr[j] = f[j] * hr[j] + s[j] * sg * hr[p];
@@ -54,6 +59,9 @@ impl CustomOp3 for RoadOp {
     }
 
     fn bwd(&self, h: &Tensor, f: &Tensor, s: &Tensor, _z: &Tensor, gz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if f.rank() != 1 {
+            candle_core::bail!("road-fused: per-row columns are inference-only (no backward)");
+        }
         let d = f.elem_count();
         let g = self.g;
         let hv = h.flatten_all()?.to_vec1::<f32>()?;
@@ -114,7 +122,30 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
     if !ok {
         return Ok(None);
     }
-    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size })?))
+    let rows = h.elem_count() / first.elem_count().max(1);
+    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size, rows_per_col: rows })?))
+}
+
+/// Fused apply with per-batch-row columns `[b, 1, d]` for `h` of shape `[b, t, d]` (inference:
+/// mixed-adapter batches). None when it does not apply or `h` carries gradients.
+pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
+    let ok = matches!(h.device(), Device::Cpu)
+        && !h.track_op()
+        && h.dtype() == DType::F32
+        && first.dtype() == DType::F32
+        && second.dtype() == DType::F32
+        && h.rank() == 3
+        && first.rank() == 3
+        && first.dims() == second.dims()
+        && first.dim(0)? == h.dim(0)?
+        && first.dim(1)? == 1
+        && first.dim(2)? == h.dim(2)?
+        && h.dim(2)? % group_size == 0;
+    if !ok {
+        return Ok(None);
+    }
+    let t = h.dim(1)?;
+    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size, rows_per_col: t })?))
 }
 
 #[cfg(test)]

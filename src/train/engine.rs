@@ -356,7 +356,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     if cfg.steps == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 {
         bail!("steps, batch_size and grad_accum must all be >= 1");
     }
-    if !(cfg.lr > 0.0) || cfg.weight_decay < 0.0 || !(0.0..1.0).contains(&cfg.warmup_ratio) {
+    if cfg.lr.is_nan() || cfg.lr <= 0.0 || cfg.weight_decay < 0.0 || !(0.0..1.0).contains(&cfg.warmup_ratio) {
         bail!("need lr > 0, weight_decay >= 0 and 0 <= warmup_ratio < 1");
     }
     if data.train_len() == 0 {
