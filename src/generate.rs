@@ -1,5 +1,5 @@
 //! Greedy decoding with the KV cache.
-use crate::model::{Fwd, KvCache, Llama, LogitsAt};
+use crate::model::{Fwd, KvCache, LinearAdapter, Llama, LogitsAt};
 use anyhow::Result;
 
 pub struct Generated {
@@ -10,11 +10,22 @@ pub struct Generated {
 
 /// Greedy continuation of `prompt` for up to `max_tokens`, stopping at an EOS id.
 pub fn greedy(model: &Llama, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> Result<Generated> {
+    greedy_with(model, None, prompt, max_tokens, eos)
+}
+
+/// [`greedy`] with an optional weight adapter (RoAd/LoRA) applied at every step.
+pub fn greedy_with(
+    model: &Llama,
+    adapter: Option<&dyn LinearAdapter>,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+) -> Result<Generated> {
     let mut cache = KvCache::new(model.cfg.num_layers);
     let t0 = std::time::Instant::now();
     let out = model.forward(
         &[prompt.to_vec()],
-        Fwd { cache: Some(&mut cache), logits: LogitsAt::Last, ..Default::default() },
+        Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
     )?;
     let mut next = argmax(&out.logits.expect("requested logits").get(0)?.to_vec1::<f32>()?);
     let prefill_secs = t0.elapsed().as_secs_f64();
@@ -30,7 +41,7 @@ pub fn greedy(model: &Llama, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> 
         }
         let out = model.forward(
             &[vec![next]],
-            Fwd { cache: Some(&mut cache), logits: LogitsAt::Last, ..Default::default() },
+            Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
         )?;
         next = argmax(&out.logits.expect("requested logits").get(0)?.to_vec1::<f32>()?);
     }
@@ -56,4 +67,78 @@ pub fn top_k(v: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut top: Vec<(u32, f32)> = idx[..k].iter().map(|&i| (i, v[i as usize])).collect();
     top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
     top
+}
+
+pub struct BatchGenerated {
+    /// Generated ids per row (each stops at its own EOS or `max_tokens`).
+    pub tokens: Vec<Vec<u32>>,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    /// Decode forward passes run (the longest row's length minus one).
+    pub decode_steps: usize,
+}
+
+/// Greedy generation for several prompts in one batch: left padding + attention mask, one shared
+/// KV cache. `adapter` may be a per-row `MixedAdapters`. Rows that finished keep riding along
+/// (their outputs are ignored) until every row is done.
+pub fn greedy_batch(
+    model: &Llama,
+    adapter: Option<&dyn LinearAdapter>,
+    prompts: &[Vec<u32>],
+    max_tokens: &[usize],
+    eos: &[u32],
+) -> Result<BatchGenerated> {
+    let b = prompts.len();
+    if b == 0 || max_tokens.len() != b {
+        anyhow::bail!("greedy_batch: need one max_tokens per prompt and at least one prompt");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        anyhow::bail!("prompt {i} is empty");
+    }
+    let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(b);
+    let mut mask: Vec<Vec<u8>> = Vec::with_capacity(b);
+    for p in prompts {
+        let pad = t - p.len();
+        ids.push(std::iter::repeat_n(0u32, pad).chain(p.iter().copied()).collect::<Vec<_>>());
+        mask.push(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, p.len())).collect());
+    }
+    let mut cache = KvCache::new(model.cfg.num_layers);
+    let t0 = std::time::Instant::now();
+    let out = model.forward(
+        &ids,
+        Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+    )?;
+    let lg = out.logits.expect("requested logits");
+    let mut next: Vec<u32> = (0..b).map(|i| Ok(argmax(&lg.get(i)?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+    let prefill_secs = t0.elapsed().as_secs_f64();
+    let t1 = std::time::Instant::now();
+    let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
+    let mut done: Vec<bool> = max_tokens.iter().map(|&m| m == 0).collect();
+    let mut steps = 0;
+    loop {
+        for i in 0..b {
+            if !done[i] {
+                tokens[i].push(next[i]);
+                if eos.contains(&next[i]) || tokens[i].len() >= max_tokens[i] {
+                    done[i] = true;
+                }
+            }
+        }
+        if done.iter().all(|&d| d) || cache.seq_len() + 1 > model.cfg.max_position_embeddings {
+            break;
+        }
+        for m in mask.iter_mut() {
+            m.push(1);
+        }
+        let step_ids: Vec<Vec<u32>> = next.iter().map(|&n| vec![n]).collect();
+        let out = model.forward(
+            &step_ids,
+            Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+        )?;
+        let lg = out.logits.expect("requested logits");
+        next = (0..b).map(|i| Ok(argmax(&lg.get(i)?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+        steps += 1;
+    }
+    Ok(BatchGenerated { tokens, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), decode_steps: steps })
 }

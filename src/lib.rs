@@ -1,6 +1,8 @@
 //! road-dii: distributed interchange interventions and RoAd on LLaMA-family models.
 pub mod bench;
+pub mod bench_batching;
 pub mod cli;
+pub mod compose;
 pub mod experiment;
 pub mod fetch;
 pub mod intervene;
@@ -8,8 +10,9 @@ pub mod generate;
 pub mod model;
 pub mod road;
 pub mod tasks;
-pub mod util;
 pub mod tokenizer;
+pub mod train;
+pub mod util;
 
 /// candle asks for the thread count on every matmul and, without RAYON_NUM_THREADS, re-reads
 /// /proc/cpuinfo each time (measurable in decode). Fix it once at start-up.

@@ -112,6 +112,11 @@ impl Tok {
         self.inner.token_to_id(s)
     }
 
+    /// Write a HF `tokenizer.json` (so merged checkpoints load anywhere, GGUF-built ones too).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        self.inner.save(path, false).map_err(|e| anyhow!("writing {}: {e}", path.display()))
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -1,11 +1,13 @@
 //! Command-line interface: one binary, `road`, with subcommands. Each group of commands keeps
 //! its handlers in its own file; this one holds the argument definitions and the dispatch.
 mod experiment_cmds;
+mod adapter_cmds;
 mod model_cmds;
+mod train_cmds;
 
 use crate::bench;
 use crate::fetch;
-use crate::generate::greedy;
+use crate::generate::greedy_with;
 use crate::model::{load, registry};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -77,6 +79,9 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// A peft RoAd or LoRA adapter directory to apply (kind read from adapter_config.json).
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -88,6 +93,9 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
+        /// A peft RoAd or LoRA adapter directory to apply.
+        #[arg(long)]
+        adapter: Option<std::path::PathBuf>,
     },
     /// Run an experiment file headless (progress bar; outputs under notebooks-out/).
     Run {
@@ -102,12 +110,24 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Join the metrics.csv of several runs (e.g. shards) into a new run directory.
-    Merge {
-        dirs: Vec<std::path::PathBuf>,
-        #[arg(long)]
-        name: Option<String>,
+    /// Fetch a registered dataset into the cache (sentiment).
+    FetchData { name: String },
+    /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
+    Finetune(train_cmds::FinetuneArgs),
+    /// Accuracy of a model (+ adapter) on a classification task.
+    Eval(train_cmds::EvalArgs),
+    /// Merge: an adapter into the weights (`--adapter DIR --out DIR`, HF checkpoint; or
+    /// --unmerge), or the metrics of several runs/shards (`road merge RUN_DIR...`).
+    Merge(adapter_cmds::MergeArgs),
+    /// Composability of RoAd subspaces (two tasks on disjoint 2D blocks) from a TOML spec.
+    Compose {
+        spec: std::path::PathBuf,
+        /// Override a spec key, e.g. --set train.steps=5 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
     },
+    /// Greedy generation for JSONL requests, rows using different adapters, in one batch.
+    ServeBatch(adapter_cmds::ServeBatchArgs),
     /// Benchmarks (forward: prefill and decode throughput).
     Bench {
         #[command(subcommand)]
@@ -148,6 +168,23 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 16)]
         batch: usize,
     },
+    /// Mixed-adapter batching throughput: RoAd vs LoRA vs plain, over batch sizes/adapters/tokens.
+    Batching {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+        batches: Vec<usize>,
+        /// Numbers of distinct adapters in a batch (only those <= the batch size are run).
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        adapters: Vec<usize>,
+        /// Generated tokens per row.
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        tokens: Vec<usize>,
+        #[arg(long, default_value_t = 8)]
+        lora_r: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_len: usize,
+    },
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -163,11 +200,20 @@ pub fn run(cli: Cli) -> Result<()> {
             println!("{}", p.display());
         }
         Cmd::Info { m, json } => model_cmds::info(&m, json)?,
-        Cmd::Logits { m, prompt, top, json } => model_cmds::logits(&m, &prompt, top, json)?,
-        Cmd::Generate { m, prompt, max_tokens } => {
+        Cmd::Logits { m, prompt, top, json, adapter } => model_cmds::logits(&m, adapter.as_deref(), &prompt, top, json)?,
+        Cmd::FetchData { name } => train_cmds::fetch_data(&name)?,
+        Cmd::Finetune(a) => train_cmds::finetune(&a)?,
+        Cmd::Eval(a) => train_cmds::eval(&a)?,
+        Cmd::Merge(a) => adapter_cmds::merge_cmd(&a)?,
+        Cmd::ServeBatch(a) => adapter_cmds::serve_batch(&a)?,
+        Cmd::Compose { spec, set } => {
+            crate::compose::run_compose(&spec, &set)?;
+        }
+        Cmd::Generate { m, prompt, max_tokens, adapter } => {
             let l = m.load()?;
+            let ad = adapter.as_deref().map(|d| crate::road::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
             let ids = l.tok.encode(&prompt)?;
-            let g = greedy(&l.model, &ids, max_tokens, &l.tok.eos)?;
+            let g = greedy_with(&l.model, ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter), &ids, max_tokens, &l.tok.eos)?;
             println!("{}{}", prompt, l.tok.decode(&g.tokens)?);
             let n = g.tokens.len().saturating_sub(1);
             if n > 0 {
@@ -180,11 +226,14 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Run { file, sets, shard, json } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json)?,
-        Cmd::Merge { dirs, name } => experiment_cmds::merge(&dirs, name.as_deref())?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
             BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::das(&m, layer, steps, batch)?,
+            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len } => {
+                let sw = crate::bench_batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len };
+                crate::bench_batching::batching(&m, &sw)?;
+            }
         },
     }
     Ok(())

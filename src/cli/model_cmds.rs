@@ -1,7 +1,9 @@
 //! `road info` and `road logits`.
 use super::ModelArgs;
 use crate::generate::top_k;
-use crate::model::{Fwd, LogitsAt, Site};
+use crate::model::{Fwd, LinearAdapter, LogitsAt, Site};
+use crate::road::AnyAdapter;
+use std::path::Path;
 use anyhow::Result;
 use candle_core::DType;
 
@@ -33,10 +35,14 @@ pub fn info(m: &ModelArgs, json: bool) -> Result<()> {
     Ok(())
 }
 
-pub fn logits(m: &ModelArgs, prompt: &str, top: usize, json: bool) -> Result<()> {
+pub fn logits(m: &ModelArgs, adapter: Option<&Path>, prompt: &str, top: usize, json: bool) -> Result<()> {
     let l = m.load()?;
+    let ad = adapter.map(|d| AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
     let ids = l.tok.encode(prompt)?;
-    let out = l.model.forward(&[ids.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() })?;
+    let out = l.model.forward(
+        &[ids.clone()],
+        Fwd { logits: LogitsAt::Last, adapter: ad.as_ref().map(|a| a as &dyn LinearAdapter), ..Default::default() },
+    )?;
     let v = out.logits.expect("requested logits").get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let maxv = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
     let z: f64 = v.iter().map(|x| ((x - maxv) as f64).exp()).sum();

@@ -185,6 +185,26 @@ impl LlamaConfig {
             .collect()
     }
 
+    /// A transformers-4 style `config.json` for this model (used when writing merged checkpoints).
+    pub fn to_hf_json(&self, torch_dtype: &str) -> serde_json::Value {
+        let rope_scaling = self.rope_scaling.as_ref().map(|s| {
+            serde_json::json!({"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                "high_freq_factor": s.high_freq_factor,
+                "original_max_position_embeddings": s.original_max_position_embeddings})
+        });
+        serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim, "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling, "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_ids.first(), "hidden_act": "silu",
+            "attention_bias": false, "mlp_bias": false, "torch_dtype": torch_dtype,
+        })
+    }
+
     /// Parameter count of the model (embeddings counted once when tied).
     pub fn param_count(&self) -> usize {
         let d = self.hidden_size;

@@ -157,6 +157,26 @@ impl Llama {
     pub fn embeddings(&self) -> &Tensor {
         &self.embed
     }
+    /// The output projection `[vocab, d]` (the embedding matrix when tied).
+    pub fn lm_head(&self) -> &Tensor {
+        &self.lm_head
+    }
+
+    /// Rebuild this model with every weight a `Var` in a fresh `VarMap` (HF names), so a
+    /// differentiable forward pass yields gradients for all of them (full fine-tuning).
+    pub fn to_varmap(&self) -> Result<(candle_nn::VarMap, Llama)> {
+        let vm = candle_nn::VarMap::new();
+        {
+            let mut data = vm.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
+            for (name, t) in self.named_weights() {
+                // A copy, so training never mutates the tensors of the model we started from.
+                data.insert(name, candle_core::Var::from_tensor(&t.copy()?)?);
+            }
+        }
+        let vb = VarBuilder::from_varmap(&vm, self.dtype, &self.device);
+        let model = Llama::load(vb, self.cfg.clone())?;
+        Ok((vm, model))
+    }
 
     /// The weight `[out, in]` of a projection, for merging adapters.
     pub fn proj_weight(&self, layer: usize, proj: Proj) -> &Tensor {
@@ -349,6 +369,8 @@ impl Llama {
             if let Some(y) = super::gemv::try_linear(x, w)? {
                 return Ok(y);
             }
+        } else if let Some(y) = super::frozen::try_frozen_linear(x, w)? {
+            return Ok(y);
         }
         Ok(x.broadcast_matmul(&w.t()?)?)
     }

@@ -1,5 +1,6 @@
 //! The LLaMA model: config, loaders, and the forward pass with intervention sites.
 pub mod config;
+pub mod frozen;
 pub mod gemv;
 pub mod llama;
 pub mod load;

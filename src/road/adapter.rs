@@ -17,6 +17,20 @@ impl RoadLayer {
     pub fn columns(&self) -> Result<(Tensor, Tensor)> {
         self.rot.columns(self.theta.as_tensor(), self.alpha.as_tensor())
     }
+
+    /// Columns with frozen parameters detached, so no gradient is computed for them at all.
+    pub fn columns_frozen(&self, freeze: Freeze) -> Result<(Tensor, Tensor)> {
+        let t = if freeze.theta { self.theta.as_detached_tensor() } else { self.theta.as_tensor().clone() };
+        let a = if freeze.alpha { self.alpha.as_detached_tensor() } else { self.alpha.as_tensor().clone() };
+        self.rot.columns(&t, &a)
+    }
+}
+
+/// Which RoAd parameters are held fixed: α frozen = angle-only, θ frozen = magnitude-only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Freeze {
+    pub theta: bool,
+    pub alpha: bool,
 }
 
 /// RoAd on a set of (layer, projection) outputs.
@@ -24,6 +38,8 @@ pub struct RoadAdapter {
     pub variant: Variant,
     pub group_size: usize,
     pub layers: BTreeMap<(usize, Proj), RoadLayer>,
+    /// Frozen parameters get no gradient (training only; inference is unaffected).
+    pub freeze: Freeze,
 }
 
 /// Output dimension of a projection.
@@ -61,7 +77,7 @@ impl RoadAdapter {
                 map.insert((l, p), RoadLayer { rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)? });
             }
         }
-        Ok(Self { variant, group_size, layers: map })
+        Ok(Self { variant, group_size, layers: map, freeze: Freeze::default() })
     }
 
     /// Load a peft-saved RoAd adapter (`adapter_config.json` + `adapter_model.safetensors`).
@@ -102,7 +118,7 @@ impl RoadAdapter {
                 tensors.len()
             );
         }
-        Ok(Self { variant, group_size, layers })
+        Ok(Self { variant, group_size, layers, freeze: Freeze::default() })
     }
 
     /// Save in peft's format, loadable by `PeftModel.from_pretrained`.
@@ -124,6 +140,20 @@ impl RoadAdapter {
         }
         candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors"))?;
         Ok(())
+    }
+
+    /// Trainable variables with stable names (peft keys), honouring `freeze`.
+    pub fn named_trainables(&self) -> Vec<(String, Var)> {
+        let mut v = Vec::new();
+        for ((l, p), layer) in &self.layers {
+            if !self.freeze.theta {
+                v.push((peft_key(*l, *p, "road_theta"), layer.theta.clone()));
+            }
+            if !self.freeze.alpha {
+                v.push((peft_key(*l, *p, "road_alpha"), layer.alpha.clone()));
+            }
+        }
+        v
     }
 
     /// Trainable variables (θ and/or α of every layer).
@@ -151,8 +181,11 @@ impl LinearAdapter for RoadAdapter {
     }
     fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor) -> Result<Tensor> {
         let l = &self.layers[&(layer, proj)];
-        let (f, s) = l.columns()?;
+        let (f, s) = l.columns_frozen(self.freeze)?;
         let (f, s) = (f.to_dtype(h.dtype())?, s.to_dtype(h.dtype())?);
+        if let Some(z) = super::fused::try_fused(&h, &f, &s, l.rot.group_size)? {
+            return Ok(z);
+        }
         l.rot.apply(&h, &f, &s)
     }
 }

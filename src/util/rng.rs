@@ -1,6 +1,6 @@
 //! A seeded, portable RNG (splitmix64). candle's CPU RNG cannot be seeded, so everything that must
 //! be reproducible (datasets, parameter init, shuffles) draws from this.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng(u64);
 
 impl Rng {
@@ -39,5 +39,34 @@ impl Rng {
     /// A child stream, so adding draws in one place does not shift another's.
     pub fn fork(&mut self, tag: u64) -> Rng {
         Rng::new(self.next_u64() ^ tag.wrapping_mul(0xD6E8_FEB8_6659_FD93))
+    }
+
+    /// A tensor of i.i.d. U(-bound, bound) values.
+    pub fn uniform_tensor(&mut self, shape: &[usize], bound: f32, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| ((2.0 * self.uniform() - 1.0) as f32) * bound).collect();
+        candle_core::Tensor::from_vec(v, shape, device)
+    }
+
+    /// A tensor of i.i.d. N(0, std²) values.
+    pub fn normal_tensor(&mut self, shape: &[usize], std: f32, device: &candle_core::Device) -> candle_core::Result<candle_core::Tensor> {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.normal() as f32 * std).collect();
+        candle_core::Tensor::from_vec(v, shape, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rng;
+    #[test]
+    fn same_seed_same_stream_and_uniform_in_range() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        for _ in 0..100 {
+            let x = a.uniform();
+            assert_eq!(x, b.uniform());
+            assert!((0.0..1.0).contains(&x));
+        }
+        assert_ne!(Rng::new(7).next_u64(), Rng::new(8).next_u64());
     }
 }

@@ -1,0 +1,153 @@
+//! `road bench batching`: throughput of mixed-adapter batches (every row may use a different
+//! adapter) for RoAd vs LoRA vs the plain model, like the RoAd paper's Figure 4. Adapters are
+//! random (non-identity), on every projection of every layer; rows use adapter `row % n`.
+use crate::cli::ModelArgs;
+use crate::generate::greedy_batch;
+use crate::model::{LinearAdapter, Llama, Proj};
+use crate::road::{AnyAdapter, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+use crate::util::rng::Rng;
+use anyhow::Result;
+use plotters::prelude::*;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub method: String,
+    pub n_adapters: usize,
+    pub batch: usize,
+    pub gen_tokens: usize,
+    pub prefill_s: f64,
+    pub decode_s: f64,
+    /// Generated tokens (all rows) per second of prefill + decode.
+    pub tokens_per_s: f64,
+}
+
+fn random_road(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
+    // peft's default pairing where the widths allow it (tiny test models are narrower).
+    let g = if Proj::ALL.iter().all(|&p| crate::road::adapter::proj_out_dim(&m.cfg, p) % 64 == 0) { 64 } else { 2 };
+    let a = RoadAdapter::new_identity(&m.cfg, Variant::Road1, g, 0..m.cfg.num_layers, &Proj::ALL, m.device())?;
+    for l in a.layers.values() {
+        let n = l.theta.elem_count();
+        l.theta.set(&rng.normal_tensor(&[n], 0.1, m.device())?)?;
+        l.alpha.set(&(rng.normal_tensor(&[n], 0.05, m.device())? + 1.0)?)?;
+    }
+    Ok(AnyAdapter::Road(a))
+}
+
+fn random_lora(m: &Llama, r: usize, rng: &mut Rng) -> Result<AnyAdapter> {
+    let a = LoraAdapter::new(&m.cfg, r, 2.0 * r as f64, 0.0, 0..m.cfg.num_layers, &Proj::ALL, rng, m.device())?;
+    for l in a.layers.values() {
+        l.b.set(&rng.normal_tensor(l.b.dims(), 0.01, m.device())?)?;
+    }
+    Ok(AnyAdapter::Lora(a))
+}
+
+pub struct Sweep {
+    pub batches: Vec<usize>,
+    pub n_adapters: Vec<usize>,
+    pub tokens: Vec<usize>,
+    pub lora_r: usize,
+    pub prompt_len: usize,
+}
+
+pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
+    let l = m.load()?;
+    let model = &l.model;
+    let mut rng = Rng::new(0);
+    let max_n = *sw.n_adapters.iter().max().unwrap_or(&1);
+    let roads: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("road{i}"), random_road(model, &mut rng)?))).collect::<Result<_>>()?;
+    let loras: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("lora{i}"), random_lora(model, sw.lora_r, &mut rng)?))).collect::<Result<_>>()?;
+    let prompt = |row: usize| -> Vec<u32> { (0..sw.prompt_len).map(|i| ((row * 7919 + i * 104_729 + 17) % 40_000 + 100) as u32).collect() };
+    // Configurations: (method, n_adapters, batch); the plain model once per batch size.
+    let mut configs = vec![];
+    for &b in &sw.batches {
+        configs.push(("base", 0, b));
+        for &n in &sw.n_adapters {
+            if n <= b.max(1) {
+                configs.push(("road", n, b));
+                configs.push(("lora", n, b));
+            }
+        }
+    }
+    let total = configs.len() * sw.tokens.len();
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(indicatif::ProgressStyle::with_template("bench batching {bar:30} {pos}/{len}  {msg}  ETA {eta}").expect("static template"));
+    let mut rows = vec![];
+    for &(method, n, b) in &configs {
+        let mut mixed = match method {
+            "road" => Some(MixedAdapters::new(&roads[..n], &model.cfg, model.device())?),
+            "lora" => Some(MixedAdapters::new(&loras[..n], &model.cfg, model.device())?),
+            _ => None,
+        };
+        if let Some(mx) = mixed.as_mut() {
+            let assign: Vec<Option<usize>> = (0..b).map(|r| Some(r % n)).collect();
+            mx.set_rows(&assign, model.dtype())?;
+        }
+        let prompts: Vec<Vec<u32>> = (0..b).map(prompt).collect();
+        let ad = mixed.as_ref().map(|m| m as &dyn LinearAdapter);
+        greedy_batch(model, ad, &prompts, &vec![2; b], &[])?; // warm-up
+        for &t in &sw.tokens {
+            pb.set_message(format!("{method} n={n} b={b} t={t}"));
+            let g = greedy_batch(model, ad, &prompts, &vec![t; b], &[])?;
+            let secs = g.prefill_secs + g.decode_secs;
+            rows.push(Row { method: method.into(), n_adapters: n, batch: b, gen_tokens: t, prefill_s: g.prefill_secs, decode_s: g.decode_secs, tokens_per_s: (b * t) as f64 / secs });
+            pb.inc(1);
+        }
+    }
+    pb.finish_and_clear();
+    let dir = crate::experiment::outputs::new_run_dir("bench-batching", &crate::experiment::outputs::short_hash(&format!("{:?} {:?} {:?}", sw.batches, sw.n_adapters, sw.tokens)))?;
+    let mut w = csv::Writer::from_path(dir.join("batching.csv"))?;
+    for r in &rows {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    plot(&rows, &dir.join("batching.svg"), *sw.tokens.iter().max().unwrap_or(&1), max_n)?;
+    println!("{:<6} {:>3} {:>5} {:>6} {:>10}", "method", "n", "batch", "tokens", "tokens/s");
+    for r in &rows {
+        println!("{:<6} {:>3} {:>5} {:>6} {:>10.1}", r.method, r.n_adapters, r.batch, r.gen_tokens, r.tokens_per_s);
+    }
+    println!("{}", dir.display());
+    Ok(dir)
+}
+
+/// Throughput vs batch size (each method with min(batch, max_n) adapters) at `tokens` generated.
+fn plot(rows: &[Row], path: &Path, tokens: usize, max_n: usize) -> Result<()> {
+    let series = |m: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|r| r.method == m && r.gen_tokens == tokens && (m == "base" || r.n_adapters == r.batch.min(max_n)))
+            .map(|r| ((r.batch as f64).log2(), r.tokens_per_s))
+            .collect()
+    };
+    let ymax = rows.iter().map(|r| r.tokens_per_s).fold(1.0, f64::max) * 1.1;
+    let xmax = rows.iter().map(|r| (r.batch as f64).log2()).fold(0.0, f64::max);
+    let root = SVGBackend::new(path, (720, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut ch = ChartBuilder::on(&root)
+        .caption(format!("Mixed-adapter batching, {tokens} generated tokens per row"), ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    ch.configure_mesh()
+        .x_desc(format!("batch size (rows use adapter row % {max_n})"))
+        .y_desc("generated tokens / s")
+        .x_label_formatter(&|x| format!("{}", 2f64.powf(x.round()) as usize))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
+        let s = series(m);
+        ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .label(match m {
+                "base" => "no adapter",
+                "road" => "RoAd1 (element-wise)",
+                _ => "LoRA (bmm)",
+            })
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+        ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    ch.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `road merge` and `road serve-batch`.
+use super::ModelArgs;
+use crate::generate::greedy_batch;
+use crate::model::LinearAdapter;
+use crate::road::{merge, AnyAdapter, MixedAdapters};
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// Run directories whose metrics.csv to join (sharded sweeps); omit with --adapter.
+    pub runs: Vec<PathBuf>,
+    /// Name of the joined run's experiment folder (default: the runs' experiment).
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// peft RoAd or LoRA adapter directory to merge into the model's weights.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json); must not exist.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Undo a merge instead: `--model` is a merged checkpoint, the result is the base weights.
+    #[arg(long)]
+    pub unmerge: bool,
+}
+
+pub fn merge_cmd(a: &MergeArgs) -> Result<()> {
+    let Some(adapter) = &a.adapter else {
+        if a.runs.is_empty() {
+            bail!("road merge needs run directories (to join metrics) or --adapter DIR --out DIR (to merge an adapter)");
+        }
+        return super::experiment_cmds::merge(&a.runs, a.name.as_deref());
+    };
+    if !a.runs.is_empty() {
+        bail!("road merge: give either run directories or --adapter, not both");
+    }
+    let Some(out) = &a.out else { bail!("road merge --adapter needs --out DIR") };
+    merge_adapter(a, adapter, out)
+}
+
+fn merge_adapter(a: &MergeArgs, adapter: &Path, out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!("{} already exists; not overwriting", out.display());
+    }
+    let mut l = a.m.load()?;
+    let ad = AnyAdapter::load(adapter, &l.model.cfg, l.model.device())?;
+    if a.unmerge {
+        merge::unmerge(&mut l.model, &ad)?;
+    } else {
+        merge::merge(&mut l.model, &ad)?;
+    }
+    merge::save_hf(&l.model, &l.tok, out)?;
+    println!("{} {} adapter into {}", if a.unmerge { "unmerged" } else { "merged" }, ad.kind(), out.display());
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ServeBatchArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// name=DIR pairs, comma-separated (e.g. a=runs/x/adapter,b=runs/y/adapter).
+    #[arg(long, value_delimiter = ',')]
+    pub adapters: Vec<String>,
+    /// JSONL, one request a line: {"adapter": NAME or null, "prompt": TEXT, "max_tokens": N}.
+    #[arg(long)]
+    pub requests: PathBuf,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Request {
+    #[serde(default)]
+    adapter: Option<String>,
+    prompt: String,
+    #[serde(default = "default_max")]
+    max_tokens: usize,
+}
+
+fn default_max() -> usize {
+    32
+}
+
+pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
+    let l = a.m.load()?;
+    let mut named = Vec::new();
+    for spec in &a.adapters {
+        let (name, dir) = spec.split_once('=').with_context(|| format!("--adapters entry {spec:?} is not NAME=DIR"))?;
+        named.push((name.to_string(), AnyAdapter::load(std::path::Path::new(dir), &l.model.cfg, l.model.device()).with_context(|| format!("adapter {name}"))?));
+    }
+    let text = std::fs::read_to_string(&a.requests).with_context(|| format!("cannot read {}", a.requests.display()))?;
+    let mut reqs = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let r: Request = serde_json::from_str(line).with_context(|| format!("{}: line {}", a.requests.display(), i + 1))?;
+        reqs.push(r);
+    }
+    if reqs.is_empty() {
+        bail!("{}: no requests", a.requests.display());
+    }
+    let mut mixed = MixedAdapters::new(&named, &l.model.cfg, l.model.device())?;
+    let rows = reqs.iter().map(|r| r.adapter.as_deref().map(|n| mixed.index(n)).transpose()).collect::<Result<Vec<_>>>()?;
+    mixed.set_rows(&rows, l.model.dtype())?;
+    let prompts = reqs.iter().map(|r| l.tok.encode(&r.prompt)).collect::<Result<Vec<_>>>()?;
+    let maxes: Vec<usize> = reqs.iter().map(|r| r.max_tokens).collect();
+    let g = greedy_batch(&l.model, Some(&mixed as &dyn LinearAdapter), &prompts, &maxes, &l.tok.eos)?;
+    for (r, toks) in reqs.iter().zip(&g.tokens) {
+        let v = serde_json::json!({"adapter": r.adapter, "prompt": r.prompt, "completion": l.tok.decode(toks)?, "tokens": toks});
+        println!("{}", serde_json::to_string(&v)?);
+    }
+    let n: usize = g.tokens.iter().map(|t| t.len()).sum();
+    eprintln!("[{} rows in one batch, {} adapters; {n} tokens generated in {:.2}s]", reqs.len(), named.len(), g.prefill_secs + g.decode_secs);
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! Mixed-adapter batching: one batch whose rows use different adapters (or none).
+//!
+//! RoAd rows: each row's `(first, second)` column vectors are gathered into `[b, 1, d]` once per
+//! batch, and `Rotation::apply` broadcasts them — two element-wise multiplies per projection, no
+//! matmul. LoRA rows: per-row `A`, `B` are gathered into `[b, r, in]`/`[b, out, r]` and applied
+//! with two batched matmuls. Rows without an adapter get the identity (RoAd) / zero (LoRA) slot.
+use super::{AnyAdapter, Rotation};
+use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Per-projection stacks over adapters; slot 0 is "no adapter".
+struct RoadStack {
+    rot: Rotation,
+    first: Tensor,  // [n+1, d]
+    second: Tensor, // [n+1, d]
+    users: Vec<bool>,
+}
+
+struct LoraStack {
+    a_t: Tensor, // [n+1, in, r_max]  (Aᵀ, zero-padded ranks)
+    b_t: Tensor, // [n+1, r_max, out] (scaling · Bᵀ)
+    users: Vec<bool>,
+}
+
+/// The row assignment of the current batch, gathered once.
+struct Gathered {
+    road: HashMap<(usize, Proj), (Tensor, Tensor)>,
+    lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
+}
+
+pub struct MixedAdapters {
+    names: Vec<String>,
+    road: HashMap<(usize, Proj), RoadStack>,
+    lora: HashMap<(usize, Proj), LoraStack>,
+    cur: Option<Gathered>,
+}
+
+impl MixedAdapters {
+    /// Stack `adapters` (name, adapter). RoAd adapters sharing a projection must share its pairing
+    /// (group_size), since `rot(h)` is computed once for the whole batch.
+    pub fn new(adapters: &[(String, AnyAdapter)], cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let mut road = HashMap::new();
+        let mut lora = HashMap::new();
+        for l in 0..cfg.num_layers {
+            for p in Proj::ALL {
+                let (out_d, in_d) = (super::adapter::proj_out_dim(cfg, p), super::lora::proj_in_dim(cfg, p));
+                // RoAd slots.
+                let mut rot: Option<Rotation> = None;
+                let mut firsts = vec![Tensor::ones(out_d, DType::F32, device)?];
+                let mut seconds = vec![Tensor::zeros(out_d, DType::F32, device)?];
+                let mut users = vec![false];
+                for (name, ad) in adapters {
+                    match ad {
+                        AnyAdapter::Road(a) if a.touches(l, p) => {
+                            let layer = &a.layers[&(l, p)];
+                            if let Some(r) = rot {
+                                if r.group_size != layer.rot.group_size {
+                                    bail!("adapter {name}: RoAd group_size {} on layer {l} {} differs from another adapter's {} (cannot share a batch)", layer.rot.group_size, p.hf_name(), r.group_size);
+                                }
+                            }
+                            rot = Some(layer.rot);
+                            let (f, s) = layer.columns()?;
+                            firsts.push(f);
+                            seconds.push(s);
+                            users.push(true);
+                        }
+                        _ => {
+                            firsts.push(firsts[0].clone());
+                            seconds.push(seconds[0].clone());
+                            users.push(false);
+                        }
+                    }
+                }
+                if let Some(rot) = rot {
+                    road.insert((l, p), RoadStack { rot, first: Tensor::stack(&firsts, 0)?, second: Tensor::stack(&seconds, 0)?, users });
+                }
+                // LoRA slots, ranks zero-padded to the largest.
+                let r_max = adapters
+                    .iter()
+                    .filter_map(|(_, a)| match a {
+                        AnyAdapter::Lora(a) if a.touches(l, p) => Some(a.r),
+                        _ => None,
+                    })
+                    .max();
+                if let Some(r_max) = r_max {
+                    let mut a_ts = vec![Tensor::zeros((in_d, r_max), DType::F32, device)?];
+                    let mut b_ts = vec![Tensor::zeros((r_max, out_d), DType::F32, device)?];
+                    let mut users = vec![false];
+                    for (_, ad) in adapters {
+                        match ad {
+                            AnyAdapter::Lora(a) if a.touches(l, p) => {
+                                let layer = &a.layers[&(l, p)];
+                                let at = layer.a.as_tensor().t()?.pad_with_zeros(1, 0, r_max - a.r)?;
+                                let bt = (layer.b.as_tensor().t()? * a.scaling())?.pad_with_zeros(0, 0, r_max - a.r)?;
+                                a_ts.push(at);
+                                b_ts.push(bt);
+                                users.push(true);
+                            }
+                            _ => {
+                                a_ts.push(a_ts[0].clone());
+                                b_ts.push(b_ts[0].clone());
+                                users.push(false);
+                            }
+                        }
+                    }
+                    lora.insert((l, p), LoraStack { a_t: Tensor::stack(&a_ts, 0)?, b_t: Tensor::stack(&b_ts, 0)?, users });
+                }
+            }
+        }
+        Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, cur: None })
+    }
+
+    /// Index of a named adapter.
+    pub fn index(&self, name: &str) -> Result<usize> {
+        match self.names.iter().position(|n| n == name) {
+            Some(i) => Ok(i),
+            None => bail!("unknown adapter {name:?}; loaded: {}", self.names.join(", ")),
+        }
+    }
+
+    /// Assign an adapter (index into the list given to `new`, or None) to each row of the next
+    /// batch, and gather the per-row parameters once for the whole generation.
+    pub fn set_rows(&mut self, rows: &[Option<usize>], dtype: DType) -> Result<()> {
+        if let Some(&bad) = rows.iter().flatten().find(|&&i| i >= self.names.len()) {
+            bail!("row adapter index {bad} out of range ({} adapters)", self.names.len());
+        }
+        let slots: Vec<u32> = rows.iter().map(|r| r.map(|i| i as u32 + 1).unwrap_or(0)).collect();
+        let b = slots.len();
+        let any = |users: &Vec<bool>| slots.iter().any(|&s| users[s as usize]);
+        let mut g = Gathered { road: HashMap::new(), lora: HashMap::new() };
+        for (k, st) in &self.road {
+            if any(&st.users) {
+                let idx = Tensor::from_vec(slots.clone(), b, st.first.device())?;
+                let d = st.rot.dim;
+                let f = st.first.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?;
+                let s = st.second.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?;
+                g.road.insert(*k, (f, s));
+            }
+        }
+        for (k, st) in &self.lora {
+            if any(&st.users) {
+                let idx = Tensor::from_vec(slots.clone(), b, st.a_t.device())?;
+                let a = st.a_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?;
+                let bb = st.b_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?;
+                g.lora.insert(*k, (a, bb));
+            }
+        }
+        self.cur = Some(g);
+        Ok(())
+    }
+}
+
+impl LinearAdapter for MixedAdapters {
+    fn touches(&self, layer: usize, proj: Proj) -> bool {
+        self.cur.as_ref().is_some_and(|g| g.road.contains_key(&(layer, proj)) || g.lora.contains_key(&(layer, proj)))
+    }
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor> {
+        let Some(g) = &self.cur else { bail!("MixedAdapters: call set_rows before the forward pass") };
+        let k = (layer, proj);
+        let b = h.dim(0)?;
+        let mut out = h.clone();
+        if let Some((f, s)) = g.road.get(&k) {
+            if f.dim(0)? != b {
+                bail!("MixedAdapters: batch has {b} rows but set_rows was given {}", f.dim(0)?);
+            }
+            let g = self.road[&k].rot.group_size;
+            out = match super::fused::try_fused_rows(&h, f, s, g)? {
+                Some(z) => z,
+                None => self.road[&k].rot.apply(&h, f, s)?,
+            };
+        }
+        if let Some((a, bb)) = g.lora.get(&k) {
+            if a.dim(0)? != b {
+                bail!("MixedAdapters: batch has {b} rows but set_rows was given {}", a.dim(0)?);
+            }
+            // [b, t, in] @ [b, in, r] @ [b, r, out]: one batched matmul pair for all rows.
+            let d = x.contiguous()?.matmul(a)?.matmul(bb)?;
+            out = (out + d)?;
+        }
+        Ok(out)
+    }
+}

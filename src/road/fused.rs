@@ -1,0 +1,182 @@
+//! RoAd's `z = f ⊙ h + s ⊙ rot(h)` as one fused CPU op with a hand-written backward.
+//!
+//! Composed from candle ops, each projection costs ~8 single-threaded element-wise passes forward
+//! and more backward (reshape/narrow/cat of rotate-half); fused, it is one parallel pass each way.
+//! Pairing: within each group of `g` dims, `j < g/2` pairs with `j + g/2`;
+//! `rot(h)_j = −h_{j+g/2}` (first half), `+h_{j−g/2}` (second half).
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use rayon::prelude::*;
+
+struct RoadOp {
+    g: usize,
+    /// Consecutive rows of `h` (each `d` wide) that share one (f, s) row: all of them for `[d]`
+    /// columns, `t` for per-batch-row `[b, 1, d]` columns (mixed-adapter batches).
+    rows_per_col: usize,
+}
+
+#[inline]
+fn partner(j: usize, g: usize) -> (usize, f32) {
+    let i = j % g;
+    if i < g / 2 {
+        (j + g / 2, -1.0)
+    } else {
+        (j - g / 2, 1.0)
+    }
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("road-fused: non-contiguous input".into()))?;
+    Ok(&s.as_slice::<f32>()?[a..b])
+}
+
+impl CustomOp3 for RoadOp {
+    fn name(&self) -> &'static str {
+        "road-fused"
+    }
+
+    fn cpu_fwd(
+        &self,
+        hs: &CpuStorage,
+        hl: &Layout,
+        fs: &CpuStorage,
+        fl: &Layout,
+        ss: &CpuStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (h, f, s) = (slice(hs, hl)?, slice(fs, fl)?, slice(ss, sl)?);
+        let d = *hl.dims().last().unwrap_or(&0);
+        let (g, rpc) = (self.g, self.rows_per_col.max(1));
+        let mut z = vec![0f32; h.len()];
+        z.par_chunks_mut(d).zip(h.par_chunks(d)).enumerate().for_each(|(r, (zr, hr))| {
+            let c = (r / rpc) * d;
+            let (f, s) = (&f[c..c + d], &s[c..c + d]);
+            for j in 0..d {
+                let (p, sg) = partner(j, g);
+                zr[j] = f[j] * hr[j] + s[j] * sg * hr[p];
+            }
+        });
+        Ok((CpuStorage::F32(z), hl.shape().clone()))
+    }
+
+    fn bwd(&self, h: &Tensor, f: &Tensor, s: &Tensor, _z: &Tensor, gz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        if f.rank() != 1 {
+            candle_core::bail!("road-fused: per-row columns are inference-only (no backward)");
+        }
+        let d = f.elem_count();
+        let g = self.g;
+        let hv = h.flatten_all()?.to_vec1::<f32>()?;
+        let gv = gz.flatten_all()?.to_vec1::<f32>()?;
+        let fv = f.to_vec1::<f32>()?;
+        let sv = s.to_vec1::<f32>()?;
+        // dh_k = g_k f_k + g_{p(k)} s_{p(k)} sign(p(k));  df_j = Σ g_j h_j;  ds_j = Σ g_j sign(j) h_{p(j)}.
+        let mut dh = vec![0f32; hv.len()];
+        dh.par_chunks_mut(d).zip(gv.par_chunks(d)).for_each(|(dr, gr)| {
+            for k in 0..d {
+                let (p, _) = partner(k, g);
+                let (_, sgp) = partner(p, g);
+                dr[k] = gr[k] * fv[k] + gr[p] * sv[p] * sgp;
+            }
+        });
+        let (df, ds) = hv
+            .par_chunks(d)
+            .zip(gv.par_chunks(d))
+            .fold(
+                || (vec![0f32; d], vec![0f32; d]),
+                |(mut df, mut ds), (hr, gr)| {
+                    for j in 0..d {
+                        let (p, sg) = partner(j, g);
+                        df[j] += gr[j] * hr[j];
+                        ds[j] += gr[j] * sg * hr[p];
+                    }
+                    (df, ds)
+                },
+            )
+            .reduce(
+                || (vec![0f32; d], vec![0f32; d]),
+                |(mut a, mut b), (c, e)| {
+                    a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
+                    b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
+                    (a, b)
+                },
+            );
+        let dev = h.device();
+        Ok((
+            Some(Tensor::from_vec(dh, h.shape(), dev)?),
+            Some(Tensor::from_vec(df, d, dev)?),
+            Some(Tensor::from_vec(ds, d, dev)?),
+        ))
+    }
+}
+
+/// Fused `f ⊙ h + s ⊙ rot(h)` for f32 on CPU with `f`, `s` of shape `[d]`; None when it does not
+/// apply (the caller then uses the composed `Rotation::apply`).
+pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
+    let ok = matches!(h.device(), Device::Cpu)
+        && h.dtype() == DType::F32
+        && first.dtype() == DType::F32
+        && second.dtype() == DType::F32
+        && first.rank() == 1
+        && second.rank() == 1
+        && h.dims().last() == Some(&first.elem_count())
+        && first.elem_count() % group_size == 0;
+    if !ok {
+        return Ok(None);
+    }
+    let rows = h.elem_count() / first.elem_count().max(1);
+    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size, rows_per_col: rows })?))
+}
+
+/// Fused apply with per-batch-row columns `[b, 1, d]` for `h` of shape `[b, t, d]` (inference:
+/// mixed-adapter batches). None when it does not apply or `h` carries gradients.
+pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
+    let ok = matches!(h.device(), Device::Cpu)
+        && !h.track_op()
+        && h.dtype() == DType::F32
+        && first.dtype() == DType::F32
+        && second.dtype() == DType::F32
+        && h.rank() == 3
+        && first.rank() == 3
+        && first.dims() == second.dims()
+        && first.dim(0)? == h.dim(0)?
+        && first.dim(1)? == 1
+        && first.dim(2)? == h.dim(2)?
+        && h.dim(2)? % group_size == 0;
+    if !ok {
+        return Ok(None);
+    }
+    let t = h.dim(1)?;
+    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size, rows_per_col: t })?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::road::{Rotation, Variant};
+    use crate::util::rng::Rng;
+    use candle_core::Var;
+
+    #[test]
+    fn fused_matches_composed_forward_and_gradients() {
+        let dev = Device::Cpu;
+        let mut rng = Rng::new(3);
+        for g in [2usize, 8] {
+            let rot = Rotation::new(Variant::Road1, g, 16).unwrap();
+            let h = Var::from_tensor(&rng.normal_tensor(&[2, 3, 16], 1.0, &dev).unwrap()).unwrap();
+            let th = Var::from_tensor(&rng.normal_tensor(&[8], 0.5, &dev).unwrap()).unwrap();
+            let al = Var::from_tensor(&(rng.normal_tensor(&[8], 0.2, &dev).unwrap() + 1.0).unwrap()).unwrap();
+            let w = rng.normal_tensor(&[2, 3, 16], 1.0, &dev).unwrap();
+            let (f, s) = rot.columns(th.as_tensor(), al.as_tensor()).unwrap();
+            let a = rot.apply(h.as_tensor(), &f, &s).unwrap();
+            let b = try_fused(h.as_tensor(), &f, &s, g).unwrap().unwrap();
+            let diff = (&a - &b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "forward differs by {diff}");
+            let ga = (a * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (b * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&h, &th, &al] {
+                let (x, y) = (ga.get(v).unwrap(), gb.get(v).unwrap());
+                let d = (x - y).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-5, "gradient differs by {d} (g={g})");
+            }
+        }
+    }
+}

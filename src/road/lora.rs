@@ -1,0 +1,185 @@
+//! LoRA (`h + (α/r) · B A x`) as a `LinearAdapter`, saved and loaded in peft's format.
+use super::adapter::proj_out_dim;
+use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use crate::util::rng::Rng;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// Input dimension of a projection.
+pub fn proj_in_dim(cfg: &LlamaConfig, p: Proj) -> usize {
+    match p {
+        Proj::O => cfg.num_heads * cfg.head_dim,
+        Proj::Down => cfg.intermediate_size,
+        _ => cfg.hidden_size,
+    }
+}
+
+/// One adapted projection: `A` is `[r, in]`, `B` is `[out, r]` (peft's shapes).
+pub struct LoraLayer {
+    pub a: Var,
+    pub b: Var,
+}
+
+pub struct LoraAdapter {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub layers: BTreeMap<(usize, Proj), LoraLayer>,
+    /// Dropout is active only while training; its masks come from our seeded RNG.
+    train_rng: Mutex<Option<Rng>>,
+}
+
+fn peft_key(layer: usize, p: Proj, what: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.{what}.weight", p.hf_path())
+}
+
+impl LoraAdapter {
+    /// peft's default init: A ~ kaiming-uniform(a=√5) = U(±1/√in), B = 0 (the model starts unchanged).
+    pub fn new(
+        cfg: &LlamaConfig,
+        r: usize,
+        alpha: f64,
+        dropout: f32,
+        layers: impl IntoIterator<Item = usize>,
+        targets: &[Proj],
+        rng: &mut Rng,
+        device: &Device,
+    ) -> Result<Self> {
+        if r == 0 {
+            bail!("LoRA rank r must be >= 1");
+        }
+        if !(0.0..1.0).contains(&dropout) {
+            bail!("LoRA dropout must be in [0, 1), got {dropout}");
+        }
+        let mut map = BTreeMap::new();
+        for l in layers {
+            if l >= cfg.num_layers {
+                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
+            }
+            for &p in targets {
+                let (i, o) = (proj_in_dim(cfg, p), proj_out_dim(cfg, p));
+                let a = rng.uniform_tensor(&[r, i], 1.0 / (i as f32).sqrt(), device)?;
+                let b = Tensor::zeros((o, r), DType::F32, device)?;
+                map.insert((l, p), LoraLayer { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+            }
+        }
+        Ok(Self { r, alpha, dropout, layers: map, train_rng: Mutex::new(None) })
+    }
+
+    pub fn scaling(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    /// Turn dropout on (with its own RNG stream) or off (`None`, inference).
+    pub fn set_training(&self, rng: Option<Rng>) {
+        *self.train_rng.lock().expect("lora rng lock") = rng;
+    }
+
+    pub fn vars(&self) -> Vec<Var> {
+        self.layers.values().flat_map(|l| [l.a.clone(), l.b.clone()]).collect()
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.layers.values().map(|l| l.a.elem_count() + l.b.elem_count()).sum()
+    }
+
+    /// `scaling · B A`, `[out, in]` (for merging).
+    pub fn delta(&self, layer: usize, p: Proj) -> Result<Option<Tensor>> {
+        let Some(l) = self.layers.get(&(layer, p)) else { return Ok(None) };
+        Ok(Some((l.b.as_tensor().matmul(l.a.as_tensor())? * self.scaling())?))
+    }
+
+    pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let mut targets: Vec<&str> = self.layers.keys().map(|(_, p)| p.hf_name()).collect();
+        targets.sort();
+        targets.dedup();
+        let conf = serde_json::json!({
+            "peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "target_modules": targets, "base_model_name_or_path": base_model, "bias": "none",
+            "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
+            "modules_to_save": null, "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false,
+        });
+        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&conf)?)?;
+        let mut map = std::collections::HashMap::new();
+        for ((l, p), layer) in &self.layers {
+            map.insert(peft_key(*l, *p, "lora_A"), layer.a.as_tensor().clone());
+            map.insert(peft_key(*l, *p, "lora_B"), layer.b.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors"))?;
+        Ok(())
+    }
+
+    pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        let conf_path = dir.join("adapter_config.json");
+        let conf: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&conf_path).with_context(|| format!("no adapter_config.json in {}", dir.display()))?,
+        )
+        .with_context(|| format!("{} is not valid JSON", conf_path.display()))?;
+        if conf.get("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
+            bail!("{}: peft_type is not LORA", conf_path.display());
+        }
+        for (k, bad) in [("use_dora", true), ("use_rslora", true), ("fan_in_fan_out", true)] {
+            if conf.get(k).and_then(|v| v.as_bool()) == Some(bad) {
+                bail!("{}: {k} = true is not supported", conf_path.display());
+            }
+        }
+        let r = conf.get("r").and_then(|v| v.as_u64()).context("adapter_config.json: missing `r`")? as usize;
+        let alpha = conf.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
+        let dropout = conf.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
+        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
+            .with_context(|| format!("reading {}/adapter_model.safetensors", dir.display()))?;
+        let mut layers = BTreeMap::new();
+        for l in 0..cfg.num_layers {
+            for p in Proj::ALL {
+                let (ak, bk) = (peft_key(l, p, "lora_A"), peft_key(l, p, "lora_B"));
+                let (Some(a), Some(b)) = (tensors.get(&ak), tensors.get(&bk)) else { continue };
+                let (i, o) = (proj_in_dim(cfg, p), proj_out_dim(cfg, p));
+                if a.dims() != [r, i] || b.dims() != [o, r] {
+                    bail!("{}: {ak} {:?} / lora_B {:?} do not match r={r}, [{o}x{i}]", dir.display(), a.dims(), b.dims());
+                }
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                layers.insert((l, p), LoraLayer { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
+            }
+        }
+        if layers.is_empty() {
+            bail!("{}: no LoRA tensors matching this model's layers", dir.display());
+        }
+        if layers.len() * 2 != tensors.len() {
+            bail!("{}: {} adapter tensors do not match this model", dir.display(), tensors.len() - layers.len() * 2);
+        }
+        Ok(Self { r, alpha, dropout, layers, train_rng: Mutex::new(None) })
+    }
+
+    fn dropout_mask(&self, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+        if self.dropout == 0.0 {
+            return Ok(None);
+        }
+        let mut g = self.train_rng.lock().expect("lora rng lock");
+        let Some(rng) = g.as_mut() else { return Ok(None) };
+        let keep = 1.0 - self.dropout;
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| if (rng.uniform() as f32) < keep { 1.0 / keep } else { 0.0 }).collect();
+        Ok(Some(Tensor::from_vec(v, shape, device)?))
+    }
+}
+
+impl LinearAdapter for LoraAdapter {
+    fn touches(&self, layer: usize, proj: Proj) -> bool {
+        self.layers.contains_key(&(layer, proj))
+    }
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor> {
+        let l = &self.layers[&(layer, proj)];
+        let x = match self.dropout_mask(x.dims(), x.device())? {
+            Some(m) => (x * m.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        let a = l.a.as_tensor().to_dtype(h.dtype())?;
+        let b = l.b.as_tensor().to_dtype(h.dtype())?;
+        let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        Ok((h + (d * self.scaling())?)?)
+    }
+}

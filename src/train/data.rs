@@ -1,0 +1,195 @@
+//! Datasets: the shipped tweet-sentiment corpus, bring-your-own CSV/JSONL, and the split rule.
+//!
+//! Split rule (deterministic, order-independent): `h = first 8 bytes of sha256(text)` as a
+//! big-endian u64; `h % 100 < 80` → train, `< 90` → dev, else test. Duplicated texts therefore
+//! always land in the same split (no train/test leakage through duplicates).
+use crate::fetch;
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+/// A classification example: `label` indexes the task's label list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClsExample {
+    pub text: String,
+    pub label: usize,
+}
+
+/// A causal-LM example: the loss covers `completion` tokens only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmExample {
+    pub prompt: String,
+    pub completion: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    Train,
+    Dev,
+    Test,
+}
+
+pub fn split_of(text: &str) -> Split {
+    let h = Sha256::digest(text.as_bytes());
+    let v = u64::from_be_bytes(h[..8].try_into().expect("8 bytes")) % 100;
+    match v {
+        0..=79 => Split::Train,
+        80..=89 => Split::Dev,
+        _ => Split::Test,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Splits<T> {
+    pub train: Vec<T>,
+    pub dev: Vec<T>,
+    pub test: Vec<T>,
+}
+
+impl<T> Default for Splits<T> {
+    fn default() -> Self {
+        Self { train: vec![], dev: vec![], test: vec![] }
+    }
+}
+
+impl Splits<ClsExample> {
+    pub fn from_examples(all: Vec<ClsExample>) -> Self {
+        let mut s = Self::default();
+        for e in all {
+            match split_of(&e.text) {
+                Split::Train => s.train.push(e),
+                Split::Dev => s.dev.push(e),
+                Split::Test => s.test.push(e),
+            }
+        }
+        s
+    }
+}
+
+/// The binary sentiment task: labels `["negative", "positive"]`; neutral rows are dropped, and
+/// rows below `min_confidence` (empty confidence counts as 1.0) too. Texts are trimmed.
+pub fn load_sentiment(min_confidence: f32, verbose: bool) -> Result<Splits<ClsExample>> {
+    let path = fetch::SENTIMENT.ensure(verbose)?;
+    // The corpus has stray non-UTF-8 bytes; replace them rather than fail.
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let mut rd = csv::ReaderBuilder::new().flexible(true).from_reader(text.as_bytes());
+    let mut all = Vec::new();
+    for (i, rec) in rd.records().enumerate() {
+        let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
+        let (Some(sent), Some(conf), Some(t)) = (rec.get(0), rec.get(1), rec.get(2)) else { continue };
+        let label = match sent {
+            "negative" => 0,
+            "positive" => 1,
+            _ => continue,
+        };
+        let c: f32 = conf.trim().parse().unwrap_or(1.0);
+        let t = t.trim();
+        if c < min_confidence || t.is_empty() {
+            continue;
+        }
+        all.push(ClsExample { text: t.to_string(), label });
+    }
+    if all.is_empty() {
+        bail!("{}: no positive/negative rows", path.display());
+    }
+    Ok(Splits::from_examples(all))
+}
+
+fn label_index(label: &str, labels: &[String], where_: &str) -> Result<usize> {
+    match labels.iter().position(|l| l == label.trim()) {
+        Some(i) => Ok(i),
+        None => bail!("{where_}: label {label:?} is not one of the task's labels {labels:?}"),
+    }
+}
+
+/// Bring-your-own classification data: `.csv` with header columns `text,label`, or `.jsonl` with
+/// `{"text": ..., "label": ...}` per line. Labels are names from `labels`; split by the hash rule.
+pub fn load_cls_file(path: &Path, labels: &[String]) -> Result<Splits<ClsExample>> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut all = Vec::new();
+    match ext {
+        "csv" => {
+            let mut rd = csv::Reader::from_reader(text.as_bytes());
+            let hdr = rd.headers()?.clone();
+            let col = |n: &str| hdr.iter().position(|h| h == n).with_context(|| format!("{}: no `{n}` column", path.display()));
+            let (ti, li) = (col("text")?, col("label")?);
+            for (i, rec) in rd.records().enumerate() {
+                let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
+                let w = format!("{}: row {}", path.display(), i + 2);
+                let label = label_index(rec.get(li).unwrap_or(""), labels, &w)?;
+                all.push(ClsExample { text: rec.get(ti).unwrap_or("").to_string(), label });
+            }
+        }
+        "jsonl" => {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let w = format!("{}: line {}", path.display(), i + 1);
+                let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{w}: not JSON"))?;
+                let t = v.get("text").and_then(|x| x.as_str()).with_context(|| format!("{w}: no string `text`"))?;
+                let l = match v.get("label") {
+                    Some(serde_json::Value::String(s)) => s.clone(),
+                    Some(serde_json::Value::Number(n)) => n.to_string(),
+                    _ => bail!("{w}: no `label`"),
+                };
+                all.push(ClsExample { text: t.to_string(), label: label_index(&l, labels, &w)? });
+            }
+        }
+        _ => bail!("{}: expected a .csv or .jsonl file", path.display()),
+    }
+    if all.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    Ok(Splits::from_examples(all))
+}
+
+/// Prompt/completion pairs from `.jsonl` (`{"prompt": ..., "completion": ...}`).
+pub fn load_lm_file(path: &Path) -> Result<Vec<LmExample>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let w = format!("{}: line {}", path.display(), i + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{w}: not JSON"))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).with_context(|| format!("{w}: no string `{k}`"));
+        out.push(LmExample { prompt: get("prompt")?, completion: get("completion")? });
+    }
+    if out.is_empty() {
+        bail!("{}: no examples", path.display());
+    }
+    Ok(out)
+}
+
+/// A synthetic binary task (shipped as code, no file): "is the number even or odd?".
+/// Labels `["even", "odd"]`; all numbers 100..=999, split by the hash rule.
+pub fn parity_task() -> Splits<ClsExample> {
+    let all = (100u32..1000)
+        .map(|n| ClsExample { text: n.to_string(), label: (n % 2) as usize })
+        .collect();
+    Splits::from_examples(all)
+}
+
+/// Class-balanced subsample of at most `n` examples (round-robin over labels, seeded order), so a
+/// small training budget is not dominated by the majority class.
+pub fn balanced_take(ex: &[ClsExample], n: usize, n_labels: usize, rng: &mut crate::util::rng::Rng) -> Vec<ClsExample> {
+    let mut by: Vec<Vec<&ClsExample>> = vec![Vec::new(); n_labels];
+    for e in ex {
+        if e.label < n_labels {
+            by[e.label].push(e);
+        }
+    }
+    for b in by.iter_mut() {
+        rng.shuffle(b);
+    }
+    let mut out = Vec::with_capacity(n.min(ex.len()));
+    let mut i = 0;
+    while out.len() < n && by.iter().any(|b| i < b.len()) {
+        for b in &by {
+            if i < b.len() && out.len() < n {
+                out.push(b[i].clone());
+            }
+        }
+        i += 1;
+    }
+    rng.shuffle(&mut out);
+    out
+}

@@ -1,0 +1,11 @@
+//! Fine-tuning: data, optimizer, schedule, the engine (a library call), and TOML experiment specs.
+pub mod cls;
+pub mod data;
+pub mod engine;
+pub mod lm;
+pub mod optim;
+pub mod schedule;
+pub mod run;
+pub mod spec;
+
+pub use engine::{train, MethodCfg, TaskCfg, TrainConfig, TrainData, TrainOutput, Trained};

@@ -1,0 +1,114 @@
+//! AdamW (decoupled weight decay, always explicit), global-norm gradient clipping, and a
+//! saveable optimizer state for resumable runs. Our own, because candle's AdamW defaults
+//! weight_decay to 0.01 and does not expose its moments for checkpointing.
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl AdamWConfig {
+    pub fn with_weight_decay(weight_decay: f64) -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
+    }
+}
+
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    params: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    /// Optimizer steps taken (bias correction uses step + 1).
+    pub step: usize,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let m = params.iter().map(|(_, p)| p.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = m.clone();
+        Ok(Self { cfg, params, m, v, step: 0 })
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    /// One update with `grads[i]` for `params[i]` at learning rate `lr`.
+    pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        if grads.len() != self.params.len() {
+            bail!("AdamW: {} gradients for {} parameters", grads.len(), self.params.len());
+        }
+        let AdamWConfig { beta1: b1, beta2: b2, eps, weight_decay: wd } = self.cfg;
+        let t = (self.step + 1) as i32;
+        let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
+        for (i, (_, p)) in self.params.iter().enumerate() {
+            let g = grads[i].to_dtype(DType::F32)?;
+            let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
+            let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let upd = ((&m / c1)? / ((&v / c2)?.sqrt()? + eps)?)?;
+            let pt = p.as_tensor().to_dtype(DType::F32)?;
+            let decayed = if wd != 0.0 { (&pt * (1.0 - lr * wd))? } else { pt };
+            let new = (decayed - (upd * lr)?)?;
+            p.set(&new.to_dtype(p.dtype())?)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Moments under `m.<name>` / `v.<name>`; the step count goes in the caller's state file.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut map = HashMap::new();
+        for (i, (n, _)) in self.params.iter().enumerate() {
+            map.insert(format!("m.{n}"), self.m[i].clone());
+            map.insert(format!("v.{n}"), self.v[i].clone());
+        }
+        candle_core::safetensors::save(&map, path)?;
+        Ok(())
+    }
+
+    pub fn load(&mut self, path: &Path, step: usize) -> Result<()> {
+        let dev = self.m.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+        let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("reading {}", path.display()))?;
+        for (i, (n, _)) in self.params.iter().enumerate() {
+            let (m, v) = (map.get(&format!("m.{n}")), map.get(&format!("v.{n}")));
+            let (Some(m), Some(v)) = (m, v) else { bail!("{}: no optimizer state for {n}", path.display()) };
+            if m.dims() != self.m[i].dims() {
+                bail!("{}: optimizer state for {n} has shape {:?}, expected {:?}", path.display(), m.dims(), self.m[i].dims());
+            }
+            self.m[i] = m.clone();
+            self.v[i] = v.clone();
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// L2 norm over all gradients together.
+pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
+    let mut s = 0f64;
+    for g in grads {
+        s += g.to_dtype(DType::F32)?.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    Ok(s.sqrt())
+}
+
+/// Scale all gradients so their global norm is at most `max_norm`; returns the norm before.
+pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let n = global_norm(grads)?;
+    if n > max_norm && n.is_finite() {
+        let f = max_norm / (n + 1e-6);
+        for g in grads.iter_mut() {
+            *g = (&*g * f)?;
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,104 @@
+//! `road finetune SPEC`: load a spec, fine-tune, evaluate on the test split, and write
+//! `notebooks-out/<name>/<YYYYmmdd-HHMMSS>-<hash>/` (config.toml, train_log.csv, metrics.csv,
+//! summary.json, adapter/).
+use super::cls::{self, ClsMetrics};
+use super::engine::{self, EvalRow, TrainData, TrainOutput};
+use super::spec::{self, Spec};
+use crate::model::{registry, Llama};
+use crate::tokenizer::Tok;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+
+/// Where run directories go (relative to the working directory).
+pub use crate::experiment::outputs::out_root;
+
+/// Run a spec file (or resume `resume_dir`, whose `config.toml` is then the spec). Returns the run dir.
+pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: Option<&Path>) -> Result<PathBuf> {
+    let (spec, dir) = match (spec_path, resume_dir) {
+        (_, Some(d)) => {
+            if !overrides.is_empty() {
+                bail!("--set cannot change a resumed run (its config.toml is fixed)");
+            }
+            (spec::load(&d.join("config.toml"), &[])?, d.to_path_buf())
+        }
+        (Some(p), None) => {
+            let s = spec::load(p, overrides)?;
+            let dir = crate::experiment::outputs::new_run_dir(&s.name, &crate::experiment::outputs::short_hash(&s.to_toml()?))?;
+            std::fs::write(dir.join("config.toml"), s.to_toml()?)?;
+            (s, dir)
+        }
+        (None, None) => bail!("give a spec file (or --resume RUN_DIR)"),
+    };
+    eprintln!("run directory {}", dir.display());
+    let l = registry::load(&spec.model, DType::F32, &Device::Cpu, true)?;
+    let summary = finetune_and_test(&spec, &l.model, &l.tok, &dir, resume_dir.is_some())?;
+    std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(dir)
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub name: String,
+    pub method: String,
+    pub seed: u64,
+    pub trainable_params: usize,
+    pub base_params: usize,
+    pub trainable_pct: f64,
+    pub steps: usize,
+    pub best_step: usize,
+    pub train_secs: f64,
+    pub dev_accuracy: Option<f64>,
+    pub test: Option<ClsMetrics>,
+}
+
+/// Train per `spec` into `dir` and evaluate the best parameters on the test split.
+pub fn finetune_and_test(spec: &Spec, model: &Llama, tok: &Tok, dir: &Path, resume: bool) -> Result<Summary> {
+    let mut cfg = spec.train_cfg()?;
+    cfg.out_dir = Some(dir.to_path_buf());
+    cfg.resume = resume;
+    let (data, test) = match spec.task.kind.as_str() {
+        "causal_lm" => {
+            let s = spec.lm_data()?;
+            (TrainData::Lm { train: s.train, dev: s.dev }, None)
+        }
+        _ => {
+            let s = spec.cls_data(true)?;
+            eprintln!("data {}: {} train, {} dev, {} test", spec.data.source, s.train.len(), s.dev.len(), s.test.len());
+            (TrainData::Cls { train: s.train, dev: s.dev }, Some(s.test))
+        }
+    };
+    let out: TrainOutput = engine::train(model, tok, &cfg, &data)?;
+    let mut evals = out.evals.clone();
+    let test_m = match (&test, &spec.task_cfg()?) {
+        (Some(test), engine::TaskCfg::Classify { template, .. }) => {
+            let pb = indicatif::ProgressBar::new(test.len() as u64);
+            pb.set_style(indicatif::ProgressStyle::with_template("test  {bar:30} {pos}/{len}  ETA {eta}").expect("static template"));
+            let m = cls::evaluate(out.model(model), out.adapter(), tok, test, template, &out.scorer(), cfg.max_len, cfg.eval_batch, None, Some(&pb))?;
+            pb.finish_and_clear();
+            evals.push(EvalRow { step: out.best_step, split: "test".into(), n: m.n, loss: m.loss, accuracy: m.accuracy });
+            let mut w = csv::Writer::from_path(dir.join("metrics.csv")).context("writing metrics.csv")?;
+            for r in &evals {
+                w.serialize(r)?;
+            }
+            w.flush()?;
+            Some(m)
+        }
+        _ => None,
+    };
+    let dev_acc = out.evals.iter().filter(|r| r.step == out.best_step && r.split == "dev").map(|r| r.accuracy).next();
+    Ok(Summary {
+        name: spec.name.clone(),
+        method: cfg.method.label(),
+        seed: spec.seed,
+        trainable_params: out.trainable_params,
+        base_params: out.base_params,
+        trainable_pct: out.trainable_pct(),
+        steps: cfg.steps,
+        best_step: out.best_step,
+        train_secs: out.log.last().map(|r| r.elapsed_s).unwrap_or(0.0),
+        dev_accuracy: dev_acc,
+        test: test_m,
+    })
+}
