@@ -8,6 +8,7 @@ pub mod generate;
 pub mod model;
 pub mod road;
 pub mod tasks;
+pub mod tui;
 pub mod util;
 pub mod tokenizer;
 
