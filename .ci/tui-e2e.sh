@@ -44,7 +44,9 @@ grep -qF "iia_vocab = 0.3050" <<<"$shot" || { echo "tui-e2e: cursor value (L3, p
 if [ -n "${CAPTURE:-}" ]; then printf '%s\n' "$shot" >"$CAPTURE"; fi
 "${T[@]}" send-keys -t e2e '?'
 wait_for "any key closes"
-"${T[@]}" send-keys -t e2e Escape q
+"${T[@]}" send-keys -t e2e Escape
+sleep 0.3                                     # (Escape+q at once would read as Alt-q)
+"${T[@]}" send-keys -t e2e q
 wait_for "EXITED rc=0"
 alt="$("${T[@]}" display-message -p -t e2e '#{alternate_on}')"
 [ "$alt" = "0" ] || { echo "tui-e2e: still in the alternate screen after quit"; exit 1; }

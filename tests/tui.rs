@@ -25,8 +25,9 @@ fn fixture_cfg(color: bool) -> Config {
 /// An app with the fixture experiments and runs loaded (no threads).
 fn fixture_app(color: bool) -> App {
     let mut app = App::new(fixture_cfg(color));
-    feed(&mut app, Event::Experiments(read_experiments(&app.cfg.experiments_dir)));
-    feed(&mut app, Event::Runs(road_dii::tui::data::scan_runs(&app.cfg.out_root)));
+    let (exps, runs) = (read_experiments(&app.cfg.experiments_dir), road_dii::tui::data::scan_runs(&app.cfg.out_root));
+    feed(&mut app, Event::Experiments(exps));
+    feed(&mut app, Event::Runs(runs));
     app
 }
 
@@ -215,7 +216,9 @@ fn snapshot_compare() {
     let mut app = fixture_app(true);
     keys(&mut app, &[char_key('4')]);
     snap("compare_picker_empty", &app);
-    keys(&mut app, &[char_key(' '), key(KeyCode::Down), char_key(' ')]);
+    // Newest first: mark the older run as A, then the newer as B.
+    keys(&mut app, &[key(KeyCode::Down), char_key(' '), key(KeyCode::Up), char_key(' ')]);
+    assert_eq!(app.compare.marked, vec![PathBuf::from(RUN_A), PathBuf::from(RUN_B)]);
     snap("compare_picker_marked", &app);
     keys(&mut app, &[key(KeyCode::Enter)]);
     assert!(app.compare.showing);
@@ -255,7 +258,8 @@ fn snapshot_model_and_help() {
     let rows = [(7042u32, " Paris", 17.5f32, 0.61), (253, " the", 15.9, 0.12), (314, " a", 14.8, 0.04)]
         .map(|(id, t, l, p)| TopRow { id, token: t.into(), logit: l, prob: p })
         .to_vec();
-    feed(&mut app, Event::Model(ModelMsg::TopK { model: "smollm2-135m".into(), prompt: app.model.prompt.clone(), ids: vec![504, 3575, 282, 4649, 314], rows }));
+    let prompt = app.model.prompt.clone();
+    feed(&mut app, Event::Model(ModelMsg::TopK { model: "smollm2-135m".into(), prompt, ids: vec![504, 3575, 282, 4649, 314], rows }));
     snap("model_topk", &app);
     keys(&mut app, &[char_key('?')]);
     snap("help", &app);
