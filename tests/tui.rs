@@ -76,7 +76,10 @@ fn snapshot_experiments() {
     snap("experiments_list", &app);
     keys(&mut app, &[key(KeyCode::Enter)]);
     snap("experiments_spec", &app);
-    keys(&mut app, &[key(KeyCode::Esc), char_key('e'), key(KeyCode::Down), key(KeyCode::Down)]);
+    app.exp.selected = app.exp.entries.iter().position(|e| e.file_name() == "ioi-das.toml").unwrap();
+    keys(&mut app, &[key(KeyCode::Esc), char_key('e')]);
+    snap("experiments_form", &app);
+    keys(&mut app, &[key(KeyCode::Down), key(KeyCode::Down)]);
     // Make the intervention kind invalid: inline error.
     keys(&mut app, &[key(KeyCode::Backspace), key(KeyCode::Backspace), key(KeyCode::Backspace), char_key('x')]);
     snap("experiments_form_error", &app);

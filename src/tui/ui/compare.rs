@@ -1,7 +1,7 @@
 use super::heatmap::{fmt_value, Heatmap};
 use super::{theme, trunc};
 use crate::tui::app::App;
-use crate::tui::data::{mean_max, RunData};
+use crate::tui::data::mean_max;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Paragraph, Row, Table};
@@ -20,12 +20,13 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
         return;
     };
     let site = c.site_name().unwrap_or_default();
-    let [summary, bottom] = Layout::vertical([Constraint::Length(7), Constraint::Min(3)]).areas(area);
+    let [summary, bottom] = Layout::vertical([Constraint::Length(9), Constraint::Min(3)]).areas(area);
     let (ma, xa) = mean_max(&ga);
     let (mb, xb) = mean_max(&gb);
-    let name = |d: &RunData| trunc(&format!("{}/{}", d.info.experiment, d.info.name()), 34);
+    let w = (summary.width.saturating_sub(24) / 2).saturating_sub(1) as usize;
     let rows = vec![
-        Row::new(vec!["run".to_string(), name(a), name(b)]),
+        Row::new(vec!["experiment".to_string(), trunc(&a.info.experiment, w), trunc(&b.info.experiment, w)]),
+        Row::new(vec!["run".to_string(), trunc(&a.info.name(), w), trunc(&b.info.name(), w)]),
         Row::new(vec!["intervention".to_string(), a.intervention.clone(), b.intervention.clone()]),
         Row::new(vec![format!("mean {}", c.metric.name()), format!("{ma:.3}"), format!("{mb:.3} ({:+.3})", mb - ma)]),
         Row::new(vec![format!("max {}", c.metric.name()), format!("{xa:.3}"), format!("{xb:.3} ({:+.3})", xb - xa)]),

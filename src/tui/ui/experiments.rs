@@ -3,7 +3,7 @@ use crate::tui::app::App;
 use ratatui::layout::{Constraint, Layout, Rect};
 use ratatui::style::Color;
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Clear, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Clear, List, ListItem, ListState, Paragraph, Wrap};
 use ratatui::Frame;
 
 pub fn draw(app: &App, f: &mut Frame, area: Rect) {
@@ -11,31 +11,33 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
     let s = &app.exp;
     let split = if s.show_spec { [Constraint::Percentage(45), Constraint::Percentage(55)] } else { [Constraint::Min(3), Constraint::Length(5)] };
     let [list_area, detail] = Layout::vertical(split).areas(area);
-    let rows: Vec<Row> = s
+    // Columns sized to the width; a file that does not parse shows its error across the row.
+    let inner = list_area.width.saturating_sub(2) as usize;
+    let (wn, wk, wt) = (inner * 34 / 100, 13usize, 9usize);
+    let wm = inner.saturating_sub(wn + wk + wt + 3);
+    let cols = |a: &str, b: &str, c: &str, d: &str| format!("{:<wn$} {:<wk$} {:<wm$} {}", trunc(a, wn), trunc(b, wk), trunc(c, wm), trunc(d, wt));
+    let items: Vec<ListItem> = s
         .entries
         .iter()
         .map(|e| {
             let edited = if e.overrides.is_empty() { "" } else { "*" };
             match &e.spec {
-                Ok(sp) => Row::new(vec![
-                    format!("{}{edited}", sp.name),
-                    sp.intervention.kind.clone(),
-                    sp.model.name.clone(),
-                    sp.task.name.clone(),
-                ]),
-                Err(err) => Row::new(vec![
-                    Line::from(e.file_name()),
-                    Line::from(Span::styled(format!("✗ {}", err.lines().last().unwrap_or("")), t.error())),
-                ]),
+                Ok(sp) => ListItem::new(cols(&format!("{}{edited}", sp.name), &sp.intervention.kind, &sp.model.name, &sp.task.name)),
+                Err(err) => ListItem::new(Line::from(vec![
+                    Span::raw(format!("{:<wn$} ", trunc(&e.file_name(), wn))),
+                    Span::styled(trunc(&format!("✗ {}", err.lines().last().unwrap_or("")), inner.saturating_sub(wn + 1)), t.error()),
+                ])),
             }
         })
         .collect();
-    let table = Table::new(rows, [Constraint::Percentage(34), Constraint::Length(12), Constraint::Percentage(30), Constraint::Length(9)])
-        .header(Row::new(vec!["name", "intervention", "model", "task"]).style(t.title()))
-        .row_highlight_style(t.selected())
-        .block(Block::bordered().title(format!(" experiments ({}) ", app.cfg.experiments_dir.display())));
-    let mut st = TableState::default().with_selected(if s.entries.is_empty() { None } else { Some(s.selected) });
-    f.render_stateful_widget(table, list_area, &mut st);
+    let title = format!(" experiments ({}) ", app.cfg.experiments_dir.display());
+    let block = Block::bordered().title(title);
+    let header_area = Rect { height: 1, ..block.inner(list_area) };
+    let mut ls = ListState::default().with_selected(if s.entries.is_empty() { None } else { Some(s.selected) });
+    let list_inner = Rect { y: header_area.y + 1, height: block.inner(list_area).height.saturating_sub(1), ..header_area };
+    f.render_widget(block, list_area);
+    f.render_widget(Paragraph::new(Span::styled(cols("name", "intervention", "model", "task"), t.title())), header_area);
+    f.render_stateful_widget(List::new(items).highlight_style(t.selected()), list_inner, &mut ls);
 
     let hint = Line::from(Span::styled("Enter spec · e edit · r run · R reload", t.dim()));
     match s.current() {

@@ -36,10 +36,17 @@ pub fn fmt_value(v: Option<f64>, w: usize) -> String {
 }
 
 impl Heatmap<'_> {
-    /// Width of one cell column.
-    pub fn cell_width(&self) -> usize {
+    /// Width of one cell column: at least 5 (4 characters and a gap), wider (up to 8) when
+    /// `avail` columns leave room, so larger terminals show longer token labels.
+    pub fn cell_width_in(&self, avail: usize) -> usize {
         let label = self.grid.positions.iter().map(|p| p.chars().count()).max().unwrap_or(1);
-        label.clamp(4, 7) + 1
+        let min = label.clamp(4, 7) + 1;
+        let fit = avail.saturating_sub(4) / self.grid.positions.len().max(1);
+        fit.clamp(min, 8.max(min))
+    }
+
+    pub fn cell_width(&self) -> usize {
+        self.cell_width_in(0)
     }
 
     pub fn render(&self, area: Rect, buf: &mut Buffer) {
@@ -48,7 +55,7 @@ impl Heatmap<'_> {
             buf.set_string(area.x, area.y, "no test-split cells for this site", self.theme.dim());
             return;
         }
-        let cw = self.cell_width();
+        let cw = self.cell_width_in(area.width as usize);
         let label_w = 4usize;
         let header_rows = if self.tokens.is_some() { 2 } else { 1 };
         let vis_cols = ((area.width as usize).saturating_sub(label_w) / cw).max(1);

@@ -98,8 +98,12 @@ fn heatmap_panel(app: &App, f: &mut Frame, area: Rect, d: &RunData, grid: &Grid,
     let tokens = if grid.numeric_positions() { r.tokens.as_deref() } else { None };
     let range = r.metric.fixed_range().or_else(|| grid.range()).unwrap_or((0.0, 1.0));
     let hm = Heatmap { grid, cursor: r.cursor, tokens, range, diverging: false, theme: t };
-    let need = 4 + hm.cell_width() * grid.positions.len().max(1) + 2;
+    // The heatmap takes up to 60% of the width (more when it needs it), the rest goes to the
+    // cell details and the per-layer chart.
     let side = 30u16.min(area.width / 2);
+    let room = (area.width as usize * 6 / 10).max(area.width.saturating_sub(side) as usize);
+    let room = if area.width >= 110 { area.width as usize * 6 / 10 } else { room };
+    let need = 4 + hm.cell_width_in(room.saturating_sub(2)) * grid.positions.len().max(1) + 2;
     let hw = (need as u16).min(area.width.saturating_sub(side)).max(20);
     let [left, right] = Layout::horizontal([Constraint::Length(hw), Constraint::Min(0)]).areas(area);
     let block = Block::bordered()
@@ -180,7 +184,7 @@ fn table_panel(app: &App, f: &mut Frame, area: Rect, d: &RunData) {
         .map(|(i, c)| if i == r.sort_col { format!("{c}{}", if r.sort_desc { "▼" } else { "▲" }) } else { c.to_string() })
         .collect();
     let rows: Vec<Row> = cells.iter().map(|m| Row::new(data::table_row(m).to_vec())).collect();
-    let widths = [5, 12, 9, 10, 12, 9, 11, 4].map(Constraint::Length);
+    let widths = [5, 13, 8, 10, 11, 9, 10, 4].map(Constraint::Length);
     let table = Table::new(rows, widths)
         .header(Row::new(header).style(t.title()))
         .row_highlight_style(t.selected())

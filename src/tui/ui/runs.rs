@@ -52,7 +52,11 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
     let j = &jobs[app.runs.selected.min(jobs.len() - 1)];
     draw_gauge(app, f, gauge, j);
     let [loss, iia] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    line_chart(app, f, loss, " loss ", "step", &j.loss, None);
+    // The current cell's curve (each cell trains its own intervention from scratch).
+    let start = (j.cells_done.min(j.cells.saturating_sub(1)) * j.steps_per_cell) as f64;
+    let cur: Vec<(f64, f64)> = j.loss.iter().copied().filter(|p| p.0 >= start).map(|(x, y)| (x - start, y)).collect();
+    let cur = if cur.is_empty() { j.loss.iter().rev().take(j.steps_per_cell.max(1)).rev().copied().collect() } else { cur };
+    line_chart(app, f, loss, " loss, this cell ", "step", &cur, None);
     line_chart(app, f, iia, " test IIA so far ", "cell", &j.iia, Some((0.0, 1.0)));
     let n = log.height.saturating_sub(2) as usize;
     let lines: Vec<Line> = j.log.iter().rev().take(n).rev().map(|s| Line::from(trunc(s, log.width.saturating_sub(2) as usize))).collect();
