@@ -4,6 +4,7 @@
 # terminal was restored (alternate screen left). Skips (exit 0) only when tmux is missing.
 #   ROAD_BIN=path/to/road   the binary (default target/release/road, built if missing)
 #   CAPTURE=file            also write the results-view screen text to this file
+#   COLS, ROWS              terminal size (default 100x30)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v tmux >/dev/null 2>&1; then
@@ -18,7 +19,7 @@ T=(tmux -L "$SOCK" -f /dev/null)
 cleanup() { "${T[@]}" kill-server >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
-"${T[@]}" new-session -d -s e2e -x 100 -y 30 \
+"${T[@]}" new-session -d -s e2e -x "${COLS:-100}" -y "${ROWS:-30}" \
     "env -u NO_COLOR ROAD_OUT=tests/fixtures/runs TERM=xterm-256color '$BIN' tui; echo \"EXITED rc=\$?\"; sleep 30"
 
 screen() { "${T[@]}" capture-pane -p -t e2e; }
@@ -41,7 +42,11 @@ shot="$(screen)"
 echo "$shot"
 grep -qF "fixture-patching/20250101-120000-aaaa1111" <<<"$shot" || { echo "tui-e2e: run title missing"; exit 1; }
 grep -qF "iia_vocab = 0.3050" <<<"$shot" || { echo "tui-e2e: cursor value (L3, pos 5 = 0.305 in metrics.csv) missing"; exit 1; }
-if [ -n "${CAPTURE:-}" ]; then printf '%s\n' "$shot" >"$CAPTURE"; fi
+if [ -n "${CAPTURE:-}" ]; then
+    # Token labels appear once the worker has loaded the run's tokenizer (if the model is cached).
+    for _ in $(seq 1 100); do screen | grep -q "^│tok " && break; sleep 0.1; done
+    screen >"$CAPTURE"
+fi
 "${T[@]}" send-keys -t e2e '?'
 wait_for "any key closes"
 "${T[@]}" send-keys -t e2e Escape
