@@ -513,3 +513,46 @@ fn e2e_real_binary_in_tmux() {
     }
     assert!(text.contains("tui-e2e: ok"), "{text}");
 }
+
+#[test]
+fn heatmap_scrolls_to_keep_the_cursor_visible() {
+    // 30 layers × 15 positions (the size of ioi-patching on SmolLM2) in an 80×24 terminal.
+    let tmp = tmpdir("big");
+    let run = tmp.join("big/20250101-000000-cafebabe");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("config.toml"), "name = \"big\"\n[model]\nname = \"x\"\n[intervention]\nkind = \"vanilla\"\n").unwrap();
+    let mut rows = Vec::new();
+    for layer in 0..30 {
+        for pos in 0..15 {
+            rows.push(outputs::MetricRow {
+                experiment: "big".into(),
+                seed: 0,
+                layer,
+                site: "block_output".into(),
+                position: pos.to_string(),
+                heads: String::new(),
+                intervention: "vanilla".into(),
+                split: "test".into(),
+                iia_vocab: (layer * 15 + pos) as f64 / 449.0,
+                iia_answers: 0.0,
+                logit_diff: 0.0,
+                normalized_effect: 0.0,
+                base_acc: 1.0,
+                source_acc: 1.0,
+                n: 1,
+            });
+        }
+    }
+    outputs::write_csv(&run.join("metrics.csv"), &rows, &outputs::METRIC_HEADER).unwrap();
+    let mut app = App::new(Config { out_root: tmp.clone(), ..fixture_cfg(true) });
+    feed(&mut app, open_run(&run, Slot::Results));
+    let first = render(&app, 80, 24);
+    assert!(first.contains("│L0  ") && !first.contains("│L29 "), "{first}");
+    for _ in 0..40 {
+        keys(&mut app, &[key(KeyCode::Down), key(KeyCode::Right)]);
+    }
+    assert_eq!(app.results.cursor, (29, 14));
+    let s = render(&app, 80, 24);
+    assert!(s.contains("│L29 ") && !s.contains("│L0  ") && s.contains("  14 "), "{s}");
+    assert!(s.contains("iia_vocab = 1.0000"), "{s}");
+}
