@@ -104,6 +104,10 @@ fn restore_terminal() {
 
 /// Open the workbench; the terminal is restored on quit, on error and on panic.
 pub fn run_tui() -> Result<()> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() || !std::io::stdout().is_terminal() {
+        anyhow::bail!("the workbench needs an interactive terminal; `road --help` lists the headless commands");
+    }
     // Panics on the UI thread restore the terminal before the message is printed. Worker
     // threads catch their own panics and report them as failed jobs, so printing them here
     // would only scribble over the screen.
