@@ -5,13 +5,14 @@ pub mod cli;
 pub mod compose;
 pub mod experiment;
 pub mod fetch;
-pub mod intervene;
 pub mod generate;
+pub mod intervene;
 pub mod model;
 pub mod road;
 pub mod tasks;
 pub mod tokenizer;
 pub mod train;
+pub mod tui;
 pub mod util;
 
 /// candle asks for the thread count on every matmul and, without RAYON_NUM_THREADS, re-reads

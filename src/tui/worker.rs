@@ -1,0 +1,184 @@
+//! Background threads, so the UI never waits on a model: a run worker (a queue of experiment
+//! runs, each with its own cancel flag) and a model worker (lazy model loading, top-k, tokenising).
+use super::event::{Event, JobEvent, ModelInfo, ModelMsg, TopRow};
+use crate::experiment::{self, RunEvent, RunOptions, Sink, Spec};
+use crate::model::{registry, Fwd, Loaded, LogitsAt};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+
+struct RunJob {
+    id: u64,
+    spec: Spec,
+    cancel: Arc<AtomicBool>,
+}
+
+pub enum ModelJob {
+    Load { name: String },
+    TopK { name: String, prompt: String, k: usize },
+    Tokenize { name: String, text: String },
+}
+
+/// Tags runner events with their job id on the way into the UI channel.
+struct JobSink {
+    id: u64,
+    tx: Sender<Event>,
+}
+
+impl Sink for JobSink {
+    fn send(&mut self, e: RunEvent) {
+        let _ = self.tx.send(Event::Job { id: self.id, ev: JobEvent::Run(e) });
+    }
+}
+
+pub struct Worker {
+    runs: Sender<RunJob>,
+    models: Sender<ModelJob>,
+    cancels: HashMap<u64, Arc<AtomicBool>>,
+}
+
+/// Registered models are fetched with pip on first use, which writes to the terminal; inside
+/// the workbench only already-cached models are loaded.
+fn ensure_local(name: &str) -> Result<()> {
+    if let Some(s) = crate::fetch::lookup(name) {
+        if !s.is_cached() {
+            bail!("model {name} is not cached yet; fetch it first with `road fetch-model {name}`");
+        }
+    }
+    Ok(())
+}
+
+impl Worker {
+    pub fn spawn(tx: Sender<Event>) -> Worker {
+        let (rtx, rrx) = channel::<RunJob>();
+        let ui = tx.clone();
+        std::thread::Builder::new()
+            .name("road-run-worker".into())
+            .spawn(move || {
+                for job in rrx {
+                    if job.cancel.load(Ordering::Relaxed) {
+                        let _ = ui.send(Event::Job { id: job.id, ev: JobEvent::Skipped });
+                        continue;
+                    }
+                    let opts = RunOptions { shard: None, cancel: job.cancel.clone() };
+                    let mut sink = JobSink { id: job.id, tx: ui.clone() };
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        ensure_local(&job.spec.model.name).and_then(|_| experiment::run(&job.spec, &opts, &mut sink))
+                    }))
+                    .unwrap_or_else(|p| Err(anyhow::anyhow!("the run panicked: {}", panic_text(&p))));
+                    if let Err(e) = result {
+                        let _ = ui.send(Event::Job { id: job.id, ev: JobEvent::Failed(format!("{e:#}")) });
+                    }
+                    let _ = ui.send(Event::Job { id: job.id, ev: JobEvent::Ended });
+                }
+            })
+            .expect("spawning the run worker");
+
+        let (mtx, mrx) = channel::<ModelJob>();
+        std::thread::Builder::new()
+            .name("road-model-worker".into())
+            .spawn(move || {
+                let mut cache: Option<(String, Loaded)> = None;
+                for job in mrx {
+                    let msg = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model_job(&mut cache, job))) {
+                        Ok(Ok(m)) => m,
+                        Ok(Err(e)) => ModelMsg::Error(format!("{e:#}")),
+                        Err(p) => {
+                            cache = None;
+                            ModelMsg::Error(format!("model worker panicked: {}", panic_text(&p)))
+                        }
+                    };
+                    if tx.send(Event::Model(msg)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .expect("spawning the model worker");
+        Worker { runs: rtx, models: mtx, cancels: HashMap::new() }
+    }
+
+    pub fn queue(&mut self, id: u64, spec: Spec) {
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.cancels.insert(id, cancel.clone());
+        let _ = self.runs.send(RunJob { id, spec, cancel });
+    }
+
+    /// Cancel a queued (skipped when reached) or running (stops after the current step) job.
+    pub fn cancel(&self, id: u64) {
+        if let Some(c) = self.cancels.get(&id) {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn cancel_all(&self) {
+        for c in self.cancels.values() {
+            c.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub fn model(&self, job: ModelJob) {
+        let _ = self.models.send(job);
+    }
+}
+
+fn get<'a>(cache: &'a mut Option<(String, Loaded)>, name: &str) -> Result<&'a Loaded> {
+    if cache.as_ref().map(|(n, _)| n != name).unwrap_or(true) {
+        ensure_local(name)?;
+        *cache = None; // free the previous model first
+        let l = registry::load(name, DType::F32, &Device::Cpu, false)?;
+        *cache = Some((name.to_string(), l));
+    }
+    Ok(&cache.as_ref().expect("just loaded").1)
+}
+
+fn model_job(cache: &mut Option<(String, Loaded)>, job: ModelJob) -> Result<ModelMsg> {
+    match job {
+        ModelJob::Load { name } => {
+            let l = get(cache, &name)?;
+            let c = &l.model.cfg;
+            Ok(ModelMsg::Loaded(ModelInfo {
+                name,
+                source: l.source.display().to_string(),
+                format: l.format.to_string(),
+                layers: c.num_layers,
+                hidden: c.hidden_size,
+                ffn: c.intermediate_size,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+                vocab: c.vocab_size,
+                params: c.param_count(),
+                context: c.max_position_embeddings,
+                tied: c.tie_word_embeddings,
+            }))
+        }
+        ModelJob::TopK { name, prompt, k } => {
+            let l = get(cache, &name)?;
+            let ids = l.tok.encode(&prompt)?;
+            if ids.len() > l.model.cfg.max_position_embeddings {
+                bail!("the prompt has {} tokens; the model's context is {}", ids.len(), l.model.cfg.max_position_embeddings);
+            }
+            let out = l.model.forward(&[ids.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() })?;
+            let v = out.logits.expect("requested logits").get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+            let maxv = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let z: f64 = v.iter().map(|x| ((x - maxv) as f64).exp()).sum();
+            let rows = crate::generate::top_k(&v, k)
+                .into_iter()
+                .map(|(id, logit)| TopRow { id, token: l.tok.token_str(id), logit, prob: ((logit - maxv) as f64).exp() / z })
+                .collect();
+            Ok(ModelMsg::TopK { model: name, prompt, ids, rows })
+        }
+        ModelJob::Tokenize { name, text } => {
+            let l = get(cache, &name)?;
+            let tokens = l.tok.encode(&text)?.iter().map(|&i| l.tok.token_str(i)).collect();
+            Ok(ModelMsg::Tokens { text, tokens })
+        }
+    }
+}
+
+fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
+}
