@@ -6,6 +6,7 @@ pub mod generate;
 pub mod model;
 pub mod road;
 pub mod tasks;
+pub mod tiny_model;
 pub mod util;
 pub mod tokenizer;
 

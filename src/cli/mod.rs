@@ -1,6 +1,7 @@
 //! Command-line interface: one binary, `road`, with subcommands. Each group of commands keeps
 //! its handlers in its own file; this one holds the argument definitions and the dispatch.
 mod model_cmds;
+mod tiny_cmds;
 
 use crate::bench;
 use crate::fetch;
@@ -88,6 +89,10 @@ pub enum Cmd {
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
     },
+    /// Train the tiny ground-truth LLaMA on hierarchical equality and save it as a HF checkpoint.
+    TrainTiny(tiny_cmds::TrainTinyArgs),
+    /// Activation patching (whole block_output vectors) on the tiny equality model, per layer x position.
+    TinyPatch(tiny_cmds::TinyPatchArgs),
     /// Benchmarks (forward: prefill and decode throughput).
     Bench {
         #[command(subcommand)]
@@ -138,6 +143,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
+        Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
+        Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
         },
