@@ -53,6 +53,12 @@ pub struct TrainOpts {
     pub warmup: usize,
     /// AdamW weight decay on matrices (embeddings included); norm gains are not decayed.
     pub weight_decay: f64,
+    /// Curriculum over the sampling distribution: P(a==b) = P(c==d) starts at this value and
+    /// anneals linearly to 0.5 over the first `curriculum_frac` of the steps (then stays 0.5).
+    /// With both marginals above 0.5 the answer correlates with each equality on its own, which
+    /// breaks the XNOR symmetry that otherwise stalls training at chance. 0.5 = no curriculum.
+    pub p_equal_start: f64,
+    pub curriculum_frac: f64,
     pub seed: u64,
     /// Held-out accuracy every this many steps (0 = only at the end).
     pub eval_every: usize,
@@ -74,6 +80,8 @@ impl Default for TrainOpts {
             min_lr_frac: 0.05,
             warmup: 100,
             weight_decay: 0.01,
+            p_equal_start: 0.8,
+            curriculum_frac: 0.5,
             seed: 0,
             eval_every: 100,
             eval_examples: 1000,
@@ -241,12 +249,12 @@ impl TaskIds {
     fn new(tok: &Tok) -> Result<Self> {
         Ok(Self { syms: equality::symbol_tokens(tok)?, ans: equality::answer_ids(tok)? })
     }
-    /// `n` examples over all symbols with V1, V2 each uniform: (ids, label ids).
-    fn sample(&self, tok: &Tok, rng: &mut Rng, n: usize) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
+    /// `n` examples over all symbols with P(a==b) = P(c==d) = `p_eq`, independently: (ids, labels).
+    fn sample(&self, tok: &Tok, rng: &mut Rng, n: usize, p_eq: f64) -> Result<(Vec<Vec<u32>>, Vec<u32>)> {
         let mut ids = Vec::with_capacity(n);
         let mut labels = Vec::with_capacity(n);
         for _ in 0..n {
-            let v = (rng.below(2) == 1, rng.below(2) == 1);
+            let v = (rng.uniform() < p_eq, rng.uniform() < p_eq);
             let p = equality::prompt(tok, equality::draw(rng, &self.syms, v), self.ans)?;
             ids.push(p.ids);
             labels.push(p.label);
@@ -277,7 +285,7 @@ pub fn accuracy(model: &Llama, tok: &Tok, n: usize, seed: u64) -> Result<f64> {
     let mut done = 0;
     while done < n {
         let m = (n - done).min(512);
-        let (x, y) = ids.sample(tok, &mut rng, m)?;
+        let (x, y) = ids.sample(tok, &mut rng, m, 0.5)?;
         let logits = last_logits(model, &x, false)?;
         correct += batch_acc(&logits, &y)? * m as f64;
         done += m;
@@ -350,7 +358,13 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         let lr = lr_at(opts, step);
         opt_mats.set_learning_rate(lr);
         opt_gains.set_learning_rate(lr);
-        let (x, y) = task.sample(&tok, &mut data_rng, opts.batch)?;
+        let cur_steps = opts.curriculum_frac * opts.steps as f64;
+        let p_eq = if cur_steps > 0.0 {
+            0.5 + (opts.p_equal_start - 0.5) * (1.0 - step as f64 / cur_steps).max(0.0)
+        } else {
+            0.5
+        };
+        let (x, y) = task.sample(&tok, &mut data_rng, opts.batch, p_eq)?;
         let logits = last_logits(&model, &x, true)?;
         let target = Tensor::new(y.as_slice(), &device)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
@@ -411,6 +425,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
         "task": "hierarchical equality: (a==b)==(c==d) over symbols s0..s29, answer token true/false",
         "seed": o.seed, "steps": o.steps, "batch": o.batch, "lr": o.lr, "min_lr_frac": o.min_lr_frac,
         "warmup": o.warmup, "schedule": "linear warm-up, cosine decay",
+        "curriculum": {"p_equal_start": o.p_equal_start, "anneal_to_0.5_over_fraction_of_steps": o.curriculum_frac},
         "optimizer": {"name": "AdamW", "beta1": 0.9, "beta2": 0.98, "eps": 1e-8,
             "weight_decay": o.weight_decay, "weight_decay_on": "matrices (norm gains: 0)"},
         "arch": o.arch, "parameters": cfg.param_count(),

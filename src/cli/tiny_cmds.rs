@@ -26,6 +26,9 @@ pub struct TrainTinyArgs {
     /// Training threads (1 is fastest at this size; the weights do not depend on it).
     #[arg(long, default_value_t = TrainOpts::default().threads)]
     pub threads: usize,
+    /// Curriculum: P(a==b)=P(c==d) at step 0, annealed to 0.5 (0.5 = off).
+    #[arg(long, default_value_t = TrainOpts::default().p_equal_start)]
+    pub p_equal_start: f64,
     #[arg(long, default_value_t = TrainOpts::default().warmup)]
     pub warmup: usize,
     #[arg(long, default_value_t = TinyArch::default().layers)]
@@ -41,6 +44,11 @@ pub struct TrainTinyArgs {
 }
 
 pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
+    // candle sizes its CPU worker pool (spinning barrier threads) from these variables on first
+    // use; at this model size extra workers only spin, and under load they cost 3-4x wall time.
+    // Nothing has touched candle yet, so setting them here takes effect.
+    std::env::set_var("CANDLE_NUM_THREADS", a.threads.max(1).to_string());
+    std::env::set_var("RAYON_NUM_THREADS", a.threads.max(1).to_string());
     let opts = TrainOpts {
         arch: TinyArch { layers: a.layers, hidden: a.hidden, heads: a.heads, kv_heads: a.kv_heads, ffn: a.ffn, ..Default::default() },
         steps: a.steps,
@@ -50,6 +58,7 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
         seed: a.seed,
         threads: a.threads,
         warmup: a.warmup,
+        p_equal_start: a.p_equal_start,
         progress: true,
         ..Default::default()
     };
