@@ -38,7 +38,7 @@ pub struct TinyArch {
 
 impl Default for TinyArch {
     fn default() -> Self {
-        Self { layers: 2, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, max_positions: 16, rope_theta: 10000.0 }
+        Self { layers: 3, hidden: 64, heads: 4, kv_heads: 2, ffn: 128, max_positions: 16, rope_theta: 10000.0 }
     }
 }
 
@@ -74,7 +74,7 @@ impl Default for TrainOpts {
     fn default() -> Self {
         Self {
             arch: TinyArch::default(),
-            steps: 1500,
+            steps: 4000,
             batch: 128,
             lr: 3e-3,
             min_lr_frac: 0.05,
@@ -440,13 +440,16 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Replaces the activation at one position of one (layer, site) with a stored source activation.
+/// Replaces the activation at one position of one (layer, site) with a stored source activation:
+/// the whole vector (`direction: None`, activation patching), or only its component along a unit
+/// `direction` (`b + u uᵀ(s − b)`: a rank-1 DII).
 pub struct PatchPosition {
     pub layer: usize,
     pub site: Site,
     pub pos: usize,
     /// Source activations `[b, t, d]` at the same site.
     pub source: Tensor,
+    pub direction: Option<Tensor>,
 }
 
 impl Hooks for PatchPosition {
@@ -456,11 +459,21 @@ impl Hooks for PatchPosition {
     fn on(&mut self, _: usize, _: Site, act: &Tensor, ctx: SiteCtx) -> Result<Option<Tensor>> {
         let t = act.dim(1)?;
         let p = self.pos.checked_sub(ctx.pos_offset).filter(|&p| p < t).context("patch position outside this call")?;
+        let src = self.source.narrow(1, p, 1)?;
+        let new = match &self.direction {
+            None => src,
+            Some(u) => {
+                let base = act.narrow(1, p, 1)?;
+                let u = u.reshape((1, 1, u.elem_count()))?;
+                let coef = (&src - &base)?.broadcast_mul(&u)?.sum_keepdim(2)?;
+                (base + coef.broadcast_mul(&u)?)?
+            }
+        };
         let mut parts = Vec::with_capacity(3);
         if p > 0 {
             parts.push(act.narrow(1, 0, p)?);
         }
-        parts.push(self.source.narrow(1, p, 1)?);
+        parts.push(new);
         if p + 1 < t {
             parts.push(act.narrow(1, p + 1, t - p - 1)?);
         }
@@ -479,6 +492,10 @@ pub struct PatchCell {
     pub iia: f64,
     /// The same over pairs whose counterfactual label differs from the base label.
     pub iia_changed: f64,
+    /// IIA of a rank-1 DII along the difference of class means of the variable (fitted on
+    /// separate pairs): a cheap lower bound on what a learned rank-1 DAS direction can do.
+    pub iia_meandiff: f64,
+    pub iia_meandiff_changed: f64,
     pub n: usize,
     pub n_changed: usize,
 }
@@ -498,43 +515,99 @@ fn answer_argmax(logits: &Tensor, pairs: &[Pair]) -> Result<Vec<u32>> {
         .collect())
 }
 
-/// Activation patching of the whole residual vector: for each layer (embeddings, then every
-/// block_output) and each named position, swap source into base and score vs the cf labels.
-/// All prompts must have the same length and positions (true for equality).
-pub fn patching_table(model: &Llama, pairs: &[Pair], variable: &str, positions: &[&str]) -> Result<Vec<PatchCell>> {
-    if pairs.is_empty() {
-        bail!("no pairs");
-    }
-    let base_ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.base.ids.clone()).collect();
-    let src_ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.source.ids.clone()).collect();
-    let t = base_ids[0].len();
-    if base_ids.iter().chain(&src_ids).any(|r| r.len() != t) {
+fn ids_of(pairs: &[Pair]) -> Result<(Vec<Vec<u32>>, Vec<Vec<u32>>)> {
+    let base: Vec<Vec<u32>> = pairs.iter().map(|p| p.base.ids.clone()).collect();
+    let src: Vec<Vec<u32>> = pairs.iter().map(|p| p.source.ids.clone()).collect();
+    let t = base[0].len();
+    if base.iter().chain(&src).any(|r| r.len() != t) {
         bail!("patching_table needs prompts of one length");
     }
-    let n_layers = model.cfg.num_layers;
-    let mut sites: Vec<(usize, Site)> = vec![(0, Site::BlockInput)];
+    Ok((base, src))
+}
+
+/// The residual sites of the table: embeddings, then every block_output.
+fn residual_sites(n_layers: usize) -> Vec<(usize, Site)> {
+    let mut sites = vec![(0, Site::BlockInput)];
     sites.extend((0..n_layers).map(|l| (l, Site::BlockOutput)));
-    let mut col = Collector::new(sites.clone());
-    model.forward(&src_ids, Fwd { hooks: Some(&mut col), logits: LogitsAt::None, ..Default::default() })?;
+    sites
+}
+
+/// Activation patching of the whole residual vector: for each layer (embeddings, then every
+/// block_output) and each named position, swap source into base and score vs the cf labels; and
+/// a rank-1 DII along the class-mean difference of `value` (the variable's value in a prompt),
+/// fitted on the prompts of `fit` pairs. All prompts must share one length and positions.
+pub fn patching_table(
+    model: &Llama,
+    pairs: &[Pair],
+    fit: &[Pair],
+    value: &dyn Fn(&crate::tasks::Prompt) -> bool,
+    variable: &str,
+    positions: &[&str],
+) -> Result<Vec<PatchCell>> {
+    if pairs.is_empty() || fit.is_empty() {
+        bail!("no pairs");
+    }
+    let (base_ids, src_ids) = ids_of(pairs)?;
+    let sites = residual_sites(model.cfg.num_layers);
+    let collect = |ids: &[Vec<u32>]| -> Result<Collector> {
+        let mut col = Collector::new(sites.clone());
+        model.forward(ids, Fwd { hooks: Some(&mut col), logits: LogitsAt::None, ..Default::default() })?;
+        Ok(col)
+    };
+    let col = collect(&src_ids)?;
+    // Fitting prompts: bases and sources of `fit`, with the variable's value in each.
+    let (fb, fs) = ids_of(fit)?;
+    let fit_ids: Vec<Vec<u32>> = fb.into_iter().chain(fs).collect();
+    let fit_val: Vec<bool> = fit.iter().map(|p| value(&p.base)).chain(fit.iter().map(|p| value(&p.source))).collect();
+    let fit_col = collect(&fit_ids)?;
     let changed: Vec<bool> = pairs.iter().map(|p| p.cf_label != p.base.label).collect();
     let n_changed = changed.iter().filter(|&&c| c).count();
+    let score = |pred: &[u32]| -> (f64, f64) {
+        let hit: Vec<bool> = pred.iter().zip(pairs).map(|(a, p)| *a == p.cf_label).collect();
+        let iia = hit.iter().filter(|&&h| h).count() as f64 / pairs.len() as f64;
+        let hc = hit.iter().zip(&changed).filter(|(h, c)| **h && **c).count();
+        (iia, if n_changed > 0 { hc as f64 / n_changed as f64 } else { f64::NAN })
+    };
     let mut out = Vec::new();
     for (li, &(layer, site)) in sites.iter().enumerate() {
         for &pos in positions {
             let p = pairs[0].base.position(pos)?;
             let source = col.get(layer, site).context("collected activation")?.clone();
-            let mut hook = PatchPosition { layer, site, pos: p, source };
-            let out_l = model.forward(&base_ids, Fwd { hooks: Some(&mut hook), logits: LogitsAt::Last, ..Default::default() })?;
-            let pred = answer_argmax(&out_l.logits.context("logits")?, pairs)?;
-            let hit: Vec<bool> = pred.iter().zip(pairs).map(|(a, p)| *a == p.cf_label).collect();
-            let iia = hit.iter().filter(|&&h| h).count() as f64 / pairs.len() as f64;
-            let hc = hit.iter().zip(&changed).filter(|(h, c)| **h && **c).count();
+            // Class-mean difference at this site and position, normalised.
+            let acts = fit_col.get(layer, site).context("collected activation")?.narrow(1, p, 1)?.squeeze(1)?;
+            let rows = acts.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            let d = rows[0].len();
+            let (mut m1, mut m0, mut n1, mut n0) = (vec![0f64; d], vec![0f64; d], 0f64, 0f64);
+            for (r, &v) in rows.iter().zip(&fit_val) {
+                let (m, n) = if v { (&mut m1, &mut n1) } else { (&mut m0, &mut n0) };
+                for (a, x) in m.iter_mut().zip(r) {
+                    *a += *x as f64;
+                }
+                *n += 1.0;
+            }
+            let diff: Vec<f32> = m1.iter().zip(&m0).map(|(a, b)| (a / n1.max(1.0) - b / n0.max(1.0)) as f32).collect();
+            let norm = diff.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let run = |direction: Option<Tensor>| -> Result<(f64, f64)> {
+                let mut hook = PatchPosition { layer, site, pos: p, source: source.clone(), direction };
+                let o = model.forward(&base_ids, Fwd { hooks: Some(&mut hook), logits: LogitsAt::Last, ..Default::default() })?;
+                Ok(score(&answer_argmax(&o.logits.context("logits")?, pairs)?))
+            };
+            let (iia, iia_changed) = run(None)?;
+            let (iia_md, iia_md_changed) = if norm > 1e-6 && n1 > 0.0 && n0 > 0.0 {
+                let u: Vec<f32> = diff.iter().map(|x| x / norm).collect();
+                run(Some(Tensor::from_vec(u, d, model.device())?.to_dtype(model.dtype())?))?
+            } else {
+                // No difference between the classes here (e.g. the `=` embedding): no effect.
+                run(Some(Tensor::zeros(d, model.dtype(), model.device())?))?
+            };
             out.push(PatchCell {
                 variable: variable.to_string(),
                 layer: li as i64 - 1,
                 position: pos.to_string(),
                 iia,
-                iia_changed: if n_changed > 0 { hc as f64 / n_changed as f64 } else { f64::NAN },
+                iia_changed,
+                iia_meandiff: iia_md,
+                iia_meandiff_changed: iia_md_changed,
                 n: pairs.len(),
                 n_changed,
             });
@@ -543,8 +616,17 @@ pub fn patching_table(model: &Llama, pairs: &[Pair], variable: &str, positions: 
     Ok(out)
 }
 
-/// Patching table for an equality variable on `n` test-split pairs.
+/// Patching table for an equality variable: `n` test-split pairs scored, `n` train-split pairs
+/// for fitting the mean-difference directions.
 pub fn equality_patching(model: &Llama, tok: &Tok, variable: Variable, n: usize, seed: u64) -> Result<Vec<PatchCell>> {
-    let ds = equality::dataset(tok, variable, [0, 0, n], seed)?;
-    patching_table(model, &ds.test, variable.name(), &equality::POSITIONS)
+    let ds = equality::dataset(tok, variable, [n, 0, n], seed)?;
+    let (t_id, _) = equality::answer_ids(tok)?;
+    let value = move |p: &crate::tasks::Prompt| -> bool {
+        match variable {
+            Variable::Left => p.ids[0] == p.ids[1],
+            Variable::Right => p.ids[2] == p.ids[3],
+            Variable::Output => p.label == t_id,
+        }
+    };
+    patching_table(model, &ds.test, &ds.train, &value, variable.name(), &equality::POSITIONS)
 }

@@ -110,19 +110,20 @@ pub fn tiny_patch(a: &TinyPatchArgs) -> Result<()> {
     for v in vars {
         let cells = tiny_model::equality_patching(&l.model, &l.tok, v, a.n, a.seed)?;
         println!(
-            "\n{}: IIA of patching the whole residual vector (block_output; emb = embeddings) from source into base, {} test pairs ({} whose cf label differs from the base label, IIA on those in brackets)",
+            "\n{}: IIA over {{true,false}} on {} test pairs ({} whose cf label differs from the base label).\n\
+             Each cell: whole-vector patch | rank-1 DII along the class-mean difference; [same on changed pairs]",
             v.name(), cells[0].n, cells[0].n_changed
         );
         print!("{:>6}", "layer");
         for p in POSITIONS {
-            print!(" {:>14}", p);
+            print!(" {:>25}", p);
         }
         println!();
         for chunk in cells.chunks(POSITIONS.len()) {
             let name = if chunk[0].layer < 0 { "emb".to_string() } else { format!("L{}", chunk[0].layer) };
             print!("{name:>6}");
             for c in chunk {
-                print!(" {:>6.3} ({:.3})", c.iia, c.iia_changed);
+                print!(" {:.2}|{:.2} [{:.2}|{:.2}]", c.iia, c.iia_meandiff, c.iia_changed, c.iia_meandiff_changed);
             }
             println!();
         }
