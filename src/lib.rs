@@ -10,6 +10,7 @@ pub mod intervene;
 pub mod model;
 pub mod road;
 pub mod tasks;
+pub mod tiny_model;
 pub mod tokenizer;
 pub mod train;
 pub mod tui;

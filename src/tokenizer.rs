@@ -36,6 +36,11 @@ impl Tok {
         Ok(Self { inner, bos: cfg.bos_token_id, eos, add_bos: false })
     }
 
+    /// Wrap an in-memory tokenizer (e.g. one built for a project-trained model).
+    pub fn from_tokenizer(inner: Tokenizer, bos: Option<u32>, eos: Vec<u32>) -> Self {
+        Self { inner, bos, eos, add_bos: false }
+    }
+
     pub fn from_gguf(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<Self> {
         let md = &content.metadata;
         let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();

@@ -4,6 +4,7 @@ mod experiment_cmds;
 mod adapter_cmds;
 mod model_cmds;
 mod train_cmds;
+mod tiny_cmds;
 
 use crate::bench;
 use crate::fetch;
@@ -131,6 +132,10 @@ pub enum Cmd {
     },
     /// Greedy generation for JSONL requests, rows using different adapters, in one batch.
     ServeBatch(adapter_cmds::ServeBatchArgs),
+    /// Train the tiny ground-truth LLaMA on hierarchical equality and save it as a HF checkpoint.
+    TrainTiny(tiny_cmds::TrainTinyArgs),
+    /// Activation patching (whole block_output vectors) on the tiny equality model, per layer x position.
+    TinyPatch(tiny_cmds::TinyPatchArgs),
     /// Benchmarks (forward: prefill and decode throughput).
     Bench {
         #[command(subcommand)]
@@ -231,6 +236,8 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Run { file, sets, shard, json } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json)?,
+        Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
+        Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
             BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,

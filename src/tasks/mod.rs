@@ -1,6 +1,7 @@
 //! Tasks: high-level causal models that generate base/source pairs and counterfactual labels.
 //! Every task yields [`Pair`]s whose prompts are already tokenised, with named positions.
 pub mod capitals;
+pub mod equality;
 pub mod ioi;
 pub mod jsonl;
 
