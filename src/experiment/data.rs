@@ -45,13 +45,17 @@ pub fn build_dataset(spec: &Spec, tok: &Tok) -> Result<Dataset> {
             let path = if t.path.is_empty() { data_dir().join("capitals.csv") } else { PathBuf::from(&t.path) };
             tasks::capitals::dataset(tok, &tasks::capitals::load_facts(&path)?, t.sizes, seed)
         }
+        "equality" => {
+            let variable = if t.variable.is_empty() { "left" } else { &t.variable };
+            tasks::equality::dataset(tok, tasks::equality::Variable::parse(variable)?, t.sizes, seed)
+        }
         "jsonl" => {
             if t.path.is_empty() {
                 bail!("task jsonl needs task.path = \"pairs.jsonl\"");
             }
             tasks::jsonl::dataset(tok, &PathBuf::from(&t.path), seed)
         }
-        other => bail!("unknown task {other:?} (ioi, capitals, jsonl)"),
+        other => bail!("unknown task {other:?} (ioi, capitals, equality, jsonl)"),
     }
 }
 
