@@ -104,6 +104,12 @@ fn load_task(t: &ComposeTask, tok: &crate::tokenizer::Tok, rng: &mut Rng) -> Res
     Ok(Task { name: t.source.clone(), template, label_ids: cls::label_token_ids(tok, &words)?, splits: Splits { train, dev: vec![], test } })
 }
 
+/// Parse a composability spec from TOML text (no overrides).
+pub fn parse_spec(text: &str) -> Result<ComposeSpec> {
+    let doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    ComposeSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))
+}
+
 pub fn load_spec(path: &Path, overrides: &[String]) -> Result<ComposeSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))?;
     let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;

@@ -213,18 +213,7 @@ impl Default for TrainSpec {
 /// Apply `section.key=value` overrides to a parsed TOML document (value parsed as TOML, else a string).
 pub fn apply_overrides(doc: &mut toml::Table, overrides: &[String]) -> Result<()> {
     for o in overrides {
-        let (path, val) = o.split_once('=').with_context(|| format!("override {o:?} is not KEY=VALUE"))?;
-        let val: toml::Value = toml::from_str::<toml::Table>(&format!("v = {val}"))
-            .ok()
-            .and_then(|mut t| t.remove("v"))
-            .unwrap_or_else(|| toml::Value::String(val.to_string()));
-        let keys: Vec<&str> = path.trim().split('.').collect();
-        let mut cur = &mut *doc;
-        for k in &keys[..keys.len() - 1] {
-            let e = cur.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
-            cur = e.as_table_mut().with_context(|| format!("override {o:?}: {k} is not a table"))?;
-        }
-        cur.insert(keys[keys.len() - 1].to_string(), val);
+        crate::experiment::spec::apply_override(doc, o)?;
     }
     Ok(())
 }

@@ -527,13 +527,24 @@ fn down(i: &mut usize, n: usize) {
     }
 }
 
+/// True for TOML that is a valid fine-tuning or composability spec (listed by other commands).
+fn is_other_spec(text: &str) -> bool {
+    crate::train::spec::parse(text, &[]).is_ok() || crate::compose::parse_spec(text).is_ok()
+}
+
 pub fn update(app: &mut App, ev: Event) -> Vec<Command> {
     match ev {
         Event::Key(k) => on_key(app, k),
         Event::Resize | Event::Tick => vec![],
         Event::Experiments(files) => {
             let sel = app.exp.current().map(|e| e.path.clone());
-            app.exp.entries = files.into_iter().map(|(p, t)| ExperimentEntry::new(p, t)).collect();
+            // Fine-tuning and composability specs share the folder but run through
+            // `road finetune` / `road compose`, not the interchange-intervention runner.
+            app.exp.entries = files
+                .into_iter()
+                .filter(|(_, t)| !t.as_ref().map(|t| is_other_spec(t)).unwrap_or(false))
+                .map(|(p, t)| ExperimentEntry::new(p, t))
+                .collect();
             app.exp.selected = sel.and_then(|p| app.exp.entries.iter().position(|e| e.path == p)).unwrap_or(0);
             if app.exp.entries.is_empty() {
                 app.status = format!("no experiment files in {}", app.cfg.experiments_dir.display());
