@@ -52,8 +52,23 @@ pub fn proj_out_dim(cfg: &LlamaConfig, p: Proj) -> usize {
     }
 }
 
-fn peft_key(layer: usize, p: Proj, what: &str) -> String {
+/// peft's tensor name for a parameter of an adapted projection.
+pub(crate) fn peft_key(layer: usize, p: Proj, what: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{}.{what}", p.hf_path())
+}
+
+/// Read `adapter_config.json` of a peft adapter directory, checking its `peft_type`.
+pub(crate) fn read_peft_config(dir: &Path, peft_type: &str) -> Result<serde_json::Value> {
+    let conf_path = dir.join("adapter_config.json");
+    let conf: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&conf_path).with_context(|| format!("no adapter_config.json in {}", dir.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", conf_path.display()))?;
+    let got = conf.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
+    if got != peft_type {
+        bail!("{}: peft_type {got:?} is not {peft_type}", conf_path.display());
+    }
+    Ok(conf)
 }
 
 impl RoadAdapter {
@@ -82,15 +97,7 @@ impl RoadAdapter {
 
     /// Load a peft-saved RoAd adapter (`adapter_config.json` + `adapter_model.safetensors`).
     pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
-        let conf_path = dir.join("adapter_config.json");
-        let conf: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&conf_path).with_context(|| format!("no adapter_config.json in {}", dir.display()))?,
-        )
-        .with_context(|| format!("{} is not valid JSON", conf_path.display()))?;
-        let peft_type = conf.get("peft_type").and_then(|v| v.as_str()).unwrap_or("");
-        if peft_type != "ROAD" {
-            bail!("{}: peft_type {peft_type:?} is not ROAD", conf_path.display());
-        }
+        let conf = read_peft_config(dir, "ROAD")?;
         let variant = Variant::parse(conf.get("variant").and_then(|v| v.as_str()).unwrap_or("road_1"))?;
         let group_size = conf.get("group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
         let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)

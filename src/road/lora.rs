@@ -33,7 +33,7 @@ pub struct LoraAdapter {
 }
 
 fn peft_key(layer: usize, p: Proj, what: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{what}.weight", p.hf_path())
+    format!("{}.weight", super::adapter::peft_key(layer, p, what))
 }
 
 impl LoraAdapter {
@@ -115,13 +115,7 @@ impl LoraAdapter {
 
     pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
         let conf_path = dir.join("adapter_config.json");
-        let conf: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&conf_path).with_context(|| format!("no adapter_config.json in {}", dir.display()))?,
-        )
-        .with_context(|| format!("{} is not valid JSON", conf_path.display()))?;
-        if conf.get("peft_type").and_then(|v| v.as_str()) != Some("LORA") {
-            bail!("{}: peft_type is not LORA", conf_path.display());
-        }
+        let conf = super::adapter::read_peft_config(dir, "LORA")?;
         for (k, bad) in [("use_dora", true), ("use_rslora", true), ("fan_in_fan_out", true)] {
             if conf.get(k).and_then(|v| v.as_bool()) == Some(bad) {
                 bail!("{}: {k} = true is not supported", conf_path.display());
