@@ -138,18 +138,38 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
         return Ok(e);
     }
     let (mut hit_v, mut hit_a, mut ld_sum) = (0usize, 0usize, 0f64);
-    for chunk in groups(cache, pairs).iter().flat_map(|g| g.chunks(EVAL_BATCH)) {
-        let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?.to_vec2::<f32>()?;
-        for (row, &i) in logits.iter().zip(chunk) {
-            let p = &pairs[i];
-            let pred = crate::generate::argmax(row);
-            let pred_ans = *p.answers.iter().max_by(|a, b| row[**a as usize].total_cmp(&row[**b as usize])).unwrap_or(&pred);
-            let ld = (row[p.cf_label as usize] - row[p.base.label as usize]) as f64;
-            hit_v += (pred == p.cf_label) as usize;
-            hit_a += (pred_ans == p.cf_label) as usize;
-            ld_sum += ld;
-            e.examples.push((i, pred, pred == p.cf_label, ld));
+    // Units whose source vector equals the base's leave an interchange without effect: their
+    // output is the clean base run's (e.g. every position before the first token that differs).
+    let same: Vec<bool> = (0..n)
+        .map(|i| -> Result<bool> {
+            if !iv.identity_on_equal() {
+                return Ok(false);
+            }
+            let d = (&cache.source_vec[i] - &cache.base_vec[i])?.abs()?.max(0)?.to_scalar::<f32>()?;
+            Ok(d == 0.0)
+        })
+        .collect::<Result<_>>()?;
+    let mut rows: Vec<(usize, Vec<f32>)> = Vec::with_capacity(n);
+    for (i, _) in same.iter().enumerate().filter(|(_, s)| **s) {
+        rows.push((i, cache.base_logits[i].to_vec1::<f32>()?));
+    }
+    for group in groups(cache, pairs) {
+        let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i]).collect();
+        for chunk in todo.chunks(EVAL_BATCH) {
+            let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?.to_vec2::<f32>()?;
+            rows.extend(chunk.iter().copied().zip(logits));
         }
+    }
+    for (i, row) in &rows {
+        let i = *i;
+        let p = &pairs[i];
+        let pred = crate::generate::argmax(row);
+        let pred_ans = *p.answers.iter().max_by(|a, b| row[**a as usize].total_cmp(&row[**b as usize])).unwrap_or(&pred);
+        let ld = (row[p.cf_label as usize] - row[p.base.label as usize]) as f64;
+        hit_v += (pred == p.cf_label) as usize;
+        hit_a += (pred_ans == p.cf_label) as usize;
+        ld_sum += ld;
+        e.examples.push((i, pred, pred == p.cf_label, ld));
     }
     e.examples.sort_by_key(|x| x.0);
     let nf = n as f64;

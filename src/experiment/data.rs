@@ -171,6 +171,8 @@ pub struct SplitCache {
     base_kv: Vec<Vec<(Tensor, Tensor)>>,
     /// Per pair: (layer, site) -> activation `[t, w]` (f32).
     base_act: Vec<HashMap<(usize, Site), Tensor>>,
+    /// Per pair: the clean base run's last-position logits `[vocab]` (f32).
+    base_logits: Vec<Option<Tensor>>,
     source_act: Vec<HashMap<(usize, Site), Tensor>>,
 }
 
@@ -187,6 +189,7 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
         base_input: vec![HashMap::new(); n],
         base_kv: vec![Vec::new(); n],
         base_act: vec![HashMap::new(); n],
+        base_logits: vec![None; n],
         source_act: vec![HashMap::new(); n],
     };
     for is_base in [true, false] {
@@ -199,9 +202,14 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
             }
             let mut col = Collector::new(wanted);
             let mut kv = crate::model::KvCache::new(model.cfg.num_layers);
-            model.forward(
+            let out = model.forward(
                 &ids,
-                Fwd { hooks: Some(&mut col), cache: if is_base { Some(&mut kv) } else { None }, logits: LogitsAt::None, ..Default::default() },
+                Fwd {
+                    hooks: Some(&mut col),
+                    cache: if is_base { Some(&mut kv) } else { None },
+                    logits: if is_base { LogitsAt::Last } else { LogitsAt::None },
+                    ..Default::default()
+                },
             )?;
             for (k, &i) in group.iter().enumerate() {
                 for &c in cells {
@@ -209,6 +217,7 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
                     if is_base { &mut sc.base_act[i] } else { &mut sc.source_act[i] }.insert(c, a);
                 }
                 if is_base {
+                    sc.base_logits[i] = Some(out.logits.as_ref().expect("requested logits").get(k)?.to_dtype(DType::F32)?);
                     for &l in &layers {
                         sc.base_input[i].insert(l, col.get(l, Site::BlockInput).expect("collected").get(k)?);
                     }
@@ -235,11 +244,13 @@ pub struct CellCache<'a> {
     pub base_vec: Vec<Tensor>,
     pub source_vec: Vec<Tensor>,
     pub base_pos: Vec<usize>,
+    /// Clean base last-position logits `[vocab]` per pair.
+    pub base_logits: Vec<&'a Tensor>,
 }
 
 impl SplitCache {
     pub fn cell(&self, pairs: &[Pair], layer: usize, site: Site, position: &str) -> Result<CellCache<'_>> {
-        let mut c = CellCache { base_input: vec![], base_kv: vec![], base_vec: vec![], source_vec: vec![], base_pos: vec![] };
+        let mut c = CellCache { base_input: vec![], base_kv: vec![], base_vec: vec![], source_vec: vec![], base_pos: vec![], base_logits: vec![] };
         for (i, p) in pairs.iter().enumerate() {
             let (pb, ps) = (p.base.position(position)?, p.source.position(position)?);
             c.base_input.push(self.base_input[i][&layer].clone());
@@ -247,6 +258,7 @@ impl SplitCache {
             c.base_vec.push(self.base_act[i][&(layer, site)].get(pb)?);
             c.source_vec.push(self.source_act[i][&(layer, site)].get(ps)?);
             c.base_pos.push(pb);
+            c.base_logits.push(self.base_logits[i].as_ref().expect("cached with the base run"));
         }
         Ok(c)
     }

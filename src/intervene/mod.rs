@@ -53,6 +53,11 @@ pub trait Intervention: Send + Sync {
     fn uses_source(&self) -> bool {
         true
     }
+    /// Whether `apply(b, b) == b` (every interchange does; ablations and edits do not), so a
+    /// unit whose source vector equals its base vector leaves the run unchanged.
+    fn identity_on_equal(&self) -> bool {
+        self.uses_source()
+    }
     /// A few numbers worth logging (β, temperature, subspace size).
     fn stats(&self, _ctx: ApplyCtx) -> Vec<(String, f64)> {
         vec![]

@@ -1,4 +1,4 @@
-//! Country -> capital recall: "The capital of France is" -> " Paris". Variable: the country.
+//! Country -> capital recall: "... The capital of France is" -> " Paris". Variable: the country.
 //! Interchanging it from a source about another country predicts that country's capital.
 //! Facts: `data/capitals.csv` (country,capital); the label is the capital's first token.
 use super::{partition, single_token, Dataset, Pair, Prompt, Split};
@@ -7,7 +7,9 @@ use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 
-pub const TEMPLATE: &str = "The capital of {C} is";
+/// One solved example first: without it SmolLM2-135M mostly continues "... is the" (measured:
+/// 46/80 right without, most of the rest right with). Kenya is therefore not in the fact list.
+pub const TEMPLATE: &str = "The capital of Kenya is Nairobi. The capital of {C} is";
 
 pub fn load_facts(path: &Path) -> Result<Vec<(String, String)>> {
     let mut rdr = csv::Reader::from_path(path).with_context(|| format!("reading {}", path.display()))?;
