@@ -1,18 +1,13 @@
 //! The `road` binary as a user runs it: successful commands and one-line errors for bad input.
 mod common;
-use common::reference_dir;
-use std::process::Command;
+use common::{fresh_dir, reference_dir, road_bin};
 
 fn road(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_road")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    road_bin(args, None)
 }
 
 fn tmp(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("road-cli-test-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    fresh_dir("road-cli-test", name)
 }
 
 #[test]

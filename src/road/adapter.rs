@@ -57,6 +57,12 @@ pub(crate) fn peft_key(layer: usize, p: Proj, what: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{}.{what}", p.hf_path())
 }
 
+/// Read `adapter_model.safetensors` of a peft adapter directory.
+pub(crate) fn read_peft_tensors(dir: &Path, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
+    candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
+        .with_context(|| format!("reading {}/adapter_model.safetensors", dir.display()))
+}
+
 /// Read `adapter_config.json` of a peft adapter directory, checking its `peft_type`.
 pub(crate) fn read_peft_config(dir: &Path, peft_type: &str) -> Result<serde_json::Value> {
     let conf_path = dir.join("adapter_config.json");
@@ -100,8 +106,7 @@ impl RoadAdapter {
         let conf = read_peft_config(dir, "ROAD")?;
         let variant = Variant::parse(conf.get("variant").and_then(|v| v.as_str()).unwrap_or("road_1"))?;
         let group_size = conf.get("group_size").and_then(|v| v.as_u64()).unwrap_or(64) as usize;
-        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
-            .with_context(|| format!("reading {}/adapter_model.safetensors", dir.display()))?;
+        let tensors = read_peft_tensors(dir, device)?;
         let mut layers = BTreeMap::new();
         for l in 0..cfg.num_layers {
             for p in Proj::ALL {

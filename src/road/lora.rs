@@ -124,8 +124,7 @@ impl LoraAdapter {
         let r = conf.get("r").and_then(|v| v.as_u64()).context("adapter_config.json: missing `r`")? as usize;
         let alpha = conf.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
         let dropout = conf.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
-        let tensors = candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
-            .with_context(|| format!("reading {}/adapter_model.safetensors", dir.display()))?;
+        let tensors = super::adapter::read_peft_tensors(dir, device)?;
         let mut layers = BTreeMap::new();
         for l in 0..cfg.num_layers {
             for p in Proj::ALL {

@@ -82,3 +82,22 @@ impl Hooks for PlainSwap {
     }
 }
 
+
+/// Run the `road` binary (optionally with ROAD_OUT); (success, stdout, stderr).
+pub fn road_bin(args: &[&str], out_root: Option<&std::path::Path>) -> (bool, String, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_road"));
+    cmd.args(args);
+    if let Some(o) = out_root {
+        cmd.env("ROAD_OUT", o);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A fresh, empty temporary directory unique to this test process.
+pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("{prefix}-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
