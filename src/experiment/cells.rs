@@ -54,21 +54,20 @@ pub fn intervened_logits(
         xs.push(if offs[k] > 0 { Tensor::cat(&[&Tensor::zeros((offs[k], d), x.dtype(), x.device())?, x], 0)? } else { x.clone() });
     }
     let x0 = Tensor::stack(&xs, 0)?;
-    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
-    let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
-    let mut hook = InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx };
     debug_assert_eq!(x0.dim(1)?, t);
-    let out = model.forward(
-        &ids,
-        Fwd {
-            attention_mask: Some(&mask),
-            hooks: Some(&mut hook),
-            logits: LogitsAt::Last,
-            differentiable,
-            start: Some((cell.layer, x0)),
-            ..Default::default()
-        },
-    )?;
+    let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
+    let hook = hook(cell, cache, idx, positions, iv, ctx)?;
+    resume(model, cell, &ids, x0, hook, Fwd { attention_mask: Some(&mask), differentiable, ..Default::default() })
+}
+
+fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, idx: &[usize], positions: Vec<usize>, iv: &'a dyn Intervention, ctx: ApplyCtx) -> Result<InterventionHook<'a>> {
+    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
+    Ok(InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx })
+}
+
+/// Run blocks `cell.layer..` from block input `x0` with the intervention hooked; last-position logits.
+fn resume(model: &Llama, cell: &Cell, ids: &[Vec<u32>], x0: Tensor, mut hook: InterventionHook<'_>, fwd: Fwd<'_>) -> Result<Tensor> {
+    let out = model.forward(ids, Fwd { hooks: Some(&mut hook), logits: LogitsAt::Last, start: Some((cell.layer, x0)), ..fwd })?;
     Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
 }
 
@@ -100,13 +99,8 @@ fn reuse_prefix(
     let mut kv = crate::model::KvCache::from_layers(layers);
     let x0 = Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
     let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids[p..].to_vec()).collect();
-    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
-    let mut hook = InterventionHook { layer: cell.layer, site: cell.site, positions: vec![p; idx.len()], source, cols: cell.cols.clone(), intervention: iv, ctx };
-    let out = model.forward(
-        &ids,
-        Fwd { cache: Some(&mut kv), hooks: Some(&mut hook), logits: LogitsAt::Last, differentiable, start: Some((cell.layer, x0)), ..Default::default() },
-    )?;
-    Ok(Some(out.logits.expect("requested logits").to_dtype(DType::F32)?))
+    let hook = hook(cell, cache, idx, vec![p; idx.len()], iv, ctx)?;
+    Ok(Some(resume(model, cell, &ids, x0, hook, Fwd { cache: Some(&mut kv), differentiable, ..Default::default() })?))
 }
 
 /// Pair indices grouped by (base length, intervened position).

@@ -57,6 +57,21 @@ pub(crate) fn peft_key(layer: usize, p: Proj, what: &str) -> String {
     format!("base_model.model.model.layers.{layer}.{}.{what}", p.hf_path())
 }
 
+/// peft's `target_modules`: the distinct projection names adapted.
+pub(crate) fn target_modules<'a>(keys: impl Iterator<Item = &'a (usize, Proj)>) -> Vec<&'static str> {
+    let mut t: Vec<&str> = keys.map(|(_, p)| p.hf_name()).collect();
+    t.sort();
+    t.dedup();
+    t
+}
+
+/// Write a peft adapter directory: `adapter_config.json` + `adapter_model.safetensors`.
+pub(crate) fn write_peft(dir: &Path, conf: &serde_json::Value, tensors: &std::collections::HashMap<String, Tensor>) -> Result<()> {
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(conf)?)?;
+    candle_core::safetensors::save(tensors, dir.join("adapter_model.safetensors"))?;
+    Ok(())
+}
+
 /// Read `adapter_model.safetensors` of a peft adapter directory.
 pub(crate) fn read_peft_tensors(dir: &Path, device: &Device) -> Result<std::collections::HashMap<String, Tensor>> {
     candle_core::safetensors::load(dir.join("adapter_model.safetensors"), device)
@@ -136,22 +151,17 @@ impl RoadAdapter {
     /// Save in peft's format, loadable by `PeftModel.from_pretrained`.
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        let mut targets: Vec<&str> = self.layers.keys().map(|(_, p)| p.hf_name()).collect();
-        targets.sort();
-        targets.dedup();
         let conf = serde_json::json!({
             "peft_type": "ROAD", "variant": self.variant.peft_name(), "group_size": self.group_size,
-            "target_modules": targets, "base_model_name_or_path": base_model, "init_weights": true,
+            "target_modules": target_modules(self.layers.keys()), "base_model_name_or_path": base_model, "init_weights": true,
             "inference_mode": true, "modules_to_save": null, "revision": null, "task_type": null,
         });
-        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&conf)?)?;
         let mut map = std::collections::HashMap::new();
         for ((l, p), layer) in &self.layers {
             map.insert(peft_key(*l, *p, "road_theta"), layer.theta.as_tensor().clone());
             map.insert(peft_key(*l, *p, "road_alpha"), layer.alpha.as_tensor().clone());
         }
-        candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors"))?;
-        Ok(())
+        write_peft(dir, &conf, &map)
     }
 
     /// Trainable variables with stable names (peft keys), honouring `freeze`.

@@ -94,23 +94,18 @@ impl LoraAdapter {
 
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        let mut targets: Vec<&str> = self.layers.keys().map(|(_, p)| p.hf_name()).collect();
-        targets.sort();
-        targets.dedup();
         let conf = serde_json::json!({
             "peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": targets, "base_model_name_or_path": base_model, "bias": "none",
+            "target_modules": super::adapter::target_modules(self.layers.keys()), "base_model_name_or_path": base_model, "bias": "none",
             "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
             "modules_to_save": null, "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false,
         });
-        std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&conf)?)?;
         let mut map = std::collections::HashMap::new();
         for ((l, p), layer) in &self.layers {
             map.insert(peft_key(*l, *p, "lora_A"), layer.a.as_tensor().clone());
             map.insert(peft_key(*l, *p, "lora_B"), layer.b.as_tensor().clone());
         }
-        candle_core::safetensors::save(&map, dir.join("adapter_model.safetensors"))?;
-        Ok(())
+        super::adapter::write_peft(dir, &conf, &map)
     }
 
     pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
