@@ -190,44 +190,50 @@ fn medians(rows: &[Row]) -> Vec<Row> {
     out
 }
 
-/// Throughput vs batch size (each method with min(batch, max_n) adapters) at `tokens` generated.
+/// Throughput vs batch size (each method with min(batch, max_n) adapters) at `tokens` generated:
+/// wall-clock tokens/s on the left, tokens per CPU-second (robust to others' load) on the right.
 fn plot(rows: &[Row], path: &Path, tokens: usize, max_n: usize) -> Result<()> {
-    let series = |m: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter(|r| r.method == m && r.gen_tokens == tokens && (m == "base" || r.n_adapters == r.batch.min(max_n)))
-            .map(|r| ((r.batch as f64).log2(), r.tokens_per_s))
-            .collect()
-    };
-    let ymax = rows.iter().map(|r| r.tokens_per_s).fold(1.0, f64::max) * 1.1;
-    let xmax = rows.iter().map(|r| (r.batch as f64).log2()).fold(0.0, f64::max);
-    let root = SVGBackend::new(path, (720, 460)).into_drawing_area();
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut ch = ChartBuilder::on(&root)
-        .caption(format!("Mixed-adapter batching, {tokens} generated tokens per row"), ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    ch.configure_mesh()
-        .x_desc(format!("batch size (rows use adapter row % {max_n})"))
-        .y_desc("generated tokens / s")
-        .x_label_formatter(&|x| format!("{}", 2f64.powf(x.round()) as usize))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
-        let s = series(m);
-        ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(match m {
-                "base" => "no adapter",
-                "road" => "RoAd1 (element-wise)",
-                _ => "LoRA (bmm)",
-            })
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(550);
+    let panels: [(&_, &str, fn(&Row) -> f64); 2] =
+        [(&left, "generated tokens / s (wall)", |r| r.tokens_per_s), (&right, "generated tokens / CPU-second", |r| r.tokens_per_cpu_s)];
+    for (area, ydesc, metric) in panels {
+        let series = |m: &str| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter(|r| r.method == m && r.gen_tokens == tokens && (m == "base" || r.n_adapters == r.batch.min(max_n)))
+                .map(|r| ((r.batch as f64).log2(), metric(r)))
+                .collect()
+        };
+        let ymax = rows.iter().map(metric).fold(1.0, f64::max) * 1.1;
+        let xmax = rows.iter().map(|r| (r.batch as f64).log2()).fold(0.0, f64::max);
+        let mut ch = ChartBuilder::on(area)
+            .caption(format!("Mixed-adapter batching, {tokens} tokens/row"), ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ch.configure_mesh()
+            .x_desc(format!("batch size (row i uses adapter i % {max_n})"))
+            .y_desc(ydesc)
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(x.round()) as usize))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
+            let s = series(m);
+            ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(match m {
+                    "base" => "no adapter",
+                    "road" => "RoAd1 (element-wise)",
+                    _ => "LoRA r=8 (bmm)",
+                })
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        ch.configure_series_labels().position(SeriesLabelPosition::LowerRight).border_style(BLACK).background_style(WHITE).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    ch.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }
