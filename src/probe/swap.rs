@@ -5,7 +5,7 @@
 //! computed once and every (layer, kind) re-runs one token from that layer on.
 use crate::intervene::norm_swap::NormSwap;
 use crate::intervene::{ApplyCtx, Intervention};
-use crate::model::{Collector, Fwd, Hooks, KvCache, LinearAdapter, Llama, LogitsAt, Site, SiteCtx};
+use crate::model::{Collector, Fwd, KvCache, LinearAdapter, Llama, LogitsAt, Replace, Site};
 use crate::train::cls::{score_hidden, Scorer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -24,22 +24,6 @@ pub struct SwapCounts {
     /// Over all pairs, how many predictions changed from the clean base's.
     pub changed: usize,
     pub n_all: usize,
-}
-
-/// Replaces the activation at one (layer, site) with fixed rows.
-struct Replace {
-    layer: usize,
-    site: Site,
-    with: Tensor,
-}
-
-impl Hooks for Replace {
-    fn wants(&self, layer: usize, site: Site) -> bool {
-        layer == self.layer && site == self.site
-    }
-    fn on(&mut self, _: usize, _: Site, _: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
-        Ok(Some(self.with.clone()))
-    }
 }
 
 fn last_col(t: &Tensor) -> Result<Tensor> {
