@@ -1,6 +1,8 @@
 //! `road bench batching`: throughput of mixed-adapter batches (every row may use a different
 //! adapter) for RoAd vs LoRA vs the plain model, like the RoAd paper's Figure 4. Adapters are
 //! random (non-identity), on every projection of every layer; rows use adapter `row % n`.
+//! Every configuration is measured `repeats` times in interleaved rounds (the machine is shared:
+//! a burst of someone else's load then lands on all methods, not on one), and compared by medians.
 use crate::cli::ModelArgs;
 use crate::generate::greedy_batch;
 use crate::model::{LinearAdapter, Llama, Proj};
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
+    pub round: usize,
     pub method: String,
     pub n_adapters: usize,
     pub batch: usize,
@@ -20,6 +23,21 @@ pub struct Row {
     pub decode_s: f64,
     /// Generated tokens (all rows) per second of prefill + decode.
     pub tokens_per_s: f64,
+    /// Process CPU seconds (user + system, all threads) over prefill + decode: on a shared,
+    /// oversubscribed machine this moves far less with others' load than wall time does.
+    pub cpu_s: f64,
+    pub tokens_per_cpu_s: f64,
+}
+
+/// User + system CPU time of this process so far, from /proc/self/stat (Linux; 0 elsewhere).
+fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // CLK_TCK is 100 on every Linux this runs on (glibc/musl x86-64 and aarch64).
+    (ticks(11) + ticks(12)) / 100.0
 }
 
 fn random_road(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
@@ -48,6 +66,7 @@ pub struct Sweep {
     pub tokens: Vec<usize>,
     pub lora_r: usize,
     pub prompt_len: usize,
+    pub repeats: usize,
 }
 
 pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
@@ -62,17 +81,20 @@ pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
     let mut configs = vec![];
     for &b in &sw.batches {
         configs.push(("base", 0, b));
-        for &n in &sw.n_adapters {
-            if n <= b.max(1) {
-                configs.push(("road", n, b));
-                configs.push(("lora", n, b));
-            }
+        // A batch of b rows can use at most b distinct adapters: n is capped at b.
+        let mut ns: Vec<usize> = sw.n_adapters.iter().map(|&n| n.min(b).max(1)).collect();
+        ns.sort_unstable();
+        ns.dedup();
+        for n in ns {
+            configs.push(("road", n, b));
+            configs.push(("lora", n, b));
         }
     }
-    let total = configs.len() * sw.tokens.len();
+    let total = configs.len() * sw.tokens.len() * sw.repeats.max(1);
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("bench batching {bar:30} {pos}/{len}  {msg}  ETA {eta}").expect("static template"));
-    let mut rows = vec![];
+    // Adapter stacks and row assignments are built once per configuration (serving-time setup).
+    let mut prepared = vec![];
     for &(method, n, b) in &configs {
         let mut mixed = match method {
             "road" => Some(MixedAdapters::new(&roads[..n], &model.cfg, model.device())?),
@@ -83,15 +105,36 @@ pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
             let assign: Vec<Option<usize>> = (0..b).map(|r| Some(r % n)).collect();
             mx.set_rows(&assign, model.dtype())?;
         }
-        let prompts: Vec<Vec<u32>> = (0..b).map(prompt).collect();
-        let ad = mixed.as_ref().map(|m| m as &dyn LinearAdapter);
-        greedy_batch(model, ad, &prompts, &vec![2; b], &[])?; // warm-up
-        for &t in &sw.tokens {
-            pb.set_message(format!("{method} n={n} b={b} t={t}"));
-            let g = greedy_batch(model, ad, &prompts, &vec![t; b], &[])?;
-            let secs = g.prefill_secs + g.decode_secs;
-            rows.push(Row { method: method.into(), n_adapters: n, batch: b, gen_tokens: t, prefill_s: g.prefill_secs, decode_s: g.decode_secs, tokens_per_s: (b * t) as f64 / secs });
-            pb.inc(1);
+        prepared.push((method, n, b, mixed));
+    }
+    let mut rows = vec![];
+    for round in 0..sw.repeats.max(1) {
+        for (method, n, b, mixed) in &prepared {
+            let (method, n, b) = (*method, *n, *b);
+            let prompts: Vec<Vec<u32>> = (0..b).map(prompt).collect();
+            let ad = mixed.as_ref().map(|m| m as &dyn LinearAdapter);
+            greedy_batch(model, ad, &prompts, &vec![2; b], &[])?; // warm-up (caches, allocator)
+            for &t in &sw.tokens {
+                pb.set_message(format!("round {round} {method} n={n} b={b} t={t}"));
+                let c0 = cpu_secs();
+                let g = greedy_batch(model, ad, &prompts, &vec![t; b], &[])?;
+                let cpu_s = cpu_secs() - c0;
+                let secs = g.prefill_secs + g.decode_secs;
+                let toks = (b * t) as f64;
+                rows.push(Row {
+                    round,
+                    method: method.into(),
+                    n_adapters: n,
+                    batch: b,
+                    gen_tokens: t,
+                    prefill_s: g.prefill_secs,
+                    decode_s: g.decode_secs,
+                    tokens_per_s: toks / secs,
+                    cpu_s,
+                    tokens_per_cpu_s: toks / cpu_s.max(1e-9),
+                });
+                pb.inc(1);
+            }
         }
     }
     pb.finish_and_clear();
@@ -101,53 +144,96 @@ pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
         w.serialize(r)?;
     }
     w.flush()?;
-    plot(&rows, &dir.join("batching.svg"), *sw.tokens.iter().max().unwrap_or(&1), max_n)?;
-    println!("{:<6} {:>3} {:>5} {:>6} {:>10}", "method", "n", "batch", "tokens", "tokens/s");
-    for r in &rows {
-        println!("{:<6} {:>3} {:>5} {:>6} {:>10.1}", r.method, r.n_adapters, r.batch, r.gen_tokens, r.tokens_per_s);
+    let med = medians(&rows);
+    plot(&med, &dir.join("batching.svg"), *sw.tokens.iter().max().unwrap_or(&1), max_n)?;
+    let mut w = csv::Writer::from_path(dir.join("batching_median.csv"))?;
+    for r in &med {
+        w.serialize(r)?;
+    }
+    w.flush()?;
+    println!("medians over {} interleaved rounds", sw.repeats.max(1));
+    println!("{:<6} {:>3} {:>5} {:>6} {:>9} {:>8} {:>8} {:>9} {:>8} {:>8}", "method", "n", "batch", "tokens", "tok/s", "/plain", "/lora", "tok/cpu-s", "/plain", "/lora");
+    let find = |m: &str, r: &Row| med.iter().find(|x| x.method == m && (m == "base" || x.n_adapters == r.n_adapters) && x.batch == r.batch && x.gen_tokens == r.gen_tokens);
+    for r in &med {
+        let rel = |m: &str, f: fn(&Row) -> f64| find(m, r).map(|o| format!("{:.3}", f(r) / f(o))).unwrap_or_default();
+        let (wall, cpu): (fn(&Row) -> f64, fn(&Row) -> f64) = (|x| x.tokens_per_s, |x| x.tokens_per_cpu_s);
+        println!(
+            "{:<6} {:>3} {:>5} {:>6} {:>9.1} {:>8} {:>8} {:>9.1} {:>8} {:>8}",
+            r.method, r.n_adapters, r.batch, r.gen_tokens, r.tokens_per_s, rel("base", wall), rel("lora", wall), r.tokens_per_cpu_s, rel("base", cpu), rel("lora", cpu)
+        );
     }
     println!("{}", dir.display());
     Ok(dir)
 }
 
-/// Throughput vs batch size (each method with min(batch, max_n) adapters) at `tokens` generated.
-fn plot(rows: &[Row], path: &Path, tokens: usize, max_n: usize) -> Result<()> {
-    let series = |m: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter(|r| r.method == m && r.gen_tokens == tokens && (m == "base" || r.n_adapters == r.batch.min(max_n)))
-            .map(|r| ((r.batch as f64).log2(), r.tokens_per_s))
-            .collect()
-    };
-    let ymax = rows.iter().map(|r| r.tokens_per_s).fold(1.0, f64::max) * 1.1;
-    let xmax = rows.iter().map(|r| (r.batch as f64).log2()).fold(0.0, f64::max);
-    let root = SVGBackend::new(path, (720, 460)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut ch = ChartBuilder::on(&root)
-        .caption(format!("Mixed-adapter batching, {tokens} generated tokens per row"), ("sans-serif", 18))
-        .margin(12)
-        .x_label_area_size(40)
-        .y_label_area_size(60)
-        .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    ch.configure_mesh()
-        .x_desc(format!("batch size (rows use adapter row % {max_n})"))
-        .y_desc("generated tokens / s")
-        .x_label_formatter(&|x| format!("{}", 2f64.powf(x.round()) as usize))
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
-        let s = series(m);
-        ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .label(match m {
-                "base" => "no adapter",
-                "road" => "RoAd1 (element-wise)",
-                _ => "LoRA (bmm)",
-            })
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
-        ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// Per-configuration medians of tokens/s (and of the times), rounds folded into `round = 0`.
+fn medians(rows: &[Row]) -> Vec<Row> {
+    let mut out: Vec<Row> = vec![];
+    for r in rows.iter().filter(|r| r.round == 0) {
+        let same: Vec<&Row> = rows.iter().filter(|x| x.method == r.method && x.n_adapters == r.n_adapters && x.batch == r.batch && x.gen_tokens == r.gen_tokens).collect();
+        let med = |f: &dyn Fn(&Row) -> f64| -> f64 {
+            let mut v: Vec<f64> = same.iter().map(|x| f(x)).collect();
+            v.sort_by(f64::total_cmp);
+            let k = v.len();
+            if k % 2 == 1 { v[k / 2] } else { (v[k / 2 - 1] + v[k / 2]) / 2.0 }
+        };
+        out.push(Row {
+            round: 0,
+            prefill_s: med(&|x| x.prefill_s),
+            decode_s: med(&|x| x.decode_s),
+            tokens_per_s: med(&|x| x.tokens_per_s),
+            cpu_s: med(&|x| x.cpu_s),
+            tokens_per_cpu_s: med(&|x| x.tokens_per_cpu_s),
+            ..r.clone()
+        });
     }
-    ch.configure_series_labels().border_style(BLACK).background_style(WHITE).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    out
+}
+
+/// Throughput vs batch size (each method with min(batch, max_n) adapters) at `tokens` generated:
+/// wall-clock tokens/s on the left, tokens per CPU-second (robust to others' load) on the right.
+fn plot(rows: &[Row], path: &Path, tokens: usize, max_n: usize) -> Result<()> {
+    let root = SVGBackend::new(path, (1100, 460)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (left, right) = root.split_horizontally(550);
+    let panels: [(&_, &str, fn(&Row) -> f64); 2] =
+        [(&left, "generated tokens / s (wall)", |r| r.tokens_per_s), (&right, "generated tokens / CPU-second", |r| r.tokens_per_cpu_s)];
+    for (area, ydesc, metric) in panels {
+        let series = |m: &str| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter(|r| r.method == m && r.gen_tokens == tokens && (m == "base" || r.n_adapters == r.batch.min(max_n)))
+                .map(|r| ((r.batch as f64).log2(), metric(r)))
+                .collect()
+        };
+        let ymax = rows.iter().map(metric).fold(1.0, f64::max) * 1.1;
+        let xmax = rows.iter().map(|r| (r.batch as f64).log2()).fold(0.0, f64::max);
+        let mut ch = ChartBuilder::on(area)
+            .caption(format!("Mixed-adapter batching, {tokens} tokens/row"), ("sans-serif", 17))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(-0.2..xmax + 0.2, 0.0..ymax)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        ch.configure_mesh()
+            .x_desc(format!("batch size (row i uses adapter i % {max_n})"))
+            .y_desc(ydesc)
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(x.round()) as usize))
+            .draw()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
+            let s = series(m);
+            ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .label(match m {
+                    "base" => "no adapter",
+                    "road" => "RoAd1 (element-wise)",
+                    _ => "LoRA r=8 (bmm)",
+                })
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
+            ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+        ch.configure_series_labels().position(SeriesLabelPosition::LowerRight).border_style(BLACK).background_style(WHITE).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(())
 }

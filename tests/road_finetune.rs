@@ -306,8 +306,14 @@ fn compose_run_writes_all_task_block_combinations() {
     std::env::set_var("ROAD_OUT", spec.parent().unwrap().join("out"));
     let dir = road_dii::compose::run_compose(&spec, &[]).unwrap();
     let csv = std::fs::read_to_string(dir.join("compose.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 9, "{csv}");
-    for b in ["none", "A", "B", "A+B"] {
-        assert!(csv.contains(&format!(",{b},")), "{csv}");
+    assert_eq!(csv.lines().count(), 17, "{csv}");
+    for t in ["joint", "separate"] {
+        for b in ["none", "A", "B", "A+B"] {
+            assert!(csv.contains(&format!("{t},parity,{b},")), "{csv}");
+        }
     }
+    // "none" switches every block off: the same accuracy whatever was trained.
+    let none: Vec<&str> = csv.lines().filter(|l| l.contains(",none,")).map(|l| l.split(',').nth(4).unwrap()).collect();
+    assert_eq!(none.len(), 4);
+    assert!(none[0] == none[2] && none[1] == none[3], "joint vs separate, per task: {csv}");
 }

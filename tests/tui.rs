@@ -9,7 +9,7 @@ use ratatui::Terminal;
 use road_dii::experiment::outputs;
 use road_dii::tui::app::{update, App, Config, JobStatus, Panel, View};
 use road_dii::tui::data::{Grid, Metric};
-use road_dii::tui::event::{char_key, key, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
+use road_dii::tui::event::{char_key, key, AltRow, AltTop, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
 use road_dii::tui::{dispatch, open_run, read_experiments, ui, Host};
 use road_dii::experiment::RunEvent;
 use std::path::{Path, PathBuf};
@@ -262,8 +262,23 @@ fn snapshot_model_and_help() {
         .map(|(id, t, l, p)| TopRow { id, token: t.into(), logit: l, prob: p })
         .to_vec();
     let prompt = app.model.prompt.clone();
-    feed(&mut app, Event::Model(ModelMsg::TopK { model: "smollm2-135m".into(), prompt, ids: vec![504, 3575, 282, 4649, 314], rows }));
+    feed(&mut app, Event::Model(ModelMsg::TopK { model: "smollm2-135m".into(), prompt: prompt.clone(), ids: vec![504, 3575, 282, 4649, 314], rows: rows.clone(), alt: None }));
     snap("model_topk", &app);
+    // What-if: the form (swap from a source prompt at L12 resid_mid, last position), then the
+    // clean and intervened top-k side by side.
+    keys(&mut app, &[char_key('w'), key(KeyCode::Right), key(KeyCode::Right), key(KeyCode::Tab), key(KeyCode::Backspace), char_key('1'), char_key('2')]);
+    keys(&mut app, &[key(KeyCode::Tab), key(KeyCode::Left), key(KeyCode::Left), key(KeyCode::Tab), key(KeyCode::Tab)]);
+    keys(&mut app, &"The capital of Italy is".chars().map(char_key).collect::<Vec<_>>());
+    snap("model_whatif_form", &app);
+    let cmds = update(&mut app, key(KeyCode::Enter));
+    let Some(road_dii::tui::app::Command::TopK { whatif: Some(w), .. }) = cmds.first() else { panic!("top-k with the what-if: {cmds:?}") };
+    assert_eq!(w.label(), "swap ← \"The capital of Italy is\" · L12 resid_mid @last");
+    let alt = [(12039u32, " Rome", 0.58, 0.0004, 212usize), (7042, " Paris", 0.09, 0.61, 1), (253, " the", 0.07, 0.12, 2)]
+        .map(|(id, t, p, cp, cr)| AltRow { row: TopRow { id, token: t.into(), logit: 0.0, prob: p }, clean_prob: cp, clean_rank: cr })
+        .to_vec();
+    let alt = AltTop { label: w.label(), rows: alt, kl: 1.234 };
+    feed(&mut app, Event::Model(ModelMsg::TopK { model: "smollm2-135m".into(), prompt, ids: vec![504, 3575, 282, 4649, 314], rows, alt: Some(Ok(alt)) }));
+    snap("model_whatif", &app);
     keys(&mut app, &[char_key('?')]);
     snap("help", &app);
     keys(&mut app, &[char_key('z')]);
@@ -465,6 +480,77 @@ fn flow_open_experiment_run_it_and_see_its_heatmap() {
     pump(&mut app, &mut host, &rx, 60, |a| !a.model.top.is_empty() || a.model.error.is_some());
     assert_eq!(app.model.top.len(), 10);
     assert_eq!(app.model.top[0].id, 47921, "transformers' argmax for this prompt");
+
+    // What-if in the worker: swapping the last block's output at the last position from a source
+    // prompt makes the next-token distribution exactly the source prompt's own.
+    let source = "Paris is the capital of";
+    dispatch(&mut app, &mut host, char_key('w'));
+    dispatch(&mut app, &mut host, key(KeyCode::Right));
+    dispatch(&mut app, &mut host, key(KeyCode::Right));
+    dispatch(&mut app, &mut host, key(KeyCode::Tab));
+    dispatch(&mut app, &mut host, key(KeyCode::Backspace));
+    dispatch(&mut app, &mut host, char_key('1'));
+    for _ in 0..3 {
+        dispatch(&mut app, &mut host, key(KeyCode::Tab));
+    }
+    for c in source.chars() {
+        dispatch(&mut app, &mut host, char_key(c));
+    }
+    dispatch(&mut app, &mut host, key(KeyCode::Enter));
+    assert!(app.model.form.is_none() && app.model.busy, "{:?}", app.model.form.as_ref().and_then(|f| f.error.clone()));
+    pump(&mut app, &mut host, &rx, 60, |a| !a.model.busy);
+    let alt = app.model.alt.clone().expect("what-if ran").expect("what-if succeeded");
+    let l = common::tiny_a();
+    let src_ids = l.tok.encode(source).unwrap();
+    let want = l.model.forward(&[src_ids], road_dii::model::Fwd { logits: road_dii::model::LogitsAt::Last, ..Default::default() }).unwrap();
+    let want = want.logits.unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+    let top = road_dii::generate::top_k(&want, 10);
+    assert_eq!(alt.rows.iter().map(|r| r.row.id).collect::<Vec<_>>(), top.iter().map(|t| t.0).collect::<Vec<_>>());
+    for (r, (_, lg)) in alt.rows.iter().zip(&top) {
+        assert!((r.row.logit - lg).abs() < 1e-4, "{} vs {lg}", r.row.logit);
+    }
+    assert!(alt.kl > 0.0);
+    let screen = render(&app, 120, 40);
+    assert!(screen.contains("what-if · KL") && screen.contains(" clean "), "{screen}");
+    // `c` clears it: back to the clean top-k alone.
+    dispatch(&mut app, &mut host, char_key('c'));
+    assert!(app.model.whatif.is_none() && app.model.alt.is_none());
+}
+
+/// The what-if's adapter kind on SmolLM2 with peft's saved RoAd adapters reproduces peft's logits.
+#[test]
+fn whatif_adapter_reproduces_peft_road_logits() {
+    use road_dii::tui::whatif::{exec, Kind, Pos, WhatIf};
+    let refj = common::ref_json("public.json");
+    let reft = common::ref_tensors("public.safetensors");
+    for v in ["road_1", "road_4"] {
+        let info = &refj["peft_road"][v];
+        let ids = common::ids_of(&info["ids"]);
+        let dir = reference_dir().join(info["adapter_dir"].as_str().unwrap());
+        let w = WhatIf { kind: Kind::Adapter, layer: 0, site: road_dii::model::Site::BlockOutput, pos: Pos::Last, source: String::new(), adapter: dir.display().to_string() };
+        let got = exec::logits(common::smollm2(), &ids, &w).unwrap();
+        let want = reft[&format!("peft_{v}.last_logits")].to_vec1::<f32>().unwrap();
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(d < 1e-3, "{v}: max |Δlogit| {d}");
+    }
+}
+
+/// Zero ablation of every position of block 0's input (the embeddings) leaves the logits a
+/// function of position only: two different prompts of equal length then give the same logits.
+#[test]
+fn whatif_zero_ablation_of_all_embeddings_erases_the_prompt() {
+    use road_dii::tui::whatif::{exec, Kind, Pos, WhatIf};
+    let l = common::tiny_a();
+    let w = WhatIf { kind: Kind::Zero, layer: 0, site: road_dii::model::Site::BlockInput, pos: Pos::All, source: String::new(), adapter: String::new() };
+    let (a, b) = (l.tok.encode("The capital of France is").unwrap(), l.tok.encode("My favourite colour is blue").unwrap());
+    let n = a.len().min(b.len());
+    let (la, lb) = (exec::logits(l, &a[..n], &w).unwrap(), exec::logits(l, &b[..n], &w).unwrap());
+    assert_eq!(la, lb);
+    let clean = l.model.forward(&[a[..n].to_vec()], road_dii::model::Fwd { logits: road_dii::model::LogitsAt::Last, ..Default::default() }).unwrap();
+    assert_ne!(clean.logits.unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(), la);
+    // Positions past the prompt are an error, not a silent no-op.
+    let past = WhatIf { pos: Pos::At(n), ..w };
+    assert!(exec::logits(l, &a[..n], &past).unwrap_err().to_string().contains("past the prompt"));
 }
 
 #[test]

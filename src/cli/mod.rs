@@ -185,7 +185,7 @@ pub enum BenchCmd {
         m: ModelArgs,
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
         batches: Vec<usize>,
-        /// Numbers of distinct adapters in a batch (only those <= the batch size are run).
+        /// Numbers of distinct adapters in a batch (capped at the batch size).
         #[arg(long, value_delimiter = ',', default_value = "1,8")]
         adapters: Vec<usize>,
         /// Generated tokens per row.
@@ -195,6 +195,10 @@ pub enum BenchCmd {
         lora_r: usize,
         #[arg(long, default_value_t = 16)]
         prompt_len: usize,
+        /// Rounds over all configurations (interleaved, so load from other processes hits every
+        /// method alike); the CSV keeps each round and the printed table their medians.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
     },
 }
 
@@ -245,8 +249,8 @@ pub fn run(cli: Cli) -> Result<()> {
             BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
             BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::das(&m, layer, steps, batch)?,
-            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len } => {
-                let sw = crate::bench_batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len };
+            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats } => {
+                let sw = crate::bench_batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats };
                 crate::bench_batching::batching(&m, &sw)?;
             }
         },

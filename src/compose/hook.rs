@@ -25,6 +25,14 @@ impl RoadIntervention {
         Ok(Self { layer, site, rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)?, row_masks: None })
     }
 
+    /// Back to the identity (θ = 0, α = 1), e.g. before a second training.
+    pub fn reset(&mut self) -> Result<()> {
+        let (t, a) = self.rot.identity_params(self.theta.device())?;
+        self.theta.set(&t)?;
+        self.alpha.set(&a)?;
+        Ok(())
+    }
+
     pub fn n_blocks(&self) -> usize {
         self.rot.dim / 2
     }

@@ -4,8 +4,42 @@
 //! and more backward (reshape/narrow/cat of rotate-half); fused, it is one parallel pass each way.
 //! Pairing: within each group of `g` dims, `j < g/2` pairs with `j + g/2`;
 //! `rot(h)_j = −h_{j+g/2}` (first half), `+h_{j−g/2}` (second half).
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+/// Below this many elements a pass runs on the calling thread: a decode step's `[8, 1, 1536]`
+/// takes ~1 µs, less than handing it to rayon's pool (measured in `road bench batching`).
+const PAR_MIN: usize = 1 << 15;
+
+/// One row: `z = f ⊙ h + s ⊙ rot(h)`, written group by group so the inner loops are plain
+/// slices (no per-element partner lookup) and vectorise. `z` may be `h` itself (in place).
+#[inline]
+fn rotate_row(z: &mut [f32], h: Option<&[f32]>, f: &[f32], s: &[f32], g: usize) {
+    let half = g / 2;
+    for gb in (0..z.len()).step_by(g) {
+        for i in gb..gb + half {
+            let (a, b) = match h {
+                Some(h) => (h[i], h[i + half]),
+                None => (z[i], z[i + half]),
+            };
+            z[i] = f[i] * a - s[i] * b;
+            z[i + half] = f[i + half] * b + s[i + half] * a;
+        }
+    }
+}
+
+/// Apply `rotate_row` to every `d`-wide row of `z` (row r uses column row `r / rpc`).
+fn rotate_rows(z: &mut [f32], h: Option<&[f32]>, f: &[f32], s: &[f32], d: usize, g: usize, rpc: usize) {
+    let one = |r: usize, zr: &mut [f32]| {
+        let c = (r / rpc) * d;
+        rotate_row(zr, h.map(|h| &h[r * d..(r + 1) * d]), &f[c..c + d], &s[c..c + d], g);
+    };
+    if z.len() < PAR_MIN {
+        z.chunks_mut(d).enumerate().for_each(|(r, zr)| one(r, zr));
+    } else {
+        z.par_chunks_mut(d).enumerate().for_each(|(r, zr)| one(r, zr));
+    }
+}
 
 struct RoadOp {
     g: usize,
@@ -47,14 +81,7 @@ impl CustomOp3 for RoadOp {
         let d = *hl.dims().last().unwrap_or(&0);
         let (g, rpc) = (self.g, self.rows_per_col.max(1));
         let mut z = vec![0f32; h.len()];
-        z.par_chunks_mut(d).zip(h.par_chunks(d)).enumerate().for_each(|(r, (zr, hr))| {
-            let c = (r / rpc) * d;
-            let (f, s) = (&f[c..c + d], &s[c..c + d]);
-            for j in 0..d {
-                let (p, sg) = partner(j, g);
-                zr[j] = f[j] * hr[j] + s[j] * sg * hr[p];
-            }
-        });
+        rotate_rows(&mut z, Some(h), f, s, d, g, rpc);
         Ok((CpuStorage::F32(z), hl.shape().clone()))
     }
 
@@ -108,6 +135,27 @@ impl CustomOp3 for RoadOp {
     }
 }
 
+/// The per-batch-row forward, in place on `h` (inference: the projection output is a fresh
+/// tensor nobody else holds, so overwriting it saves an allocation and a pass).
+struct RoadInplace {
+    g: usize,
+    rows_per_col: usize,
+}
+
+impl InplaceOp3 for RoadInplace {
+    fn name(&self) -> &'static str {
+        "road-fused-inplace"
+    }
+    fn cpu_fwd(&self, hs: &mut CpuStorage, hl: &Layout, fs: &CpuStorage, fl: &Layout, ss: &CpuStorage, sl: &Layout) -> candle_core::Result<()> {
+        let (f, s) = (slice(fs, fl)?, slice(ss, sl)?);
+        let d = *hl.dims().last().unwrap_or(&0);
+        let (a, b) = hl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("road-fused: non-contiguous input".into()))?;
+        let CpuStorage::F32(h) = hs else { candle_core::bail!("road-fused: f32 only") };
+        rotate_rows(&mut h[a..b], None, f, s, d, self.g, self.rows_per_col.max(1));
+        Ok(())
+    }
+}
+
 /// Fused `f ⊙ h + s ⊙ rot(h)` for f32 on CPU with `f`, `s` of shape `[d]`; None when it does not
 /// apply (the caller then uses the composed `Rotation::apply`).
 pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
@@ -127,7 +175,8 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
 }
 
 /// Fused apply with per-batch-row columns `[b, 1, d]` for `h` of shape `[b, t, d]` (inference:
-/// mixed-adapter batches). None when it does not apply or `h` carries gradients.
+/// mixed-adapter batches), overwriting `h`: the caller must own it (a projection output). None
+/// when it does not apply or `h` carries gradients.
 pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
     let ok = matches!(h.device(), Device::Cpu)
         && !h.track_op()
@@ -145,7 +194,9 @@ pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
         return Ok(None);
     }
     let t = h.dim(1)?;
-    Ok(Some(h.contiguous()?.apply_op3(&first.contiguous()?, &second.contiguous()?, RoadOp { g: group_size, rows_per_col: t })?))
+    let h = h.contiguous()?;
+    h.inplace_op3(&first.contiguous()?, &second.contiguous()?, &RoadInplace { g: group_size, rows_per_col: t })?;
+    Ok(Some(h))
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Workbench state and the one function that changes it: `update(&mut App, Event) -> Vec<Command>`.
 //! No terminal, no threads, no file system here: side effects are returned as [`Command`]s.
 use super::data::{self, Grid, Metric, RunData, RunInfo};
-use super::event::{Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
+use super::event::{AltTop, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
+use super::whatif::{self, FormAction, WhatIf};
 use crate::experiment::spec::apply_override;
 use crate::experiment::{RunEvent, Spec};
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -17,7 +18,7 @@ pub enum Command {
     QueueRun { job: u64, spec: Box<Spec> },
     CancelRun { job: u64 },
     LoadModel { name: String },
-    TopK { name: String, prompt: String, k: usize },
+    TopK { name: String, prompt: String, k: usize, whatif: Option<WhatIf> },
     Tokenize { name: String, text: String },
     Export { path: PathBuf, csv: String },
     Quit,
@@ -468,6 +469,12 @@ pub struct ModelState {
     pub top_prompt: String,
     pub top_ids: Vec<u32>,
     pub error: Option<String>,
+    /// The what-if applied to every top-k request (None: clean only).
+    pub whatif: Option<WhatIf>,
+    /// The what-if form while it is open (`w`).
+    pub form: Option<whatif::Form>,
+    /// The what-if side of the last top-k (or why it failed).
+    pub alt: Option<Result<AltTop, String>>,
 }
 
 // ---------------------------------------------------------------- app
@@ -514,7 +521,7 @@ impl App {
 
     /// True while a text field owns the keyboard (global keys are typed instead).
     pub fn editing(&self) -> bool {
-        (self.view == View::Experiments && self.exp.form.is_some()) || (self.view == View::Model && self.model.editing)
+        (self.view == View::Experiments && self.exp.form.is_some()) || (self.view == View::Model && (self.model.editing || self.model.form.is_some()))
     }
 }
 
@@ -695,13 +702,14 @@ fn on_model(app: &mut App, m: ModelMsg) -> Vec<Command> {
             s.error = None;
             s.info = Some(info);
         }
-        ModelMsg::TopK { model, prompt, ids, rows } => {
+        ModelMsg::TopK { model, prompt, ids, rows, alt } => {
             s.busy = false;
             s.error = None;
             if s.name.as_deref() == Some(model.as_str()) {
                 s.top = rows;
                 s.top_prompt = prompt;
                 s.top_ids = ids;
+                s.alt = alt;
             }
         }
         ModelMsg::Tokens { text, tokens } => {
@@ -732,6 +740,7 @@ fn on_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
     if app.editing() {
         return match app.view {
             View::Experiments => form_key(app, k),
+            _ if app.model.form.is_some() => whatif_key(app, k),
             _ => prompt_key(app, k),
         };
     }
@@ -777,7 +786,8 @@ fn ensure_model(app: &mut App) -> Vec<Command> {
     if app.model.name.as_deref() == Some(name.as_str()) && (app.model.loading || app.model.info.is_some()) {
         return vec![];
     }
-    app.model = ModelState { name: Some(name.clone()), loading: true, prompt: std::mem::take(&mut app.model.prompt), ..Default::default() };
+    let (prompt, whatif) = (std::mem::take(&mut app.model.prompt), app.model.whatif.take());
+    app.model = ModelState { name: Some(name.clone()), loading: true, prompt, whatif, ..Default::default() };
     vec![Command::LoadModel { name }]
 }
 
@@ -875,21 +885,53 @@ fn prompt_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
         KeyCode::Char(c) => s.prompt.push(c),
         KeyCode::Enter => {
             s.editing = false;
-            if let Some(name) = s.name.clone() {
-                if !s.prompt.is_empty() {
-                    s.busy = true;
-                    return vec![Command::TopK { name, prompt: s.prompt.clone(), k: 10 }];
-                }
-            }
+            return top_k(s);
         }
         _ => {}
     }
     vec![]
 }
 
+/// Ask the worker for the prompt's top-10, with the what-if when one is set.
+fn top_k(s: &mut ModelState) -> Vec<Command> {
+    match s.name.clone() {
+        Some(name) if !s.prompt.is_empty() => {
+            s.busy = true;
+            vec![Command::TopK { name, prompt: s.prompt.clone(), k: 10, whatif: s.whatif.clone() }]
+        }
+        _ => vec![],
+    }
+}
+
+fn whatif_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
+    let s = &mut app.model;
+    let layers = s.info.as_ref().map(|i| i.layers);
+    let Some(form) = s.form.as_mut() else { return vec![] };
+    match form.key(k, layers) {
+        FormAction::Stay => vec![],
+        FormAction::Cancel => {
+            s.form = None;
+            app.status = "what-if unchanged".into();
+            vec![]
+        }
+        FormAction::Apply(w) => {
+            s.form = None;
+            app.status = format!("what-if: {}", w.label());
+            s.whatif = Some(w);
+            top_k(s)
+        }
+    }
+}
+
 fn model_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
     match k.code {
         KeyCode::Char('i') | KeyCode::Char('/') | KeyCode::Enter => app.model.editing = true,
+        KeyCode::Char('w') => app.model.form = Some(whatif::Form::new(app.model.whatif.as_ref())),
+        KeyCode::Char('c') if app.model.whatif.is_some() => {
+            app.model.whatif = None;
+            app.model.alt = None;
+            app.status = "what-if cleared".into();
+        }
         KeyCode::Char('l') => {
             app.model.info = None;
             app.model.name = None;
@@ -1203,4 +1245,5 @@ pub const HELP: &[(&str, &str)] = &[
     ("Space / Enter", "mark runs A and B / compare (Tab, S-Tab, arrows)"),
     ("Model", ""),
     ("i, Enter / l", "type a prompt → top-10 next tokens / reload model"),
+    ("w / c", "what-if: intervene (zero, mean, swap, adapter) / clear"),
 ];

@@ -53,10 +53,29 @@ pub struct TopRow {
     pub prob: f64,
 }
 
+/// A top-k row under a what-if, with where that token stood in the clean run.
+#[derive(Debug, Clone)]
+pub struct AltRow {
+    pub row: TopRow,
+    pub clean_prob: f64,
+    /// 1-based rank in the clean distribution.
+    pub clean_rank: usize,
+}
+
+/// The intervened side of a what-if.
+#[derive(Debug, Clone)]
+pub struct AltTop {
+    pub label: String,
+    pub rows: Vec<AltRow>,
+    /// KL(clean ‖ what-if) over the whole vocabulary, in nats.
+    pub kl: f64,
+}
+
 #[derive(Debug, Clone)]
 pub enum ModelMsg {
     Loaded(ModelInfo),
-    TopK { model: String, prompt: String, ids: Vec<u32>, rows: Vec<TopRow> },
+    /// Clean top-k, plus the what-if's (or the error that stopped it) when one was applied.
+    TopK { model: String, prompt: String, ids: Vec<u32>, rows: Vec<TopRow>, alt: Option<Result<AltTop, String>> },
     /// Token strings of `text` (position labels of a results heatmap).
     Tokens { text: String, tokens: Vec<String> },
     Error(String),

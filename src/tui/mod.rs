@@ -5,6 +5,7 @@ pub mod app;
 pub mod data;
 pub mod event;
 pub mod ui;
+pub mod whatif;
 pub mod worker;
 
 use anyhow::Result;
@@ -53,8 +54,8 @@ impl Host {
                 self.worker.model(ModelJob::Load { name });
                 vec![]
             }
-            Command::TopK { name, prompt, k } => {
-                self.worker.model(ModelJob::TopK { name, prompt, k });
+            Command::TopK { name, prompt, k, whatif } => {
+                self.worker.model(ModelJob::TopK { name, prompt, k, whatif });
                 vec![]
             }
             Command::Tokenize { name, text } => {

@@ -1,6 +1,7 @@
 //! Background threads, so the UI never waits on a model: a run worker (a queue of experiment
 //! runs, each with its own cancel flag) and a model worker (lazy model loading, top-k, tokenising).
-use super::event::{Event, JobEvent, ModelInfo, ModelMsg, TopRow};
+use super::event::{AltRow, AltTop, Event, JobEvent, ModelInfo, ModelMsg, TopRow};
+use super::whatif::{self, WhatIf};
 use crate::experiment::{self, RunEvent, RunOptions, Sink, Spec};
 use crate::model::{registry, Fwd, Loaded, LogitsAt};
 use anyhow::{bail, Result};
@@ -18,7 +19,7 @@ struct RunJob {
 
 pub enum ModelJob {
     Load { name: String },
-    TopK { name: String, prompt: String, k: usize },
+    TopK { name: String, prompt: String, k: usize, whatif: Option<WhatIf> },
     Tokenize { name: String, text: String },
 }
 
@@ -155,7 +156,7 @@ fn model_job(cache: &mut Option<(String, Loaded)>, job: ModelJob) -> Result<Mode
                 tied: c.tie_word_embeddings,
             }))
         }
-        ModelJob::TopK { name, prompt, k } => {
+        ModelJob::TopK { name, prompt, k, whatif } => {
             let l = get(cache, &name)?;
             let ids = l.tok.encode(&prompt)?;
             if ids.len() > l.model.cfg.max_position_embeddings {
@@ -163,13 +164,26 @@ fn model_job(cache: &mut Option<(String, Loaded)>, job: ModelJob) -> Result<Mode
             }
             let out = l.model.forward(&[ids.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() })?;
             let v = out.logits.expect("requested logits").get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            let maxv = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-            let z: f64 = v.iter().map(|x| ((x - maxv) as f64).exp()).sum();
-            let rows = crate::generate::top_k(&v, k)
-                .into_iter()
-                .map(|(id, logit)| TopRow { id, token: l.tok.token_str(id), logit, prob: ((logit - maxv) as f64).exp() / z })
-                .collect();
-            Ok(ModelMsg::TopK { model: name, prompt, ids, rows })
+            let clean = log_softmax(&v);
+            let rows = top_rows(l, &v, &clean, k);
+            // A failed what-if still shows the clean top-k, with the error beside it.
+            let alt = whatif.map(|w| {
+                whatif::exec::logits(l, &ids, &w).map_err(|e| format!("{e:#}")).map(|a| {
+                    let alt = log_softmax(&a);
+                    let kl = clean.iter().zip(&alt).map(|(p, q)| p.exp() * (p - q)).sum::<f64>().max(0.0);
+                    let rows = top_rows(l, &a, &alt, k)
+                        .into_iter()
+                        .map(|row| {
+                            let c = clean[row.id as usize];
+                            // Ties count for the token (rank = 1 + strictly more probable tokens).
+                            let clean_rank = 1 + clean.iter().filter(|&&x| x > c).count();
+                            AltRow { row, clean_prob: c.exp(), clean_rank }
+                        })
+                        .collect();
+                    AltTop { label: w.label(), rows, kl }
+                })
+            });
+            Ok(ModelMsg::TopK { model: name, prompt, ids, rows, alt })
         }
         ModelJob::Tokenize { name, text } => {
             let l = get(cache, &name)?;
@@ -177,6 +191,17 @@ fn model_job(cache: &mut Option<(String, Loaded)>, job: ModelJob) -> Result<Mode
             Ok(ModelMsg::Tokens { text, tokens })
         }
     }
+}
+
+/// Log-probabilities (f64, numerically stable).
+fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let m = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lz = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    v.iter().map(|&x| x as f64 - lz).collect()
+}
+
+fn top_rows(l: &Loaded, v: &[f32], logp: &[f64], k: usize) -> Vec<TopRow> {
+    crate::generate::top_k(v, k).into_iter().map(|(id, logit)| TopRow { id, token: l.tok.token_str(id), logit, prob: logp[id as usize].exp() }).collect()
 }
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
