@@ -62,3 +62,19 @@ fn results_keys_are_harmless_on_a_pilot_run() {
         render(&app, 120, 40);
     }
 }
+
+#[test]
+fn pilot_files_are_listed_and_r_queues_a_pilot_job() {
+    let mut app = App::new(Config { experiments_dir: "experiments".into(), out_root: "tests/fixtures/pilot-runs".into(), color: true });
+    let files = road_dii::tui::read_experiments(&app.cfg.experiments_dir);
+    feed(&mut app, Event::Experiments(files));
+    let idx = app.exp.entries.iter().position(|e| e.file_name() == "pilot-tiny.toml").expect("pilot-tiny.toml listed");
+    assert!(matches!(app.exp.entries[idx].pilot, Some(Ok(_))), "pilot file parsed as a pilot study");
+    app.exp.selected = idx;
+    let s = render(&app, 120, 40);
+    assert!(s.contains("pilot study") && !s.contains("unknown field"), "{s}");
+    let cmds = update(&mut app, char_key('r'));
+    assert!(cmds.iter().any(|c| matches!(c, Command::QueuePilot { spec, .. } if spec.name == "pilot-tiny")), "{cmds:?}");
+    assert_eq!(app.view, View::Runs);
+    assert_eq!(app.runs.jobs.last().unwrap().name, "pilot-tiny");
+}

@@ -41,7 +41,7 @@ pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool, f
 
 fn run_pilot_file(file: &Path, sets: &[String], json: bool, fresh: bool) -> Result<()> {
     let spec = crate::pilot::PilotSpec::load(file, sets)?;
-    let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh }, &mut crate::experiment::events::Silent)?;
+    let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh, cancel: None }, &mut crate::experiment::events::Silent)?;
     if json {
         let v = serde_json::json!({
             "experiment": spec.name,

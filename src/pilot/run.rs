@@ -18,11 +18,33 @@ use candle_core::{DType, Device, Tensor};
 use std::path::PathBuf;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PilotOptions {
     /// Retrain every fine-tune even when the cache has it.
     pub fresh: bool,
+    /// Checked between stages: a cancelled study stops there, keeps what it wrote and leaves
+    /// an `INCOMPLETE` marker (finished fine-tunes stay cached).
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
+
+impl PilotOptions {
+    fn check(&self) -> Result<()> {
+        if self.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            bail!(Cancelled);
+        }
+        Ok(())
+    }
+}
+
+/// The error a cancelled study stops with.
+#[derive(Debug)]
+pub struct Cancelled;
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled")
+    }
+}
+impl std::error::Error for Cancelled {}
 
 /// Everything the summary and the TUI need once the study is done.
 pub struct PilotResult {
@@ -72,12 +94,19 @@ pub fn run_pilot(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink) -> R
     std::fs::write(run_dir.join("config.toml"), &resolved)?;
     sink.send(RunEvent::Started { run_dir: run_dir.clone(), cells: spec.methods.len() + 3, steps_per_cell: 1 });
     log(sink, format!("pilot study {}: outputs in {}", spec.name, run_dir.display()));
-    let r = study(spec, opts, sink, &run_dir, t0);
+    let r = study(spec, &opts, sink, &run_dir, t0);
+    if let Err(e) = &r {
+        if e.downcast_ref::<Cancelled>().is_some() {
+            std::fs::write(run_dir.join("INCOMPLETE"), "cancelled\n")?;
+        } else {
+            std::fs::write(run_dir.join("error.txt"), format!("{e:#}\n"))?;
+        }
+    }
     sink.send(RunEvent::Finished { run_dir: run_dir.clone(), complete: r.is_ok() });
     r
 }
 
-fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &std::path::Path, t0: Instant) -> Result<PilotResult> {
+fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &std::path::Path, t0: Instant) -> Result<PilotResult> {
     let loaded = registry::load(&spec.model, DType::F32, &Device::Cpu, true)?;
     let (base, tok) = (&loaded.model, &loaded.tok);
     let n_layers = base.cfg.num_layers;
@@ -107,7 +136,9 @@ fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &st
     let mut tuned: Vec<(String, Tuned)> = Vec::new();
     for (i, m) in spec.methods.iter().enumerate() {
         sink.send(RunEvent::CellStarted { cell: i, label: format!("fine-tune {}", m.label) });
+        opts.check()?;
         let t = finetunes::obtain(spec, m, base, tok, opts.fresh).with_context(|| format!("fine-tuning {:?}", m.label))?;
+        sink.send(RunEvent::StageDone { cell: i, label: format!("fine-tune {}", m.label) });
         log(sink, format!("[{}] test accuracy {:.3} (majority {:.3}), {:.3}% trainable{}", m.label, t.record.test_accuracy, t.record.test_majority, t.record.trainable_pct, if t.record.cached { ", cached" } else { "" }));
         tuned.push((m.label.clone(), t));
     }
@@ -117,6 +148,7 @@ fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &st
     write_csv(&run_dir.join("road_ablation.csv"), &road, &FINETUNE_HEADER)?;
 
     // 2. ΔM / ΔD at the last prompt token of every dev example, every block.
+    opts.check()?;
     sink.send(RunEvent::CellStarted { cell: spec.methods.len(), label: "ΔM / ΔD".into() });
     let ts = Instant::now();
     let pb = bar(probe_prompts.len() * (tuned.len() + 1), "ΔM/ΔD states");
@@ -136,9 +168,11 @@ fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &st
     let layers: Vec<LayerRow> = tuned.iter().flat_map(|(l, _)| by_layer(&deltas, l, n_layers, spec.seed)).collect();
     write_csv(&run_dir.join("delta_per_example.csv"), &deltas, &DELTA_HEADER)?;
     write_csv(&run_dir.join("delta_by_layer.csv"), &layers, &LAYER_HEADER)?;
+    sink.send(RunEvent::StageDone { cell: spec.methods.len(), label: "ΔM / ΔD".into() });
     log(sink, format!("ΔM/ΔD over {} examples × {n_layers} blocks × {} methods in {:.0}s", probe_ex.len(), tuned.len(), ts.elapsed().as_secs_f64()));
 
     // 3. Disentanglement heads on frozen pretrained and random backbones.
+    opts.check()?;
     sink.send(RunEvent::CellStarted { cell: spec.methods.len() + 1, label: "disentangle heads".into() });
     let ts = Instant::now();
     let ds = &spec.disentangle;
@@ -180,9 +214,11 @@ fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &st
     let head_summary = summarize_heads(&heads);
     write_csv(&run_dir.join("disentangle.csv"), &heads, &DISENTANGLE_HEADER)?;
     write_csv(&run_dir.join("disentangle_summary.csv"), &head_summary, &DISENTANGLE_SUMMARY_HEADER)?;
+    sink.send(RunEvent::StageDone { cell: spec.methods.len() + 1, label: "disentangle heads".into() });
     log(sink, format!("disentanglement heads ({} fits) in {:.0}s", heads.len(), ts.elapsed().as_secs_f64()));
 
     // 4. Swap probe: interchange magnitude / direction / everything from an opposite-label input.
+    opts.check()?;
     sink.send(RunEvent::CellStarted { cell: spec.methods.len() + 2, label: "swap probe".into() });
     let ts = Instant::now();
     let pairs = swap_pairs(&probe_ex, &probe_prompts, spec.swap.pairs, &mut rng);
@@ -209,6 +245,7 @@ fn study(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink, run_dir: &st
     }
     pb.finish_and_clear();
     write_csv(&run_dir.join("swap_probe.csv"), &swap, &SWAP_HEADER)?;
+    sink.send(RunEvent::StageDone { cell: spec.methods.len() + 2, label: "swap probe".into() });
     log(sink, format!("swap probe ({} pairs × {} models) in {:.0}s", pairs.len(), spec.swap.models.len(), ts.elapsed().as_secs_f64()));
 
     let result = PilotResult {
