@@ -8,6 +8,8 @@ pub mod fetch;
 pub mod generate;
 pub mod intervene;
 pub mod model;
+pub mod pilot;
+pub mod probe;
 pub mod road;
 pub mod tasks;
 pub mod tiny_model;

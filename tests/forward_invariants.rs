@@ -2,7 +2,7 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use road_dii::model::{Collector, Fwd, Hooks, KvCache, LogitsAt, Proj, Site, SiteCtx};
+use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Replace, Site};
 use road_dii::road::{RoadAdapter, Rotation, Variant};
 
 fn prompt_ids() -> Vec<Vec<u32>> {
@@ -150,21 +150,6 @@ fn merged_road_equals_unmerged() {
     let merged = loaded.model.forward(&[ids], Fwd::default()).unwrap().logits.unwrap();
     let d = max_abs_diff(&merged, &unmerged);
     assert!(d < 1e-4, "merged vs unmerged: {d}");
-}
-
-/// Replaces one site's activation with a stored tensor.
-struct Replace {
-    layer: usize,
-    site: Site,
-    with: Tensor,
-}
-impl Hooks for Replace {
-    fn wants(&self, layer: usize, site: Site) -> bool {
-        layer == self.layer && site == self.site
-    }
-    fn on(&mut self, _: usize, _: Site, _: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
-        Ok(Some(self.with.clone()))
-    }
 }
 
 #[test]

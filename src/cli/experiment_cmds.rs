@@ -14,7 +14,14 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool) -> Result<()> {
+pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool, fresh: bool) -> Result<()> {
+    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read experiment file {}", file.display()))?;
+    if crate::pilot::is_pilot(&text) {
+        if shard.is_some() {
+            bail!("--shard applies to intervention sweeps, not to a pilot study");
+        }
+        return run_pilot_file(file, sets, json, fresh);
+    }
     let spec = Spec::load(file, sets)?;
     let opts = RunOptions { shard: shard.map(parse_shard).transpose()?, ..Default::default() };
     let mut printer = ProgressPrinter::new(false);
@@ -28,6 +35,25 @@ pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool) -
         for c in best.iter().take(5) {
             println!("  {:<40} test IIA {:.3} (answers {:.3}), logit diff {:+.3}", c.label, c.test_iia_vocab, c.test_iia_answers, c.test_logit_diff);
         }
+    }
+    Ok(())
+}
+
+fn run_pilot_file(file: &Path, sets: &[String], json: bool, fresh: bool) -> Result<()> {
+    let spec = crate::pilot::PilotSpec::load(file, sets)?;
+    let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh, cancel: None }, &mut crate::experiment::events::Silent)?;
+    if json {
+        let v = serde_json::json!({
+            "experiment": spec.name,
+            "run_dir": r.run_dir,
+            "seconds": r.seconds,
+            "finetunes": r.finetunes,
+            "disentangle": r.heads,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{} finished in {:.1}s; outputs in {}", spec.name, r.seconds, r.run_dir.display());
+        println!("  summary: {}", r.run_dir.join("summary.md").display());
     }
     Ok(())
 }

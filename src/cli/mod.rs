@@ -113,6 +113,9 @@ pub enum Cmd {
         /// Print a JSON summary to stdout.
         #[arg(long)]
         json: bool,
+        /// Pilot studies: retrain every fine-tune even if the cache has it.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
@@ -239,7 +242,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Run { file, sets, shard, json } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json)?,
+        Cmd::Run { file, sets, shard, json, fresh } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json, fresh)?,
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {

@@ -10,6 +10,8 @@ pub enum RunEvent {
     Step { cell: usize, step: usize, steps: usize, loss: f64 },
     /// One finished cell with its test-split IIA (vocabulary argmax) and logit difference.
     CellDone { cell: usize, label: String, layer: usize, site: String, position: String, iia: f64, logit_diff: f64 },
+    /// A stage of a multi-stage study (the pilot) finished; no metrics attached.
+    StageDone { cell: usize, label: String },
     Finished { run_dir: PathBuf, complete: bool },
 }
 
@@ -81,6 +83,7 @@ impl Sink for ProgressPrinter {
             RunEvent::CellDone { label, iia, logit_diff, .. } => {
                 self.line(format!("  {label:<40} test IIA {iia:.3}  logit diff {logit_diff:+.3}"));
             }
+            RunEvent::StageDone { label, .. } => self.line(format!("  {label}: done")),
             RunEvent::Finished { .. } => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();

@@ -10,4 +10,4 @@ pub mod sites;
 pub use config::LlamaConfig;
 pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};
 pub use load::Loaded;
-pub use sites::{Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};
+pub use sites::{Collector, Hooks, LinearAdapter, Proj, Replace, Site, SiteCtx};

@@ -108,7 +108,13 @@ pub fn class_logits(
         },
     )?;
     let t = out.hidden.dim(1)?;
-    let last = out.hidden.narrow(1, t - 1, 1)?.squeeze(1)?.to_dtype(DType::F32)?; // [b, d]
+    let last = out.hidden.narrow(1, t - 1, 1)?.squeeze(1)?; // [b, d]
+    score_hidden(model, &last, scorer)
+}
+
+/// Class logits `[b, K]` from final (post-norm) hidden states `[b, d]`.
+pub fn score_hidden(model: &Llama, last: &Tensor, scorer: &Scorer) -> Result<Tensor> {
+    let last = last.to_dtype(DType::F32)?;
     Ok(match scorer {
         Scorer::LabelWords(ids) => {
             let idx = Tensor::from_vec(ids.clone(), ids.len(), model.device())?;

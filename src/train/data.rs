@@ -168,6 +168,32 @@ pub fn parity_task() -> Splits<ClsExample> {
     Splits::from_examples(all)
 }
 
+/// A synthetic binary task for the tiny equality model (shipped as code): "s3 s7 s3 s9" → is the
+/// *first pair* equal (label 1 = `true`)? The model was trained on the hierarchical task
+/// `(a==b) == (c==d)`, so answering this one needs fine-tuning — the pilot study's fast variant.
+/// Half the rows have a==b and, independently, half c==d; 4000 seeded rows, split by the hash rule.
+pub fn first_pair_task() -> Splits<ClsExample> {
+    use crate::tasks::equality::N_SYMBOLS;
+    let mut rng = crate::util::rng::Rng::new(0xF1257);
+    let pick_pair = |equal: bool, rng: &mut crate::util::rng::Rng| {
+        let a = rng.below(N_SYMBOLS);
+        let b = if equal { a } else { (a + 1 + rng.below(N_SYMBOLS - 1)) % N_SYMBOLS };
+        (a, b)
+    };
+    let mut all = Vec::with_capacity(4000);
+    let mut seen = std::collections::HashSet::new();
+    while all.len() < 4000 {
+        let (e1, e2) = (rng.uniform() < 0.5, rng.uniform() < 0.5);
+        let (a, b) = pick_pair(e1, &mut rng);
+        let (c, d) = pick_pair(e2, &mut rng);
+        let text = format!("s{a} s{b} s{c} s{d}");
+        if seen.insert(text.clone()) {
+            all.push(ClsExample { text, label: e1 as usize });
+        }
+    }
+    Splits::from_examples(all)
+}
+
 /// Class-balanced subsample of at most `n` examples (round-robin over labels, seeded order), so a
 /// small training budget is not dominated by the majority class.
 pub fn balanced_take(ex: &[ClsExample], n: usize, n_labels: usize, rng: &mut crate::util::rng::Rng) -> Vec<ClsExample> {

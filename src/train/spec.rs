@@ -14,6 +14,8 @@ pub const SENTIMENT_TEMPLATE: &str = "Tweet: {text}\nSentiment (negative or posi
 pub const SENTIMENT_LABEL_WORDS: [&str; 2] = [" negative", " positive"];
 pub const PARITY_TEMPLATE: &str = "Number: {text}\nIs it even or odd? Answer:";
 pub const PARITY_LABEL_WORDS: [&str; 2] = [" even", " odd"];
+pub const FIRST_PAIR_TEMPLATE: &str = "{text} =";
+pub const FIRST_PAIR_LABEL_WORDS: [&str; 2] = ["false", "true"];
 
 fn d_model() -> String {
     "smollm2-135m".into()
@@ -99,7 +101,7 @@ pub struct Spec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// "sentiment" (shipped, fetched), "parity" (synthetic), or a .csv/.jsonl path.
+    /// "sentiment" (shipped, fetched), "parity" or "first-pair" (synthetic), or a .csv/.jsonl path.
     #[serde(default = "d_source")]
     pub source: String,
     /// Label names of a custom classification file (in label-word order).
@@ -238,6 +240,7 @@ impl Spec {
         let (tpl, words): (&str, &[&str]) = match self.data.source.as_str() {
             "sentiment" => (SENTIMENT_TEMPLATE, &SENTIMENT_LABEL_WORDS),
             "parity" => (PARITY_TEMPLATE, &PARITY_LABEL_WORDS),
+            "first-pair" => (FIRST_PAIR_TEMPLATE, &FIRST_PAIR_LABEL_WORDS),
             _ => ("", &[]),
         };
         if self.task.kind == "classify" {
@@ -323,6 +326,7 @@ impl Spec {
         let full = match d.source.as_str() {
             "sentiment" => data::load_sentiment(d.min_confidence, verbose)?,
             "parity" => data::parity_task(),
+            "first-pair" => data::first_pair_task(),
             path => {
                 if d.labels.is_empty() {
                     bail!("data.labels is required for a custom file (label names in label-word order)");

@@ -5,6 +5,7 @@ use super::event::{AltTop, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
 use super::whatif::{self, FormAction, WhatIf};
 use crate::experiment::spec::apply_override;
 use crate::experiment::{RunEvent, Spec};
+use crate::pilot::PilotSpec;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ pub enum Command {
     RefreshRuns,
     OpenRun { dir: PathBuf, slot: Slot },
     QueueRun { job: u64, spec: Box<Spec> },
+    QueuePilot { job: u64, spec: Box<PilotSpec> },
     CancelRun { job: u64 },
     LoadModel { name: String },
     TopK { name: String, prompt: String, k: usize, whatif: Option<WhatIf> },
@@ -73,11 +75,21 @@ pub struct ExperimentEntry {
     /// `--set`-style overrides from the edit form.
     pub overrides: Vec<String>,
     pub spec: Result<Spec, String>,
+    /// A pilot study (`kind = "pilot"`): runs as a whole, no edit form.
+    pub pilot: Option<Result<PilotSpec, String>>,
 }
 
 impl ExperimentEntry {
     pub fn new(path: PathBuf, text: Result<String, String>) -> Self {
-        let mut e = Self { path, text, overrides: vec![], spec: Err(String::new()) };
+        let mut e = Self { path, text, overrides: vec![], spec: Err(String::new()), pilot: None };
+        if let Ok(t) = &e.text {
+            if crate::pilot::is_pilot(t) {
+                let origin = e.file_name();
+                e.pilot = Some(PilotSpec::parse(t, &[]).map_err(|x| format!("{origin}: {x:#}")));
+                e.spec = Err("a pilot study: r runs it; the edit form is for intervention sweeps".into());
+                return e;
+            }
+        }
         e.spec = e.resolve(&[]);
         e
     }
@@ -655,6 +667,11 @@ fn on_job(app: &mut App, id: u64, ev: JobEvent) -> Vec<Command> {
                 let x = (cell * job.steps_per_cell + step) as f64;
                 job.loss.push((x, loss));
             }
+            RunEvent::StageDone { cell, label } => {
+                job.cells_done = cell + 1;
+                job.steps_in_cell = 0;
+                job.push_log(format!("{label}: done"));
+            }
             RunEvent::CellDone { cell, label, iia, logit_diff, .. } => {
                 job.cells_done = cell + 1;
                 job.steps_in_cell = 0;
@@ -823,6 +840,22 @@ fn experiments_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
 
 fn queue_selected(app: &mut App) -> Vec<Command> {
     let Some(e) = app.exp.current() else { return vec![] };
+    if let Some(p) = &e.pilot {
+        let spec = match p {
+            Ok(s) => s.clone(),
+            Err(err) => {
+                app.status = format!("cannot run {}: {}", e.file_name(), err.lines().next().unwrap_or(""));
+                return vec![];
+            }
+        };
+        let id = app.runs.next_id;
+        app.runs.next_id += 1;
+        app.runs.jobs.push(Job::new(id, spec.name.clone()));
+        app.runs.selected = app.runs.jobs.len() - 1;
+        app.status = format!("queued pilot study {} (job {id})", spec.name);
+        app.view = View::Runs;
+        return vec![Command::QueuePilot { job: id, spec: Box::new(spec) }];
+    }
     let spec = match &e.spec {
         Ok(s) => s.clone(),
         Err(err) => {

@@ -38,6 +38,47 @@ pub struct RunData {
     pub examples: Vec<ExampleRow>,
     /// Set when the run failed (error.txt).
     pub error: Option<String>,
+    /// A pilot-study run's tables (None for intervention sweeps).
+    pub pilot: Option<PilotData>,
+}
+
+/// What the results view shows of a pilot study: per-layer ΔM/ΔD curves per method, the
+/// disentanglement table and the fine-tunes.
+#[derive(Debug, Clone, Default)]
+pub struct PilotData {
+    /// (method, layer, ΔM mean, ΔD mean)
+    pub layers: Vec<(String, usize, f64, f64)>,
+    /// (backbone, layer, head, mean eval accuracy, std)
+    pub heads: Vec<(String, usize, String, f64, f64)>,
+    /// (method, trains, % trainable, test accuracy)
+    pub finetunes: Vec<(String, String, f64, f64)>,
+}
+
+impl PilotData {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<Vec<csv::StringRecord>> {
+            let mut r = csv::Reader::from_path(dir.join(name)).with_context(|| format!("cannot read {name}"))?;
+            r.records().map(|x| x.map_err(anyhow::Error::from)).collect()
+        };
+        let num = |r: &csv::StringRecord, i: usize| -> f64 { r.get(i).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN) };
+        let layers = read("delta_by_layer.csv")?.iter().map(|r| (r[0].to_string(), num(r, 1) as usize, num(r, 3), num(r, 10))).collect();
+        let heads = read("disentangle_summary.csv")?.iter().map(|r| (r[0].to_string(), num(r, 1) as usize, r[2].to_string(), num(r, 4), num(r, 5))).collect();
+        let finetunes = read("finetunes.csv")?
+            .iter()
+            .map(|r| (r[0].to_string(), if r[2].is_empty() { r[1].to_string() } else { r[2].to_string() }, num(r, 4), num(r, 10)))
+            .collect();
+        Ok(Self { layers, heads, finetunes })
+    }
+
+    pub fn methods(&self) -> Vec<String> {
+        let mut v: Vec<String> = Vec::new();
+        for (m, ..) in &self.layers {
+            if !v.contains(m) {
+                v.push(m.clone());
+            }
+        }
+        v
+    }
 }
 
 impl RunData {
@@ -50,6 +91,7 @@ impl RunData {
         let metrics_path = dir.join("metrics.csv");
         let metrics = if metrics_path.exists() { outputs::read_metrics(&metrics_path)? } else { vec![] };
         let examples = read_examples(&dir.join("examples.csv")).unwrap_or_default();
+        let pilot = if dir.join("delta_by_layer.csv").exists() { Some(PilotData::load(dir)?) } else { None };
         let experiment = dir.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self {
             info: RunInfo { experiment, dir: dir.to_path_buf(), complete: !dir.join("INCOMPLETE").exists() },
@@ -59,6 +101,7 @@ impl RunData {
             metrics,
             examples,
             error: std::fs::read_to_string(dir.join("error.txt")).ok().map(|s| s.trim().to_string()),
+            pilot,
         })
     }
 

@@ -43,7 +43,11 @@ impl Host {
             Command::RefreshRuns => vec![Event::Runs(data::scan_runs(&self.cfg.out_root))],
             Command::OpenRun { dir, slot } => vec![open_run(&dir, slot)],
             Command::QueueRun { job, spec } => {
-                self.worker.queue(job, *spec);
+                self.worker.queue(job, worker::JobSpec::Sweep(*spec));
+                vec![]
+            }
+            Command::QueuePilot { job, spec } => {
+                self.worker.queue(job, worker::JobSpec::Pilot(*spec));
                 vec![]
             }
             Command::CancelRun { job } => {

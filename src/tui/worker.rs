@@ -11,9 +11,24 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 
+/// What a queued job runs: an intervention sweep or a pilot study.
+pub enum JobSpec {
+    Sweep(Spec),
+    Pilot(crate::pilot::PilotSpec),
+}
+
+impl JobSpec {
+    fn model(&self) -> &str {
+        match self {
+            JobSpec::Sweep(s) => &s.model.name,
+            JobSpec::Pilot(p) => &p.model,
+        }
+    }
+}
+
 struct RunJob {
     id: u64,
-    spec: Spec,
+    spec: JobSpec,
     cancel: Arc<AtomicBool>,
 }
 
@@ -67,7 +82,16 @@ impl Worker {
                     let opts = RunOptions { shard: None, cancel: job.cancel.clone() };
                     let mut sink = JobSink { id: job.id, tx: ui.clone() };
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        ensure_local(&job.spec.model.name).and_then(|_| experiment::run(&job.spec, &opts, &mut sink))
+                        ensure_local(job.spec.model()).and_then(|_| match &job.spec {
+                            JobSpec::Sweep(s) => experiment::run(s, &opts, &mut sink).map(|_| ()),
+                            JobSpec::Pilot(p) => {
+                                let po = crate::pilot::PilotOptions { fresh: false, cancel: Some(job.cancel.clone()) };
+                                match crate::pilot::run_pilot(p, po, &mut sink) {
+                                    Err(e) if e.downcast_ref::<crate::pilot::run::Cancelled>().is_some() => Ok(()),
+                                    r => r.map(|_| ()),
+                                }
+                            }
+                        })
                     }))
                     .unwrap_or_else(|p| Err(anyhow::anyhow!("the run panicked: {}", panic_text(&p))));
                     if let Err(e) = result {
@@ -101,7 +125,7 @@ impl Worker {
         Worker { runs: rtx, models: mtx, cancels: HashMap::new() }
     }
 
-    pub fn queue(&mut self, id: u64, spec: Spec) {
+    pub fn queue(&mut self, id: u64, spec: JobSpec) {
         let cancel = Arc::new(AtomicBool::new(false));
         self.cancels.insert(id, cancel.clone());
         let _ = self.runs.send(RunJob { id, spec, cancel });

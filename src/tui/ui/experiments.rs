@@ -21,6 +21,16 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
         .iter()
         .map(|e| {
             let edited = if e.overrides.is_empty() { "" } else { "*" };
+            if let Some(Ok(p)) = &e.pilot {
+                return ListItem::new(cols(&p.name, "pilot study", &p.model, &p.data.source));
+            }
+            let err_of_pilot = e.pilot.as_ref().and_then(|p| p.as_ref().err());
+            if let Some(err) = err_of_pilot {
+                return ListItem::new(Line::from(vec![
+                    Span::raw(format!("{:<wn$} ", trunc(&e.file_name(), wn))),
+                    Span::styled(trunc(&format!("✗ {}", err.lines().last().unwrap_or("")), inner.saturating_sub(wn + 1)), t.error()),
+                ]));
+            }
             match &e.spec {
                 Ok(sp) => ListItem::new(cols(&format!("{}{edited}", sp.name), &sp.intervention.kind, &sp.model.name, &sp.task.name)),
                 Err(err) => ListItem::new(Line::from(vec![
@@ -42,6 +52,23 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
     let hint = Line::from(Span::styled("Enter spec · e edit · r run · R reload", t.dim()));
     match s.current() {
         None => f.render_widget(Paragraph::new("no experiments").block(Block::bordered()), detail),
+        Some(e) if e.pilot.is_some() => {
+            let lines: Vec<Line> = match e.pilot.as_ref().expect("checked") {
+                Ok(p) if s.show_spec => p.to_toml().unwrap_or_default().lines().map(|l| Line::from(l.to_string())).collect(),
+                Ok(p) => vec![
+                    Line::from(trunc(&p.description, detail.width.saturating_sub(2) as usize)),
+                    Line::from(Span::styled(
+                        format!("pilot study · methods {} · swap {} · r runs it (fine-tunes are cached)", p.methods.iter().map(|m| m.label.as_str()).collect::<Vec<_>>().join(","), p.swap.models.join(",")),
+                        t.dim(),
+                    )),
+                ],
+                Err(err) => err.lines().map(|l| Line::from(Span::styled(l.to_string(), t.error()))).collect(),
+            };
+            f.render_widget(
+                Paragraph::new(lines).wrap(Wrap { trim: false }).scroll((s.spec_scroll, 0)).block(Block::bordered().title(format!(" {} ", e.file_name())).title_bottom(hint)),
+                detail,
+            );
+        }
         Some(e) if s.show_spec => {
             let text = match &e.spec {
                 Ok(sp) => {

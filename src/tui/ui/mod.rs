@@ -4,6 +4,7 @@ mod experiments;
 pub mod heatmap;
 mod help;
 mod model;
+mod pilot;
 mod results;
 mod runs;
 pub mod theme;

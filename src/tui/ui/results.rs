@@ -55,6 +55,9 @@ pub fn picker(app: &App, f: &mut Frame, area: Rect, title: &str, sel: Option<usi
 }
 
 fn open(app: &App, f: &mut Frame, area: Rect, d: &RunData) {
+    if let Some(p) = &d.pilot {
+        return super::pilot::draw(app, f, area, d, p);
+    }
     let t = theme(app);
     let r = &app.results;
     let [head, body] = Layout::vertical([Constraint::Length(1), Constraint::Min(3)]).areas(area);

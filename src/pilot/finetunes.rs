@@ -1,0 +1,116 @@
+//! The study's fine-tunes, cached: each method is a `road finetune` spec whose resolved TOML
+//! (plus the crate version) hashes to a folder under `$ROAD_CACHE/finetunes/`. A re-run loads the
+//! finished fine-tune from there instead of training again (unless `--fresh`). Training writes
+//! into the cache and the study always reads back from it, so both paths give the same model.
+use super::spec::{PilotMethod, PilotSpec};
+use crate::experiment::outputs::short_hash;
+use crate::model::{load, LinearAdapter, Llama};
+use crate::road::AnyAdapter;
+use crate::tokenizer::Tok;
+use crate::train::run::{finetune_and_test, Summary};
+use anyhow::{Context, Result};
+use candle_core::DType;
+use std::path::PathBuf;
+
+/// One method's result, as recorded in `finetunes.csv` / `road_ablation.csv`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FtRecord {
+    pub method: String,
+    pub kind: String,
+    /// RoAd: which of θ/α trained ("both", "angle", "magnitude"); empty otherwise.
+    pub trains: String,
+    pub trainable_params: usize,
+    pub trainable_pct: f64,
+    pub steps: usize,
+    pub lr: f64,
+    pub best_step: usize,
+    pub train_secs: f64,
+    pub dev_accuracy: f64,
+    pub test_accuracy: f64,
+    pub test_majority: f64,
+    pub test_n: usize,
+    pub seed: u64,
+    /// The cache key (resolved finetune spec hash).
+    pub hash: String,
+    /// Whether this run loaded it from the cache.
+    #[serde(default)]
+    pub cached: bool,
+}
+
+pub struct Tuned {
+    pub record: FtRecord,
+    full: Option<Llama>,
+    adapter: Option<AnyAdapter>,
+}
+
+impl Tuned {
+    pub fn model<'a>(&'a self, base: &'a Llama) -> &'a Llama {
+        self.full.as_ref().unwrap_or(base)
+    }
+    pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
+        self.adapter.as_ref().map(|a| a as &dyn LinearAdapter)
+    }
+}
+
+pub fn cache_root() -> PathBuf {
+    crate::fetch::cache_dir().join("finetunes")
+}
+
+/// Train (or load from the cache) the fine-tune of method `m`.
+pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, tok: &Tok, fresh: bool) -> Result<Tuned> {
+    let ft = spec.finetune_spec(m)?;
+    let text = ft.to_toml()?;
+    let hash = short_hash(&format!("{text}\nroad-dii {}", env!("CARGO_PKG_VERSION")));
+    let dir = cache_root().join(format!("{}-{hash}", ft.name));
+    let record_path = dir.join("record.json");
+    let cached = !fresh && record_path.exists();
+    if !cached {
+        // Train into a private folder and rename it into place, so an interrupted run never
+        // leaves a half-written fine-tune that a later run would take for finished.
+        let tmp = cache_root().join(format!(".{}-{hash}.partial-{}", ft.name, std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::write(tmp.join("config.toml"), &text)?;
+        eprintln!("[{}] fine-tuning ({} steps); cache {}", m.label, ft.train.steps, dir.display());
+        let s: Summary = finetune_and_test(&ft, base, tok, &tmp, false)?;
+        let test = s.test.context("the fine-tune has no test metrics (classification tasks only)")?;
+        let mk = &ft.method;
+        let record = FtRecord {
+            method: m.label.clone(),
+            kind: mk.kind.clone(),
+            trains: if mk.kind == "road" { mk.train.clone() } else { String::new() },
+            trainable_params: s.trainable_params,
+            trainable_pct: s.trainable_pct,
+            steps: s.steps,
+            lr: ft.train.lr,
+            best_step: s.best_step,
+            train_secs: s.train_secs,
+            dev_accuracy: s.dev_accuracy.unwrap_or(f64::NAN),
+            test_accuracy: test.accuracy,
+            test_majority: test.majority,
+            test_n: test.n,
+            seed: s.seed,
+            hash: hash.clone(),
+            cached: false,
+        };
+        std::fs::write(tmp.join("record.json"), serde_json::to_string_pretty(&record)?)?;
+        // Optimizer moments are only for resuming; a finished fine-tune does not need them.
+        let _ = std::fs::remove_dir_all(tmp.join("checkpoint"));
+        if fresh {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        std::fs::rename(&tmp, &dir).with_context(|| format!("cannot move {} to {}", tmp.display(), dir.display()))?;
+    } else {
+        eprintln!("[{}] reusing the cached fine-tune {}", m.label, dir.display());
+    }
+    let mut record: FtRecord = serde_json::from_str(&std::fs::read_to_string(&record_path)?)
+        .with_context(|| format!("{} is damaged; re-run with --fresh", record_path.display()))?;
+    record.cached = cached;
+    let saved = dir.join("adapter");
+    let (full, adapter) = if ft.method.kind == "full" {
+        (Some(load::load_hf_dir(&saved, DType::F32, base.device())?.model), None)
+    } else {
+        (None, Some(AnyAdapter::load(&saved, &base.cfg, base.device())?))
+    };
+    Ok(Tuned { record, full, adapter })
+}
