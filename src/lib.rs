@@ -9,6 +9,7 @@ pub mod generate;
 pub mod intervene;
 pub mod model;
 pub mod road;
+pub mod runtime;
 pub mod tasks;
 pub mod tiny_model;
 pub mod tokenizer;

@@ -4,7 +4,9 @@
 //! and more backward (reshape/narrow/cat of rotate-half); fused, it is one parallel pass each way.
 //! Pairing: within each group of `g` dims, `j < g/2` pairs with `j + g/2`;
 //! `rot(h)_j = −h_{j+g/2}` (first half), `+h_{j−g/2}` (second half).
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+#[cfg(test)]
+use candle_core::Device;
 use rayon::prelude::*;
 
 struct RoadOp {
@@ -108,10 +110,14 @@ impl CustomOp3 for RoadOp {
     }
 }
 
-/// Fused `f ⊙ h + s ⊙ rot(h)` for f32 on CPU with `f`, `s` of shape `[d]`; None when it does not
-/// apply (the caller then uses the composed `Rotation::apply`).
+/// Fused `f ⊙ h + s ⊙ rot(h)` with `f`, `s` of shape `[d]`: this CPU op for f32 (with its
+/// backward), or on CUDA the inference kernel of `fused_cuda`; None when neither applies (the
+/// caller then uses the composed, device-generic `Rotation::apply`).
 pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
-    let ok = matches!(h.device(), Device::Cpu)
+    if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
+        return Ok(Some(z));
+    }
+    let ok = crate::runtime::cpu_fast_path(h.device())
         && h.dtype() == DType::F32
         && first.dtype() == DType::F32
         && second.dtype() == DType::F32
@@ -129,7 +135,10 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
 /// Fused apply with per-batch-row columns `[b, 1, d]` for `h` of shape `[b, t, d]` (inference:
 /// mixed-adapter batches). None when it does not apply or `h` carries gradients.
 pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
-    let ok = matches!(h.device(), Device::Cpu)
+    if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
+        return Ok(Some(z));
+    }
+    let ok = crate::runtime::cpu_fast_path(h.device())
         && !h.track_op()
         && h.dtype() == DType::F32
         && first.dtype() == DType::F32
