@@ -27,7 +27,7 @@ pub fn greedy_with(
         &[prompt.to_vec()],
         Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
     )?;
-    let mut next = argmax(&out.logits.expect("requested logits").get(0)?.to_vec1::<f32>()?);
+    let mut next = argmax_rows(&out.logits.expect("requested logits"))?[0];
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut tokens = Vec::with_capacity(max_tokens);
@@ -43,9 +43,20 @@ pub fn greedy_with(
             &[vec![next]],
             Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
         )?;
-        next = argmax(&out.logits.expect("requested logits").get(0)?.to_vec1::<f32>()?);
+        next = argmax_rows(&out.logits.expect("requested logits"))?[0];
     }
     Ok(Generated { tokens, prefill_secs, decode_secs: t1.elapsed().as_secs_f64() })
+}
+
+/// Per-row argmax of `[b, vocab]` logits, any dtype. On the CPU the logits are read directly
+/// (first index on ties, like torch.argmax); on a GPU the argmax runs there and only `b` ids
+/// cross to the host instead of `b × vocab` logits each step.
+pub fn argmax_rows(logits: &candle_core::Tensor) -> Result<Vec<u32>> {
+    if logits.device().is_cpu() {
+        let lg = logits.to_dtype(candle_core::DType::F32)?;
+        return (0..lg.dim(0)?).map(|i| Ok(argmax(&lg.get(i)?.to_vec1::<f32>()?))).collect();
+    }
+    Ok(logits.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?)
 }
 
 /// Index of the largest value (first one on ties, like torch.argmax).
@@ -110,7 +121,7 @@ pub fn greedy_batch(
         Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
     )?;
     let lg = out.logits.expect("requested logits");
-    let mut next: Vec<u32> = (0..b).map(|i| Ok(argmax(&lg.get(i)?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+    let mut next: Vec<u32> = argmax_rows(&lg)?;
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); b];
@@ -137,7 +148,7 @@ pub fn greedy_batch(
             Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
         )?;
         let lg = out.logits.expect("requested logits");
-        next = (0..b).map(|i| Ok(argmax(&lg.get(i)?.to_vec1::<f32>()?))).collect::<Result<_>>()?;
+        next = argmax_rows(&lg)?;
         steps += 1;
     }
     Ok(BatchGenerated { tokens, prefill_secs, decode_secs: t1.elapsed().as_secs_f64(), decode_steps: steps })

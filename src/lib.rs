@@ -11,6 +11,7 @@ pub mod model;
 pub mod pilot;
 pub mod probe;
 pub mod road;
+pub mod runtime;
 pub mod tasks;
 pub mod tiny_model;
 pub mod tokenizer;

@@ -188,7 +188,7 @@ pub fn hf_config_json(cfg: &LlamaConfig) -> serde_json::Value {
 }
 
 /// HF tensor names and shapes of a tied LLaMA, in a fixed order.
-fn param_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+pub fn param_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
     let (hq, hkv, f) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d])];
@@ -313,7 +313,9 @@ pub fn train(opts: &TrainOpts) -> Result<Trained> {
 
 fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let start = std::time::Instant::now();
-    let device = Device::Cpu;
+    // CPU unless --device says otherwise: the checked-in tiny model is reproduced bit for bit
+    // on the CPU, and a model this small gains nothing from a GPU.
+    let device = crate::runtime::device_for("cpu")?;
     let cfg = llama_config(&opts.arch)?;
     let tokenizer = build_tokenizer()?;
     let tok = Tok::from_tokenizer(tokenizer.clone(), None, vec![]);

@@ -20,47 +20,37 @@ pub struct Cli {
     /// Without a subcommand, `road` opens the terminal workbench (`road tui`).
     #[command(subcommand)]
     pub cmd: Option<Cmd>,
+    /// Where tensors live: auto (CUDA when built with it and a GPU is visible, else CPU), cpu,
+    /// or cuda[:N]. Applies to every command; overrides an experiment spec's `model.device`.
+    #[arg(long, global = true, value_name = "auto|cpu|cuda[:N]")]
+    pub device: Option<String>,
+    /// Weight/activation dtype: f32, bf16 or f16 (default f32, or the spec's `model.dtype`).
+    /// Losses, metrics and trained adapter parameters stay f32.
+    #[arg(long, global = true, value_name = "f32|bf16|f16")]
+    pub dtype: Option<String>,
 }
 
-/// Options shared by every command that loads a model.
+/// Options shared by every command that loads a model (device and dtype are global flags).
 #[derive(Args, Clone)]
 pub struct ModelArgs {
     /// Registered name (smollm2-135m), a model in data/models/, a .gguf file, or a HF checkpoint dir.
     #[arg(long, default_value = "smollm2-135m")]
     pub model: String,
-    /// cpu, or cuda[:N] when built with the `cuda` feature.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// Weight/activation dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
 }
 
 impl ModelArgs {
     pub fn device(&self) -> Result<Device> {
-        parse_device(&self.device)
+        crate::runtime::device_for("auto")
     }
     pub fn dtype(&self) -> Result<DType> {
-        load::parse_dtype(&self.dtype)
+        crate::runtime::dtype_for("f32")
     }
     pub fn load(&self) -> Result<load::Loaded> {
         registry::load(&self.model, self.dtype()?, &self.device()?, true)
     }
 }
 
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let idx: usize = s.strip_prefix("cuda:").map(|n| n.parse()).transpose()?.unwrap_or(0);
-            if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this build has no CUDA support (build with `--features cuda`)");
-            }
-            Ok(Device::new_cuda(idx)?)
-        }
-        _ => bail!("unknown device {s:?} (expected cpu or cuda[:N])"),
-    }
-}
+pub use crate::runtime::parse_device;
 
 #[derive(Subcommand)]
 pub enum Cmd {
@@ -157,6 +147,13 @@ pub enum BenchCmd {
         reps: usize,
         #[arg(long, default_value_t = 64)]
         decode_tokens: usize,
+        /// Random weights in a preset shape instead of --model: 7b (LLaMA-2-7B), 1b, smollm2
+        /// (throughput does not depend on weight values; no files needed).
+        #[arg(long, value_name = "7b|1b|smollm2")]
+        random_config: Option<String>,
+        /// Prefill shapes as BxT, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1x32,16x32")]
+        shapes: Vec<String>,
     },
     /// Activation-patching sweep (every layer x position of one IOI template): cells/s.
     Patching {
@@ -203,6 +200,11 @@ pub enum BenchCmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // Parsed once, here: a bad --device fails before any work, and library code reads the
+    // choice through `runtime::device_for` instead of threading it through every call.
+    let device = cli.device.as_deref().map(parse_device).transpose()?;
+    let dtype = cli.dtype.as_deref().map(crate::runtime::parse_dtype).transpose()?;
+    crate::runtime::set_choice(device, dtype);
     let Some(cmd) = cli.cmd else { return crate::tui::run_tui() };
     match cmd {
         Cmd::Tui => crate::tui::run_tui()?,
@@ -246,7 +248,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {
-            BenchCmd::Forward { m, reps, decode_tokens } => bench::forward(&m, reps, decode_tokens)?,
+            BenchCmd::Forward { m, reps, decode_tokens, random_config, shapes } => {
+                bench::forward(&m, random_config.as_deref(), &shapes, reps, decode_tokens)?
+            }
             BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::das(&m, layer, steps, batch)?,
             BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats } => {

@@ -4,7 +4,6 @@ use crate::model::load;
 use crate::tasks::equality::{Variable, POSITIONS};
 use crate::tiny_model::{self, TinyArch, TrainOpts};
 use anyhow::{bail, Result};
-use candle_core::Device;
 use clap::Args;
 use std::path::PathBuf;
 
@@ -71,7 +70,7 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
     let tr = tiny_model::train(&opts)?;
     tiny_model::save(&tr, &a.out)?;
     // Round trip: the saved directory must load through the ordinary HF loader and score the same.
-    let l = load::load_hf_dir(&a.out, candle_core::DType::F32, &Device::Cpu)?;
+    let l = load::load_hf_dir(&a.out, candle_core::DType::F32, tr.model.device())?;
     let check = tiny_model::accuracy(&l.model, &l.tok, 1000, 12345)?;
     let orig = tiny_model::accuracy(&tr.model, &tr.tok, 1000, 12345)?;
     if (check - orig).abs() > 1e-9 {
@@ -103,7 +102,7 @@ pub struct TinyPatchArgs {
 }
 
 pub fn tiny_patch(a: &TinyPatchArgs) -> Result<()> {
-    let m = ModelArgs { model: a.model.clone(), device: "cpu".into(), dtype: "f32".into() };
+    let m = ModelArgs { model: a.model.clone() };
     let l = m.load()?;
     let vars: Vec<Variable> = if a.variable == "all" { Variable::ALL.to_vec() } else { vec![Variable::parse(&a.variable)?] };
     let mut all = Vec::new();

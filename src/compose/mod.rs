@@ -14,7 +14,6 @@ use crate::train::schedule::{Decay, Schedule};
 use crate::train::spec::{apply_overrides, PARITY_LABEL_WORDS, PARITY_TEMPLATE, SENTIMENT_LABEL_WORDS, SENTIMENT_TEMPLATE};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use hook::{half_masks, RoadIntervention};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -141,7 +140,7 @@ pub struct ComposeRow {
 pub fn run_compose(spec_path: &Path, overrides: &[String]) -> Result<PathBuf> {
     let spec = load_spec(spec_path, overrides)?;
     let site = Site::parse(&spec.site)?;
-    let l = registry::load(&spec.model, DType::F32, &Device::Cpu, true)?;
+    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
     let (model, tok) = (&l.model, &l.tok);
     if spec.layer >= model.cfg.num_layers {
         bail!("layer {} out of range (model has {} blocks)", spec.layer, model.cfg.num_layers);

@@ -91,10 +91,20 @@ fn reuse_prefix(
     }
     let n_layers = model.cfg.num_layers;
     let mut layers: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layers];
+    let rows = match cache.base_kv_rows {
+        Some(_) => Some(Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?),
+        None => None,
+    };
     for l in cell.layer..n_layers {
-        let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
-        let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
-        layers[l] = Some((Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?));
+        layers[l] = Some(match (cache.base_kv_rows, &rows) {
+            // One gather per layer for the whole batch.
+            (Some(kv), Some(r)) => (kv[l].0.index_select(r, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(r, 0)?.narrow(2, 0, p)?),
+            _ => {
+                let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
+                let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
+                (Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?)
+            }
+        });
     }
     let mut kv = crate::model::KvCache::from_layers(layers);
     let x0 = Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
@@ -134,18 +144,18 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
     let (mut hit_v, mut hit_a, mut ld_sum) = (0usize, 0usize, 0f64);
     // Units whose source vector equals the base's leave an interchange without effect: their
     // output is the clean base run's (e.g. every position before the first token that differs).
-    let same: Vec<bool> = (0..n)
-        .map(|i| -> Result<bool> {
-            if !iv.identity_on_equal() {
-                return Ok(false);
-            }
-            let d = (&cache.source_vec[i] - &cache.base_vec[i])?.abs()?.max(0)?.to_scalar::<f32>()?;
-            Ok(d == 0.0)
-        })
-        .collect::<Result<_>>()?;
+    // One comparison and one transfer for all pairs (not one device round trip per pair).
+    let same: Vec<bool> = if iv.identity_on_equal() {
+        let d = (Tensor::stack(&cache.source_vec, 0)? - Tensor::stack(&cache.base_vec, 0)?)?.abs()?.max(1)?;
+        d.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(|x| x == 0.0).collect()
+    } else {
+        vec![false; n]
+    };
     let mut rows: Vec<(usize, Vec<f32>)> = Vec::with_capacity(n);
-    for (i, _) in same.iter().enumerate().filter(|(_, s)| **s) {
-        rows.push((i, cache.base_logits[i].to_vec1::<f32>()?));
+    let same_idx: Vec<usize> = (0..n).filter(|&i| same[i]).collect();
+    if !same_idx.is_empty() {
+        let stacked = Tensor::stack(&same_idx.iter().map(|&i| cache.base_logits[i]).collect::<Vec<_>>(), 0)?;
+        rows.extend(same_idx.into_iter().zip(stacked.to_vec2::<f32>()?));
     }
     for group in groups(cache, pairs) {
         let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i]).collect();

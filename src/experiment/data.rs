@@ -169,6 +169,10 @@ pub struct SplitCache {
     base_input: Vec<HashMap<usize, Tensor>>,
     /// Per pair: per layer (k, v) `[n_kv, t, head_dim]`.
     base_kv: Vec<Vec<(Tensor, Tensor)>>,
+    /// When every base prompt has the same length: per layer (k, v) `[n_pairs, n_kv, t, hd]`,
+    /// row i = pair i, so a batch's clean prefix is one gather per layer instead of one copy
+    /// per pair (on a GPU, one kernel launch instead of dozens).
+    base_kv_rows: Option<Vec<(Tensor, Tensor)>>,
     /// Per pair: (layer, site) -> activation `[t, w]` (f32).
     base_act: Vec<HashMap<(usize, Site), Tensor>>,
     /// Per pair: the clean base run's last-position logits `[vocab]` (f32).
@@ -191,7 +195,11 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
         base_act: vec![HashMap::new(); n],
         base_logits: vec![None; n],
         source_act: vec![HashMap::new(); n],
+        base_kv_rows: None,
     };
+    // Per-group KV of the base runs, in pair order when all base prompts share one length.
+    let mut group_kv: Vec<Vec<(Tensor, Tensor)>> = Vec::new();
+    let uniform = pairs.windows(2).all(|w| w[0].base.ids.len() == w[1].base.ids.len());
     for is_base in [true, false] {
         let prompts: Vec<&crate::tasks::Prompt> = pairs.iter().map(|p| if is_base { &p.base } else { &p.source }).collect();
         for group in by_length(&prompts) {
@@ -229,7 +237,21 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
                         .collect::<Result<_>>()?;
                 }
             }
+            if is_base && uniform {
+                group_kv.push((0..model.cfg.num_layers).map(|l| kv.layer(l).expect("cache filled").clone()).collect());
+            }
         }
+    }
+    if uniform && !group_kv.is_empty() {
+        // by_length keeps pair order within one length, so concatenated groups are rows 0..n.
+        let rows = (0..model.cfg.num_layers)
+            .map(|l| {
+                let ks: Vec<&Tensor> = group_kv.iter().map(|g| &g[l].0).collect();
+                let vs: Vec<&Tensor> = group_kv.iter().map(|g| &g[l].1).collect();
+                Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        sc.base_kv_rows = Some(rows);
     }
     Ok(sc)
 }
@@ -240,6 +262,8 @@ pub struct CellCache<'a> {
     pub base_input: Vec<Tensor>,
     /// Per pair, all layers: clean (k, v), so positions before the intervened one are reused.
     pub base_kv: Vec<&'a [(Tensor, Tensor)]>,
+    /// The same, stacked over pairs per layer (`[n_pairs, n_kv, t, hd]`), when available.
+    pub base_kv_rows: Option<&'a [(Tensor, Tensor)]>,
     /// `[w]` per pair at the intervened position.
     pub base_vec: Vec<Tensor>,
     pub source_vec: Vec<Tensor>,
@@ -250,7 +274,15 @@ pub struct CellCache<'a> {
 
 impl SplitCache {
     pub fn cell(&self, pairs: &[Pair], layer: usize, site: Site, position: &str) -> Result<CellCache<'_>> {
-        let mut c = CellCache { base_input: vec![], base_kv: vec![], base_vec: vec![], source_vec: vec![], base_pos: vec![], base_logits: vec![] };
+        let mut c = CellCache {
+            base_input: vec![],
+            base_kv: vec![],
+            base_kv_rows: self.base_kv_rows.as_deref(),
+            base_vec: vec![],
+            source_vec: vec![],
+            base_pos: vec![],
+            base_logits: vec![],
+        };
         for (i, p) in pairs.iter().enumerate() {
             let (pb, ps) = (p.base.position(position)?, p.source.position(position)?);
             c.base_input.push(self.base_input[i][&layer].clone());

@@ -7,7 +7,7 @@ use super::figures;
 use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
 use super::spec::Spec;
 use crate::intervene::{self, ApplyCtx};
-use crate::model::{load, registry, Llama, Site};
+use crate::model::{registry, Llama, Site};
 use crate::tasks::Split;
 use anyhow::{bail, Context, Result};
 use candle_core::Tensor;
@@ -105,8 +105,8 @@ pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSum
 }
 
 fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::path::Path, t0: std::time::Instant) -> Result<RunSummary> {
-    let device = crate::cli::parse_device(&spec.model.device)?;
-    let loaded = registry::load(&spec.model.name, load::parse_dtype(&spec.model.dtype)?, &device, true)
+    let device = crate::runtime::device_for(&spec.model.device)?;
+    let loaded = registry::load(&spec.model.name, crate::runtime::dtype_for(&spec.model.dtype)?, &device, true)
         .with_context(|| format!("loading model {:?}", spec.model.name))?;
     let (model, tok) = (&loaded.model, &loaded.tok);
     let layers = spec.layer_list(model.cfg.num_layers)?;

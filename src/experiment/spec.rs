@@ -38,7 +38,7 @@ fn default_dtype() -> String {
     "f32".into()
 }
 fn default_device() -> String {
-    "cpu".into()
+    "auto".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

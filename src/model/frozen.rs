@@ -36,8 +36,10 @@ impl CustomOp1 for FrozenLinear {
 }
 
 /// `x @ Wᵀ` with a gradient for `x` only, when it applies (f32 on CPU, W not a trained `Var`).
+/// Elsewhere (CUDA, or generic ops forced) the caller uses candle's matmul, whose backward also
+/// computes the unused weight gradient: correct, just more work.
 pub fn try_frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
-    if w.is_variable() || !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    if w.is_variable() || !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Ok(None);
     }
     // Only worth it when x carries a gradient; otherwise a plain matmul tracks nothing anyway.

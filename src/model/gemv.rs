@@ -2,16 +2,17 @@
 //! AVX2/FMA matrix-vector product over the `[out, in]` weight, split across threads. candle's
 //! general GEMM reaches ~16 GB/s on these shapes; this reaches ~24 GB/s, which is decode speed.
 use anyhow::Result;
-use candle_core::{DType, Device, Storage, Tensor};
+use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which the gemv path wins over GEMM.
 const MAX_ROWS: usize = 4;
 
 /// `x @ wᵀ` for `x` of shape `[..., in]` with at most `MAX_ROWS` rows, or None when the fast path
-/// does not apply (non-CPU, non-f32, too many rows, no AVX2/FMA).
+/// does not apply (non-CPU or generic ops forced, non-f32, too many rows, no AVX2/FMA); the
+/// caller then uses the device-generic matmul.
 pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Ok(None);
     }
     #[cfg(target_arch = "x86_64")]

@@ -276,7 +276,7 @@ impl Llama {
             }
             pos.extend_from_slice(&rp[past..]);
         }
-        let (cos, sin) = self.rope_tables(&pos, b, t)?;
+        let rope = self.rope_tables(&pos, b, t)?;
         // A single new token with no padding may attend to everything: no mask needed (decode).
         let mask = if t == 1 && mask_rows.iter().all(|r| r.iter().all(|&m| m == 1)) {
             None
@@ -329,7 +329,7 @@ impl Llama {
             let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let heads = self.attention(&q, &k, &v, &cos, &sin, mask.as_ref(), layer_cache, b, t, differentiable)?;
+            let heads = self.attention(&q, &k, &v, &rope, mask.as_ref(), layer_cache, b, t, differentiable)?;
             let heads = site(Site::HeadOutput, heads)?;
             let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
             x = site(Site::ResidMid, (x + attn)?)?;
@@ -345,18 +345,18 @@ impl Llama {
             LogitsAt::All => Some(hidden.broadcast_matmul(&self.lm_head.t()?)?),
             LogitsAt::Last => {
                 // Last real token per row (right padding leaves trailing zeros in the mask).
+                // One gather over the flattened `[b·t, d]` rows (not b slices + a stack: on a GPU
+                // each slice is a kernel launch, every decode step).
                 let idx: Vec<u32> = mask_rows
                     .iter()
-                    .map(|r| {
+                    .enumerate()
+                    .map(|(bi, r)| {
                         let last = r[past..].iter().rposition(|&m| m == 1).unwrap_or(t - 1);
-                        last as u32
+                        (bi * t + last) as u32
                     })
                     .collect();
-                let mut rows = Vec::with_capacity(b);
-                for (bi, &i) in idx.iter().enumerate() {
-                    rows.push(hidden.get(bi)?.get(i as usize)?);
-                }
-                let last = Tensor::stack(&rows, 0)?;
+                let idx = Tensor::from_vec(idx, b, &self.device)?;
+                let last = hidden.reshape((b * t, self.cfg.hidden_size))?.index_select(&idx, 0)?;
                 Some(self.linear(&self.lm_head, &last, differentiable)?)
             }
         };
@@ -372,7 +372,16 @@ impl Llama {
         } else if let Some(y) = super::frozen::try_frozen_linear(x, w)? {
             return Ok(y);
         }
-        Ok(x.broadcast_matmul(&w.t()?)?)
+        // One GEMM over all rows: a `[b, t, in]` batch as `[b·t, in]`. broadcast_matmul would
+        // run b small GEMMs against a stride-0 weight, which on CUDA is a strided-batched call
+        // far from peak for short sequences.
+        let dims = x.dims();
+        let in_d = *dims.last().expect("rank >= 1");
+        let rows = x.elem_count() / in_d.max(1);
+        let y = x.reshape((rows, in_d))?.matmul(&w.t()?)?;
+        let mut shape = dims.to_vec();
+        *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
+        Ok(y.reshape(shape)?)
     }
 
     fn rms(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
@@ -384,23 +393,24 @@ impl Llama {
         })
     }
 
-    /// cos/sin tables `[b, 1, t, head_dim]` (rotate-half layout) for the given positions.
-    fn rope_tables(&self, pos: &[u32], b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    /// cos/sin tables `[b, t, head_dim/2]` for the given positions (one copy to the device per
+    /// forward call, not per layer).
+    fn rope_tables(&self, pos: &[u32], b: usize, t: usize) -> Result<Rope> {
         let hd = self.cfg.head_dim;
-        let mut cos = Vec::with_capacity(pos.len() * hd);
-        let mut sin = Vec::with_capacity(pos.len() * hd);
+        let mut cos = Vec::with_capacity(pos.len() * hd / 2);
+        let mut sin = Vec::with_capacity(pos.len() * hd / 2);
         for &p in pos {
             // f32 products like transformers (inv_freq @ position_ids in float32).
-            let ang: Vec<f32> = self.inv_freq.iter().map(|f| f * p as f32).collect();
-            for _ in 0..2 {
-                cos.extend(ang.iter().map(|a| a.cos()));
-                sin.extend(ang.iter().map(|a| a.sin()));
+            let ang = self.inv_freq.iter().map(|f| f * p as f32);
+            for a in ang {
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let shape = (b, 1, t, hd);
+        let shape = (b, t, hd / 2);
         let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
         let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
+        Ok(Rope { cos, sin })
     }
 
     /// Additive mask `[b, 1, t, past+t]`: causal, and padding keys excluded.
@@ -408,13 +418,14 @@ impl Llama {
         let total = past + t;
         let b = rows.len();
         let mut m = vec![0f32; b * t * total];
+        let neg = crate::runtime::mask_neg(self.dtype);
         for (bi, row) in rows.iter().enumerate() {
             for qi in 0..t {
                 let qpos = past + qi;
                 for (kj, &keep) in row.iter().enumerate() {
                     if kj > qpos || keep == 0 {
                         // Large finite value, so a fully padded query row stays finite.
-                        m[(bi * t + qi) * total + kj] = -1e30;
+                        m[(bi * t + qi) * total + kj] = neg;
                     }
                 }
             }
@@ -428,8 +439,7 @@ impl Llama {
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &Rope,
         mask: Option<&Tensor>,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         b: usize,
@@ -440,8 +450,8 @@ impl Llama {
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
+        let q = rope.apply(&q, differentiable)?;
+        let k = rope.apply(&k, differentiable)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let kv = match slot.take() {
@@ -474,11 +484,26 @@ impl Llama {
     }
 }
 
-/// Rotate-half RoPE from differentiable primitives (candle's fused `rope` has no backward).
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let hd = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+/// Per-call RoPE tables, `[b, t, head_dim/2]` (rotate-half layout).
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// RoPE on `[b, heads, t, head_dim]`. Inference uses candle's fused kernel (CPU and CUDA:
+    /// one launch instead of ~6 per call); training composes differentiable primitives, since
+    /// the fused op has no backward.
+    fn apply(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if !differentiable {
+            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?);
+        }
+        let hd = x.dim(D::Minus1)?;
+        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
+        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
+        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
+    }
 }

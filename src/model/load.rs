@@ -18,14 +18,7 @@ pub struct Loaded {
     pub format: &'static str,
 }
 
-pub fn parse_dtype(s: &str) -> Result<DType> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        _ => bail!("unsupported dtype {s:?} (expected f32, bf16 or f16)"),
-    }
-}
+pub use crate::runtime::parse_dtype;
 
 /// Load a `.gguf` file or a HF directory (already resolved to a path).
 pub fn load_path(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {

@@ -4,6 +4,7 @@ pub mod frozen;
 pub mod gemv;
 pub mod llama;
 pub mod load;
+pub mod random;
 pub mod registry;
 pub mod sites;
 

@@ -14,7 +14,7 @@ use crate::train::cls::{self, encode_prompt, Scorer};
 use crate::train::data::{balanced_take, ClsExample};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -107,7 +107,8 @@ pub fn run_pilot(spec: &PilotSpec, opts: PilotOptions, sink: &mut dyn Sink) -> R
 }
 
 fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &std::path::Path, t0: Instant) -> Result<PilotResult> {
-    let loaded = registry::load(&spec.model, DType::F32, &Device::Cpu, true)?;
+    // f32 whatever --dtype says: the study trains, and its deltas are small differences.
+    let loaded = registry::load(&spec.model, DType::F32, &crate::runtime::device_for("auto")?, true)?;
     let (base, tok) = (&loaded.model, &loaded.tok);
     let n_layers = base.cfg.num_layers;
     let scatter_layer = resolve_layer(spec.probe.scatter_layer, n_layers, "probe.scatter_layer")?;

@@ -134,16 +134,18 @@ impl MixedAdapters {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.first.device())?;
                 let d = st.rot.dim;
-                let f = st.first.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?;
-                let s = st.second.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?;
+                // Detached: mixed batches are inference, and a tensor that still tracks the
+                // adapters' Vars would keep the CUDA kernel (which has no backward) from running.
+                let f = st.first.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?.detach();
+                let s = st.second.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?.detach();
                 g.road.insert(*k, (f, s));
             }
         }
         for (k, st) in &self.lora {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.a_t.device())?;
-                let a = st.a_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?;
-                let bb = st.b_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?;
+                let a = st.a_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?.detach();
+                let bb = st.b_t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?.detach();
                 g.lora.insert(*k, (a, bb));
             }
         }

@@ -4,7 +4,9 @@
 //! and more backward (reshape/narrow/cat of rotate-half); fused, it is one parallel pass each way.
 //! Pairing: within each group of `g` dims, `j < g/2` pairs with `j + g/2`;
 //! `rot(h)_j = −h_{j+g/2}` (first half), `+h_{j−g/2}` (second half).
-use candle_core::{CpuStorage, CustomOp3, DType, Device, InplaceOp3, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor};
+#[cfg(test)]
+use candle_core::Device;
 use rayon::prelude::*;
 
 /// Below this many elements a pass runs on the calling thread: a decode step's `[8, 1, 1536]`
@@ -156,10 +158,14 @@ impl InplaceOp3 for RoadInplace {
     }
 }
 
-/// Fused `f ⊙ h + s ⊙ rot(h)` for f32 on CPU with `f`, `s` of shape `[d]`; None when it does not
-/// apply (the caller then uses the composed `Rotation::apply`).
+/// Fused `f ⊙ h + s ⊙ rot(h)` with `f`, `s` of shape `[d]`: this CPU op for f32 (with its
+/// backward), or on CUDA the inference kernel of `fused_cuda`; None when neither applies (the
+/// caller then uses the composed, device-generic `Rotation::apply`).
 pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
-    let ok = matches!(h.device(), Device::Cpu)
+    if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
+        return Ok(Some(z));
+    }
+    let ok = crate::runtime::cpu_fast_path(h.device())
         && h.dtype() == DType::F32
         && first.dtype() == DType::F32
         && second.dtype() == DType::F32
@@ -178,7 +184,10 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
 /// mixed-adapter batches), overwriting `h`: the caller must own it (a projection output). None
 /// when it does not apply or `h` carries gradients.
 pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
-    let ok = matches!(h.device(), Device::Cpu)
+    if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
+        return Ok(Some(z));
+    }
+    let ok = crate::runtime::cpu_fast_path(h.device())
         && !h.track_op()
         && h.dtype() == DType::F32
         && first.dtype() == DType::F32

@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod any;
 pub mod batch;
 pub mod fused;
+pub mod fused_cuda;
 pub mod lora;
 pub mod merge;
 pub mod rotation;

@@ -7,7 +7,6 @@ use super::spec::{self, Spec};
 use crate::model::{registry, Llama};
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 
 /// Where run directories go (relative to the working directory).
@@ -31,7 +30,7 @@ pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: 
         (None, None) => bail!("give a spec file (or --resume RUN_DIR)"),
     };
     eprintln!("run directory {}", dir.display());
-    let l = registry::load(&spec.model, DType::F32, &Device::Cpu, true)?;
+    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
     let summary = finetune_and_test(&spec, &l.model, &l.tok, &dir, resume_dir.is_some())?;
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("{}", serde_json::to_string(&summary)?);

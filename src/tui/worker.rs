@@ -5,7 +5,7 @@ use super::whatif::{self, WhatIf};
 use crate::experiment::{self, RunEvent, RunOptions, Sink, Spec};
 use crate::model::{registry, Fwd, Loaded, LogitsAt};
 use anyhow::{bail, Result};
-use candle_core::{DType, Device};
+use candle_core::DType;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Sender};
@@ -153,7 +153,7 @@ fn get<'a>(cache: &'a mut Option<(String, Loaded)>, name: &str) -> Result<&'a Lo
     if cache.as_ref().map(|(n, _)| n != name).unwrap_or(true) {
         ensure_local(name)?;
         *cache = None; // free the previous model first
-        let l = registry::load(name, DType::F32, &Device::Cpu, false)?;
+        let l = registry::load(name, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, false)?;
         *cache = Some((name.to_string(), l));
     }
     Ok(&cache.as_ref().expect("just loaded").1)

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# One device-tool call's worth of GPU work (docs: BENCHMARKS.md, "GPU (H200)"). Runs from the
+# repo root on the GPU machine with the carried folder .gpu/ holding:
+#   road.xz (scripts/build-cuda.sh output, xz -9), bench/*.py (this folder), ref/ (reference
+#   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
+#   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
+#   warm machine keeps, and call B adds part B).
+# Usage: bash .gpu/bench/gpu-run.sh A|B|C  (C: road's SmolLM2 benchmarks only, after A)   (logs and CSVs land in $OUT)
+set -u
+PHASE=${1:-B}
+G=$PWD/.gpu
+W=/tmp/road
+OUT=${OUT:-/tmp/road-out}
+mkdir -p "$W" "$OUT"
+export CUDA_CACHE_PATH=$W/cuda-cache CUDA_CACHE_MAXSIZE=2147483648 PYTHONUNBUFFERED=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+LOG=$OUT/log.txt
+exec > >(tee -a "$LOG") 2>&1
+
+step() { # step NAME SECONDS CMD...: a failure or timeout is logged, never fatal
+  local name=$1 lim=$2; shift 2
+  echo; echo "=== $name ($(date +%T))"
+  local t0=$SECONDS
+  timeout "$lim" "$@"; local rc=$?
+  echo "=== $name: rc=$rc, $((SECONDS - t0))s"
+}
+
+# --- setup: binary, libraries, wheels ---
+if [ ! -x $W/road ] || [ $G/road.xz -nt $W/road ]; then xz -dc $G/road.xz > $W/road && chmod +x $W/road; fi
+# CUDA user-space libraries of the image (torch's wheels): cublas(Lt), curand, cudart, nvrtc.
+LIBS=$(python3 - <<'PY'
+import glob, os, site
+dirs = set()
+for sp in site.getsitepackages():
+    for pat in ("libcublasLt.so.*", "libcublas.so.*", "libcurand.so.*", "libcudart.so.*", "libnvrtc.so.*"):
+        for f in glob.glob(f"{sp}/nvidia/**/{pat}", recursive=True):
+            dirs.add(os.path.dirname(f))
+print(":".join(sorted(dirs)))
+PY
+)
+export LD_LIBRARY_PATH=${LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+ROAD=$W/road
+nvidia-smi -L; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+ldd $ROAD | grep -E "not found|cuda|cublas|curand|nvrtc"
+if [ -d $G/whl ] && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $G/whl/*.whl
+fi
+export PYTHONPATH=/tmp/site
+B=$G/bench
+
+if [ "$PHASE" = A ]; then
+  [ -f $G/model.partA ] && cp $G/model.partA $W/model.partA && echo "kept model part A in $W"
+  # First CUDA use: candle's PTX is JIT-compiled (cached in $CUDA_CACHE_PATH for later calls).
+  step "smoke: random smollm2-shaped model on cuda" 120 $ROAD bench forward --random-config smollm2 --device cuda \
+       --reps 3 --decode-tokens 8
+  step "road bench forward 7b bf16" 240 $ROAD bench forward --random-config 7b --dtype bf16 --device cuda \
+       --shapes 1x32,16x32,4x512 --reps 10 --decode-tokens 32
+  for attn in sdpa eager; do
+    step "torch bench forward 7b bf16 $attn" 200 python3 $B/bench_torch.py --device cuda --dtype bf16 \
+         --random-config 7b --attn $attn --shapes 1x32,16x32,4x512 --reps 10 --decode-tokens 32
+  done
+  exit 0
+fi
+
+# --- phase B: SmolLM2 ---
+M=$W/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f $M ]; then
+  if [ -f $W/model.partA ] && [ -f $G/model.partB ]; then cat $W/model.partA $G/model.partB > $M; else echo "MISSING model part A (machine was not warm)"; fi
+fi
+echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c || exit 3
+
+if [ "$PHASE" = C ]; then  # a re-run of road's side only (after a fix), same lease shape
+  for dt in bf16 f32; do
+    step "road bench batching $dt" 120 $ROAD bench batching --model $M --device cuda --dtype $dt \
+         --batches 8,32,64 --adapters 8 --tokens 32
+  done
+  step "road bench patching f32" 120 $ROAD bench patching --model $M --device cuda --dtype f32
+  step "road bench das f32" 90 $ROAD bench das --model $M --device cuda --dtype f32
+  step "road bench forward smollm2 bf16" 90 $ROAD bench forward --model $M --dtype bf16 --device cuda --reps 10
+  exit 0
+fi
+step "parity" 240 python3 $B/parity.py --road $ROAD --model $M --ref $G/ref --out $OUT/parity.csv
+for dt in f32 bf16; do
+  step "road bench forward smollm2 $dt" 90 $ROAD bench forward --model $M --dtype $dt --device cuda --reps 10
+  step "torch bench forward smollm2 $dt" 120 python3 $B/bench_torch.py --model $M --device cuda --dtype $dt --reps 10
+done
+step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
+step "pyvene patching f32" 200 python3 $B/bench_pyvene.py --workload patching --model $M --device cuda --dtype f32
+step "road bench das f32" 90 $ROAD bench das --model $M --device cuda --dtype f32
+step "pyvene das f32" 120 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32
+step "road bench batching bf16" 150 $ROAD bench batching --model $M --device cuda --dtype bf16 \
+     --batches 8,32,64 --adapters 8 --tokens 32
+cp notebooks-out/bench-batching/*/batching.csv $OUT/road-batching.csv 2>/dev/null
+step "peft batching bf16" 200 python3 $B/bench_peft_batching.py --model $M --device cuda --dtype bf16 \
+     --batches 8,32,64 --adapters 8 --tokens 32 --csv $OUT/peft-batching.csv
+echo "=== done ($(date +%T))"

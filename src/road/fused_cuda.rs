@@ -1,0 +1,111 @@
+//! The fused RoAd apply on CUDA devices (inference): one launch of `src/kernels/road.cu` instead
+//! of the ~6 composed candle ops. Without the `cuda` feature this module offers nothing and
+//! callers use the composed (device-generic) path.
+use candle_core::Tensor;
+
+/// `f ⊙ h + s ⊙ rot(h)` for contiguous-izable `h` `[.., d]` with columns `[d]` (all rows) or
+/// `[b, 1, d]` (per batch row, `h` `[b, t, d]`); None when not on CUDA, when any input carries
+/// gradients (the kernel has no backward) or when generic ops are forced.
+#[allow(unused_variables)]
+pub fn try_fused_cuda(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    {
+        // Training (anything carrying a gradient) takes the composed ops, which have a backward.
+        if !h.device().is_cuda() || h.track_op() || first.track_op() || second.track_op() || crate::runtime::generic_forced() {
+            return Ok(None);
+        }
+        let d = *h.dims().last().unwrap_or(&0);
+        if d == 0 || d % group_size != 0 || first.dims() != second.dims() || first.dtype() != h.dtype() || second.dtype() != h.dtype() {
+            return Ok(None);
+        }
+        let rows = h.elem_count() / d;
+        let rows_per_col = match first.dims() {
+            [n] if *n == d => rows,
+            [b, 1, n] if *n == d && h.rank() == 3 && h.dim(0)? == *b => h.dim(1)?,
+            _ => return Ok(None),
+        };
+        let op = imp::RoadCuda { g: group_size, rows_per_col };
+        return Ok(Some(h.contiguous()?.apply_op3_no_bwd(&first.contiguous()?, &second.contiguous()?, &op)?));
+    }
+    #[allow(unreachable_code)]
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::{CpuStorage, CudaDevice, CustomOp3, Layout, Shape};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/road_kernels.ptx"));
+
+    pub struct RoadCuda {
+        pub g: usize,
+        pub rows_per_col: usize,
+    }
+
+    fn slice<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("road-cuda: non-contiguous input".into()))?;
+        Ok(s.slice(a..b))
+    }
+
+    impl RoadCuda {
+        #[allow(clippy::too_many_arguments)]
+        fn run<T: DeviceRepr>(
+            &self,
+            name: &str,
+            dev: &CudaDevice,
+            h: &CudaSlice<T>,
+            hl: &Layout,
+            f: &CudaSlice<T>,
+            fl: &Layout,
+            s: &CudaSlice<T>,
+            sl: &Layout,
+        ) -> candle_core::Result<CudaSlice<T>> {
+            let n = hl.shape().elem_count();
+            let d = *hl.dims().last().unwrap_or(&1);
+            let (h, f, s) = (slice(h, hl)?, slice(f, fl)?, slice(s, sl)?);
+            let func = dev.get_or_load_custom_func(name, "road_kernels", PTX)?;
+            // SAFETY: every element is written by the kernel below.
+            let z = unsafe { dev.alloc::<T>(n)? };
+            let mut b = func.builder();
+            b.arg(&h);
+            b.arg(&f);
+            b.arg(&s);
+            b.arg(&z);
+            candle_core::builder_arg!(b, d as u32, self.g as u32, self.rows_per_col.max(1) as u32, n as u64);
+            let cfg = LaunchConfig::for_num_elems(n as u32);
+            // SAFETY: argument types and order match road.cu's road_rows_* signatures.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(z)
+        }
+    }
+
+    impl CustomOp3 for RoadCuda {
+        fn name(&self) -> &'static str {
+            "road-fused-cuda"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("road-fused-cuda runs on CUDA devices only")
+        }
+
+        fn cuda_fwd(&self, h: &CudaStorage, hl: &Layout, f: &CudaStorage, fl: &Layout, s: &CudaStorage, sl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = h.device();
+            let slice = match (&h.slice, &f.slice, &s.slice) {
+                (CudaStorageSlice::F32(h), CudaStorageSlice::F32(f), CudaStorageSlice::F32(s)) => {
+                    CudaStorageSlice::F32(self.run("road_rows_f32", dev, h, hl, f, fl, s, sl)?)
+                }
+                (CudaStorageSlice::BF16(h), CudaStorageSlice::BF16(f), CudaStorageSlice::BF16(s)) => {
+                    CudaStorageSlice::BF16(self.run("road_rows_bf16", dev, h, hl, f, fl, s, sl)?)
+                }
+                (CudaStorageSlice::F16(h), CudaStorageSlice::F16(f), CudaStorageSlice::F16(s)) => {
+                    CudaStorageSlice::F16(self.run("road_rows_f16", dev, h, hl, f, fl, s, sl)?)
+                }
+                _ => candle_core::bail!("road-fused-cuda: f32, bf16 or f16 with matching dtypes"),
+            };
+            Ok((CudaStorage { slice, device: dev.clone() }, hl.shape().clone()))
+        }
+    }
+}
