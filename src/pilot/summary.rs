@@ -108,13 +108,13 @@ pub fn render(spec: &PilotSpec, r: &PilotResult) -> String {
 
     let _ = writeln!(s, "\n## Finding 3 — angle-only heads ≈ standard heads; magnitude-only heads are worse than a random backbone\n");
     let _ = writeln!(s, "Rule: on the pretrained backbone, |angle-only − standard| ≤ 0.05, and magnitude-only < standard on the random backbone (mean eval accuracy over seeds).\n");
-    let _ = writeln!(s, "| block | backbone | standard | magnitude-only | angle-only |\n|---|---|---|---|---|");
     let mut layers: Vec<usize> = r.heads.iter().map(|h| h.layer).collect();
     layers.sort();
     layers.dedup();
     let acc = |b: &str, layer: usize, h: &str| r.heads.iter().find(|x| x.backbone == b && x.layer == layer && x.head == h).map(|x| (x.eval_accuracy_mean, x.eval_accuracy_std));
     let fmt = |v: Option<(f64, f64)>| v.map(|(m, sd)| format!("{m:.3} ± {sd:.3}")).unwrap_or_else(|| "–".into());
     for &layer in &layers {
+        let _ = writeln!(s, "| block | backbone | standard | magnitude-only | angle-only |\n|---|---|---|---|---|");
         for b in ["pretrained", "random"] {
             let _ = writeln!(s, "| {layer} | {b} | {} | {} | {} |", fmt(acc(b, layer, "standard")), fmt(acc(b, layer, "magnitude_only")), fmt(acc(b, layer, "angle_only")));
         }
