@@ -840,24 +840,13 @@ fn experiments_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
 
 fn queue_selected(app: &mut App) -> Vec<Command> {
     let Some(e) = app.exp.current() else { return vec![] };
-    if let Some(p) = &e.pilot {
-        let spec = match p {
-            Ok(s) => s.clone(),
-            Err(err) => {
-                app.status = format!("cannot run {}: {}", e.file_name(), err.lines().next().unwrap_or(""));
-                return vec![];
-            }
-        };
-        let id = app.runs.next_id;
-        app.runs.next_id += 1;
-        app.runs.jobs.push(Job::new(id, spec.name.clone()));
-        app.runs.selected = app.runs.jobs.len() - 1;
-        app.status = format!("queued pilot study {} (job {id})", spec.name);
-        app.view = View::Runs;
-        return vec![Command::QueuePilot { job: id, spec: Box::new(spec) }];
-    }
-    let spec = match &e.spec {
-        Ok(s) => s.clone(),
+    // A pilot study or a sweep, whichever the file is; a parse error is reported, not queued.
+    let parsed: Result<(String, Box<dyn FnOnce(u64) -> Command>), String> = match &e.pilot {
+        Some(p) => p.clone().map(|s| (s.name.clone(), Box::new(move |job| Command::QueuePilot { job, spec: Box::new(s) }) as Box<dyn FnOnce(u64) -> Command>)),
+        None => e.spec.clone().map(|s| (s.name.clone(), Box::new(move |job| Command::QueueRun { job, spec: Box::new(s) }) as Box<dyn FnOnce(u64) -> Command>)),
+    };
+    let (name, command) = match parsed {
+        Ok(x) => x,
         Err(err) => {
             app.status = format!("cannot run {}: {}", e.file_name(), err.lines().next().unwrap_or(""));
             return vec![];
@@ -865,11 +854,11 @@ fn queue_selected(app: &mut App) -> Vec<Command> {
     };
     let id = app.runs.next_id;
     app.runs.next_id += 1;
-    app.runs.jobs.push(Job::new(id, spec.name.clone()));
+    app.runs.jobs.push(Job::new(id, name.clone()));
     app.runs.selected = app.runs.jobs.len() - 1;
-    app.status = format!("queued {} (job {id})", spec.name);
+    app.status = format!("queued {name} (job {id})");
     app.view = View::Runs;
-    vec![Command::QueueRun { job: id, spec: Box::new(spec) }]
+    vec![command(id)]
 }
 
 fn form_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
