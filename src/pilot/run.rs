@@ -153,8 +153,9 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
     sink.send(RunEvent::CellStarted { cell: spec.methods.len(), label: "ΔM / ΔD".into() });
     let ts = Instant::now();
     let pb = bar(probe_prompts.len() * (tuned.len() + 1), "ΔM/ΔD states");
-    let states0: Vec<Vec<Vec<f32>>> =
-        probe::last_token_states(base, None, &probe_prompts, spec.probe.batch, Some(&pb))?.iter().map(rows).collect::<Result<_>>()?;
+    // The pretrained states also serve as the pretrained backbone's head evaluation features.
+    let pretrained_states = probe::last_token_states(base, None, &probe_prompts, spec.probe.batch, Some(&pb))?;
+    let states0: Vec<Vec<Vec<f32>>> = pretrained_states.iter().map(rows).collect::<Result<_>>()?;
     let mut deltas: Vec<DeltaRow> = Vec::new();
     for (label, t) in &tuned {
         let st = probe::last_token_states(t.model(base), t.adapter(), &probe_prompts, spec.probe.batch, Some(&pb))?;
@@ -183,10 +184,14 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
     let y_eval: Vec<u32> = probe_ex.iter().map(|e| e.label as u32).collect();
     let random = random_backbone(base, ds.random_backbone_seed)?;
     let mut heads: Vec<DisentangleRow> = Vec::new();
-    let pb = bar(2 * (head_prompts.len() + probe_prompts.len()), "head features");
+    let pb = bar(2 * head_prompts.len() + probe_prompts.len(), "head features");
     for (name, model) in [("pretrained", base), ("random", &random)] {
         let tr = probe::last_token_states(model, None, &head_prompts, spec.probe.batch, Some(&pb))?;
-        let ev = probe::last_token_states(model, None, &probe_prompts, spec.probe.batch, Some(&pb))?;
+        let ev = if name == "pretrained" {
+            pretrained_states.clone()
+        } else {
+            probe::last_token_states(model, None, &probe_prompts, spec.probe.batch, Some(&pb))?
+        };
         for &layer in &head_layers {
             // One scalar rescale (the mean training norm) keeps tanh out of saturation; it
             // changes neither directions nor the ordering of norms.
