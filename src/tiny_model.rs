@@ -23,6 +23,8 @@ use tokenizers::Tokenizer;
 
 pub const UNK: &str = "<unk>";
 pub const PAD: &str = "<pad>";
+/// The subspace IIT trained to carry each equality (rows of `basis`, `[k, hidden]`).
+pub const IIT_SUBSPACE_FILE: &str = "iit_subspace.safetensors";
 
 /// Shape of the tiny model (embeddings are always tied).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -43,6 +45,7 @@ impl Default for TinyArch {
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct TrainOpts {
     pub arch: TinyArch,
     pub steps: usize,
@@ -65,6 +68,21 @@ pub struct TrainOpts {
     pub eval_examples: usize,
     /// Rayon threads for training (1 is fastest for tensors this small; results do not depend on it).
     pub threads: usize,
+    /// Interchange-intervention training (Geiger et al., 2022): weight of the IIT loss (0 = off).
+    /// Every step also runs the batch with part of the `block_output` of block `iit_layer` at
+    /// position b (for a==b; with `iit_right`, at d for c==d in turn) taken from another example,
+    /// and asks for the counterfactual answer (see `iit_dims` and `iit_step`). This pins where each equality variable lives, so the
+    /// model is a ground truth for DAS by construction rather than by luck.
+    pub iit_weight: f64,
+    pub iit_layer: usize,
+    /// Dimension of the subspace IIT swaps (a seeded random orthonormal basis of the residual
+    /// stream, saved as `iit_subspace.safetensors`); 0 = the whole vector. A whole-vector swap
+    /// would let the model pass symbol identities on and compare them later; a small subspace
+    /// makes each equality a low-dimensional linear variable, the thing DAS looks for.
+    pub iit_dims: usize,
+    /// Also train c==d into the subspace at d (off by default: at this size and budget it
+    /// competes with a==b and neither ends up a clean ground truth).
+    pub iit_right: bool,
     /// Show an indicatif progress bar on stderr.
     #[serde(skip)]
     pub progress: bool,
@@ -74,7 +92,7 @@ impl Default for TrainOpts {
     fn default() -> Self {
         Self {
             arch: TinyArch::default(),
-            steps: 4000,
+            steps: 6000,
             batch: 128,
             lr: 3e-3,
             min_lr_frac: 0.05,
@@ -86,6 +104,10 @@ impl Default for TrainOpts {
             eval_every: 100,
             eval_examples: 1000,
             threads: 1,
+            iit_weight: 1.0,
+            iit_layer: 1,
+            iit_dims: 1,
+            iit_right: false,
             progress: false,
         }
     }
@@ -107,6 +129,11 @@ pub struct Trained {
     pub final_loss: f32,
     /// Accuracy on `final_eval_examples` fresh examples at the end.
     pub final_acc: f64,
+    /// With IIT: held-out interchange accuracy for (a==b at b, c==d at d) after block `iit_layer`.
+    /// The same with the complement of the subspace swapped (the answer must not change).
+    pub final_iit_acc: Option<((f64, f64), Option<(f64, f64)>)>,
+    /// The subspace IIT swapped, `[iit_dims, hidden]` orthonormal rows (None: whole vector / no IIT).
+    pub iit_basis: Option<Tensor>,
     pub final_eval_examples: usize,
     pub secs: f64,
 }
@@ -265,10 +292,94 @@ impl TaskIds {
 
 /// Last-position logits `[b, vocab]` through the differentiable path (tied head).
 fn last_logits(model: &Llama, ids: &[Vec<u32>], differentiable: bool) -> Result<Tensor> {
-    let out = model.forward(ids, Fwd { logits: LogitsAt::None, differentiable, ..Default::default() })?;
+    last_logits_hooked(model, ids, differentiable, None)
+}
+
+fn last_logits_hooked(model: &Llama, ids: &[Vec<u32>], differentiable: bool, hooks: Option<&mut dyn Hooks>) -> Result<Tensor> {
+    let out = model.forward(ids, Fwd { logits: LogitsAt::None, differentiable, hooks, ..Default::default() })?;
     let t = ids[0].len();
     let last = out.hidden.narrow(1, t - 1, 1)?.squeeze(1)?;
     Ok(last.matmul(&model.embeddings().t()?)?)
+}
+
+/// What an IIT step trains, cycling: the variable (a==b, and c==d too when `right`), the
+/// position that must carry it, and whether the subspace (the answer follows the source's
+/// variable) or everything but it (the answer must not change: nothing else at that position
+/// may matter) is swapped. The complement half only exists with a subspace.
+fn iit_step(step: usize, with_complement: bool, right: bool) -> (Variable, usize, bool) {
+    let vars = if right { 2 } else { 1 };
+    let modes = if with_complement { 2 } else { 1 };
+    let k = step % (vars * modes);
+    let (var, pos) = if k % vars == 0 { (Variable::Left, 1) } else { (Variable::Right, 3) };
+    (var, pos, k / vars == 1)
+}
+
+/// Counterfactual answer ids when `var` is taken from `src` into `base` (prompts `a b c d =`);
+/// with `complement` (everything but the variable taken), the base's own answers.
+fn iit_labels(var: Variable, base: &[Vec<u32>], src: &[Vec<u32>], ans: (u32, u32), complement: bool) -> Vec<u32> {
+    base.iter()
+        .zip(src)
+        .map(|(b, s)| {
+            let (vb, vs) = ((b[0] == b[1], b[2] == b[3]), (s[0] == s[1], s[2] == s[3]));
+            let out = if complement { equality::counterfactual(var, vb, vb) } else { equality::counterfactual(var, vb, vs) };
+            if out {
+                ans.0
+            } else {
+                ans.1
+            }
+        })
+        .collect()
+}
+
+/// Last-position logits of `base` with block `layer`'s output at `pos` taken from the `src` run:
+/// the whole vector, or its part in the span of `basis` rows (gradients flow into both runs when
+/// `differentiable`).
+fn interchanged_logits(
+    model: &Llama,
+    base: &[Vec<u32>],
+    src: &[Vec<u32>],
+    (layer, pos): (usize, usize),
+    basis: Option<&Tensor>,
+    complement: bool,
+    differentiable: bool,
+) -> Result<Tensor> {
+    let mut col = Collector::new(vec![(layer, Site::BlockOutput)]);
+    model.forward(src, Fwd { hooks: Some(&mut col), logits: LogitsAt::None, differentiable, ..Default::default() })?;
+    let source = col.get(layer, Site::BlockOutput).context("collected source activation")?.clone();
+    let mut hook = PatchPosition { layer, site: Site::BlockOutput, pos, source, direction: basis.cloned(), complement };
+    last_logits_hooked(model, base, differentiable, Some(&mut hook))
+}
+
+/// Interchange-intervention accuracy (argmax over the whole vocabulary) of the swap at block
+/// `layer` (position b for a==b, d for c==d; whole vector or the `basis` subspace) on `n` fresh
+/// pairs over all symbols.
+pub fn iit_accuracy(
+    model: &Llama,
+    tok: &Tok,
+    layer: usize,
+    basis: Option<&Tensor>,
+    complement: bool,
+    var: Variable,
+    n: usize,
+    seed: u64,
+) -> Result<f64> {
+    let pos = match var {
+        Variable::Left => 1,
+        Variable::Right => 3,
+        Variable::Output => bail!("IIT is defined for the left and right equalities"),
+    };
+    let ids = TaskIds::new(tok)?;
+    let mut rng = Rng::new(seed);
+    let (mut correct, mut done) = (0.0, 0);
+    while done < n {
+        let m = (n - done).min(512);
+        let (base, _) = ids.sample(tok, &mut rng, m, 0.5)?;
+        let (src, _) = ids.sample(tok, &mut rng, m, 0.5)?;
+        let cf = iit_labels(var, &base, &src, ids.ans, complement);
+        correct += batch_acc(&interchanged_logits(model, &base, &src, (layer, pos), basis, complement, false)?, &cf)? * m as f64;
+        done += m;
+    }
+    Ok(correct / n as f64)
 }
 
 /// Accuracy of argmax over the whole vocabulary vs the label ids.
@@ -325,6 +436,19 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let mut data_rng = rng.fork(2);
     let eval_seed = rng.fork(3).next_u64();
     let final_seed = rng.fork(4).next_u64();
+    // Its own stream, so turning IIT off reproduces the plain model bit for bit.
+    let mut iit_rng = rng.fork(5);
+    if opts.iit_weight > 0.0 && opts.iit_layer >= opts.arch.layers {
+        bail!("--iit-layer {} is out of range: the model has {} blocks", opts.iit_layer, opts.arch.layers);
+    }
+    if opts.iit_dims > opts.arch.hidden {
+        bail!("--iit-dims {} exceeds the hidden size {}", opts.iit_dims, opts.arch.hidden);
+    }
+    let iit_basis = if opts.iit_weight > 0.0 && opts.iit_dims > 0 {
+        Some(crate::intervene::orth::random_orthonormal(opts.iit_dims, opts.arch.hidden, rng.fork(6).next_u64(), &device)?)
+    } else {
+        None
+    };
 
     let varmap = init_varmap(&cfg, &mut init_rng, &device)?;
     let n_vars = varmap.all_vars().len();
@@ -369,7 +493,17 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         let (x, y) = task.sample(&tok, &mut data_rng, opts.batch, p_eq)?;
         let logits = last_logits(&model, &x, true)?;
         let target = Tensor::new(y.as_slice(), &device)?;
-        let loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+        let mut loss = candle_nn::loss::cross_entropy(&logits, &target)?;
+        let mut iit_acc = f64::NAN;
+        if opts.iit_weight > 0.0 {
+            let (src, _) = task.sample(&tok, &mut iit_rng, opts.batch, p_eq)?;
+            let (var, pos, complement) = iit_step(step, iit_basis.is_some(), opts.iit_right);
+            let cf = iit_labels(var, &x, &src, task.ans, complement);
+            let il = interchanged_logits(&model, &x, &src, (opts.iit_layer, pos), iit_basis.as_ref(), complement, true)?;
+            let il_loss = candle_nn::loss::cross_entropy(&il, &Tensor::new(cf.as_slice(), &device)?)?;
+            iit_acc = batch_acc(&il, &cf)?;
+            loss = (loss + (il_loss * opts.iit_weight)?)?;
+        }
         let grads = loss.backward()?;
         opt_mats.step(&grads)?;
         opt_gains.step(&grads)?;
@@ -384,13 +518,21 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
             evals.push((step + 1, last_eval));
         }
         pb.set_position(step as u64 + 1);
-        pb.set_message(format!("loss {l:.4} acc {acc:.3} held-out {last_eval:.4} lr {lr:.1e}"));
+        pb.set_message(format!("loss {l:.4} acc {acc:.3} iit {iit_acc:.3} held-out {last_eval:.4} lr {lr:.1e}"));
     }
     pb.finish();
     let tail = &history[history.len().saturating_sub(50)..];
     let final_loss = if tail.is_empty() { f32::NAN } else { tail.iter().map(|h| h.1).sum::<f32>() / tail.len() as f32 };
     let final_eval_examples = 2000;
     let final_acc = accuracy(&model, &tok, final_eval_examples, final_seed)?;
+    let final_iit_acc = if opts.iit_weight > 0.0 {
+        let at = |c, v| iit_accuracy(&model, &tok, opts.iit_layer, iit_basis.as_ref(), c, v, final_eval_examples, final_seed ^ 0x11);
+        let complement = if iit_basis.is_some() { Some((at(true, Variable::Left)?, at(true, Variable::Right)?)) } else { None };
+        // Right is measured either way: without `iit_right` it says how far c==d happens to sit there.
+        Some(((at(false, Variable::Left)?, at(false, Variable::Right)?), complement))
+    } else {
+        None
+    };
     Ok(Trained {
         model,
         tok,
@@ -401,6 +543,8 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         evals,
         final_loss,
         final_acc,
+        final_iit_acc,
+        iit_basis,
         final_eval_examples,
         secs: start.elapsed().as_secs_f64(),
     })
@@ -433,18 +577,35 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
         "arch": o.arch, "parameters": cfg.param_count(),
         "final_train_loss_last50": tr.final_loss,
         "final_heldout_accuracy": tr.final_acc, "final_heldout_examples": tr.final_eval_examples,
+        "iit": {"weight": o.iit_weight, "layer": o.iit_layer, "site": "block_output",
+            "subspace_dims": o.iit_dims, "subspace_file": if tr.iit_basis.is_some() { Some(IIT_SUBSPACE_FILE) } else { None },
+            "positions": if o.iit_right { serde_json::json!({"left (a==b)": "b", "right (c==d)": "d"}) } else { serde_json::json!({"left (a==b)": "b"}) },
+            "trained_variables": if o.iit_right { "left, right" } else { "left (right reported, not trained)" },
+            "schedule": "cycle per step over the trained variables: subspace swapped (answer follows the source's variable), then everything but the subspace swapped (answer must not change)",
+            "final_heldout_iit_accuracy": tr.final_iit_acc.map(|((l, r), c)| serde_json::json!({
+                "subspace": {"left": l, "right": r},
+                "complement": c.map(|(l, r)| serde_json::json!({"left": l, "right": r})),
+            }))},
         "heldout_accuracy_curve": tr.evals,
         "train_seconds": tr.secs,
         "threads": o.threads,
-        "regenerate": format!("road train-tiny --out {} --steps {} --seed {}", dir.display(), o.steps, o.seed),
+        "regenerate": format!(
+            "road train-tiny --out {} --steps {} --seed {} --iit-weight {} --iit-layer {} --iit-dims {}{}",
+            dir.display(), o.steps, o.seed, o.iit_weight, o.iit_layer, o.iit_dims, if o.iit_right { " --iit-right" } else { "" }
+        ),
     });
     std::fs::write(dir.join("training_config.json"), serde_json::to_string_pretty(&rec)? + "\n")?;
+    if let Some(b) = &tr.iit_basis {
+        let t = HashMap::from([("basis".to_string(), b.contiguous()?)]);
+        candle_core::safetensors::save(&t, dir.join(IIT_SUBSPACE_FILE))?;
+    }
     Ok(())
 }
 
 /// Replaces the activation at one position of one (layer, site) with a stored source activation:
-/// the whole vector (`direction: None`, activation patching), or only its component along a unit
-/// `direction` (`b + u uᵀ(s − b)`: a rank-1 DII).
+/// the whole vector (`direction: None`, activation patching), or only its components in the span
+/// of orthonormal rows `direction` `[k, d]` (or one unit vector `[d]`): `b + Uᵀ U (s − b)`, a
+/// rank-k DII; with `complement`, everything but that span: `b + (I − Uᵀ U)(s − b)`.
 pub struct PatchPosition {
     pub layer: usize,
     pub site: Site,
@@ -452,6 +613,7 @@ pub struct PatchPosition {
     /// Source activations `[b, t, d]` at the same site.
     pub source: Tensor,
     pub direction: Option<Tensor>,
+    pub complement: bool,
 }
 
 impl Hooks for PatchPosition {
@@ -466,9 +628,16 @@ impl Hooks for PatchPosition {
             None => src,
             Some(u) => {
                 let base = act.narrow(1, p, 1)?;
-                let u = u.reshape((1, 1, u.elem_count()))?;
-                let coef = (&src - &base)?.broadcast_mul(&u)?.sum_keepdim(2)?;
-                (base + coef.broadcast_mul(&u)?)?
+                let d = *u.dims().last().context("direction")?;
+                let u = u.reshape((u.elem_count() / d, d))?;
+                // [b, 1, d] · Uᵀ → [b, 1, k] · U → [b, 1, d]
+                let delta = (&src - &base)?;
+                let proj = delta.broadcast_matmul(&u.t()?)?.broadcast_matmul(&u)?;
+                if self.complement {
+                    (base + (delta - proj)?)?
+                } else {
+                    (base + proj)?
+                }
             }
         };
         let mut parts = Vec::with_capacity(3);
@@ -590,7 +759,7 @@ pub fn patching_table(
             let diff: Vec<f32> = m1.iter().zip(&m0).map(|(a, b)| (a / n1.max(1.0) - b / n0.max(1.0)) as f32).collect();
             let norm = diff.iter().map(|x| x * x).sum::<f32>().sqrt();
             let run = |direction: Option<Tensor>| -> Result<(f64, f64)> {
-                let mut hook = PatchPosition { layer, site, pos: p, source: source.clone(), direction };
+                let mut hook = PatchPosition { layer, site, pos: p, source: source.clone(), direction, complement: false };
                 let o = model.forward(&base_ids, Fwd { hooks: Some(&mut hook), logits: LogitsAt::Last, ..Default::default() })?;
                 Ok(score(&answer_argmax(&o.logits.context("logits")?, pairs)?))
             };

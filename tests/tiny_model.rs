@@ -168,9 +168,29 @@ fn patching_the_final_residual_at_the_answer_position_transfers_the_output() {
     assert!(e.iia < 0.9, "{e:?}");
 }
 
+#[test]
+fn the_saved_iit_subspace_carries_a_eq_b_and_nothing_else_at_b_matters() {
+    // The ground truth DAS is checked against: swapping the saved subspace at b of block 1
+    // transfers a==b; swapping everything but it leaves the answer alone.
+    let l = shipped();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/tiny-equality");
+    let u = candle_core::safetensors::load(format!("{dir}/{}", tiny_model::IIT_SUBSPACE_FILE), &Device::Cpu).unwrap().remove("basis").unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/training_config.json")).unwrap()).unwrap();
+    let layer = cfg["iit"]["layer"].as_u64().unwrap() as usize;
+    assert_eq!(u.dims(), [cfg["iit"]["subspace_dims"].as_u64().unwrap() as usize, l.model.cfg.hidden_size]);
+    let swap = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&u), false, Variable::Left, 1000, 77).unwrap();
+    let rest = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&u), true, Variable::Left, 1000, 78).unwrap();
+    assert!(swap >= 0.97 && rest >= 0.97, "subspace swap {swap}, complement swap {rest}");
+    // And the subspace is not the whole story by accident: a random 2-dim subspace does nothing.
+    let r = road_dii::intervene::orth::random_orthonormal(u.dim(0).unwrap(), l.model.cfg.hidden_size, 99, &Device::Cpu).unwrap();
+    let other = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&r), false, Variable::Left, 1000, 79).unwrap();
+    assert!(other <= 0.7, "a random subspace transfers a==b with accuracy {other}");
+}
+
 fn tiny_opts(seed: u64) -> TrainOpts {
     TrainOpts {
         arch: TinyArch { layers: 1, hidden: 32, heads: 2, kv_heads: 1, ffn: 64, ..Default::default() },
+        iit_layer: 0,
         steps: 40,
         batch: 32,
         lr: 1e-2,

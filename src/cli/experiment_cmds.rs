@@ -14,7 +14,18 @@ pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     Ok((i, n))
 }
 
-pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool, fresh: bool) -> Result<()> {
+/// `--jobs N` or `auto` (one per core).
+pub fn parse_jobs(s: &str) -> Result<usize> {
+    if s == "auto" {
+        return Ok(std::thread::available_parallelism().map_or(1, |n| n.get()));
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => bail!("--jobs {s:?}: expected a number >= 1 or `auto`"),
+    }
+}
+
+pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, jobs: usize, json: bool, fresh: bool) -> Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read experiment file {}", file.display()))?;
     if crate::pilot::is_pilot(&text) {
         if shard.is_some() {
@@ -23,7 +34,7 @@ pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, json: bool, f
         return run_pilot_file(file, sets, json, fresh);
     }
     let spec = Spec::load(file, sets)?;
-    let opts = RunOptions { shard: shard.map(parse_shard).transpose()?, ..Default::default() };
+    let opts = RunOptions { shard: shard.map(parse_shard).transpose()?, jobs, ..Default::default() };
     let mut printer = ProgressPrinter::new(false);
     let summary = run(&spec, &opts, &mut printer)?;
     if json {

@@ -100,6 +100,10 @@ pub enum Cmd {
         /// Run one shard of the cells, i/n (join shards with `road merge`).
         #[arg(long)]
         shard: Option<String>,
+        /// Cells trained at once: a number, or `auto` (one per core). Capped by available
+        /// memory; a GPU runs one at a time. Results do not depend on it.
+        #[arg(long, default_value = "1")]
+        jobs: String,
         /// Print a JSON summary to stdout.
         #[arg(long)]
         json: bool,
@@ -244,7 +248,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Run { file, sets, shard, json, fresh } => experiment_cmds::run_file(&file, &sets, shard.as_deref(), json, fresh)?,
+        Cmd::Run { file, sets, shard, jobs, json, fresh } => {
+            experiment_cmds::run_file(&file, &sets, shard.as_deref(), experiment_cmds::parse_jobs(&jobs)?, json, fresh)?
+        }
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {

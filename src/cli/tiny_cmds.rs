@@ -30,6 +30,18 @@ pub struct TrainTinyArgs {
     pub p_equal_start: f64,
     #[arg(long, default_value_t = TrainOpts::default().warmup)]
     pub warmup: usize,
+    /// Interchange-intervention training weight (0 = plain training; see `TrainOpts::iit_weight`).
+    #[arg(long, default_value_t = TrainOpts::default().iit_weight)]
+    pub iit_weight: f64,
+    /// Block whose output at b (a==b) and d (c==d) IIT trains to carry the variables.
+    #[arg(long, default_value_t = TrainOpts::default().iit_layer)]
+    pub iit_layer: usize,
+    /// Dimension of the subspace IIT swaps (0 = the whole vector).
+    #[arg(long, default_value_t = TrainOpts::default().iit_dims)]
+    pub iit_dims: usize,
+    /// Also train c==d into the subspace at position d.
+    #[arg(long)]
+    pub iit_right: bool,
     #[arg(long, default_value_t = TinyArch::default().layers)]
     pub layers: usize,
     #[arg(long, default_value_t = TinyArch::default().hidden)]
@@ -58,6 +70,10 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
         threads: a.threads,
         warmup: a.warmup,
         p_equal_start: a.p_equal_start,
+        iit_weight: a.iit_weight,
+        iit_layer: a.iit_layer,
+        iit_dims: a.iit_dims,
+        iit_right: a.iit_right,
         progress: true,
         ..Default::default()
     };
@@ -80,6 +96,18 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
         "done in {:.1}s: final train loss {:.5} (mean of last 50 steps), held-out accuracy {:.4} on {} fresh examples",
         tr.secs, tr.final_loss, tr.final_acc, tr.final_eval_examples
     );
+    if let Some(((l, r), comp)) = tr.final_iit_acc {
+        println!(
+            "interchange accuracy (block_output of block {}, {} swapped): a==b at b {:.4}, c==d at d {:.4}",
+            opts.iit_layer,
+            if opts.iit_dims == 0 { "whole vector".to_string() } else { format!("{}-dim IIT subspace", opts.iit_dims) },
+            l,
+            r
+        );
+        if let Some((l, r)) = comp {
+            println!("answer unchanged when everything but the subspace is swapped: at b {l:.4}, at d {r:.4}");
+        }
+    }
     println!("saved {} (reload check: accuracy {:.4})", a.out.display(), check);
     Ok(())
 }

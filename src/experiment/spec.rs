@@ -95,6 +95,10 @@ pub struct SitesSpec {
     /// Heads to intervene on (headed sites only: q, k, v, head_output); empty = whole vector.
     #[serde(default)]
     pub heads: Vec<usize>,
+    /// One cell per head (those in `heads`, or every head of the site when `heads` is empty)
+    /// instead of one cell for all of `heads` together.
+    #[serde(default)]
+    pub sweep_heads: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -165,8 +169,8 @@ impl Spec {
             bail!("experiment name {:?} must be non-empty and contain no path separators", self.name);
         }
         for s in self.site_list()? {
-            if !self.sites.heads.is_empty() && !s.is_headed() {
-                bail!("sites.heads is set but site {s} has no heads (use q, k, v or head_output)");
+            if (!self.sites.heads.is_empty() || self.sites.sweep_heads) && !s.is_headed() {
+                bail!("sites.heads / sites.sweep_heads is set but site {s} has no heads (use q, k, v or head_output)");
             }
         }
         if self.sites.positions.is_empty() {

@@ -1,5 +1,5 @@
 //! The study's fine-tunes, cached: each method is a `road finetune` spec whose resolved TOML
-//! (plus the crate version) hashes to a folder under `$ROAD_CACHE/finetunes/`. A re-run loads the
+//! (plus the crate version and a fingerprint of the base weights) hashes to a folder under `$ROAD_CACHE/finetunes/`. A re-run loads the
 //! finished fine-tune from there instead of training again (unless `--fresh`). Training writes
 //! into the cache and the study always reads back from it, so both paths give the same model.
 use super::spec::{PilotMethod, PilotSpec};
@@ -52,6 +52,19 @@ impl Tuned {
     }
 }
 
+/// Per-tensor sum and sum of squares of the base weights, hashed: cheap (one pass over the
+/// weights) and different for any retrained model.
+fn weights_fingerprint(base: &Llama) -> Result<String> {
+    let mut s = String::new();
+    for (name, t) in base.named_weights() {
+        let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
+        let sum = t.sum_all()?.to_scalar::<f32>()?;
+        let sq = t.sqr()?.sum_all()?.to_scalar::<f32>()?;
+        s.push_str(&format!("{name}:{sum:e}:{sq:e};"));
+    }
+    Ok(short_hash(&s))
+}
+
 pub fn cache_root() -> PathBuf {
     crate::fetch::cache_dir().join("finetunes")
 }
@@ -60,7 +73,9 @@ pub fn cache_root() -> PathBuf {
 pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, tok: &Tok, fresh: bool) -> Result<Tuned> {
     let ft = spec.finetune_spec(m)?;
     let text = ft.to_toml()?;
-    let hash = short_hash(&format!("{text}\nroad-dii {}", env!("CARGO_PKG_VERSION")));
+    // The spec names the model, not its weights: a retrained or replaced model under the same
+    // name must not reuse fine-tunes of the old one.
+    let hash = short_hash(&format!("{text}\nroad-dii {}\nweights {}", env!("CARGO_PKG_VERSION"), weights_fingerprint(base)?));
     let dir = cache_root().join(format!("{}-{hash}", ft.name));
     let record_path = dir.join("record.json");
     let cached = !fresh && record_path.exists();

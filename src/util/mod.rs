@@ -1,2 +1,10 @@
 //! Small shared utilities.
 pub mod rng;
+
+/// `MemAvailable` from /proc/meminfo, in bytes (None where there is no such file).
+pub fn mem_available_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

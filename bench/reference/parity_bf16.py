@@ -1,0 +1,65 @@
+#!/usr/bin/env python3
+"""bf16 parity, side by side with PyTorch on the same GPU: last-position logits over the full
+vocabulary for the fixture prompts, from (1) transformers f32, (2) transformers bf16 (the
+same GGUF, dtype=torch.bfloat16, sdpa), (3) road --dtype bf16 and (4) road --dtype f32 on cuda.
+Prints max |a - b| for every pair that matters: how far PyTorch's own bf16 forward is from
+f32 tells what a bf16 forward can reach at all.
+
+Usage: python parity_bf16.py --road PATH/road --model SmolLM2.gguf --ref DIR [--prompts 6] [--out CSV]
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from parity import road_logits
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--road", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--ref", required=True)
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--out", default="parity_bf16.csv")
+    a = ap.parse_args()
+    meta = json.load(open(f"{a.ref}/public.json"))
+    prompts = meta["prompts"][: a.prompts]
+    mdir, mfile = os.path.dirname(a.model), os.path.basename(a.model)
+    torch_logits = {}
+    for name, dt in (("torch_f32", torch.float32), ("torch_bf16", torch.bfloat16)):
+        m = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=dt, attn_implementation="sdpa").cuda().eval()
+        with torch.inference_mode():
+            for i, p in enumerate(prompts):
+                ids = torch.tensor([p["ids"]], device="cuda")
+                torch_logits[(name, i)] = m(ids).logits[0, -1].float().cpu().numpy().astype(np.float64)
+        del m
+        torch.cuda.empty_cache()
+    rows = []
+    for i, p in enumerate(prompts):
+        v = {k[0]: x for k, x in torch_logits.items() if k[1] == i}
+        for dt in ("bf16", "f32"):
+            g, ids = road_logits(a.road, a.model, p["prompt"], "cuda", dt)
+            assert ids == p["ids"], f"prompt {i}: road ids {ids} != {p['ids']}"
+            v[f"road_{dt}"] = g
+        pairs = [("torch_bf16", "torch_f32"), ("road_bf16", "torch_f32"), ("road_bf16", "torch_bf16"),
+                 ("road_f32", "torch_f32")]
+        for x, y in pairs:
+            d = np.abs(v[x] - v[y])
+            rows.append((i, x, y, float(d.max()), float(d.mean()), int(np.argmax(v[x]) == np.argmax(v[y]))))
+            print(f"prompt {i}: max|{x} - {y}| {d.max():.3e}  mean {d.mean():.3e}  top1 same {rows[-1][5]}", flush=True)
+    with open(a.out, "w") as f:
+        f.write("prompt,a,b,max_abs,mean_abs,top1_same\n")
+        for r in rows:
+            f.write(",".join(str(x) for x in r) + "\n")
+    for x, y in sorted({(r[1], r[2]) for r in rows}):
+        sel = [r for r in rows if (r[1], r[2]) == (x, y)]
+        print(f"SUMMARY max|{x} - {y}|: {min(r[3] for r in sel):.3e} .. {max(r[3] for r in sel):.3e} "
+              f"(mean abs {np.mean([r[4] for r in sel]):.2e}), top1 same {sum(r[5] for r in sel)}/{len(sel)}")
+
+
+if __name__ == "__main__":
+    main()
