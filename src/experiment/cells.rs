@@ -303,6 +303,7 @@ pub fn example_rows(cell: &Cell, pairs: &[Pair], e: &Eval, tok: &crate::tokenize
             predicted: tok.token_str(pred),
             correct,
             logit_diff: ld,
+            heads: cell.heads.clone(),
         })
         .collect()
 }

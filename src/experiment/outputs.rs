@@ -108,6 +108,9 @@ pub struct ExampleRow {
     pub predicted: String,
     pub correct: bool,
     pub logit_diff: f64,
+    /// The cell's heads (`0+3`, or empty for the whole vector); absent in older runs.
+    #[serde(default)]
+    pub heads: String,
 }
 
 pub const TRAIN_HEADER: [&str; 9] = ["layer", "site", "position", "step", "loss", "lr", "beta", "temperature", "subspace_dims"];

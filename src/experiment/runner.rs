@@ -430,7 +430,7 @@ fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut
 
 fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[TrainRow]) -> Result<()> {
     outputs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
-    outputs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff"])?;
+    outputs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
     outputs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
     Ok(())
 }

@@ -1052,7 +1052,7 @@ fn results_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
             // Jump to the selected cell in the heatmap.
             let picked = data::sorted_cells(&data.metrics, r.sort_col, r.sort_desc).get(r.table_sel).map(|m| (*m).clone());
             if let Some(m) = picked {
-                if let Some(si) = data.sites().iter().position(|s| *s == m.site) {
+                if let Some(si) = data.sites().iter().position(|s| *s == data::site_key(&m.site, &m.heads)) {
                     r.site = si;
                 }
                 if let Some(g) = r.grid() {

@@ -105,12 +105,14 @@ impl RunData {
         })
     }
 
-    /// Sites present in the test split, in first-seen order.
+    /// Sites present in the test split, in first-seen order; a head sweep's cells show as one
+    /// "site" per head group (`head_output h3`).
     pub fn sites(&self) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
         for r in self.metrics.iter().filter(|r| r.split == "test") {
-            if !v.contains(&r.site) {
-                v.push(r.site.clone());
+            let k = site_key(&r.site, &r.heads);
+            if !v.contains(&k) {
+                v.push(k);
             }
         }
         v
@@ -122,7 +124,16 @@ impl RunData {
     }
 
     pub fn examples_for(&self, layer: usize, site: &str, position: &str) -> Vec<&ExampleRow> {
-        self.examples.iter().filter(|e| e.layer == layer && e.site == site && e.position == position).collect()
+        self.examples.iter().filter(|e| e.layer == layer && site_key(&e.site, &e.heads) == site && e.position == position).collect()
+    }
+}
+
+/// How the results view names a (site, heads) group.
+pub fn site_key(site: &str, heads: &str) -> String {
+    if heads.is_empty() {
+        site.to_string()
+    } else {
+        format!("{site} h{heads}")
     }
 }
 
@@ -181,7 +192,7 @@ pub struct Grid {
 
 impl Grid {
     pub fn build(metrics: &[MetricRow], site: &str, metric: Metric) -> Grid {
-        let rows: Vec<&MetricRow> = metrics.iter().filter(|r| r.split == "test" && r.site == site).collect();
+        let rows: Vec<&MetricRow> = metrics.iter().filter(|r| r.split == "test" && site_key(&r.site, &r.heads) == site).collect();
         let mut layers: Vec<usize> = rows.iter().map(|r| r.layer).collect();
         layers.sort();
         layers.dedup();
@@ -299,7 +310,7 @@ fn pos_key(p: &str) -> (i64, String) {
 pub fn table_row(r: &MetricRow) -> [String; 8] {
     [
         r.layer.to_string(),
-        r.site.clone(),
+        site_key(&r.site, &r.heads),
         r.position.clone(),
         format!("{:.3}", r.iia_vocab),
         format!("{:.3}", r.iia_answers),

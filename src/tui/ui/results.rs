@@ -119,7 +119,7 @@ fn heatmap_panel(app: &App, f: &mut Frame, area: Rect, d: &RunData, grid: &Grid,
     let [detail, chart] = Layout::vertical([Constraint::Length(7), Constraint::Min(0)]).areas(right);
     let value = grid.get(r.cursor.0, r.cursor.1);
     let (layer, pos) = r.cursor_cell().unwrap_or((0, "-".into()));
-    let row = d.metrics.iter().find(|m| m.split == "test" && m.site == site && m.layer == layer && m.position == pos);
+    let row = d.metrics.iter().find(|m| m.split == "test" && crate::tui::data::site_key(&m.site, &m.heads) == site && m.layer == layer && m.position == pos);
     let mut lines = vec![
         Line::from(vec![Span::raw(format!("L{layer} · ")), Span::raw(trunc(&pos_label(grid, r.cursor.1, tokens), 20))]),
         Line::from(vec![
