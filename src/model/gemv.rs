@@ -30,28 +30,31 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         let Storage::Cpu(cpu) = &*st else { return Ok(None) };
         let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out_d * in_d];
         // Parallel over blocks of output features; each block serves every row, so each weight
-        // row is read from memory once.
+        // row is read from memory once. Results go straight into one `[out, rows]` buffer (no
+        // per-block allocations: the lm_head alone has 768 blocks per decode step).
         const CHUNK: usize = 64;
-        let blocks: Vec<Vec<f32>> = (0..out_d.div_ceil(CHUNK))
-            .into_par_iter()
-            .map(|c| {
-                let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(out_d));
-                let mut part = Vec::with_capacity(rows * (hi - lo));
-                for r in 0..rows {
-                    let xr = &xs[r * in_d..(r + 1) * in_d];
+        let mut yt = vec![0f32; out_d * rows];
+        yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, part)| {
+            let lo = c * CHUNK;
+            for (k, out) in part.chunks_mut(rows).enumerate() {
+                let wr = &ws[(lo + k) * in_d..(lo + k + 1) * in_d];
+                for (r, o) in out.iter_mut().enumerate() {
                     // SAFETY: AVX2 and FMA were detected above.
-                    part.extend((lo..hi).map(|o| unsafe { dot_avx2(&ws[o * in_d..(o + 1) * in_d], xr) }));
+                    *o = unsafe { dot_avx2(wr, &xs[r * in_d..(r + 1) * in_d]) };
                 }
-                part
-            })
-            .collect();
-        let mut y = vec![0f32; rows * out_d];
-        for (c, part) in blocks.iter().enumerate() {
-            let n = part.len() / rows;
-            for r in 0..rows {
-                y[r * out_d + c * CHUNK..r * out_d + c * CHUNK + n].copy_from_slice(&part[r * n..(r + 1) * n]);
             }
-        }
+        });
+        let y = if rows == 1 {
+            yt
+        } else {
+            let mut y = vec![0f32; rows * out_d];
+            for (o, vals) in yt.chunks(rows).enumerate() {
+                for (r, v) in vals.iter().enumerate() {
+                    y[r * out_d + o] = *v;
+                }
+            }
+            y
+        };
         drop(st);
         let mut shape = x.dims().to_vec();
         *shape.last_mut().expect("x has a last dim") = out_d;
@@ -85,4 +88,26 @@ unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
         i += 1;
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn gemv_equals_matmul_for_every_row_count() {
+        let dev = Device::Cpu;
+        // 130 outputs: two full 64-blocks and a ragged one; 70 inputs: the scalar tail of the dot.
+        let w = Tensor::randn(0f32, 1.0, (130, 70), &dev).unwrap();
+        for rows in 1..=MAX_ROWS {
+            let x = Tensor::randn(0f32, 1.0, (1, rows, 70), &dev).unwrap();
+            let Some(fast) = try_linear(&x, &w).unwrap() else { return }; // no AVX2/FMA here
+            let slow = x.reshape((rows, 70)).unwrap().matmul(&w.t().unwrap()).unwrap().reshape((1, rows, 130)).unwrap();
+            let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "rows {rows}: max diff {d}");
+        }
+        let x = Tensor::randn(0f32, 1.0, (MAX_ROWS + 1, 70), &dev).unwrap();
+        assert!(try_linear(&x, &w).unwrap().is_none(), "more rows than MAX_ROWS go to the GEMM");
+    }
 }
