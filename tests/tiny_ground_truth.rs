@@ -81,4 +81,15 @@ fn head_sweep_gives_one_cell_per_head_equal_to_single_head_runs() {
     }
     // Not every head does the same thing (the sweep is not one cell repeated).
     assert!(sweep.iter().any(|r| (r.logit_diff - sweep[0].logit_diff).abs() > 1e-6));
+    // The workbench shows each head as its own heatmap, and drills down into its own examples.
+    use road_dii::tui::data::{Grid, Metric, RunData};
+    let d = RunData::load(&dir).unwrap();
+    assert_eq!(d.sites(), ["head_output h0", "head_output h1", "head_output h2", "head_output h3"]);
+    for (h, key) in d.sites().iter().enumerate() {
+        let g = Grid::build(&d.metrics, key, Metric::LogitDiff);
+        assert_eq!(g.values, vec![vec![Some(sweep[h].logit_diff)]], "{key}");
+        let ex = d.examples_for(2, key, "eq");
+        assert_eq!(ex.len(), sweep[h].n, "{key}");
+        assert!(ex.iter().all(|e| e.heads == h.to_string()));
+    }
 }
