@@ -281,7 +281,16 @@ impl Llama {
         let mask = if t == 1 && mask_rows.iter().all(|r| r.iter().all(|&m| m == 1)) {
             None
         } else {
-            Some(self.attn_mask(&mask_rows, past, t)?)
+            let m = self.attn_mask(&mask_rows, past, t)?;
+            if crate::runtime::cpu_fast_path(&self.device) {
+                Some(m)
+            } else {
+                // Off the CPU, candle's broadcasting add walks strides per element: on a
+                // [b, heads, t, s] score tensor that one add took over a quarter of a 7B-shape
+                // prefill. Expanded once per call (shared by every layer), the add is a plain
+                // contiguous one.
+                Some(m.broadcast_as((b, self.cfg.num_heads, t, past + t))?.contiguous()?)
+            }
         };
 
         let (first_layer, mut x) = match start {
@@ -468,7 +477,14 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (qg.matmul(&k.t()?)? * scale)?.reshape((b, nh, t, s))?;
+        let scores = if crate::runtime::cpu_fast_path(q.device()) {
+            (qg.matmul(&k.t()?)? * scale)?
+        } else {
+            // Scaling q ([.., t, hd]) instead of the scores ([.., t, s]) saves a pass over the
+            // largest tensor of long prefills.
+            (qg * scale)?.matmul(&k.t()?)?
+        };
+        let scores = scores.reshape((b, nh, t, s))?;
         let scores = match mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
