@@ -71,8 +71,9 @@ pub struct TrainOpts {
     /// Interchange-intervention training (Geiger et al., 2022): weight of the IIT loss (0 = off).
     /// Every step also runs the batch with part of the `block_output` of block `iit_layer` at
     /// position b (for a==b; with `iit_right`, at d for c==d in turn) taken from another example,
-    /// and asks for the counterfactual answer (see `iit_dims` and `iit_step`). This pins where each equality variable lives, so the
-    /// model is a ground truth for DAS by construction rather than by luck.
+    /// and asks for the counterfactual answer (see `iit_dims` and `iit_step`). This pins where
+    /// each equality variable lives, so the model is a ground truth for DAS by construction
+    /// rather than by luck.
     pub iit_weight: f64,
     pub iit_layer: usize,
     /// Dimension of the subspace IIT swaps (a seeded random orthonormal basis of the residual
@@ -302,16 +303,25 @@ fn last_logits_hooked(model: &Llama, ids: &[Vec<u32>], differentiable: bool, hoo
     Ok(last.matmul(&model.embeddings().t()?)?)
 }
 
-/// What an IIT step trains, cycling: the variable (a==b, and c==d too when `right`), the
-/// position that must carry it, and whether the subspace (the answer follows the source's
-/// variable) or everything but it (the answer must not change: nothing else at that position
-/// may matter) is swapped. The complement half only exists with a subspace.
-fn iit_step(step: usize, with_complement: bool, right: bool) -> (Variable, usize, bool) {
+/// What an IIT step trains, cycling: the variable (a==b, and c==d too when `right`), and
+/// whether the subspace (the answer follows the source's variable) or everything but it (the
+/// answer must not change: nothing else at that position may matter) is swapped. The
+/// complement half only exists with a subspace.
+fn iit_step(step: usize, with_complement: bool, right: bool) -> (Variable, bool) {
     let vars = if right { 2 } else { 1 };
     let modes = if with_complement { 2 } else { 1 };
     let k = step % (vars * modes);
-    let (var, pos) = if k % vars == 0 { (Variable::Left, 1) } else { (Variable::Right, 3) };
-    (var, pos, k / vars == 1)
+    let var = if k % vars == 0 { Variable::Left } else { Variable::Right };
+    (var, k / vars == 1)
+}
+
+/// The prompt position IIT puts a variable at: b for a==b, d for c==d (`a b c d =`).
+fn iit_position(var: Variable) -> Result<usize> {
+    match var {
+        Variable::Left => Ok(1),
+        Variable::Right => Ok(3),
+        Variable::Output => bail!("IIT is defined for the left and right equalities"),
+    }
 }
 
 /// Counterfactual answer ids when `var` is taken from `src` into `base` (prompts `a b c d =`);
@@ -363,11 +373,7 @@ pub fn iit_accuracy(
     n: usize,
     seed: u64,
 ) -> Result<f64> {
-    let pos = match var {
-        Variable::Left => 1,
-        Variable::Right => 3,
-        Variable::Output => bail!("IIT is defined for the left and right equalities"),
-    };
+    let pos = iit_position(var)?;
     let ids = TaskIds::new(tok)?;
     let mut rng = Rng::new(seed);
     let (mut correct, mut done) = (0.0, 0);
@@ -497,9 +503,10 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         let mut iit_acc = f64::NAN;
         if opts.iit_weight > 0.0 {
             let (src, _) = task.sample(&tok, &mut iit_rng, opts.batch, p_eq)?;
-            let (var, pos, complement) = iit_step(step, iit_basis.is_some(), opts.iit_right);
+            let (var, complement) = iit_step(step, iit_basis.is_some(), opts.iit_right);
             let cf = iit_labels(var, &x, &src, task.ans, complement);
-            let il = interchanged_logits(&model, &x, &src, (opts.iit_layer, pos), iit_basis.as_ref(), complement, true)?;
+            let at = (opts.iit_layer, iit_position(var)?);
+            let il = interchanged_logits(&model, &x, &src, at, iit_basis.as_ref(), complement, true)?;
             let il_loss = candle_nn::loss::cross_entropy(&il, &Tensor::new(cf.as_slice(), &device)?)?;
             iit_acc = batch_acc(&il, &cf)?;
             loss = (loss + (il_loss * opts.iit_weight)?)?;

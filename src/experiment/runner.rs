@@ -72,10 +72,8 @@ fn positions(spec: &Spec, prepared: &Prepared) -> Result<Vec<String>> {
 /// The head groups a site is swept over: one group per head with `sweep_heads` (the listed
 /// heads, or all of the site's), else the listed heads together (empty = the whole vector).
 fn head_groups(spec: &Spec, model: &Llama, site: Site) -> Vec<Vec<usize>> {
-    let c = &model.cfg;
-    let n = if matches!(site, Site::K | Site::V) { c.num_kv_heads } else { c.num_heads };
     match (spec.sites.sweep_heads, spec.sites.heads.is_empty()) {
-        (true, true) => (0..n).map(|h| vec![h]).collect(),
+        (true, true) => (0..site.n_heads(&model.cfg)).map(|h| vec![h]).collect(),
         (true, false) => spec.sites.heads.iter().map(|&h| vec![h]).collect(),
         (false, _) => vec![spec.sites.heads.clone()],
     }
@@ -87,7 +85,7 @@ fn head_cols(heads: &[usize], model: &Llama, site: Site) -> Result<Option<Tensor
         return Ok(None);
     }
     let c = &model.cfg;
-    let n = if matches!(site, Site::K | Site::V) { c.num_kv_heads } else { c.num_heads };
+    let n = site.n_heads(c);
     let mut cols = Vec::new();
     for &h in heads {
         if h >= n {
@@ -181,7 +179,6 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         sink.send(RunEvent::Log(format!("running {jobs} cells at a time")));
     }
     let mut results: Vec<Option<CellResult>> = (0..cells.len()).map(|_| None).collect();
-    let mut complete = true;
     // Rewrite the tables as cells finish (in cell order), so a cancelled or crashed run keeps
     // what it finished; results do not depend on `jobs` (each cell has its own seed).
     let record = |ci: usize, r: CellResult, results: &mut Vec<Option<CellResult>>| -> Result<()> {
@@ -192,7 +189,6 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     if jobs <= 1 {
         for (ci, (global_idx, cell)) in cells.iter().enumerate() {
             if opts.cancel.load(Ordering::Relaxed) {
-                complete = false;
                 break;
             }
             let r = run_cell(&ctx, ci, *global_idx, cell, &mut |e| sink.send(e))?;
@@ -237,7 +233,8 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
             first_err.map_or(Ok(()), Err)
         })?;
     }
-    complete &= results.iter().all(|r| r.as_ref().is_some_and(|r| r.complete));
+    // Complete = every cell ran all its steps (a cancelled run leaves cells unrun or cut short).
+    let complete = results.iter().all(|r| r.as_ref().is_some_and(|r| r.complete));
     let (metrics, examples, train_log) = gather(&results);
     let params: HashMap<String, Tensor> = results.iter().flatten().flat_map(|r| r.params.iter().cloned()).collect();
     let summaries: Vec<CellSummary> = results.iter().flatten().map(|r| r.summary.clone()).collect();

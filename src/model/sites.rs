@@ -65,6 +65,15 @@ impl Site {
     pub fn is_headed(self) -> bool {
         matches!(self, Site::Q | Site::K | Site::V | Site::HeadOutput)
     }
+
+    /// Heads of a headed site: the KV heads for `k`/`v` (GQA), the query heads otherwise.
+    pub fn n_heads(self, cfg: &super::LlamaConfig) -> usize {
+        if matches!(self, Site::K | Site::V) {
+            cfg.num_kv_heads
+        } else {
+            cfg.num_heads
+        }
+    }
 }
 
 impl std::fmt::Display for Site {

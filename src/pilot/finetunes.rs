@@ -1,7 +1,8 @@
 //! The study's fine-tunes, cached: each method is a `road finetune` spec whose resolved TOML
-//! (plus the crate version and a fingerprint of the base weights) hashes to a folder under `$ROAD_CACHE/finetunes/`. A re-run loads the
-//! finished fine-tune from there instead of training again (unless `--fresh`). Training writes
-//! into the cache and the study always reads back from it, so both paths give the same model.
+//! (plus the crate version and a fingerprint of the base weights) hashes to a folder under
+//! `$ROAD_CACHE/finetunes/`. A re-run loads the finished fine-tune from there instead of training
+//! again (unless `--fresh`). Training writes into the cache and the study always reads back from
+//! it, so both paths give the same model.
 use super::spec::{PilotMethod, PilotSpec};
 use crate::experiment::outputs::short_hash;
 use crate::model::{load, LinearAdapter, Llama};
@@ -53,8 +54,9 @@ impl Tuned {
 }
 
 /// Per-tensor sum and sum of squares of the base weights, hashed: cheap (one pass over the
-/// weights) and different for any retrained model.
-fn weights_fingerprint(base: &Llama) -> Result<String> {
+/// weights) and different for any retrained model. Computed once per study and passed to
+/// [`obtain`] for every method.
+pub fn weights_fingerprint(base: &Llama) -> Result<String> {
     let mut s = String::new();
     for (name, t) in base.named_weights() {
         let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
@@ -69,13 +71,14 @@ pub fn cache_root() -> PathBuf {
     crate::fetch::cache_dir().join("finetunes")
 }
 
-/// Train (or load from the cache) the fine-tune of method `m`.
-pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, tok: &Tok, fresh: bool) -> Result<Tuned> {
+/// Train (or load from the cache) the fine-tune of method `m`; `base_fingerprint` is
+/// [`weights_fingerprint`] of `base`.
+pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, base_fingerprint: &str, tok: &Tok, fresh: bool) -> Result<Tuned> {
     let ft = spec.finetune_spec(m)?;
     let text = ft.to_toml()?;
     // The spec names the model, not its weights: a retrained or replaced model under the same
     // name must not reuse fine-tunes of the old one.
-    let hash = short_hash(&format!("{text}\nroad-dii {}\nweights {}", env!("CARGO_PKG_VERSION"), weights_fingerprint(base)?));
+    let hash = short_hash(&format!("{text}\nroad-dii {}\nweights {base_fingerprint}", env!("CARGO_PKG_VERSION")));
     let dir = cache_root().join(format!("{}-{hash}", ft.name));
     let record_path = dir.join("record.json");
     let cached = !fresh && record_path.exists();

@@ -135,10 +135,11 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
 
     // 1. Fine-tunes (cached).
     let mut tuned: Vec<(String, Tuned)> = Vec::new();
+    let fingerprint = finetunes::weights_fingerprint(base)?;
     for (i, m) in spec.methods.iter().enumerate() {
         sink.send(RunEvent::CellStarted { cell: i, label: format!("fine-tune {}", m.label) });
         opts.check()?;
-        let t = finetunes::obtain(spec, m, base, tok, opts.fresh).with_context(|| format!("fine-tuning {:?}", m.label))?;
+        let t = finetunes::obtain(spec, m, base, &fingerprint, tok, opts.fresh).with_context(|| format!("fine-tuning {:?}", m.label))?;
         sink.send(RunEvent::StageDone { cell: i, label: format!("fine-tune {}", m.label) });
         log(sink, format!("[{}] test accuracy {:.3} (majority {:.3}), {:.3}% trainable{}", m.label, t.record.test_accuracy, t.record.test_majority, t.record.trainable_pct, if t.record.cached { ", cached" } else { "" }));
         tuned.push((m.label.clone(), t));
