@@ -47,16 +47,12 @@ def main():
     import peft
     from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
+    from bench_torch import torch_setup
+
+    dev, dtype, sync = torch_setup(args.device, args.dtype, args.threads)
     torch.manual_seed(0)
-    dev = torch.device(args.device)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
           f"device {dev}, dtype {dtype}")
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     if os.path.isdir(args.model):  # a HF checkpoint directory (quick checks on tiny models)
         base = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)

@@ -62,17 +62,12 @@ def main():
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     import pyvene as pv
+    from bench_torch import load_gguf, torch_setup
 
-    torch.set_num_threads(args.threads)
+    dev, dtype, sync = torch_setup(args.device, args.dtype, args.threads)
     torch.manual_seed(0)
-    dev = torch.device(args.device)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     def place(iv):
         # interventions are built on the CPU in f32; move them next to the model
@@ -84,17 +79,7 @@ def main():
 
     mdir, mfile = os.path.split(os.path.abspath(args.model))
     t0 = time.perf_counter()
-    attn = args.attn
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            mdir, gguf_file=mfile, dtype=dtype, attn_implementation=attn)
-    except Exception as e:
-        if attn == "eager":
-            raise
-        print(f"sdpa load failed ({type(e).__name__}: {e}); falling back to eager", file=sys.stderr)
-        attn = "eager"
-        model = AutoModelForCausalLM.from_pretrained(
-            mdir, gguf_file=mfile, dtype=dtype, attn_implementation=attn)
+    model, _ = load_gguf(args.model, dtype, args.attn)
     tok = AutoTokenizer.from_pretrained(mdir, gguf_file=mfile)
     model = model.to(dev)
     model.eval()

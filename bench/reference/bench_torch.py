@@ -39,6 +39,35 @@ PRESETS = {
 }
 
 
+def torch_setup(device, dtype_name, threads):
+    """Thread count, device and dtype for a harness, and a `sync()` that waits for the GPU (so
+    timed regions end when the work does). Shared by bench_pyvene.py and bench_peft_batching.py."""
+    import torch
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[dtype_name]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    return dev, dtype, sync
+
+
+def load_gguf(path, dtype, attn):
+    """transformers' GGUF loader (de-quantising) with the requested attention, falling back to
+    eager when sdpa is refused. Returns (model on the CPU, attention used)."""
+    from transformers import AutoModelForCausalLM
+    mdir, mfile = os.path.split(os.path.abspath(path))
+    try:
+        return AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=dtype, attn_implementation=attn), attn
+    except Exception as e:
+        if attn == "eager":
+            raise
+        print(f"sdpa load failed ({type(e).__name__}: {e}); falling back to eager", file=sys.stderr)
+        return AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=dtype, attn_implementation="eager"), "eager"
+
+
 def random_model(name, dtype, dev, attn):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,34 +100,17 @@ def main():
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    torch.set_num_threads(args.threads)
-    dev = torch.device(args.device)
-    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    dev, dtype, sync = torch_setup(args.device, args.dtype, args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, "
           f"threads {torch.get_num_threads()}, reps {args.reps}, device {dev}, dtype {dtype}")
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     t0 = time.perf_counter()
     attn = args.attn
     if args.random_config:
         model = random_model(args.random_config, dtype, dev, attn)
     else:
-        mdir, mfile = os.path.split(os.path.abspath(args.model))
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                mdir, gguf_file=mfile, dtype=dtype, attn_implementation=attn)
-        except Exception as e:  # fall back to eager if sdpa is refused
-            if attn == "eager":
-                raise
-            print(f"sdpa load failed ({type(e).__name__}: {e}); falling back to eager", file=sys.stderr)
-            attn = "eager"
-            model = AutoModelForCausalLM.from_pretrained(
-                mdir, gguf_file=mfile, dtype=dtype, attn_implementation=attn)
+        model, attn = load_gguf(args.model, dtype, attn)
         model = model.to(dev)
     model.eval()
     sync()
