@@ -3,18 +3,22 @@
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/kernels/road.cu");
+    println!("cargo:rerun-if-changed=src/kernels/tail.cu");
+    println!("cargo:rerun-if-changed=src/kernels/dtype.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
-    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR")).join("road_kernels.ptx");
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("CUDA_HOME").map(|h| format!("{h}/bin/nvcc")).unwrap_or_else(|_| "nvcc".into());
-    let status = std::process::Command::new(&nvcc)
-        .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
-        .arg(&out)
-        .arg("src/kernels/road.cu")
-        .status()
-        .unwrap_or_else(|e| panic!("running {nvcc}: {e} (set CUDA_HOME, see scripts/build-cuda.sh)"));
-    assert!(status.success(), "nvcc failed on src/kernels/road.cu");
+    for (src, ptx) in [("src/kernels/road.cu", "road_kernels.ptx"), ("src/kernels/tail.cu", "tail_kernels.ptx")] {
+        let status = std::process::Command::new(&nvcc)
+            .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
+            .arg(out_dir.join(ptx))
+            .arg(src)
+            .status()
+            .unwrap_or_else(|e| panic!("running {nvcc}: {e} (set CUDA_HOME, see scripts/build-cuda.sh)"));
+        assert!(status.success(), "nvcc failed on {src}");
+    }
 }

@@ -153,12 +153,30 @@ pub fn das(m: &ModelArgs, layer: usize, steps: usize, batch: usize) -> Result<()
     let cache_s = t0.elapsed().as_secs_f64();
     let cc = sc.cell(&ps, layer, Site::BlockOutput, "last")?;
     let cell = Cell { layer, site: Site::BlockOutput, position: "last".into(), cols: None, heads: String::new() };
+    // On this device, one batch's gradients through the hand-written tail (and its kernels)
+    // against autograd over the whole resumed forward.
+    {
+        use crate::experiment::cells::{loss_grads, Backward};
+        let idx: Vec<usize> = (0..batch.min(ps.len())).collect();
+        let targets: Vec<u32> = idx.iter().map(|&i| ps[i].cf_label).collect();
+        let ctx = crate::intervene::ApplyCtx { progress: 0.0, train: true };
+        let (la, ga) = loss_grads(model, &cell, &cc, &ps, &idx, iv.as_ref(), ctx, &targets, Backward::Autograd)?;
+        let (lt, gt) = loss_grads(model, &cell, &cc, &ps, &idx, iv.as_ref(), ctx, &targets, Backward::FrozenTail)?;
+        let mut err = 0f32;
+        for p in iv.params() {
+            let (Some(a), Some(t)) = (ga.get(p.var.as_tensor()), gt.get(p.var.as_tensor())) else { anyhow::bail!("{}: no gradient", p.name) };
+            let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-12);
+            err = err.max((a - t)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale);
+        }
+        println!("road das gradient check: loss {la:.6} (autograd) vs {lt:.6} (frozen tail), max relative gradient error {err:.2e}");
+    }
     let ts = TrainSpec { steps, batch, lr: 1e-2, ..Default::default() };
     let t1 = Instant::now();
-    train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), &mut |_, _| {})?;
+    let log = train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), &mut |_, _| {})?;
     let s = t1.elapsed().as_secs_f64();
+    let (first, last) = (log.first().map_or(f64::NAN, |r| r.loss), log.last().map_or(f64::NAN, |r| r.loss));
     println!(
-        "road das: {:.1} examples/s ({steps} steps x batch {batch}, layer {layer}, last token; {:.1}s training + {:.1}s one-off clean caching of {} pairs)",
+        "road das: {:.1} examples/s ({steps} steps x batch {batch}, layer {layer}, last token; {:.1}s training + {:.1}s one-off clean caching of {} pairs; loss {first:.4} -> {last:.4})",
         (steps * batch) as f64 / s,
         s,
         cache_s,

@@ -9,7 +9,6 @@ use road_dii::experiment::spec::TrainSpec;
 use road_dii::experiment::Spec;
 use road_dii::intervene::{self, orth, ApplyCtx, InterventionSpec};
 use road_dii::model::{Fwd, LogitsAt, Site};
-use road_dii::tasks::{Pair, Prompt};
 use std::sync::atomic::AtomicBool;
 
 fn spec(kind: &str) -> InterventionSpec {
@@ -80,19 +79,6 @@ fn magnitude_and_angle_interchange_take_the_right_part() {
     assert!(max_abs_diff(&unit(&a), &unit(&s)) < 1e-5);
 }
 
-/// Pairs from the tiny model's tokenizer (labels are arbitrary: the engine does not care).
-fn tiny_pairs() -> Vec<Pair> {
-    let tok = &tiny_a().tok;
-    let mk = |t: &str| Prompt::new(tok, t.into(), 5, &[("mid", 2)]).unwrap();
-    let texts = [
-        ("When Mary and John went to the store", "When Alice and Bob went to the park"),
-        ("The capital of France is a city", "The capital of Spain is a place"),
-        ("one two three four five six", "six five four three two one"),
-        ("When John and Mary went to the store", "When Bob and Alice went to the park"),
-    ];
-    texts.iter().map(|(b, s)| Pair { base: mk(b), source: mk(s), cf_label: 7, answers: vec![5, 7] }).collect()
-}
-
 #[test]
 fn cached_resumed_interventions_match_a_plain_hooked_forward() {
     let m = &tiny_a().model;
@@ -110,7 +96,7 @@ fn cached_resumed_interventions_match_a_plain_hooked_forward() {
             let cell = Cell { layer, site, position: pos.into(), cols: None, heads: String::new() };
             let idx: Vec<usize> = (0..pairs.len()).collect();
             // Same-length rows exercise the prefix-reuse path, mixed lengths the padded path.
-            for group in [vec![0usize, 3], idx.clone()] {
+            for group in [vec![0usize, 2], idx.clone()] {
                 let got = cells::intervened_logits(m, &cell, &cc, &pairs, &group, vanilla.as_ref(), ApplyCtx::EVAL, false).unwrap();
                 for (k, &i) in group.iter().enumerate() {
                     let mut h = PlainSwap { layer, site, pos: vec![cc.base_pos[i]], with: vec![cc.source_vec[i].clone()] };

@@ -5,7 +5,10 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh A|B|C  (C: road's SmolLM2 benchmarks only, after A)   (logs and CSVs land in $OUT)
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E  (P: keep model part A only; C: road's SmolLM2
+#   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
+#   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
+#   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py)   (logs and CSVs land in $OUT)
 set -u
 PHASE=${1:-B}
 G=$PWD/.gpu
@@ -48,6 +51,13 @@ fi
 export PYTHONPATH=/tmp/site
 B=$G/bench
 
+if [ "$PHASE" = P ]; then  # only keep model part A (for a D or B call next) and warm the PTX cache
+  [ -f $G/model.partA ] && cp $G/model.partA $W/model.partA && echo "kept model part A in $W"
+  step "smoke: random smollm2-shaped model on cuda" 120 $ROAD bench forward --random-config smollm2 --device cuda \
+       --reps 3 --decode-tokens 8
+  exit 0
+fi
+
 if [ "$PHASE" = A ]; then
   [ -f $G/model.partA ] && cp $G/model.partA $W/model.partA && echo "kept model part A in $W"
   # First CUDA use: candle's PTX is JIT-compiled (cached in $CUDA_CACHE_PATH for later calls).
@@ -68,6 +78,42 @@ if [ ! -f $M ]; then
   if [ -f $W/model.partA ] && [ -f $G/model.partB ]; then cat $W/model.partA $G/model.partB > $M; else echo "MISSING model part A (machine was not warm)"; fi
 fi
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c || exit 3
+
+if [ "$PHASE" = D ]; then  # DAS: frozen tail with its kernels, composed ops, autograd; pyvene; patching pair
+  step "road bench das f32" 90 $ROAD bench das --model $M --device cuda --dtype f32
+  step "road bench das f32 (again)" 90 $ROAD bench das --model $M --device cuda --dtype f32
+  step "road bench das f32, ROAD_GENERIC_OPS=1" 90 env ROAD_GENERIC_OPS=1 $ROAD bench das --model $M --device cuda --dtype f32
+  step "road bench das f32, ROAD_AUTOGRAD_TAIL=1" 90 env ROAD_AUTOGRAD_TAIL=1 $ROAD bench das --model $M --device cuda --dtype f32
+  step "pyvene das f32" 120 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32
+  step "road bench das f32 (after pyvene)" 90 $ROAD bench das --model $M --device cuda --dtype f32
+  step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
+  step "pyvene patching f32" 200 python3 $B/bench_pyvene.py --workload patching --model $M --device cuda --dtype f32
+  exit 0
+fi
+
+if [ "$PHASE" = E ]; then  # longer DAS timings (300 steps) both sides, and the DAS experiment end to end
+  step "road bench das f32, 300 steps" 120 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
+  step "pyvene das f32, 300 steps" 200 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32 --steps 300
+  step "road bench das f32, 300 steps (after pyvene)" 120 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
+  step "road bench das f32, 300 steps, ROAD_AUTOGRAD_TAIL=1" 120 env ROAD_AUTOGRAD_TAIL=1 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
+  step "road run ioi-das on cuda" 240 $ROAD run experiments/ioi-das.toml --device cuda --set model.name=$M
+  cp -r notebooks-out/ioi-das $OUT/ 2>/dev/null
+  exit 0
+fi
+
+if [ "$PHASE" = L ]; then  # full-vocabulary logits of the fixture prompts on cuda (bf16, f32), compared off-device with the CPU's
+  python3 - "$ROAD" "$M" "$G/ref/public.json" "$OUT" <<'PY'
+import json, subprocess, sys
+road, model, ref, out = sys.argv[1:]
+for i, p in enumerate(json.load(open(ref))["prompts"]):
+    for dt in ("bf16", "f32"):
+        r = subprocess.run([road, "logits", "--model", model, "--prompt", p["prompt"], "--top", "49152", "--json",
+                            "--device", "cuda", "--dtype", dt], capture_output=True, text=True, timeout=120)
+        print(i, dt, "rc", r.returncode, r.stderr[-300:], flush=True)
+        open(f"{out}/cuda_{dt}_{i}.json", "w").write(r.stdout)
+PY
+  exit 0
+fi
 
 if [ "$PHASE" = C ]; then  # a re-run of road's side only (after a fix), same lease shape
   for dt in bf16 f32; do

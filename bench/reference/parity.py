@@ -22,11 +22,28 @@ def road_logits(road, model, prompt, device, dtype, adapter=None):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
-    d = json.loads(out.stdout)
+    return parse_logits(out.stdout)
+
+
+def parse_logits(text):
+    """(full-vocabulary logits, prompt ids) from `road logits --top 49152 --json` output."""
+    d = json.loads(text)
     v = np.full(49152, np.nan, dtype=np.float64)
     for r in d["top"]:
         v[r["id"]] = r["logit"]
     return v, d["ids"]
+
+
+def report(rows, path):
+    """Write (prompt, a, b, max_abs, mean_abs, top1_same) rows to a CSV and print a summary per pair."""
+    with open(path, "w") as f:
+        f.write("prompt,a,b,max_abs,mean_abs,top1_same\n")
+        for r in rows:
+            f.write(",".join(str(x) for x in r) + "\n")
+    for x, y in sorted({(r[1], r[2]) for r in rows}):
+        sel = [r for r in rows if (r[1], r[2]) == (x, y)]
+        print(f"SUMMARY max|{x} - {y}|: {min(r[3] for r in sel):.3e} .. {max(r[3] for r in sel):.3e} "
+              f"(mean abs {np.mean([r[4] for r in sel]):.2e}), top1 same {sum(r[5] for r in sel)}/{len(sel)}")
 
 
 def main():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from parity import road_logits
+from parity import report, road_logits
 
 
 def main():
@@ -51,15 +51,7 @@ def main():
             d = np.abs(v[x] - v[y])
             rows.append((i, x, y, float(d.max()), float(d.mean()), int(np.argmax(v[x]) == np.argmax(v[y]))))
             print(f"prompt {i}: max|{x} - {y}| {d.max():.3e}  mean {d.mean():.3e}  top1 same {rows[-1][5]}", flush=True)
-    with open(a.out, "w") as f:
-        f.write("prompt,a,b,max_abs,mean_abs,top1_same\n")
-        for r in rows:
-            f.write(",".join(str(x) for x in r) + "\n")
-    for x, y in sorted({(r[1], r[2]) for r in rows}):
-        sel = [r for r in rows if (r[1], r[2]) == (x, y)]
-        print(f"SUMMARY max|{x} - {y}|: {min(r[3] for r in sel):.3e} .. {max(r[3] for r in sel):.3e} "
-              f"(mean abs {np.mean([r[4] for r in sel]):.2e}), top1 same {sum(r[5] for r in sel)}/{len(sel)}")
-
+    report(rows, a.out)
 
 if __name__ == "__main__":
     main()

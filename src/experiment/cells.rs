@@ -5,10 +5,11 @@ use super::outputs::{ExampleRow, TrainRow};
 use super::spec::TrainSpec;
 use crate::intervene::hook::InterventionHook;
 use crate::intervene::{ApplyCtx, Intervention};
-use crate::model::{Fwd, Llama, LogitsAt, Site};
+use crate::model::{Fwd, KvCache, Llama, LogitsAt, Site};
 use crate::tasks::Pair;
 use crate::util::rng::Rng;
 use anyhow::Result;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +30,31 @@ impl Cell {
     }
 }
 
+/// Where a resumed base run starts: its ids, the block input at the cell's layer, and either the
+/// padding mask (rows resumed whole) or the clean run's keys/values of an unchanged prefix.
+struct Resume<'a> {
+    ids: Vec<Vec<u32>>,
+    x0: Tensor,
+    mask: Option<Vec<Vec<u8>>>,
+    kv: Option<KvCache>,
+    hook: InterventionHook<'a>,
+}
+
+impl Resume<'_> {
+    fn fwd(&mut self, layer: usize, differentiable: bool) -> Fwd<'_> {
+        Fwd {
+            attention_mask: self.mask.as_deref(),
+            cache: self.kv.as_mut(),
+            hooks: Some(&mut self.hook),
+            differentiable,
+            start: Some((layer, self.x0.clone())),
+            ..Default::default()
+        }
+    }
+}
+
 /// Logits `[b, vocab]` of the base runs of `idx` with the intervention applied at `cell`.
+#[allow(clippy::too_many_arguments)]
 pub fn intervened_logits(
     model: &Llama,
     cell: &Cell,
@@ -40,42 +65,39 @@ pub fn intervened_logits(
     ctx: ApplyCtx,
     differentiable: bool,
 ) -> Result<Tensor> {
-    if let Some(l) = reuse_prefix(model, cell, cache, pairs, idx, iv, ctx, differentiable)? {
-        return Ok(l);
-    }
-    let rows: Vec<&[u32]> = idx.iter().map(|&i| pairs[i].base.ids.as_slice()).collect();
-    let (ids, mask, offs) = left_pad(&rows);
-    let t = ids[0].len();
-    let d = model.cfg.hidden_size;
-    // Resume at the cell's layer from the clean base's block input (left padded with zeros).
-    let mut xs = Vec::with_capacity(idx.len());
-    for (k, &i) in idx.iter().enumerate() {
-        let x = &cache.base_input[i];
-        xs.push(if offs[k] > 0 { Tensor::cat(&[&Tensor::zeros((offs[k], d), x.dtype(), x.device())?, x], 0)? } else { x.clone() });
-    }
-    let x0 = Tensor::stack(&xs, 0)?;
-    debug_assert_eq!(x0.dim(1)?, t);
-    let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
-    let hook = hook(cell, cache, idx, positions, iv, ctx)?;
-    resume(model, cell, &ids, x0, hook, Fwd { attention_mask: Some(&mask), differentiable, ..Default::default() })
-}
-
-fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, idx: &[usize], positions: Vec<usize>, iv: &'a dyn Intervention, ctx: ApplyCtx) -> Result<InterventionHook<'a>> {
-    let source = Tensor::stack(&idx.iter().map(|&i| cache.source_vec[i].clone()).collect::<Vec<_>>(), 0)?;
-    Ok(InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx })
-}
-
-/// Run blocks `cell.layer..` from block input `x0` with the intervention hooked; last-position logits.
-fn resume(model: &Llama, cell: &Cell, ids: &[Vec<u32>], x0: Tensor, mut hook: InterventionHook<'_>, fwd: Fwd<'_>) -> Result<Tensor> {
-    let out = model.forward(ids, Fwd { hooks: Some(&mut hook), logits: LogitsAt::Last, start: Some((cell.layer, x0)), ..fwd })?;
+    let mut r = resume(model, cell, cache, pairs, idx, iv, ctx)?;
+    let ids = std::mem::take(&mut r.ids);
+    let out = model.forward(&ids, Fwd { logits: LogitsAt::Last, ..r.fwd(cell.layer, differentiable) })?;
     Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
 }
 
-/// Fast path when every row has the same length and intervened position p: positions < p are
-/// unchanged by the intervention, so run only positions p.. from the cell's layer, attending to
-/// the clean run's cached keys/values for 0..p.
+/// How a training step computes its gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backward {
+    /// Autograd covers the cell's own layer (where the intervention sits); the frozen blocks after
+    /// it run through [`Llama::tail_loss_grad`], whose hand-written backward skips the weight
+    /// gradients autograd would compute and discard.
+    FrozenTail,
+    /// candle's autograd over the whole resumed forward: the reference the frozen tail is tested
+    /// against (`ROAD_AUTOGRAD_TAIL=1` makes training use it, for before/after benchmarks).
+    Autograd,
+}
+
+impl Backward {
+    fn for_training() -> Self {
+        static F: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *F.get_or_init(|| std::env::var_os("ROAD_AUTOGRAD_TAIL").is_some_and(|v| v != "0")) {
+            Backward::Autograd
+        } else {
+            Backward::FrozenTail
+        }
+    }
+}
+
+/// One training step's loss (cross-entropy against `targets` + the kind's penalty) and the
+/// gradients of the intervention's variables.
 #[allow(clippy::too_many_arguments)]
-fn reuse_prefix(
+pub fn loss_grads(
     model: &Llama,
     cell: &Cell,
     cache: &CellCache<'_>,
@@ -83,34 +105,95 @@ fn reuse_prefix(
     idx: &[usize],
     iv: &dyn Intervention,
     ctx: ApplyCtx,
-    differentiable: bool,
-) -> Result<Option<Tensor>> {
+    targets: &[u32],
+    how: Backward,
+) -> Result<(f64, GradStore)> {
+    let mut r = resume(model, cell, cache, pairs, idx, iv, ctx)?;
+    let ids = std::mem::take(&mut r.ids);
+    let (loss, surrogate) = match how {
+        Backward::Autograd => {
+            let logits = model.forward(&ids, Fwd { logits: LogitsAt::Last, ..r.fwd(cell.layer, true) })?.logits.expect("requested logits");
+            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &Tensor::new(targets, logits.device())?)?;
+            (loss.clone(), loss)
+        }
+        Backward::FrozenTail => {
+            let end = cell.layer + 1;
+            // At a block's output the hook is the layer's last op: nothing after it needs a
+            // backward, so the layer runs on the fused inference kernels.
+            let differentiable = cell.site != Site::BlockOutput;
+            let x = model.forward(&ids, Fwd { logits: LogitsAt::None, end: Some(end), ..r.fwd(cell.layer, differentiable) })?.hidden;
+            let tail = Fwd { attention_mask: r.mask.as_deref(), cache: r.kv.as_mut(), start: Some((end, x.detach())), ..Default::default() };
+            let (loss, dx) = model.tail_loss_grad(&ids, tail, targets)?;
+            // d/dθ of Σ x·(dL/dx), with dL/dx held constant, is dL/dθ.
+            (loss, (x.to_dtype(DType::F32)? * dx.to_dtype(DType::F32)?)?.sum_all()?)
+        }
+    };
+    let (loss, surrogate) = match iv.penalty()? {
+        Some(p) => ((loss + &p)?, (surrogate + p)?),
+        None => (loss, surrogate),
+    };
+    Ok((loss.to_scalar::<f32>()? as f64, surrogate.backward()?))
+}
+
+fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, rows: &Tensor, positions: Vec<usize>, iv: &'a dyn Intervention, ctx: ApplyCtx) -> Result<InterventionHook<'a>> {
+    let source = cache.source_rows.index_select(rows, 0)?;
+    Ok(InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx })
+}
+
+/// The resumed base run of `idx` at the cell's layer, with the intervention hooked.
+///
+/// Fast path when every row has the same length and intervened position p: positions < p are
+/// unchanged by the intervention, so only positions p.. run from the cell's layer, attending to
+/// the clean run's cached keys/values for 0..p. Otherwise whole rows, left padded.
+fn resume<'a>(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    idx: &[usize],
+    iv: &'a dyn Intervention,
+    ctx: ApplyCtx,
+) -> Result<Resume<'a>> {
     let (t, p) = (pairs[idx[0]].base.ids.len(), cache.base_pos[idx[0]]);
+    // The batch's pair indices on the device: one gather per cached tensor.
+    let sel = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?;
     if p == 0 || idx.iter().any(|&i| pairs[i].base.ids.len() != t || cache.base_pos[i] != p) {
-        return Ok(None);
+        let rows: Vec<&[u32]> = idx.iter().map(|&i| pairs[i].base.ids.as_slice()).collect();
+        let (ids, mask, offs) = left_pad(&rows);
+        let t = ids[0].len();
+        let d = model.cfg.hidden_size;
+        // The clean base's block input at the cell's layer, left padded with zeros.
+        let mut xs = Vec::with_capacity(idx.len());
+        for (k, &i) in idx.iter().enumerate() {
+            let x = &cache.base_input[i];
+            xs.push(if offs[k] > 0 { Tensor::cat(&[&Tensor::zeros((offs[k], d), x.dtype(), x.device())?, x], 0)? } else { x.clone() });
+        }
+        let x0 = Tensor::stack(&xs, 0)?;
+        debug_assert_eq!(x0.dim(1)?, t);
+        let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
+        let hook = hook(cell, cache, &sel, positions, iv, ctx)?;
+        return Ok(Resume { ids, x0, mask: Some(mask), kv: None, hook });
     }
     let n_layers = model.cfg.num_layers;
     let mut layers: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layers];
-    let rows = match cache.base_kv_rows {
-        Some(_) => Some(Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?),
-        None => None,
-    };
     for l in cell.layer..n_layers {
-        layers[l] = Some(match (cache.base_kv_rows, &rows) {
+        layers[l] = Some(match cache.base_kv_rows {
             // One gather per layer for the whole batch.
-            (Some(kv), Some(r)) => (kv[l].0.index_select(r, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(r, 0)?.narrow(2, 0, p)?),
-            _ => {
+            Some(kv) => (kv[l].0.index_select(&sel, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(&sel, 0)?.narrow(2, 0, p)?),
+            None => {
                 let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
                 let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
                 (Tensor::stack(&ks, 0)?, Tensor::stack(&vs, 0)?)
             }
         });
     }
-    let mut kv = crate::model::KvCache::from_layers(layers);
-    let x0 = Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?;
+    let x0 = match &cache.base_input_rows {
+        Some(x) => x.index_select(&sel, 0)?.narrow(1, p, t - p)?,
+        None => Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?,
+    };
     let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids[p..].to_vec()).collect();
-    let hook = hook(cell, cache, idx, vec![p; idx.len()], iv, ctx)?;
-    Ok(Some(resume(model, cell, &ids, x0, hook, Fwd { cache: Some(&mut kv), differentiable, ..Default::default() })?))
+    let hook = hook(cell, cache, &sel, vec![p; idx.len()], iv, ctx)?;
+    Ok(Resume { ids, x0, mask: None, kv: Some(KvCache::from_layers(layers)), hook })
 }
 
 /// Pair indices grouped by (base length, intervened position).
@@ -234,6 +317,7 @@ pub fn train(
     let mut cursors = vec![usize::MAX; groups.len()];
     let total: usize = groups.iter().map(|g| g.len()).sum();
     let mut log = Vec::with_capacity(spec.steps);
+    let how = Backward::for_training();
     for step in 0..spec.steps {
         if cancel.load(Ordering::Relaxed) {
             break;
@@ -251,13 +335,8 @@ pub fn train(
             cursors[gi] += 1;
         }
         let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
-        let logits = intervened_logits(model, cell, cache, pairs, &idx, iv, ctx, true)?;
-        let targets = Tensor::new(idx.iter().map(|&i| pairs[i].cf_label).collect::<Vec<u32>>(), logits.device())?;
-        let mut loss = candle_nn::loss::cross_entropy(&logits, &targets)?;
-        if let Some(p) = iv.penalty()? {
-            loss = (loss + p)?;
-        }
-        let grads = loss.backward()?;
+        let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();
+        let (l, grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
         let lr = lr_at(spec, spec.lr, step);
         if let Some(o) = opt_main.as_mut() {
             o.set_learning_rate(lr);
@@ -268,7 +347,6 @@ pub fn train(
             o.step(&grads)?;
         }
         iv.after_step()?;
-        let l = loss.to_scalar::<f32>()? as f64;
         let stats = iv.stats(ctx);
         let stat = |k: &str| stats.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap_or(f64::NAN);
         log.push(TrainRow {

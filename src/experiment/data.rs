@@ -267,6 +267,10 @@ pub struct CellCache<'a> {
     /// `[w]` per pair at the intervened position.
     pub base_vec: Vec<Tensor>,
     pub source_vec: Vec<Tensor>,
+    /// `source_vec` stacked, `[n_pairs, w]`: a batch's sources are one gather.
+    pub source_rows: Tensor,
+    /// `base_input` stacked, `[n_pairs, t, d]`, when every base prompt has the same length.
+    pub base_input_rows: Option<Tensor>,
     pub base_pos: Vec<usize>,
     /// Clean base last-position logits `[vocab]` per pair.
     pub base_logits: Vec<&'a Tensor>,
@@ -280,6 +284,8 @@ impl SplitCache {
             base_kv_rows: self.base_kv_rows.as_deref(),
             base_vec: vec![],
             source_vec: vec![],
+            source_rows: Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
+            base_input_rows: None,
             base_pos: vec![],
             base_logits: vec![],
         };
@@ -291,6 +297,12 @@ impl SplitCache {
             c.source_vec.push(self.source_act[i][&(layer, site)].get(ps)?);
             c.base_pos.push(pb);
             c.base_logits.push(self.base_logits[i].as_ref().expect("cached with the base run"));
+        }
+        if !pairs.is_empty() {
+            c.source_rows = Tensor::stack(&c.source_vec, 0)?;
+            if c.base_input.windows(2).all(|w| w[0].dims() == w[1].dims()) {
+                c.base_input_rows = Some(Tensor::stack(&c.base_input, 0)?);
+            }
         }
         Ok(c)
     }

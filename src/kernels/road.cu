@@ -3,16 +3,7 @@
 // from the plain model. Pairing: within each group of g dims, j < g/2 pairs with j + g/2;
 // rot(h)_j = -h_{j+g/2} (first half), +h_{j-g/2} (second half).
 // h, z: [rows, d]; f, s: [rows / rows_per_col, d] (one column row per block of rows).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+#include "dtype.cuh"
 
 template <typename T>
 __device__ void road_rows(const T* h, const T* f, const T* s, T* z, unsigned int d, unsigned int g,

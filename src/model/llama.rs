@@ -6,6 +6,9 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
+mod tail;
+mod tail_cuda;
+
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsAt {
@@ -27,6 +30,9 @@ pub struct Fwd<'a> {
     /// Resume at block `layer` with this `[b, t, d]` block input instead of embedding `ids`
     /// (ids still give the shape). Interventions at layer L reuse the clean run's blocks < L.
     pub start: Option<(usize, Tensor)>,
+    /// Stop before block `end`: `hidden` is the residual stream entering it (no final norm, no
+    /// logits). Training runs the rest through [`Llama::tail_loss_grad`].
+    pub end: Option<usize>,
 }
 
 impl Default for Fwd<'_> {
@@ -39,6 +45,7 @@ impl Default for Fwd<'_> {
             logits: LogitsAt::All,
             differentiable: false,
             start: None,
+            end: None,
         }
     }
 }
@@ -233,7 +240,96 @@ impl Llama {
     /// Run the model on token ids `[b][t]` (all rows the same length; pad with any id and mark
     /// padding in `fwd.attention_mask`).
     pub fn forward(&self, ids: &[Vec<u32>], fwd: Fwd<'_>) -> Result<FwdOut> {
-        let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable, start } = fwd;
+        let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable, start, end } = fwd;
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let Prepared { b, t, mask_rows, rope, mask, .. } = self.prepare(ids, attention_mask, past)?;
+        let stop_early = end.is_some();
+        let end = end.unwrap_or(self.cfg.num_layers);
+        if end > self.cfg.num_layers {
+            bail!("cannot stop before layer {end}: the model has {} layers", self.cfg.num_layers);
+        }
+        let (first_layer, mut x) = match start {
+            Some((l, x0)) => {
+                // l == num_layers: only the final norm and head are left.
+                if l > self.cfg.num_layers {
+                    bail!("cannot resume at layer {l}: the model has {} layers", self.cfg.num_layers);
+                }
+                if x0.dims() != [b, t, self.cfg.hidden_size] {
+                    bail!("resumed block input must be [b={b}, t={t}, d={}]", self.cfg.hidden_size);
+                }
+                // Fused kernels need contiguous rows (a no-op when they already are).
+                (l, x0.contiguous()?)
+            }
+            None => {
+                let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+                let flat = Tensor::from_vec(flat, b * t, &self.device)?;
+                (0, self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
+            }
+        };
+        let ctx = SiteCtx { pos_offset: past };
+
+        if first_layer > end {
+            bail!("cannot resume at layer {first_layer} and stop before layer {end}");
+        }
+        for (li, blk) in self.blocks.iter().enumerate().take(end).skip(first_layer) {
+            let mut site = |s: Site, a: Tensor| -> Result<Tensor> {
+                if let Some(h) = hooks.as_deref_mut() {
+                    if h.wants(li, s) {
+                        if let Some(r) = h.on(li, s, &a, ctx)? {
+                            if r.dims() != a.dims() {
+                                bail!("hook at layer {li} site {s} returned shape {:?}, expected {:?}", r.dims(), a.dims());
+                            }
+                            return Ok(r);
+                        }
+                    }
+                }
+                Ok(a)
+            };
+            let lin = |p: Proj, l: &Linear, xin: &Tensor| -> Result<Tensor> {
+                let h = self.linear(l.weight(), xin, differentiable)?;
+                match adapter {
+                    Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
+                    _ => Ok(h),
+                }
+            };
+            x = site(Site::BlockInput, x)?;
+            let hn = self.rms(&x, &blk.ln1, differentiable)?;
+            let q = site(Site::Q, lin(Proj::Q, &blk.q, &hn)?)?;
+            let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
+            let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
+            let heads = self.attention(&q, &k, &v, &rope, mask.as_ref(), layer_cache, b, t, differentiable)?;
+            let heads = site(Site::HeadOutput, heads)?;
+            let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
+            x = site(Site::ResidMid, (x + attn)?)?;
+            let hn = self.rms(&x, &blk.ln2, differentiable)?;
+            let g = lin(Proj::Gate, &blk.gate, &hn)?;
+            let u = lin(Proj::Up, &blk.up, &hn)?;
+            let mlp = site(Site::MlpOutput, lin(Proj::Down, &blk.down, &(candle_nn::ops::silu(&g)? * u)?)?)?;
+            x = site(Site::BlockOutput, (x + mlp)?)?;
+        }
+        if stop_early {
+            return Ok(FwdOut { logits: None, hidden: x });
+        }
+        let hidden = self.rms(&x, &self.norm, differentiable)?;
+        let logits = match logits {
+            LogitsAt::None => None,
+            LogitsAt::All => Some(hidden.broadcast_matmul(&self.lm_head.t()?)?),
+            LogitsAt::Last => {
+                // Last real token per row (right padding leaves trailing zeros in the mask).
+                // One gather over the flattened `[b·t, d]` rows (not b slices + a stack: on a GPU
+                // each slice is a kernel launch, every decode step).
+                let idx = last_rows(&mask_rows, past, t, &self.device)?;
+                let last = hidden.reshape((b * t, self.cfg.hidden_size))?.index_select(&idx, 0)?;
+                Some(self.linear(&self.lm_head, &last, differentiable)?)
+            }
+        };
+        Ok(FwdOut { logits, hidden })
+    }
+
+    /// Checks shared by every forward call, padding-aware position ids, RoPE tables and the
+    /// additive attention mask for `t` new tokens after `past` cached ones.
+    fn prepare(&self, ids: &[Vec<u32>], attention_mask: Option<&[Vec<u8>]>, past: usize) -> Result<Prepared> {
         let b = ids.len();
         if b == 0 {
             bail!("empty batch");
@@ -248,7 +344,6 @@ impl Llama {
         if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= self.cfg.vocab_size) {
             bail!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size);
         }
-        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let total = past + t;
         if total > self.cfg.max_position_embeddings {
             bail!(
@@ -293,83 +388,7 @@ impl Llama {
             }
         };
 
-        let (first_layer, mut x) = match start {
-            Some((l, x0)) => {
-                if l >= self.cfg.num_layers {
-                    bail!("cannot resume at layer {l}: the model has {} layers", self.cfg.num_layers);
-                }
-                if x0.dims() != [b, t, self.cfg.hidden_size] {
-                    bail!("resumed block input must be [b={b}, t={t}, d={}]", self.cfg.hidden_size);
-                }
-                (l, x0)
-            }
-            None => {
-                let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-                let flat = Tensor::from_vec(flat, b * t, &self.device)?;
-                (0, self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
-            }
-        };
-        let ctx = SiteCtx { pos_offset: past };
-
-        for (li, blk) in self.blocks.iter().enumerate().skip(first_layer) {
-            let mut site = |s: Site, a: Tensor| -> Result<Tensor> {
-                if let Some(h) = hooks.as_deref_mut() {
-                    if h.wants(li, s) {
-                        if let Some(r) = h.on(li, s, &a, ctx)? {
-                            if r.dims() != a.dims() {
-                                bail!("hook at layer {li} site {s} returned shape {:?}, expected {:?}", r.dims(), a.dims());
-                            }
-                            return Ok(r);
-                        }
-                    }
-                }
-                Ok(a)
-            };
-            let lin = |p: Proj, l: &Linear, xin: &Tensor| -> Result<Tensor> {
-                let h = self.linear(l.weight(), xin, differentiable)?;
-                match adapter {
-                    Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
-                    _ => Ok(h),
-                }
-            };
-            x = site(Site::BlockInput, x)?;
-            let hn = self.rms(&x, &blk.ln1, differentiable)?;
-            let q = site(Site::Q, lin(Proj::Q, &blk.q, &hn)?)?;
-            let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
-            let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let heads = self.attention(&q, &k, &v, &rope, mask.as_ref(), layer_cache, b, t, differentiable)?;
-            let heads = site(Site::HeadOutput, heads)?;
-            let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
-            x = site(Site::ResidMid, (x + attn)?)?;
-            let hn = self.rms(&x, &blk.ln2, differentiable)?;
-            let g = lin(Proj::Gate, &blk.gate, &hn)?;
-            let u = lin(Proj::Up, &blk.up, &hn)?;
-            let mlp = site(Site::MlpOutput, lin(Proj::Down, &blk.down, &(candle_nn::ops::silu(&g)? * u)?)?)?;
-            x = site(Site::BlockOutput, (x + mlp)?)?;
-        }
-        let hidden = self.rms(&x, &self.norm, differentiable)?;
-        let logits = match logits {
-            LogitsAt::None => None,
-            LogitsAt::All => Some(hidden.broadcast_matmul(&self.lm_head.t()?)?),
-            LogitsAt::Last => {
-                // Last real token per row (right padding leaves trailing zeros in the mask).
-                // One gather over the flattened `[b·t, d]` rows (not b slices + a stack: on a GPU
-                // each slice is a kernel launch, every decode step).
-                let idx: Vec<u32> = mask_rows
-                    .iter()
-                    .enumerate()
-                    .map(|(bi, r)| {
-                        let last = r[past..].iter().rposition(|&m| m == 1).unwrap_or(t - 1);
-                        (bi * t + last) as u32
-                    })
-                    .collect();
-                let idx = Tensor::from_vec(idx, b, &self.device)?;
-                let last = hidden.reshape((b * t, self.cfg.hidden_size))?.index_select(&idx, 0)?;
-                Some(self.linear(&self.lm_head, &last, differentiable)?)
-            }
-        };
-        Ok(FwdOut { logits, hidden })
+        Ok(Prepared { b, t, past, mask_rows, rope, mask })
     }
 
     /// `x @ wᵀ`, through the decode fast path when it applies (inference only).
@@ -498,6 +517,31 @@ impl Llama {
         let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(out)
     }
+}
+
+/// What [`Llama::prepare`] derives from a call's ids, mask and cache.
+struct Prepared {
+    b: usize,
+    t: usize,
+    past: usize,
+    mask_rows: Vec<Vec<u8>>,
+    rope: Rope,
+    /// Additive `[b, 1, t, past+t]` (CPU) or expanded `[b, heads, t, past+t]`; None for decode.
+    mask: Option<Tensor>,
+}
+
+/// Flat row index (into `[b·t, ..]`) of each row's last real token (right padding leaves
+/// trailing zeros in the mask).
+fn last_rows(mask_rows: &[Vec<u8>], past: usize, t: usize, device: &Device) -> Result<Tensor> {
+    let idx: Vec<u32> = mask_rows
+        .iter()
+        .enumerate()
+        .map(|(bi, r)| {
+            let last = r[past..].iter().rposition(|&m| m == 1).unwrap_or(t - 1);
+            (bi * t + last) as u32
+        })
+        .collect();
+    Ok(Tensor::from_vec(idx, mask_rows.len(), device)?)
 }
 
 /// Per-call RoPE tables, `[b, t, head_dim/2]` (rotate-half layout).

@@ -101,3 +101,18 @@ pub fn fresh_dir(prefix: &str, name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// Four pairs from the tiny model's tokenizer (labels are arbitrary: the engine does not care).
+/// Pairs 0 and 2 share a length (the clean-prefix path); all four need padding.
+pub fn tiny_pairs() -> Vec<road_dii::tasks::Pair> {
+    use road_dii::tasks::{Pair, Prompt};
+    let tok = &tiny_a().tok;
+    let mk = |t: &str| Prompt::new(tok, t.into(), 5, &[("mid", 2)]).unwrap();
+    let texts = [
+        ("When Mary and John went to the store", "When Alice and Bob went to the park"),
+        ("The capital of France is a city", "The capital of Spain is a place"),
+        ("When John and Mary went to the store", "When Bob and Alice went to the park"),
+        ("one two three four five six", "six five four three two one"),
+    ];
+    texts.iter().enumerate().map(|(i, (b, s))| Pair { base: mk(b), source: mk(s), cf_label: 7 + i as u32, answers: vec![5, 7] }).collect()
+}

@@ -1,0 +1,183 @@
+//! The frozen tail of a forward pass with a hand-written backward.
+//!
+//! Training an intervention at layer L needs only dL/d(residual stream after L): the blocks
+//! after it are constants. Under candle's autograd every matmul's backward also computes the
+//! weight gradient (thrown away), and every accumulated gradient costs a zero-fill and an add;
+//! on a GPU, where a step of this size is bound by kernel launches, that doubles the work.
+//! Here the tail runs forward with the fused inference kernels, keeps what its backward needs,
+//! and walks back once. The result equals autograd's (tests/tail_grad.rs).
+use super::tail_cuda;
+use super::{last_rows, Block, Fwd, Llama, Prepared};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, D};
+
+/// What one block's backward needs from its forward.
+struct Saved {
+    x: Tensor,
+    /// Keys/values over prefix + new rows, `[b, n_kv, s, hd]`.
+    k: Tensor,
+    v: Tensor,
+    /// Scaled, rotated queries grouped by KV head, `[b, n_kv, rep·t, hd]`.
+    qg: Tensor,
+    /// Attention probabilities, `[b, n_kv, rep·t, s]`.
+    probs: Tensor,
+    h: Tensor,
+    gate: Tensor,
+    up: Tensor,
+}
+
+/// `dL/dx` of `y = x @ wᵀ` given `dL/dy`.
+fn linear_bwd(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = dy.dims();
+    let out_d = *dims.last().expect("rank >= 1");
+    let rows = dy.elem_count() / out_d.max(1);
+    let dx = dy.reshape((rows, out_d))?.matmul(w)?;
+    let mut shape = dims.to_vec();
+    *shape.last_mut().expect("rank >= 1") = w.dim(1)?;
+    Ok(dx.reshape(shape)?)
+}
+
+impl Llama {
+    /// Cross-entropy (mean over rows) of the last-position logits against `targets`, from the
+    /// residual stream `x` entering block `from` (`fwd.start = Some((from, x))`, with
+    /// `from == num_layers` meaning only the final norm and head), and `dL/dx` computed by hand.
+    /// `fwd.cache` holds the prefix's keys/values for blocks `from..` (read only); hooks and
+    /// adapters are not allowed here (the tail is the frozen model).
+    pub fn tail_loss_grad(&self, ids: &[Vec<u32>], fwd: Fwd<'_>, targets: &[u32]) -> Result<(Tensor, Tensor)> {
+        let Fwd { attention_mask, cache, hooks, adapter, start, end, .. } = fwd;
+        if hooks.is_some() || adapter.is_some() || end.is_some() {
+            bail!("the frozen tail takes no hooks, adapters or end layer");
+        }
+        let (from, x0) = start.context("the frozen tail needs a start layer and its input")?;
+        let n = self.cfg.num_layers;
+        if from > n {
+            bail!("cannot resume at layer {from}: the model has {n} layers");
+        }
+        // The prefix length is that of the tail's own layers (a caller's cache may already
+        // hold more rows at earlier layers).
+        let prefix = |l: usize| cache.as_deref().and_then(|c| c.layer(l));
+        let past = (from..n).find_map(&prefix).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+        let p = self.prepare(ids, attention_mask, past)?;
+        if x0.dims() != [p.b, p.t, self.cfg.hidden_size] {
+            bail!("tail input must be [b={}, t={}, d={}]", p.b, p.t, self.cfg.hidden_size);
+        }
+        if targets.len() != p.b {
+            bail!("{} targets for a batch of {}", targets.len(), p.b);
+        }
+        let neg_sin = p.rope.sin.neg()?;
+        let mut saved = Vec::with_capacity(n - from);
+        let mut x = x0.contiguous()?;
+        for li in from..n {
+            let (y, s) = self.block_saved(&self.blocks[li], &x, &p, prefix(li))?;
+            saved.push(s);
+            x = y;
+        }
+        // Head: final norm, last real position, logits in f32, cross-entropy.
+        let d = self.cfg.hidden_size;
+        let idx = last_rows(&p.mask_rows, p.past, p.t, &self.device)?;
+        let hidden = self.rms(&x, &self.norm, false)?;
+        let last = hidden.reshape((p.b * p.t, d))?.index_select(&idx, 0)?;
+        let logits = self.linear(&self.lm_head, &last, false)?.to_dtype(DType::F32)?;
+        let tgt = Tensor::from_vec(targets.to_vec(), (p.b, 1), &self.device)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+        let loss = (logp.gather(&tgt, 1)?.sum_all()? / -(p.b as f64))?;
+        // dL/dlogits = (softmax − onehot) / b.
+        let minus_one = Tensor::full(-1f32, (p.b, 1), &self.device)?;
+        let dlogits = (logp.exp()?.scatter_add(&tgt, &minus_one, 1)? / p.b as f64)?;
+        let dlast = dlogits.to_dtype(self.dtype)?.matmul(&self.lm_head)?;
+        let dhidden = Tensor::zeros((p.b * p.t, d), self.dtype, &self.device)?.index_add(&idx, &dlast, 0)?.reshape((p.b, p.t, d))?;
+        let mut dx = self.rms_bwd(&x, &self.norm, &dhidden)?;
+        for (li, s) in (from..n).zip(&saved).rev() {
+            dx = self.block_bwd(&self.blocks[li], s, &dx, &p, &neg_sin)?;
+        }
+        Ok((loss, dx))
+    }
+
+    /// One block forward (fused inference kernels), keeping what [`Self::block_bwd`] needs.
+    fn block_saved(&self, blk: &Block, x: &Tensor, p: &Prepared, prefix: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Saved)> {
+        let (b, t) = (p.b, p.t);
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
+        let hn = self.rms(x, &blk.ln1, false)?;
+        let q = self.linear(blk.q.weight(), &hn, false)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
+        let k = self.linear(blk.k.weight(), &hn, false)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
+        let v = self.linear(blk.v.weight(), &hn, false)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let q = p.rope.apply(&q, false)?;
+        let k = p.rope.apply(&k, false)?;
+        let (k, v) = match prefix {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        let qg = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        let scores = match &p.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))?;
+        let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let h = (x + self.linear(blk.o.weight(), &heads, false)?)?;
+        let hn = self.rms(&h, &blk.ln2, false)?;
+        let gate = self.linear(blk.gate.weight(), &hn, false)?;
+        let up = self.linear(blk.up.weight(), &hn, false)?;
+        let y = (&h + self.linear(blk.down.weight(), &(candle_nn::ops::silu(&gate)? * &up)?, false)?)?;
+        Ok((y, Saved { x: x.clone(), k, v, qg, probs, h, gate, up }))
+    }
+
+    /// `dL/dx` of one block given `dL/dy`.
+    fn block_bwd(&self, blk: &Block, s: &Saved, dy: &Tensor, p: &Prepared, neg_sin: &Tensor) -> Result<Tensor> {
+        let (b, t) = (p.b, p.t);
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        let rep = nh / nkv;
+        // MLP: y = h + down(silu(gate) · up).
+        let dm = linear_bwd(dy, blk.down.weight())?;
+        let (dgate, dup) = match tail_cuda::swiglu_bwd(&dm, &s.gate, &s.up)? {
+            Some(g) => g,
+            None => {
+                let sg = candle_nn::ops::sigmoid(&s.gate)?;
+                let silu = (&s.gate * &sg)?;
+                // silu'(g) = σ(g) · (1 + g · (1 − σ(g))) = σ(g) + silu(g) · (1 − σ(g)).
+                let dsilu = (&sg + (&silu * sg.affine(-1.0, 1.0)?)?)?;
+                (((&dm * &s.up)? * dsilu)?, (&dm * &silu)?)
+            }
+        };
+        let dhn = (linear_bwd(&dgate, blk.gate.weight())? + linear_bwd(&dup, blk.up.weight())?)?;
+        let dh = (dy + self.rms_bwd(&s.h, &blk.ln2, &dhn)?)?;
+        // Attention: h = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
+        let dheads = linear_bwd(&dh, blk.o.weight())?;
+        let dout = dheads.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let dprobs = dout.matmul(&s.v.t()?)?;
+        let dv = s.probs.t()?.matmul(&dout)?;
+        let dscores = match tail_cuda::softmax_bwd(&s.probs, &dprobs)? {
+            Some(d) => d,
+            None => (&s.probs * dprobs.broadcast_sub(&(&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?)?)?,
+        };
+        let dqg = (dscores.matmul(&s.k)? * (1.0 / (hd as f64).sqrt()))?;
+        let dk = dscores.t()?.matmul(&s.qg)?;
+        // Only the new rows' keys/values come from x; the prefix ones are the clean run's.
+        let past = s.k.dim(2)? - t;
+        let (dk, dv) = (dk.narrow(2, past, t)?, dv.narrow(2, past, t)?);
+        // RoPE is a rotation: its transpose is the rotation by −θ.
+        let unrope = |g: &Tensor| candle_nn::rotary_emb::rope(&g.contiguous()?, &p.rope.cos, neg_sin);
+        let flat = |g: Tensor, heads: usize| g.transpose(1, 2).and_then(|g| g.reshape((b, t, heads * hd)));
+        let dq = flat(unrope(&dqg.reshape((b, nh, t, hd))?)?, nh)?;
+        let dk = flat(unrope(&dk)?, nkv)?;
+        let dv = flat(dv, nkv)?;
+        let dxn = ((linear_bwd(&dq, blk.q.weight())? + linear_bwd(&dk, blk.k.weight())?)? + linear_bwd(&dv, blk.v.weight())?)?;
+        Ok((dh + self.rms_bwd(&s.x, &blk.ln1, &dxn)?)?)
+    }
+
+    /// `dL/dx` of `y = x / rms(x) · w` given `dL/dy`:
+    /// `r · (dy·w − x · r² · mean(dy·w·x))` with `r = 1 / sqrt(mean(x²) + eps)`.
+    fn rms_bwd(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        if let Some(dx) = tail_cuda::rms_bwd(x, w, dy, eps)? {
+            return Ok(dx);
+        }
+        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let dyw = dy.broadcast_mul(w)?;
+        let c = ((&dyw * x)?.mean_keepdim(D::Minus1)? * r.sqr()?)?;
+        Ok((dyw - x.broadcast_mul(&c)?)?.broadcast_mul(&r)?)
+    }
+}
