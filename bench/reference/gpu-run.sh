@@ -8,7 +8,8 @@
 # Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E  (P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
-#   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py)   (logs and CSVs land in $OUT)
+#   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py; F: the committed
+#   binary's DAS timings and the shipped training experiments on cuda)   (logs and CSVs land in $OUT)
 set -u
 PHASE=${1:-B}
 G=$PWD/.gpu
@@ -98,6 +99,17 @@ if [ "$PHASE" = E ]; then  # longer DAS timings (300 steps) both sides, and the 
   step "road bench das f32, 300 steps, ROAD_AUTOGRAD_TAIL=1" 120 env ROAD_AUTOGRAD_TAIL=1 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
   step "road run ioi-das on cuda" 240 $ROAD run experiments/ioi-das.toml --device cuda --set model.name=$M
   cp -r notebooks-out/ioi-das $OUT/ 2>/dev/null
+  exit 0
+fi
+
+if [ "$PHASE" = F ]; then  # the committed binary: DAS timings, and every shipped training experiment kind on cuda
+  step "road run capitals-boundless on cuda" 180 $ROAD run experiments/capitals-boundless.toml --device cuda --set model.name=$M
+  step "road bench das f32, 300 steps" 120 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
+  step "road bench das f32, 300 steps, ROAD_GENERIC_OPS=1" 120 env ROAD_GENERIC_OPS=1 $ROAD bench das --model $M --device cuda --dtype f32 --steps 300
+  step "road run tiny-equality-das on cuda" 120 $ROAD run experiments/tiny-equality-das.toml --device cuda
+  step "road run ioi-das at resid_mid on cuda" 120 $ROAD run experiments/ioi-das.toml --device cuda --set model.name=$M \
+       --set sites.site=resid_mid --set "sites.layers=[18,20]"
+  step "road run ioi-road-dii on cuda" 180 $ROAD run experiments/ioi-road-dii.toml --device cuda --set model.name=$M
   exit 0
 fi
 

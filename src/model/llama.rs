@@ -483,7 +483,7 @@ impl Llama {
         let (k, v) = match cache {
             Some(slot) => {
                 let kv = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    Some((pk, pv)) => (cat_keys(&pk, &k)?, cat_keys(&pv, &v)?),
                     None => (k, v),
                 };
                 *slot = Some(kv.clone());
@@ -542,6 +542,14 @@ fn last_rows(mask_rows: &[Vec<u8>], past: usize, t: usize, device: &Device) -> R
         })
         .collect();
     Ok(Tensor::from_vec(idx, mask_rows.len(), device)?)
+}
+
+/// Cached keys (or values) `[b, kv_heads, past, hd]` followed by new ones, contiguous. candle's cat
+/// falls back to a transposed, non-contiguous result when a view's strides look non-collapsible
+/// (e.g. a size-1 batch dim with an arbitrary stride), and the CUDA matmul then refuses it;
+/// `contiguous()` is a no-op in the usual case.
+fn cat_keys(past: &Tensor, new: &Tensor) -> Result<Tensor> {
+    Ok(Tensor::cat(&[past, new], 2)?.contiguous()?)
 }
 
 /// Per-call RoPE tables, `[b, t, head_dim/2]` (rotate-half layout).

@@ -7,7 +7,7 @@
 //! Here the tail runs forward with the fused inference kernels, keeps what its backward needs,
 //! and walks back once. The result equals autograd's (tests/tail_grad.rs).
 use super::tail_cuda;
-use super::{last_rows, Block, Fwd, Llama, Prepared};
+use super::{cat_keys, last_rows, Block, Fwd, Llama, Prepared};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -105,7 +105,7 @@ impl Llama {
         let q = p.rope.apply(&q, false)?;
         let k = p.rope.apply(&k, false)?;
         let (k, v) = match prefix {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            Some((pk, pv)) => (cat_keys(pk, &k)?, cat_keys(pv, &v)?),
             None => (k, v),
         };
         let s = k.dim(2)?;
