@@ -575,3 +575,24 @@ impl Rope {
         Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cached_keys_of_a_one_row_batch_concatenate_contiguously() {
+        // A one-row batch of a narrowed cache: the size-1 batch dim gets a stride candle's cat
+        // does not see as collapsible.
+        let full = Tensor::arange(0f32, (3 * 13 * 4) as f32, &Device::Cpu).unwrap().reshape((3, 13, 4)).unwrap();
+        let past = full.narrow(1, 0, 11).unwrap().unsqueeze(0).unwrap();
+        let new = Tensor::ones((1, 3, 2, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(!Tensor::cat(&[&past, &new], 2).unwrap().is_contiguous(), "the case guarded against");
+        let k = cat_keys(&past, &new).unwrap();
+        assert!(k.is_contiguous());
+        assert_eq!(k.dims(), [1, 3, 13, 4]);
+        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(flat(&k.narrow(2, 0, 11).unwrap()), flat(&past));
+        assert_eq!(flat(&k.narrow(2, 11, 2).unwrap()), flat(&new));
+    }
+}
