@@ -229,7 +229,7 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
     // output is the clean base run's (e.g. every position before the first token that differs).
     // One comparison and one transfer for all pairs (not one device round trip per pair).
     let same: Vec<bool> = if iv.identity_on_equal() {
-        let d = (Tensor::stack(&cache.source_vec, 0)? - Tensor::stack(&cache.base_vec, 0)?)?.abs()?.max(1)?;
+        let d = (&cache.source_rows - Tensor::stack(&cache.base_vec, 0)?)?.abs()?.max(1)?;
         d.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(|x| x == 0.0).collect()
     } else {
         vec![false; n]

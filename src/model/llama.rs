@@ -298,8 +298,12 @@ impl Llama {
             let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
-            let heads = self.attention(&q, &k, &v, &rope, mask.as_ref(), layer_cache, b, t, differentiable)?;
-            let heads = site(Site::HeadOutput, heads)?;
+            let prefix = layer_cache.as_deref().and_then(Option::as_ref);
+            let a = self.attention(&q, &k, &v, &rope, mask.as_ref(), prefix, b, t, differentiable)?;
+            if let Some(slot) = layer_cache {
+                *slot = Some((a.k, a.v));
+            }
+            let heads = site(Site::HeadOutput, a.heads)?;
             let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
             x = site(Site::ResidMid, (x + attn)?)?;
             let hn = self.rms(&x, &blk.ln2, differentiable)?;
@@ -461,6 +465,8 @@ impl Llama {
         Ok(Tensor::from_vec(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// Attention of `t` new rows (projections `[b, t, heads·hd]`) over `prefix` (cached keys and
+    /// values, `[b, n_kv, past, hd]`, already rotated) and themselves.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -469,39 +475,32 @@ impl Llama {
         v: &Tensor,
         rope: &Rope,
         mask: Option<&Tensor>,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        prefix: Option<&(Tensor, Tensor)>,
         b: usize,
         t: usize,
         differentiable: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<Attn> {
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
         let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let q = rope.apply(&q, differentiable)?;
         let k = rope.apply(&k, differentiable)?;
-        let (k, v) = match cache {
-            Some(slot) => {
-                let kv = match slot.take() {
-                    Some((pk, pv)) => (cat_keys(&pk, &k)?, cat_keys(&pv, &v)?),
-                    None => (k, v),
-                };
-                *slot = Some(kv.clone());
-                kv
-            }
+        let (k, v) = match prefix {
+            Some((pk, pv)) => (cat_keys(pk, &k)?, cat_keys(pv, &v)?),
             None => (k, v),
         };
         let s = k.dim(2)?;
         // GQA without copying K/V: fold the query heads of one KV group into the row axis.
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = self.attn_scale();
         let scores = if crate::runtime::cpu_fast_path(q.device()) {
             (qg.matmul(&k.t()?)? * scale)?
         } else {
             // Scaling q ([.., t, hd]) instead of the scores ([.., t, s]) saves a pass over the
             // largest tensor of long prefills.
-            (qg * scale)?.matmul(&k.t()?)?
+            (&qg * scale)?.matmul(&k.t()?)?
         };
         let scores = scores.reshape((b, nh, t, s))?;
         let scores = match mask {
@@ -513,10 +512,28 @@ impl Llama {
         } else {
             candle_nn::ops::softmax_last_dim(&scores)?
         };
-        let out = probs.reshape((b, nkv, rep * t, s))?.matmul(&v)?;
-        let out = out.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(out)
+        let probs = probs.reshape((b, nkv, rep * t, s))?;
+        let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        Ok(Attn { qg, k, v, probs, heads })
     }
+
+    /// `1/√head_dim`, the attention scores' scale.
+    fn attn_scale(&self) -> f64 {
+        1.0 / (self.cfg.head_dim as f64).sqrt()
+    }
+}
+
+/// One attention call's output and what the frozen tail's backward needs from it.
+struct Attn {
+    /// Rotated queries grouped by KV head (unscaled), `[b, n_kv, rep·t, hd]`.
+    qg: Tensor,
+    /// Keys/values over prefix + new rows, `[b, n_kv, past + t, hd]` (the layer's new cache).
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities, `[b, n_kv, rep·t, past + t]`.
+    probs: Tensor,
+    /// `[b, t, heads·hd]`.
+    heads: Tensor,
 }
 
 /// What [`Llama::prepare`] derives from a call's ids, mask and cache.

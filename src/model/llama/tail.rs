@@ -7,20 +7,14 @@
 //! Here the tail runs forward with the fused inference kernels, keeps what its backward needs,
 //! and walks back once. The result equals autograd's (tests/tail_grad.rs).
 use super::tail_cuda;
-use super::{cat_keys, last_rows, Block, Fwd, Llama, Prepared};
+use super::{last_rows, Attn, Block, Fwd, Llama, Prepared};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
 /// What one block's backward needs from its forward.
 struct Saved {
     x: Tensor,
-    /// Keys/values over prefix + new rows, `[b, n_kv, s, hd]`.
-    k: Tensor,
-    v: Tensor,
-    /// Scaled, rotated queries grouped by KV head, `[b, n_kv, rep·t, hd]`.
-    qg: Tensor,
-    /// Attention probabilities, `[b, n_kv, rep·t, s]`.
-    probs: Tensor,
+    attn: Attn,
     h: Tensor,
     gate: Tensor,
     up: Tensor,
@@ -95,34 +89,15 @@ impl Llama {
 
     /// One block forward (fused inference kernels), keeping what [`Self::block_bwd`] needs.
     fn block_saved(&self, blk: &Block, x: &Tensor, p: &Prepared, prefix: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Saved)> {
-        let (b, t) = (p.b, p.t);
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let rep = nh / nkv;
         let hn = self.rms(x, &blk.ln1, false)?;
-        let q = self.linear(blk.q.weight(), &hn, false)?.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = self.linear(blk.k.weight(), &hn, false)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = self.linear(blk.v.weight(), &hn, false)?.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = p.rope.apply(&q, false)?;
-        let k = p.rope.apply(&k, false)?;
-        let (k, v) = match prefix {
-            Some((pk, pv)) => (cat_keys(pk, &k)?, cat_keys(pv, &v)?),
-            None => (k, v),
-        };
-        let s = k.dim(2)?;
-        let qg = (q.reshape((b, nkv, rep * t, hd))? * (1.0 / (hd as f64).sqrt()))?;
-        let scores = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let scores = match &p.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.reshape((b, nkv, rep * t, s))?;
-        let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        let h = (x + self.linear(blk.o.weight(), &heads, false)?)?;
+        let (q, k, v) = (self.linear(blk.q.weight(), &hn, false)?, self.linear(blk.k.weight(), &hn, false)?, self.linear(blk.v.weight(), &hn, false)?);
+        let attn = self.attention(&q, &k, &v, &p.rope, p.mask.as_ref(), prefix, p.b, p.t, false)?;
+        let h = (x + self.linear(blk.o.weight(), &attn.heads, false)?)?;
         let hn = self.rms(&h, &blk.ln2, false)?;
         let gate = self.linear(blk.gate.weight(), &hn, false)?;
         let up = self.linear(blk.up.weight(), &hn, false)?;
         let y = (&h + self.linear(blk.down.weight(), &(candle_nn::ops::silu(&gate)? * &up)?, false)?)?;
-        Ok((y, Saved { x: x.clone(), k, v, qg, probs, h, gate, up }))
+        Ok((y, Saved { x: x.clone(), attn, h, gate, up }))
     }
 
     /// `dL/dx` of one block given `dL/dy`.
@@ -147,16 +122,19 @@ impl Llama {
         // Attention: h = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
         let dheads = linear_bwd(&dh, blk.o.weight())?;
         let dout = dheads.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
-        let dprobs = dout.matmul(&s.v.t()?)?;
-        let dv = s.probs.t()?.matmul(&dout)?;
-        let dscores = match tail_cuda::softmax_bwd(&s.probs, &dprobs)? {
+        let a = &s.attn;
+        let dprobs = dout.matmul(&a.v.t()?)?;
+        let dv = a.probs.t()?.matmul(&dout)?;
+        let dscores = match tail_cuda::softmax_bwd(&a.probs, &dprobs)? {
             Some(d) => d,
-            None => (&s.probs * dprobs.broadcast_sub(&(&dprobs * &s.probs)?.sum_keepdim(D::Minus1)?)?)?,
+            None => (&a.probs * dprobs.broadcast_sub(&(&dprobs * &a.probs)?.sum_keepdim(D::Minus1)?)?)?,
         };
-        let dqg = (dscores.matmul(&s.k)? * (1.0 / (hd as f64).sqrt()))?;
-        let dk = dscores.t()?.matmul(&s.qg)?;
+        // scores = scale · qg kᵀ.
+        let dscores = (dscores * self.attn_scale())?;
+        let dqg = dscores.matmul(&a.k)?;
+        let dk = dscores.t()?.matmul(&a.qg)?;
         // Only the new rows' keys/values come from x; the prefix ones are the clean run's.
-        let past = s.k.dim(2)? - t;
+        let past = a.k.dim(2)? - t;
         let (dk, dv) = (dk.narrow(2, past, t)?, dv.narrow(2, past, t)?);
         // RoPE is a rotation: its transpose is the rotation by −θ.
         let unrope = |g: &Tensor| candle_nn::rotary_emb::rope(&g.contiguous()?, &p.rope.cos, neg_sin);
