@@ -1,7 +1,7 @@
 //! Timing of one training step's pieces on SmolLM2 (forward, differentiable forward, backward).
 use candle_core::{DType, Device};
 use road_dii::model::{registry, Fwd, LogitsAt, Proj, LinearAdapter};
-use road_dii::road::{RoadAdapter, Variant};
+use road_dii::adapters::{RoadAdapter, Variant};
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {

@@ -1,6 +1,5 @@
 //! road-dii: distributed interchange interventions and RoAd on LLaMA-family models.
 pub mod bench;
-pub mod bench_batching;
 pub mod cli;
 pub mod compose;
 pub mod experiment;
@@ -10,7 +9,8 @@ pub mod intervene;
 pub mod model;
 pub mod pilot;
 pub mod probe;
-pub mod road;
+pub mod runs;
+pub mod adapters;
 pub mod runtime;
 pub mod tasks;
 pub mod tiny_model;

@@ -1,6 +1,5 @@
 //! Tokenizer: HF `tokenizer.json` when present, otherwise a byte-level BPE rebuilt from GGUF
 //! metadata. The GGUF path must give the same ids as transformers (no prefix space for SmolLM2).
-use crate::model::config::LlamaConfig;
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use std::path::Path;
@@ -18,9 +17,10 @@ pub struct Tok {
 }
 
 impl Tok {
-    pub fn from_file(path: &Path, cfg: &LlamaConfig) -> Result<Self> {
+    /// `bos`/`eos`: the model config's special ids (the tokenizer layer knows no model types).
+    pub fn from_file(path: &Path, bos: Option<u32>, eos: &[u32]) -> Result<Self> {
         let inner = Tokenizer::from_file(path).map_err(|e| anyhow!("reading {}: {e}", path.display()))?;
-        let mut eos = cfg.eos_token_ids.clone();
+        let mut eos = eos.to_vec();
         // tokenizer_config.json names the chat end token for instruct models; honour it too.
         if let Some(dir) = path.parent() {
             if let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) {
@@ -33,7 +33,7 @@ impl Tok {
                 }
             }
         }
-        Ok(Self { inner, bos: cfg.bos_token_id, eos, add_bos: false })
+        Ok(Self { inner, bos, eos, add_bos: false })
     }
 
     /// Wrap an in-memory tokenizer (e.g. one built for a project-trained model).
@@ -41,7 +41,7 @@ impl Tok {
         Self { inner, bos, eos, add_bos: false }
     }
 
-    pub fn from_gguf(content: &gguf_file::Content, cfg: &LlamaConfig) -> Result<Self> {
+    pub fn from_gguf(content: &gguf_file::Content, bos: Option<u32>, eos: &[u32]) -> Result<Self> {
         let md = &content.metadata;
         let model = md.get("tokenizer.ggml.model").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
         if model != "gpt2" {
@@ -89,7 +89,7 @@ impl Tok {
             .collect();
         inner.add_special_tokens(specials).map_err(|e| anyhow!("adding special tokens: {e}"))?;
         let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
-        Ok(Self { inner, bos: cfg.bos_token_id, eos: cfg.eos_token_ids.clone(), add_bos })
+        Ok(Self { inner, bos, eos: eos.to_vec(), add_bos })
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {

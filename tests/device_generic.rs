@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, reference_dir, tiny_a};
 use road_dii::generate::{greedy_batch, greedy_with};
 use road_dii::model::{load, Fwd, LogitsAt, Proj};
-use road_dii::road::{AnyAdapter, Freeze, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+use road_dii::adapters::{AnyAdapter, Freeze, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
 use road_dii::runtime::with_generic_ops;
 use road_dii::train::data::ClsExample;
 use road_dii::train::{self, MethodCfg, TaskCfg, TrainConfig, TrainData};
@@ -24,7 +24,7 @@ fn fast_paths_decline_when_generic_ops_are_forced() {
     let f = rng.normal_tensor(&[16], 1.0, &dev).unwrap();
     with_generic_ops(|| {
         assert!(road_dii::model::gemv::try_linear(&x, &w).unwrap().is_none());
-        assert!(road_dii::road::fused::try_fused(&x, &f, &f, 8).unwrap().is_none());
+        assert!(road_dii::adapters::fused::try_fused(&x, &f, &f, 8).unwrap().is_none());
         let xv = candle_core::Var::from_tensor(&x).unwrap();
         assert!(road_dii::model::frozen::try_frozen_linear(xv.as_tensor(), &w).unwrap().is_none());
     });

@@ -53,8 +53,8 @@ fn a_patching_run_writes_every_output_and_is_deterministic() {
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/ioi-patching.toml");
     let overrides = ["sites.layers=[10,28]".to_string(), "sites.positions=[\"S2\",\"last\",\"0\"]".into(), "task.sizes=[0,0,12]".into()];
     let spec = Spec::load(std::path::Path::new(file), &overrides).unwrap();
-    let a = run(&spec, &RunOptions::default(), &mut road_dii::experiment::events::Silent).unwrap();
-    let b = run(&spec, &RunOptions::default(), &mut road_dii::experiment::events::Silent).unwrap();
+    let a = run(&spec, &RunOptions::default(), &mut road_dii::runs::events::Silent).unwrap();
+    let b = run(&spec, &RunOptions::default(), &mut road_dii::runs::events::Silent).unwrap();
     assert_ne!(a.run_dir, b.run_dir, "a second run must not overwrite the first");
     for f in ["config.toml", "metrics.csv", "examples.csv", "train_log.csv", "summary.json", "iia_heatmap_block_output.svg", "iia_by_layer_block_output.svg"] {
         assert!(a.run_dir.join(f).exists(), "missing {f}");

@@ -3,7 +3,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Replace, Site};
-use road_dii::road::{RoadAdapter, Rotation, Variant};
+use road_dii::adapters::{RoadAdapter, Rotation, Variant};
 
 fn prompt_ids() -> Vec<Vec<u32>> {
     let m = tiny_a();

@@ -36,8 +36,8 @@ fn swapping_with_source_equal_to_base_is_a_no_op_for_every_source_kind() {
 fn road_dii_with_zero_angles_and_all_coordinates_equals_vanilla_full_swap() {
     let d = 16;
     let (b, s) = (randn((4, d), 2), randn((4, d), 3));
-    for (variant, g) in [(road_dii::road::Variant::Road1, 2), (road_dii::road::Variant::Road4, 8)] {
-        let rot = road_dii::road::Rotation::new(variant, g, d).unwrap();
+    for (variant, g) in [(road_dii::adapters::Variant::Road1, 2), (road_dii::adapters::Variant::Road4, 8)] {
+        let rot = road_dii::adapters::Rotation::new(variant, g, d).unwrap();
         let n = variant.param_len(d);
         let iv = intervene::road_dii::RoadDii::with_params(
             rot,

@@ -3,7 +3,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use road_dii::model::{Collector, Fwd, LogitsAt, Site};
-use road_dii::road::RoadAdapter;
+use road_dii::adapters::RoadAdapter;
 use road_dii::tokenizer::Tok;
 
 #[test]
@@ -20,7 +20,7 @@ fn gguf_tokenizer_matches_reference_ids() {
 fn gguf_tokenizer_matches_transformers_tokenizer_json() {
     let m = smollm2();
     let cfg = &m.model.cfg;
-    let hf = Tok::from_file(&reference_dir().join("smollm2-tokenizer/tokenizer.json"), cfg).unwrap();
+    let hf = Tok::from_file(&reference_dir().join("smollm2-tokenizer/tokenizer.json"), cfg.bos_token_id, &cfg.eos_token_ids).unwrap();
     let texts = [
         "Hello, world!",
         " leading space and  double  spaces\ttab\nnewline",

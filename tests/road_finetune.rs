@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{max_abs_diff, reference_dir, tiny_a};
 use road_dii::generate::{greedy_batch, greedy_with};
 use road_dii::model::{load, Fwd, LinearAdapter, Llama, LogitsAt, Proj};
-use road_dii::road::{merge, AnyAdapter, Freeze, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+use road_dii::adapters::{merge, AnyAdapter, Freeze, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
 use road_dii::train::data::{ClsExample, LmExample};
 use road_dii::train::{self, MethodCfg, TaskCfg, TrainConfig, TrainData};
 use road_dii::util::rng::Rng;

@@ -10,7 +10,7 @@ fn das(seed: u64) -> Vec<(String, usize, f64)> {
     std::env::set_var("ROAD_OUT", &out);
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/tiny-equality-das.toml");
     let spec = Spec::load(std::path::Path::new(file), &[format!("seed={seed}")]).unwrap();
-    let s = run(&spec, &RunOptions { jobs: 2, ..Default::default() }, &mut road_dii::experiment::events::Silent).unwrap();
+    let s = run(&spec, &RunOptions { jobs: 2, ..Default::default() }, &mut road_dii::runs::events::Silent).unwrap();
     let m = outputs::read_metrics(&s.run_dir.join("metrics.csv")).unwrap();
     m.iter().filter(|r| r.split == "test").map(|r| (r.position.clone(), r.layer, r.iia_answers)).collect()
 }
@@ -37,7 +37,7 @@ fn parallel_cells_match_sequential_cells() {
         let out = std::env::temp_dir().join(format!("road-tiny-jobs{jobs}-{}", std::process::id()));
         std::env::set_var("ROAD_OUT", &out);
         let opts = RunOptions { jobs, ..Default::default() };
-        let s = run(&spec, &opts, &mut road_dii::experiment::events::Silent).unwrap();
+        let s = run(&spec, &opts, &mut road_dii::runs::events::Silent).unwrap();
         assert!(s.complete && s.cells.len() == 4);
         runs.push(s.run_dir);
     }
@@ -65,7 +65,7 @@ fn head_sweep_gives_one_cell_per_head_equal_to_single_head_runs() {
     let go = |extra: &[&str]| {
         let sets: Vec<String> = base.iter().cloned().chain(extra.iter().map(|s| s.to_string())).collect();
         let spec = Spec::load(std::path::Path::new(file), &sets).unwrap();
-        let s = run(&spec, &RunOptions::default(), &mut road_dii::experiment::events::Silent).unwrap();
+        let s = run(&spec, &RunOptions::default(), &mut road_dii::runs::events::Silent).unwrap();
         (outputs::read_metrics(&s.run_dir.join("metrics.csv")).unwrap(), s.run_dir)
     };
     let (sweep, dir) = go(&["sites.sweep_heads=true"]);

@@ -629,7 +629,7 @@ fn heatmap_scrolls_to_keep_the_cursor_visible() {
             });
         }
     }
-    outputs::write_csv(&run.join("metrics.csv"), &rows, &outputs::METRIC_HEADER).unwrap();
+    road_dii::runs::write_csv(&run.join("metrics.csv"), &rows, &outputs::METRIC_HEADER).unwrap();
     let mut app = App::new(Config { out_root: tmp.clone(), ..fixture_cfg(true) });
     feed(&mut app, open_run(&run, Slot::Results));
     let first = render(&app, 80, 24);

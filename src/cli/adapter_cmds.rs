@@ -2,7 +2,7 @@
 use super::ModelArgs;
 use crate::generate::greedy_batch;
 use crate::model::LinearAdapter;
-use crate::road::{merge, AnyAdapter, MixedAdapters};
+use crate::adapters::{merge, AnyAdapter, MixedAdapters};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -27,7 +27,44 @@ pub struct MergeArgs {
     pub unmerge: bool,
 }
 
+/// `road merge-runs RUN_DIR... [--name N]`: join sharded runs' metrics into a new run folder.
+#[derive(Args)]
+pub struct MergeRunsArgs {
+    /// Run directories whose metrics.csv to join (the shards of one sweep).
+    #[arg(required = true)]
+    pub runs: Vec<PathBuf>,
+    /// Name of the joined run's experiment folder (default: the runs' experiment).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// `road merge-adapter --model M --adapter DIR --out DIR [--unmerge]`.
+#[derive(Args)]
+pub struct MergeAdapterArgs {
+    #[command(flatten)]
+    pub m: ModelArgs,
+    /// peft adapter directory to merge into the model's weights.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json); must not exist.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Undo a merge instead: `--model` is a merged checkpoint, the result is the base weights.
+    #[arg(long)]
+    pub unmerge: bool,
+}
+
+pub fn merge_runs_cmd(a: &MergeRunsArgs) -> Result<()> {
+    super::experiment_cmds::merge(&a.runs, a.name.as_deref())
+}
+
+pub fn merge_adapter_cmd(a: &MergeAdapterArgs) -> Result<()> {
+    merge_adapter(&a.m, &a.adapter, &a.out, a.unmerge)
+}
+
+/// The old spelling, kept working: dispatches on whether `--adapter` was given.
 pub fn merge_cmd(a: &MergeArgs) -> Result<()> {
+    eprintln!("note: `road merge` is now two commands, `road merge-runs` and `road merge-adapter`");
     let Some(adapter) = &a.adapter else {
         if a.runs.is_empty() {
             bail!("road merge needs run directories (to join metrics) or --adapter DIR --out DIR (to merge an adapter)");
@@ -38,22 +75,22 @@ pub fn merge_cmd(a: &MergeArgs) -> Result<()> {
         bail!("road merge: give either run directories or --adapter, not both");
     }
     let Some(out) = &a.out else { bail!("road merge --adapter needs --out DIR") };
-    merge_adapter(a, adapter, out)
+    merge_adapter(&a.m, adapter, out, a.unmerge)
 }
 
-fn merge_adapter(a: &MergeArgs, adapter: &Path, out: &Path) -> Result<()> {
+fn merge_adapter(m: &ModelArgs, adapter: &Path, out: &Path, unmerge: bool) -> Result<()> {
     if out.exists() {
         bail!("{} already exists; not overwriting", out.display());
     }
-    let mut l = a.m.load()?;
+    let mut l = m.load()?;
     let ad = AnyAdapter::load(adapter, &l.model.cfg, l.model.device())?;
-    if a.unmerge {
+    if unmerge {
         merge::unmerge(&mut l.model, &ad)?;
     } else {
         merge::merge(&mut l.model, &ad)?;
     }
     merge::save_hf(&l.model, &l.tok, out)?;
-    println!("{} {} adapter into {}", if a.unmerge { "unmerged" } else { "merged" }, ad.kind(), out.display());
+    println!("{} {} adapter into {}", if unmerge { "unmerged" } else { "merged" }, ad.kind(), out.display());
     Ok(())
 }
 

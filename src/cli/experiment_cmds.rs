@@ -1,5 +1,5 @@
 //! `road run FILE` and `road merge`: experiments headless.
-use crate::experiment::events::ProgressPrinter;
+use crate::runs::events::ProgressPrinter;
 use crate::experiment::outputs::{self, MetricRow};
 use crate::experiment::{run, RunOptions, Spec};
 use anyhow::{bail, Context, Result};
@@ -52,7 +52,7 @@ pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, jobs: usize, 
 
 fn run_pilot_file(file: &Path, sets: &[String], json: bool, fresh: bool) -> Result<()> {
     let spec = crate::pilot::PilotSpec::load(file, sets)?;
-    let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh, cancel: None }, &mut crate::experiment::events::Silent)?;
+    let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh, cancel: None }, &mut crate::runs::events::Silent)?;
     if json {
         let v = serde_json::json!({
             "experiment": spec.name,
@@ -82,10 +82,10 @@ pub fn merge(dirs: &[PathBuf], out_name: Option<&str>) -> Result<()> {
     }
     let name = out_name.map(String::from).unwrap_or_else(|| all.first().map(|r| r.experiment.clone()).unwrap_or_else(|| "merged".into()));
     all.sort_by(|a, b| (a.layer, &a.site, &a.position, &a.split).cmp(&(b.layer, &b.site, &b.position, &b.split)));
-    let dir = outputs::new_run_dir(&name, &outputs::short_hash(&configs))?;
+    let dir = crate::runs::new_run_dir(&name, &crate::runs::short_hash(&configs))?;
     let sources: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
     std::fs::write(dir.join("config.toml"), format!("# merged from: {}\n{}", sources.join(", "), std::fs::read_to_string(dirs[0].join("config.toml"))?))?;
-    outputs::write_csv(&dir.join("metrics.csv"), &all, &outputs::METRIC_HEADER)?;
+    crate::runs::write_csv(&dir.join("metrics.csv"), &all, &outputs::METRIC_HEADER)?;
     if let Ok(spec) = Spec::from_toml(&std::fs::read_to_string(dirs[0].join("config.toml"))?, "config.toml") {
         crate::experiment::runner::write_figures(&dir, &spec, &all)?;
     }

@@ -46,7 +46,7 @@ impl ModelArgs {
         crate::runtime::dtype_for("f32")
     }
     pub fn load(&self) -> Result<load::Loaded> {
-        registry::load(&self.model, self.dtype()?, &self.device()?, true)
+        registry::load_default(&self.model)
     }
 }
 
@@ -117,9 +117,12 @@ pub enum Cmd {
     Finetune(train_cmds::FinetuneArgs),
     /// Accuracy of a model (+ adapter) on a classification task.
     Eval(train_cmds::EvalArgs),
-    /// Merge: an adapter into the weights (`--adapter DIR --out DIR`, HF checkpoint; or
-    /// --unmerge), or the metrics of several runs/shards (`road merge RUN_DIR...`).
+    /// Old spelling of `merge-runs` / `merge-adapter` (dispatches on --adapter), kept working.
     Merge(adapter_cmds::MergeArgs),
+    /// Join the metrics of several runs/shards of one sweep into a new run folder.
+    MergeRuns(adapter_cmds::MergeRunsArgs),
+    /// Merge a peft adapter into the weights and write a HF checkpoint (or --unmerge).
+    MergeAdapter(adapter_cmds::MergeAdapterArgs),
     /// Composability of RoAd subspaces (two tasks on disjoint 2D blocks) from a TOML spec.
     Compose {
         spec: std::path::PathBuf,
@@ -228,13 +231,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Finetune(a) => train_cmds::finetune(&a)?,
         Cmd::Eval(a) => train_cmds::eval(&a)?,
         Cmd::Merge(a) => adapter_cmds::merge_cmd(&a)?,
+        Cmd::MergeRuns(a) => adapter_cmds::merge_runs_cmd(&a)?,
+        Cmd::MergeAdapter(a) => adapter_cmds::merge_adapter_cmd(&a)?,
         Cmd::ServeBatch(a) => adapter_cmds::serve_batch(&a)?,
         Cmd::Compose { spec, set } => {
             crate::compose::run_compose(&spec, &set)?;
         }
         Cmd::Generate { m, prompt, max_tokens, adapter } => {
             let l = m.load()?;
-            let ad = adapter.as_deref().map(|d| crate::road::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
+            let ad = adapter.as_deref().map(|d| crate::adapters::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
             let ids = l.tok.encode(&prompt)?;
             let g = greedy_with(&l.model, ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter), &ids, max_tokens, &l.tok.eos)?;
             println!("{}{}", prompt, l.tok.decode(&g.tokens)?);
@@ -255,13 +260,13 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {
             BenchCmd::Forward { m, reps, decode_tokens, random_config, shapes } => {
-                bench::forward(&m, random_config.as_deref(), &shapes, reps, decode_tokens)?
+                bench::forward::forward(&m.model, random_config.as_deref(), &shapes, reps, decode_tokens)?
             }
-            BenchCmd::Patching { m, pairs, layers } => bench::patching(&m, pairs, layers)?,
-            BenchCmd::Das { m, layer, steps, batch } => bench::das(&m, layer, steps, batch)?,
+            BenchCmd::Patching { m, pairs, layers } => bench::dii::patching(&m.model, pairs, layers)?,
+            BenchCmd::Das { m, layer, steps, batch } => bench::dii::das(&m.model, layer, steps, batch)?,
             BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats } => {
-                let sw = crate::bench_batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats };
-                crate::bench_batching::batching(&m, &sw)?;
+                let sw = crate::bench::batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats };
+                crate::bench::batching::batching(&m.model, &sw)?;
             }
         },
     }

@@ -2,7 +2,7 @@
 use super::ModelArgs;
 use crate::generate::top_k;
 use crate::model::{Fwd, LinearAdapter, LogitsAt, Site};
-use crate::road::AnyAdapter;
+use crate::adapters::AnyAdapter;
 use std::path::Path;
 use anyhow::Result;
 use candle_core::DType;

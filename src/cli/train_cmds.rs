@@ -1,7 +1,7 @@
 //! `road fetch-data`, `road finetune`, `road eval`.
 use super::ModelArgs;
 use crate::fetch;
-use crate::road::AnyAdapter;
+use crate::adapters::AnyAdapter;
 use crate::train::cls::{self, Head, Scorer};
 use crate::train::data::{self, ClsExample};
 use crate::train::{run, spec};

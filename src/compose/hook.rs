@@ -2,7 +2,7 @@
 //! token only (METHODS §4). Each row of a batch may switch on a different subset of the 2D blocks:
 //! an inactive block has θ = 0, α = 1 (identity), so tasks trained on disjoint blocks compose.
 use crate::model::{Hooks, Site, SiteCtx};
-use crate::road::{Rotation, Variant};
+use crate::adapters::{Rotation, Variant};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
 

@@ -11,7 +11,8 @@ use crate::train::cls::{self, Scorer};
 use crate::train::data::{self, ClsExample, Splits};
 use crate::train::optim::{clip_global_norm, AdamW, AdamWConfig};
 use crate::train::schedule::{Decay, Schedule};
-use crate::train::spec::{apply_overrides, PARITY_LABEL_WORDS, PARITY_TEMPLATE, SENTIMENT_LABEL_WORDS, SENTIMENT_TEMPLATE};
+use crate::runs::apply_overrides;
+use crate::train::spec::{PARITY_LABEL_WORDS, PARITY_TEMPLATE, SENTIMENT_LABEL_WORDS, SENTIMENT_TEMPLATE};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use hook::{half_masks, RoadIntervention};
@@ -146,7 +147,7 @@ pub fn run_compose(spec_path: &Path, overrides: &[String]) -> Result<PathBuf> {
         bail!("layer {} out of range (model has {} blocks)", spec.layer, model.cfg.num_layers);
     }
     let resolved = toml::to_string_pretty(&spec)?;
-    let dir = crate::experiment::outputs::new_run_dir(&spec.name, &crate::experiment::outputs::short_hash(&resolved))?;
+    let dir = crate::runs::new_run_dir(&spec.name, &crate::runs::short_hash(&resolved))?;
     std::fs::write(dir.join("config.toml"), &resolved)?;
     eprintln!("run directory {}", dir.display());
 

@@ -2,7 +2,7 @@
 //! The same runner serves `road run` (headless) and the TUI (through a `Sink`).
 use super::cells::{self, Cell, Eval};
 use super::data::{self, Prepared};
-use super::events::{RunEvent, Sink};
+use crate::runs::{RunEvent, Sink};
 use super::figures;
 use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
 use super::spec::Spec;
@@ -105,7 +105,7 @@ pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSum
         }
         config.push_str(&format!("\n# shard {i}/{n}\n"));
     }
-    let run_dir = outputs::new_run_dir(&spec.name, &outputs::short_hash(&config))?;
+    let run_dir = crate::runs::new_run_dir(&spec.name, &crate::runs::short_hash(&config))?;
     std::fs::write(run_dir.join("config.toml"), &config)?;
     let result = run_in(spec, opts, sink, &run_dir, t0);
     if let Err(e) = &result {
@@ -426,9 +426,9 @@ fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut
 }
 
 fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[TrainRow]) -> Result<()> {
-    outputs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
-    outputs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
-    outputs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
+    crate::runs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
+    crate::runs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
+    crate::runs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
     Ok(())
 }
 

@@ -121,25 +121,6 @@ impl Default for TrainSpec {
     }
 }
 
-/// One `--set key.path=value` override; the value is parsed as TOML when it can be, else taken
-/// as a string (so `sites.layers=8..16` works).
-pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
-    let (path, raw) = assignment
-        .split_once('=')
-        .with_context(|| format!("--set {assignment:?}: expected key.path=value"))?;
-    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-        Ok(mut t) => t.remove("v").expect("parsed key"),
-        Err(_) => toml::Value::String(raw.to_string()),
-    };
-    let keys: Vec<&str> = path.trim().split('.').collect();
-    let mut cur = doc;
-    for k in &keys[..keys.len() - 1] {
-        let entry = cur.entry(k.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry.as_table_mut().with_context(|| format!("--set {path}: `{k}` is not a table"))?;
-    }
-    cur.insert(keys[keys.len() - 1].to_string(), value);
-    Ok(())
-}
 
 impl Spec {
     pub fn from_toml(text: &str, origin: &str) -> Result<Self> {
@@ -159,7 +140,7 @@ impl Spec {
         Self::from_toml(&text, &origin)?;
         let mut doc: toml::Table = toml::from_str(&text)?;
         for o in overrides {
-            apply_override(&mut doc, o)?;
+            crate::runs::apply_override(&mut doc, o)?;
         }
         Self::from_toml(&toml::to_string(&doc)?, &format!("{origin} (with --set overrides)"))
     }

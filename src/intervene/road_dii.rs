@@ -7,7 +7,7 @@
 //! first coordinate of each block by default: the angle then chooses which direction of the
 //! block's plane is interchanged.
 use super::{temperature, ApplyCtx, Intervention, InterventionSpec, Param};
-use crate::road::{Rotation, Variant};
+use crate::adapters::{Rotation, Variant};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};

@@ -56,7 +56,7 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
     if !tok_path.exists() {
         bail!("{} has no tokenizer.json", dir.display());
     }
-    let tok = Tok::from_file(&tok_path, &model.cfg)?;
+    let tok = Tok::from_file(&tok_path, model.cfg.bos_token_id, &model.cfg.eos_token_ids)?;
     Ok(Loaded { model, tok, source: dir.to_path_buf(), format: "hf" })
 }
 
@@ -186,7 +186,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
         }
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }
-    let tok = Tok::from_gguf(&content, &cfg)?;
+    let tok = Tok::from_gguf(&content, cfg.bos_token_id, &cfg.eos_token_ids)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = Llama::load(vb, cfg).with_context(|| format!("building the model from {}", path.display()))?;
     Ok(Loaded { model, tok, source: path.to_path_buf(), format: "gguf" })

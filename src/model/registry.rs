@@ -53,6 +53,11 @@ pub fn resolve(spec: &str, verbose: bool) -> Result<PathBuf> {
     )
 }
 
+/// Load on the run-wide device and dtype (the `--device` / `--dtype` flags; auto / f32).
+pub fn load_default(spec: &str) -> Result<Loaded> {
+    load(spec, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)
+}
+
 pub fn load(spec: &str, dtype: DType, device: &Device, verbose: bool) -> Result<Loaded> {
     let path = resolve(spec, verbose)?;
     load_path(&path, dtype, device)

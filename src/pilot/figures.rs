@@ -1,5 +1,5 @@
 //! The study's SVG figures; each one's data is also a CSV in the run folder.
-use super::run::PilotResult;
+use super::tables::PilotResult;
 use super::tables::DeltaRow;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;

@@ -4,9 +4,9 @@
 //! again (unless `--fresh`). Training writes into the cache and the study always reads back from
 //! it, so both paths give the same model.
 use super::spec::{PilotMethod, PilotSpec};
-use crate::experiment::outputs::short_hash;
+use crate::runs::short_hash;
 use crate::model::{load, LinearAdapter, Llama};
-use crate::road::AnyAdapter;
+use crate::adapters::AnyAdapter;
 use crate::tokenizer::Tok;
 use crate::train::run::{finetune_and_test, Summary};
 use anyhow::{Context, Result};

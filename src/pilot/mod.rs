@@ -7,5 +7,6 @@ pub mod spec;
 pub mod summary;
 pub mod tables;
 
-pub use run::{run_pilot, PilotOptions, PilotResult};
+pub use run::{run_pilot, PilotOptions};
+pub use tables::PilotResult;
 pub use spec::{is_pilot, PilotSpec};

@@ -5,8 +5,8 @@ use super::finetunes::{self, FtRecord, Tuned};
 use super::spec::{resolve_layer, PilotSpec};
 use super::tables::*;
 use super::{figures, summary};
-use crate::experiment::events::{RunEvent, Sink};
-use crate::experiment::outputs::{new_run_dir, short_hash, write_csv};
+use crate::runs::events::{RunEvent, Sink};
+use crate::runs::{new_run_dir, short_hash, write_csv};
 use crate::model::{registry, LinearAdapter, Llama};
 use crate::probe::{self, HeadKind};
 use crate::tokenizer::Tok;
@@ -15,7 +15,6 @@ use crate::train::data::{balanced_take, ClsExample};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
-use std::path::PathBuf;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -45,18 +44,6 @@ impl std::fmt::Display for Cancelled {
     }
 }
 impl std::error::Error for Cancelled {}
-
-/// Everything the summary and the TUI need once the study is done.
-pub struct PilotResult {
-    pub run_dir: PathBuf,
-    pub finetunes: Vec<FtRecord>,
-    pub layers: Vec<LayerRow>,
-    pub heads: Vec<DisentangleSummary>,
-    pub swap: Vec<SwapRow>,
-    pub scatter_layer: usize,
-    pub n_layers: usize,
-    pub seconds: f64,
-}
 
 fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(len as u64);

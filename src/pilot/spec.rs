@@ -149,7 +149,7 @@ impl PilotSpec {
 
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e))?;
-        ft::apply_overrides(&mut doc, overrides)?;
+        crate::runs::apply_overrides(&mut doc, overrides)?;
         let s = PilotSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         if s.kind != "pilot" {
             bail!("kind = {:?}: a pilot-study file has kind = \"pilot\"", s.kind);

@@ -1,6 +1,6 @@
 //! `summary.md`: the study's numbers next to the paper's qualitative findings (METHODS.md §3),
 //! each with the rule used to decide whether it holds on this model.
-use super::run::PilotResult;
+use super::tables::PilotResult;
 use super::spec::PilotSpec;
 use super::tables::LayerRow;
 use std::fmt::Write;

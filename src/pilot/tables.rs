@@ -162,6 +162,18 @@ pub const FINETUNE_HEADER: [&str; 16] = [
     "test_majority", "test_n", "seed", "hash", "cached",
 ];
 
+/// Everything the summary and the TUI need once the study is done.
+pub struct PilotResult {
+    pub run_dir: std::path::PathBuf,
+    pub finetunes: Vec<super::finetunes::FtRecord>,
+    pub layers: Vec<LayerRow>,
+    pub heads: Vec<DisentangleSummary>,
+    pub swap: Vec<SwapRow>,
+    pub scatter_layer: usize,
+    pub n_layers: usize,
+    pub seconds: f64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,9 +12,10 @@ use super::lm;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::schedule::{Decay, Schedule};
 use crate::model::{LinearAdapter, Llama, Proj};
-use crate::road::{Freeze, LoraAdapter, RoadAdapter, Variant};
+use crate::adapters::{Freeze, LoraAdapter, RoadAdapter, Variant};
 use crate::tokenizer::Tok;
 use crate::util::rng::Rng;
+use crate::runs::{read_csv, write_csv};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::path::{Path, PathBuf};
@@ -192,7 +193,7 @@ impl TrainOutput {
         match &self.trained {
             Trained::Road(a) => a.save_peft(dir, base_model)?,
             Trained::Lora(a) => a.save_peft(dir, base_model)?,
-            Trained::Full(m) => crate::road::merge::save_hf(m, tok, dir)?,
+            Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
         }
         if let Some(h) = &self.head {
             let map: std::collections::HashMap<String, Tensor> =
@@ -307,23 +308,6 @@ struct CkptState {
     best_score: f64,
     seed: u64,
     method: String,
-}
-
-fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path).with_context(|| format!("writing {}", path.display()))?;
-    for r in rows {
-        w.serialize(r)?;
-    }
-    w.flush()?;
-    Ok(())
-}
-
-fn read_csv<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    if !path.exists() {
-        return Ok(vec![]);
-    }
-    let mut r = csv::Reader::from_path(path)?;
-    Ok(r.deserialize().collect::<std::result::Result<Vec<T>, _>>()?)
 }
 
 fn save_tensors(params: &[(String, Var)], vals: Option<&[Tensor]>, path: &Path) -> Result<()> {
@@ -541,8 +525,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
                 }
                 let st = CkptState { step: step + 1, best_step, best_score, seed: cfg.seed, method: cfg.method.label() };
                 std::fs::write(ck.join("state.json"), serde_json::to_string_pretty(&st)?)?;
-                write_csv(&dir.join("train_log.csv"), &log)?;
-                write_csv(&dir.join("metrics.csv"), &evals)?;
+                write_csv(&dir.join("train_log.csv"), &log, &[])?;
+                write_csv(&dir.join("metrics.csv"), &evals, &[])?;
             }
         }
     }
@@ -554,8 +538,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     }
     let out = TrainOutput { trained, head, trainable_params, base_params, log, evals, best_step, label_ids };
     if let Some(dir) = &cfg.out_dir {
-        write_csv(&dir.join("train_log.csv"), &out.log)?;
-        write_csv(&dir.join("metrics.csv"), &out.evals)?;
+        write_csv(&dir.join("train_log.csv"), &out.log, &[])?;
+        write_csv(&dir.join("metrics.csv"), &out.evals, &[])?;
         out.save(&dir.join("adapter"), tok, &cfg.base_model)?;
     }
     Ok(out)

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// Where run directories go (relative to the working directory).
-pub use crate::experiment::outputs::out_root;
+pub use crate::runs::out_root;
 
 /// Run a spec file (or resume `resume_dir`, whose `config.toml` is then the spec). Returns the run dir.
 pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: Option<&Path>) -> Result<PathBuf> {
@@ -23,7 +23,7 @@ pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: 
         }
         (Some(p), None) => {
             let s = spec::load(p, overrides)?;
-            let dir = crate::experiment::outputs::new_run_dir(&s.name, &crate::experiment::outputs::short_hash(&s.to_toml()?))?;
+            let dir = crate::runs::new_run_dir(&s.name, &crate::runs::short_hash(&s.to_toml()?))?;
             std::fs::write(dir.join("config.toml"), s.to_toml()?)?;
             (s, dir)
         }

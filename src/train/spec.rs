@@ -4,7 +4,7 @@ use super::data::{self, ClsExample, LmExample, Splits};
 use super::engine::{MethodCfg, TaskCfg, TrainConfig};
 use super::schedule::Decay;
 use crate::model::Proj;
-use crate::road::{Freeze, Variant};
+use crate::adapters::{Freeze, Variant};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -213,13 +213,6 @@ impl Default for TrainSpec {
 }
 
 /// Apply `section.key=value` overrides to a parsed TOML document (value parsed as TOML, else a string).
-pub fn apply_overrides(doc: &mut toml::Table, overrides: &[String]) -> Result<()> {
-    for o in overrides {
-        crate::experiment::spec::apply_override(doc, o)?;
-    }
-    Ok(())
-}
-
 /// Read a spec file, apply overrides, and parse strictly.
 pub fn load(path: &Path, overrides: &[String]) -> Result<Spec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))?;
@@ -228,7 +221,7 @@ pub fn load(path: &Path, overrides: &[String]) -> Result<Spec> {
 
 pub fn parse(text: &str, overrides: &[String]) -> Result<Spec> {
     let mut doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    apply_overrides(&mut doc, overrides)?;
+    crate::runs::apply_overrides(&mut doc, overrides)?;
     let mut spec: Spec = Spec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     spec.resolve()?;
     Ok(spec)

@@ -3,7 +3,7 @@
 use super::data::{self, Grid, Metric, RunData, RunInfo};
 use super::event::{AltTop, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
 use super::whatif::{self, FormAction, WhatIf};
-use crate::experiment::spec::apply_override;
+use crate::runs::apply_override;
 use crate::experiment::{RunEvent, Spec};
 use crate::pilot::PilotSpec;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -38,7 +38,7 @@ impl Config {
     pub fn from_env() -> Self {
         Self {
             experiments_dir: PathBuf::from("experiments"),
-            out_root: crate::experiment::outputs::out_root(),
+            out_root: crate::runs::out_root(),
             color: std::env::var_os("NO_COLOR").map(|v| v.is_empty()).unwrap_or(true),
         }
     }

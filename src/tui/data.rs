@@ -18,9 +18,9 @@ impl RunInfo {
     }
 }
 
-/// Every run under `root`, newest first (see [`outputs::list_runs`]).
+/// Every run under `root`, newest first (see [`crate::runs::list_runs`]).
 pub fn scan_runs(root: &Path) -> Vec<RunInfo> {
-    outputs::list_runs(root)
+    crate::runs::list_runs(root)
         .into_iter()
         .map(|(experiment, dir)| RunInfo { complete: !dir.join("INCOMPLETE").exists(), experiment, dir })
         .collect()

@@ -6,7 +6,7 @@
 //! (`last` pairs last with last, so prompts of different lengths can be swapped there).
 use super::{Kind, Pos, WhatIf};
 use crate::model::{Collector, Fwd, Hooks, LinearAdapter, Loaded, LogitsAt, Site, SiteCtx};
-use crate::road::AnyAdapter;
+use crate::adapters::AnyAdapter;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::path::Path;

@@ -3,10 +3,9 @@
 //! random (non-identity), on every projection of every layer; rows use adapter `row % n`.
 //! Every configuration is measured `repeats` times in interleaved rounds (the machine is shared:
 //! a burst of someone else's load then lands on all methods, not on one), and compared by medians.
-use crate::cli::ModelArgs;
 use crate::generate::greedy_batch;
 use crate::model::{LinearAdapter, Llama, Proj};
-use crate::road::{AnyAdapter, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+use crate::adapters::{AnyAdapter, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use plotters::prelude::*;
@@ -42,7 +41,7 @@ fn cpu_secs() -> f64 {
 
 fn random_road(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
     // peft's default pairing where the widths allow it (tiny test models are narrower).
-    let g = if Proj::ALL.iter().all(|&p| crate::road::adapter::proj_out_dim(&m.cfg, p) % 64 == 0) { 64 } else { 2 };
+    let g = if Proj::ALL.iter().all(|&p| crate::adapters::adapter::proj_out_dim(&m.cfg, p) % 64 == 0) { 64 } else { 2 };
     let a = RoadAdapter::new_identity(&m.cfg, Variant::Road1, g, 0..m.cfg.num_layers, &Proj::ALL, m.device())?;
     for l in a.layers.values() {
         let n = l.theta.elem_count();
@@ -69,8 +68,8 @@ pub struct Sweep {
     pub repeats: usize,
 }
 
-pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
-    let l = m.load()?;
+pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
+    let l = crate::model::registry::load_default(model)?;
     let model = &l.model;
     let mut rng = Rng::new(0);
     let max_n = *sw.n_adapters.iter().max().unwrap_or(&1);
@@ -138,7 +137,7 @@ pub fn batching(m: &ModelArgs, sw: &Sweep) -> Result<PathBuf> {
         }
     }
     pb.finish_and_clear();
-    let dir = crate::experiment::outputs::new_run_dir("bench-batching", &crate::experiment::outputs::short_hash(&format!("{:?} {:?} {:?}", sw.batches, sw.n_adapters, sw.tokens)))?;
+    let dir = crate::runs::new_run_dir("bench-batching", &crate::runs::short_hash(&format!("{:?} {:?} {:?}", sw.batches, sw.n_adapters, sw.tokens)))?;
     let mut w = csv::Writer::from_path(dir.join("batching.csv"))?;
     for r in &rows {
         w.serialize(r)?;

@@ -1,89 +1,6 @@
-//! `road bench ...`: throughput measurements (reported, never asserted in tests).
-use crate::cli::ModelArgs;
-use crate::generate::greedy;
-use crate::model::{Fwd, LogitsAt};
+//! `road bench patching` / `road bench das`: intervention workloads on SmolLM2 IOI.
 use anyhow::Result;
 use std::time::Instant;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Parse `BxT` prefill shapes.
-fn parse_shapes(shapes: &[String]) -> Result<Vec<(usize, usize)>> {
-    shapes
-        .iter()
-        .map(|s| {
-            let (b, t) = s.split_once('x').ok_or_else(|| anyhow::anyhow!("shape {s:?}: expected BxT, e.g. 16x32"))?;
-            Ok((b.trim().parse()?, t.trim().parse()?))
-        })
-        .collect()
-}
-
-/// Wait for queued device work (CUDA launches are asynchronous), so timings cover the work.
-pub fn sync(dev: &candle_core::Device) -> Result<()> {
-    dev.synchronize()?;
-    Ok(())
-}
-
-pub fn forward(m: &ModelArgs, random_config: Option<&str>, shapes: &[String], reps: usize, decode_tokens: usize) -> Result<()> {
-    let shapes = parse_shapes(shapes)?;
-    let t_load = Instant::now();
-    let (model, source) = match random_config {
-        Some(name) => {
-            let cfg = crate::model::random::preset(name)?;
-            let model = crate::model::random::random_llama(&cfg, m.dtype()?, &m.device()?)?;
-            (model, format!("random-init {name} ({} parameters)", cfg.param_count()))
-        }
-        None => {
-            let l = m.load()?;
-            (l.model, l.source.display().to_string())
-        }
-    };
-    let model = &model;
-    sync(model.device())?;
-    let threads = std::env::var("RAYON_NUM_THREADS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
-    println!(
-        "model {source} ({:?}, {:?}), threads {threads}, load {:.1}s",
-        model.dtype(),
-        model.device(),
-        t_load.elapsed().as_secs_f64()
-    );
-    // Deterministic pseudo-text: ids spread over the vocabulary.
-    let seq = |row: usize, t: usize| -> Vec<u32> {
-        (0..t).map(|i| ((row * 7919 + i * 104729 + 17) % (model.cfg.vocab_size - 100) + 50) as u32).collect()
-    };
-    for &(b, t) in &shapes {
-        let ids: Vec<Vec<u32>> = (0..b).map(|r| seq(r, t)).collect();
-        let run = || model.forward(&ids, Fwd { logits: LogitsAt::All, ..Default::default() });
-        run()?; // warm-up (on CUDA also the first-use kernel loads)
-        sync(model.device())?;
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps.max(1) {
-            let t0 = Instant::now();
-            let out = run()?;
-            // Finish the queued work inside the timing (CUDA launches return before the work).
-            sync(model.device())?;
-            drop(out);
-            times.push(t0.elapsed().as_secs_f64());
-        }
-        let s = median(times);
-        println!("prefill {b:>2}x{t}: {:>9.1} tokens/s  ({:.1} ms per batch, all-position logits)", (b * t) as f64 / s, s * 1e3);
-    }
-    let prompt = seq(0, 8);
-    greedy(model, &prompt, 4, &[])?; // warm-up
-    let mut rates = Vec::new();
-    for _ in 0..reps.max(1).min(3) {
-        let g = greedy(model, &prompt, decode_tokens, &[])?;
-        rates.push((g.tokens.len() - 1) as f64 / g.decode_secs);
-    }
-    println!("greedy decode (KV cache, batch 1, {decode_tokens} tokens): {:.1} tokens/s", median(rates));
-    Ok(())
-}
 
 /// IOI pairs for the intervention benchmarks (the same prompts pyvene's script uses).
 fn ioi_pairs(tok: &crate::tokenizer::Tok, variable: crate::tasks::ioi::Variable, n: usize) -> Result<Vec<crate::tasks::Pair>> {
@@ -93,11 +10,11 @@ fn ioi_pairs(tok: &crate::tokenizer::Tok, variable: crate::tasks::ioi::Variable,
 }
 
 /// `road bench patching`: a full layer x position activation-patching sweep on IOI.
-pub fn patching(m: &ModelArgs, pairs: usize, layers: Option<usize>) -> Result<()> {
+pub fn patching(model: &str, pairs: usize, layers: Option<usize>) -> Result<()> {
     use crate::experiment::cells::{evaluate, Cell};
     use crate::experiment::data::{cache_split, Clean};
     use crate::model::Site;
-    let l = m.load()?;
+    let l = crate::model::registry::load_default(model)?;
     let model = &l.model;
     let ps = ioi_pairs(&l.tok, crate::tasks::ioi::Variable::Flip, pairs)?;
     let n_layers = layers.unwrap_or(model.cfg.num_layers).min(model.cfg.num_layers);
@@ -135,12 +52,12 @@ pub fn patching(m: &ModelArgs, pairs: usize, layers: Option<usize>) -> Result<()
 }
 
 /// `road bench das`: rank-1 DAS training throughput at one layer's final token.
-pub fn das(m: &ModelArgs, layer: usize, steps: usize, batch: usize) -> Result<()> {
+pub fn das(model: &str, layer: usize, steps: usize, batch: usize) -> Result<()> {
     use crate::experiment::cells::{train, Cell};
     use crate::experiment::data::cache_split;
     use crate::experiment::spec::TrainSpec;
     use crate::model::Site;
-    let l = m.load()?;
+    let l = crate::model::registry::load_default(model)?;
     let model = &l.model;
     if layer >= model.cfg.num_layers {
         anyhow::bail!("--layer {layer} out of range (0..{})", model.cfg.num_layers);

@@ -211,7 +211,7 @@ pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::road::{Rotation, Variant};
+    use crate::adapters::{Rotation, Variant};
     use crate::util::rng::Rng;
     use candle_core::Var;
 
