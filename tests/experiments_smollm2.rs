@@ -19,7 +19,7 @@ fn ioi_patching_matches_an_independent_hooked_forward() {
     for &(layer, site) in &cells_at {
         for pos in ["S2", "IO", "last"] {
             let cc = sc.cell(&pairs, layer, site, pos).unwrap();
-            let iv = intervene::build(&Default::default(), cc.source_vec[0].dim(0).unwrap(), 0, None, m.model.device()).unwrap();
+            let iv = intervene::InterventionSpec::default().build(cc.source_vec[0].dim(0).unwrap(), 0, None, m.model.device()).unwrap();
             let cell = Cell { layer, site, position: pos.into(), cols: None, heads: String::new() };
             let idx: Vec<usize> = (0..pairs.len()).collect();
             let got = cells::intervened_logits(&m.model, &cell, &cc, &pairs, &idx, iv.as_ref(), ApplyCtx::EVAL, false).unwrap();

@@ -12,7 +12,7 @@ use road_dii::model::{Fwd, LogitsAt, Site};
 use std::sync::atomic::AtomicBool;
 
 fn spec(kind: &str) -> InterventionSpec {
-    InterventionSpec { kind: kind.into(), rank: Some(2), ..Default::default() }
+    InterventionSpec::from_kind(kind).unwrap().with_rank(2)
 }
 
 fn randn(shape: (usize, usize), seed: u64) -> Tensor {
@@ -26,7 +26,7 @@ fn swapping_with_source_equal_to_base_is_a_no_op_for_every_source_kind() {
     let d = 16;
     let b = randn((5, d), 1);
     for kind in ["vanilla", "das", "rotation", "boundless", "sigmoid_mask", "road_dii", "magnitude", "angle"] {
-        let iv = intervene::build(&spec(kind), d, 7, None, &Device::Cpu).unwrap();
+        let iv = spec(kind).build(d, 7, None, &Device::Cpu).unwrap();
         let out = iv.apply(&b, &b, ApplyCtx::EVAL).unwrap();
         assert!(max_abs_diff(&out, &b) < 1e-4, "{kind}: {}", max_abs_diff(&out, &b));
     }
@@ -47,7 +47,7 @@ fn road_dii_with_zero_angles_and_all_coordinates_equals_vanilla_full_swap() {
         )
         .unwrap();
         let out = intervene::Intervention::apply(&iv, &b, &s, ApplyCtx::EVAL).unwrap();
-        let vanilla = intervene::build(&spec("vanilla"), d, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
+        let vanilla = spec("vanilla").build(d, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
         assert!(max_abs_diff(&out, &vanilla) < 1e-5);
         assert!(max_abs_diff(&out, &s) < 1e-5);
     }
@@ -71,10 +71,10 @@ fn magnitude_and_angle_interchange_take_the_right_part() {
     let (b, s) = (randn((6, 10), 6), randn((6, 10), 7));
     let norm = |x: &Tensor| x.sqr().unwrap().sum_keepdim(1).unwrap().sqrt().unwrap();
     let unit = |x: &Tensor| x.broadcast_div(&norm(x)).unwrap();
-    let m = intervene::build(&spec("magnitude"), 10, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
+    let m = spec("magnitude").build(10, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
     assert!(max_abs_diff(&norm(&m), &norm(&s)) < 1e-4);
     assert!(max_abs_diff(&unit(&m), &unit(&b)) < 1e-5);
-    let a = intervene::build(&spec("angle"), 10, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
+    let a = spec("angle").build(10, 0, None, &Device::Cpu).unwrap().apply(&b, &s, ApplyCtx::EVAL).unwrap();
     assert!(max_abs_diff(&norm(&a), &norm(&b)) < 1e-4);
     assert!(max_abs_diff(&unit(&a), &unit(&s)) < 1e-5);
 }
@@ -86,13 +86,13 @@ fn cached_resumed_interventions_match_a_plain_hooked_forward() {
     let sites = [Site::BlockOutput, Site::HeadOutput, Site::V, Site::MlpOutput];
     let needed: Vec<(usize, Site)> = (0..m.cfg.num_layers).flat_map(|l| sites.map(|s| (l, s))).collect();
     let sc = cache_split(m, &pairs, &needed).unwrap();
-    let iv = intervene::build(&spec("vanilla"), 0, 0, None, &Device::Cpu);
+    let iv = spec("vanilla").build(0, 0, None, &Device::Cpu);
     assert!(iv.is_ok());
     for &(layer, site) in &needed {
         for pos in ["last", "mid", "0"] {
             let cc = sc.cell(&pairs, layer, site, pos).unwrap();
             let w = cc.source_vec[0].dim(0).unwrap();
-            let vanilla = intervene::build(&spec("vanilla"), w, 0, None, &Device::Cpu).unwrap();
+            let vanilla = spec("vanilla").build(w, 0, None, &Device::Cpu).unwrap();
             let cell = Cell { layer, site, position: pos.into(), cols: None, heads: String::new() };
             let idx: Vec<usize> = (0..pairs.len()).collect();
             // Same-length rows exercise the prefix-reuse path, mixed lengths the padded path.
@@ -124,7 +124,7 @@ fn das_rotation_stays_orthonormal_through_training_and_gradients_reach_only_it()
     let cc = sc.cell(&pairs, 0, Site::BlockOutput, "mid").unwrap();
     let cell = Cell { layer: 0, site: Site::BlockOutput, position: "mid".into(), cols: None, heads: String::new() };
     for kind in ["das", "boundless", "loreft"] {
-        let mut iv = intervene::build(&InterventionSpec { kind: kind.into(), rank: Some(4), ..Default::default() }, m.cfg.hidden_size, 3, None, &Device::Cpu).unwrap();
+        let mut iv = InterventionSpec::from_kind(kind).unwrap().with_rank(4).build(m.cfg.hidden_size, 3, None, &Device::Cpu).unwrap();
         let before: Vec<Tensor> = iv.params().iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
         let ts = TrainSpec { steps: 15, batch: 2, lr: 5e-2, ..Default::default() };
         let mut losses = Vec::new();
@@ -147,7 +147,7 @@ fn road_dii_training_updates_angles_and_mask() {
     let sc = cache_split(m, &pairs, &[(0, Site::BlockOutput)]).unwrap();
     let cc = sc.cell(&pairs, 0, Site::BlockOutput, "last").unwrap();
     let cell = Cell { layer: 0, site: Site::BlockOutput, position: "last".into(), cols: None, heads: String::new() };
-    let mut iv = intervene::build(&spec("road_dii"), m.cfg.hidden_size, 3, None, &Device::Cpu).unwrap();
+    let mut iv = spec("road_dii").build(m.cfg.hidden_size, 3, None, &Device::Cpu).unwrap();
     let names: Vec<String> = iv.params().iter().map(|p| p.name.clone()).collect();
     assert_eq!(names, ["road_theta", "mask_logits"]);
     let before: Vec<Tensor> = iv.params().iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
@@ -162,7 +162,7 @@ fn road_dii_training_updates_angles_and_mask() {
 fn experiment_files_report_unknown_keys_with_line_and_accept_overrides() {
     let good = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/experiments/ioi-das.toml")).unwrap();
     let s = Spec::from_toml(&good, "ioi-das.toml").unwrap();
-    assert_eq!(s.intervention.kind, "das");
+    assert_eq!(s.intervention.kind_name(), "das");
     let bad = good.replace("rank = 1", "rank = 1\nrnak = 2");
     let e = Spec::from_toml(&bad, "x.toml").unwrap_err().to_string();
     assert!(e.contains("rnak") && e.contains("line"), "{e}");

@@ -72,8 +72,8 @@ fn check_training_gradients(m: &Llama, pairs: &[Pair], cells_: &[(usize, Site, &
         let w = if cols.is_some() { hd } else { cc.source_vec[0].dim(0).unwrap() };
         let cell = Cell { layer, site, position: pos.into(), cols, heads: String::new() };
         for kind in ["das", "boundless", "road_dii", "loreft"] {
-            let spec = InterventionSpec { kind: kind.into(), rank: Some(2), ..Default::default() };
-            let iv = intervene::build(&spec, w, 3, None, &Device::Cpu).unwrap();
+            let spec = InterventionSpec::from_kind(kind).unwrap().with_rank(2);
+            let iv = spec.build(w, 3, None, &Device::Cpu).unwrap();
             let ctx = ApplyCtx { progress: 0.3, train: true };
             for idx in groups {
                 let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();

@@ -19,7 +19,7 @@ pub fn patching(model: &str, pairs: usize, layers: Option<usize>) -> Result<()> 
     let ps = ioi_pairs(&l.tok, crate::tasks::ioi::Variable::Flip, pairs)?;
     let n_layers = layers.unwrap_or(model.cfg.num_layers).min(model.cfg.num_layers);
     let t = ps[0].base.ids.len();
-    let iv = crate::intervene::build(&Default::default(), model.cfg.hidden_size, 0, None, model.device())?;
+    let iv = crate::intervene::InterventionSpec::default().build(model.cfg.hidden_size, 0, None, model.device())?;
     let clean: Vec<Clean> = vec![Clean { ld_base: 0.0, ld_source: 1.0, base_correct: true, source_correct: true }; ps.len()];
     let clean_refs: Vec<&Clean> = clean.iter().collect();
     let t0 = Instant::now();
@@ -63,8 +63,8 @@ pub fn das(model: &str, layer: usize, steps: usize, batch: usize) -> Result<()> 
         anyhow::bail!("--layer {layer} out of range (0..{})", model.cfg.num_layers);
     }
     let ps = ioi_pairs(&l.tok, crate::tasks::ioi::Variable::SPosition, 160)?;
-    let spec = crate::intervene::InterventionSpec { kind: "das".into(), rank: Some(1), ..Default::default() };
-    let mut iv = crate::intervene::build(&spec, model.cfg.hidden_size, 0, None, model.device())?;
+    let spec = crate::intervene::InterventionSpec::Das { rank: 1 };
+    let mut iv = spec.build(model.cfg.hidden_size, 0, None, model.device())?;
     let t0 = Instant::now();
     let sc = cache_split(model, &ps, &[(layer, Site::BlockOutput)])?;
     let cache_s = t0.elapsed().as_secs_f64();

@@ -6,7 +6,7 @@ use crate::runs::{RunEvent, Sink};
 use super::figures;
 use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
 use super::spec::Spec;
-use crate::intervene::{self, ApplyCtx};
+use crate::intervene::ApplyCtx;
 use crate::model::{registry, Llama, Site};
 use crate::tasks::Split;
 use anyhow::{bail, Context, Result};
@@ -143,7 +143,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         .enumerate()
         .filter(|(i, _)| opts.shard.map(|(s, n)| i % n == s).unwrap_or(true))
         .collect();
-    let trainable = intervene::is_trainable_kind(&spec.intervention);
+    let trainable = spec.intervention.trainable();
     let steps = if trainable { spec.train.steps } else { 0 };
     sink.send(RunEvent::Started { run_dir: run_dir.to_path_buf(), cells: cells.len(), steps_per_cell: steps });
     sink.send(RunEvent::Log(format!(
@@ -153,7 +153,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         sites.len(),
         positions.len(),
         if spec.sites.sweep_heads { " x heads" } else { "" },
-        spec.intervention.kind,
+        spec.intervention.kind_name(),
         if trainable { format!(", {} training steps each", steps) } else { String::new() }
     )));
 
@@ -167,7 +167,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     let mut split_caches: HashMap<Split, data::SplitCache> = HashMap::new();
     for s in [Split::Train, Split::Dev, Split::Test] {
         let pairs = prepared.data.split(s);
-        if !pairs.is_empty() && (s != Split::Train || trainable || spec.intervention.kind == "mean") {
+        if !pairs.is_empty() && (s != Split::Train || trainable || spec.intervention.needs_statistics()) {
             sink.send(RunEvent::Log(format!("caching clean activations of the {} split ({} pairs)", s.name(), pairs.len())));
             split_caches.insert(s, data::cache_split(model, pairs, &needed)?);
         }
@@ -330,7 +330,7 @@ fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut
     let width = caches[&Split::Test].source_vec[0].dim(0)?;
     let d_iv = cell.cols.as_ref().map(|c| c.dim(0)).transpose()?.unwrap_or(width);
     let mean = match caches.get(&Split::Train) {
-        Some(c) if spec.intervention.kind == "mean" => {
+        Some(c) if spec.intervention.needs_statistics() => {
             let m = Tensor::stack(&c.base_vec, 0)?.mean(0)?;
             Some(match &cell.cols {
                 Some(cols) => m.index_select(cols, 0)?,
@@ -340,7 +340,7 @@ fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut
         _ => None,
     };
     let cell_seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(global_idx as u64);
-    let mut iv = intervene::build(&spec.intervention, d_iv, cell_seed, mean.as_ref(), model.device())?;
+    let mut iv = spec.intervention.build(d_iv, cell_seed, mean.as_ref(), model.device())?;
     let mut out = CellResult {
         metrics: Vec::new(),
         examples: Vec::new(),
@@ -444,7 +444,7 @@ pub fn write_figures(dir: &std::path::Path, spec: &Spec, metrics: &[MetricRow]) 
             continue;
         }
         let (suffix, label) = if heads.is_empty() { (String::new(), String::new()) } else { (format!("_h{heads}"), format!(", heads {heads}")) };
-        let title = format!("{}: test IIA ({}, {site}{label})", spec.name, spec.intervention.kind);
+        let title = format!("{}: test IIA ({}, {site}{label})", spec.name, spec.intervention.kind_name());
         figures::heatmap(&dir.join(format!("iia_heatmap_{site}{suffix}.svg")), &title, &rows, |r| r.iia_vocab)?;
         figures::by_layer(&dir.join(format!("iia_by_layer_{site}{suffix}.svg")), &title, "IIA (vocab argmax)", &rows, |r| r.iia_vocab)?;
     }

@@ -138,11 +138,28 @@ impl Spec {
             return Self::from_toml(&text, &origin);
         }
         Self::from_toml(&text, &origin)?;
-        let mut doc: toml::Table = toml::from_str(&text)?;
-        for o in overrides {
-            crate::runs::apply_override(&mut doc, o)?;
+        Self::from_toml_with(&text, &format!("{origin} (with --set overrides)"), overrides)
+    }
+
+    /// Parse `text` with `--set` overrides applied. An override that switches
+    /// `intervention.kind` drops the file's other `[intervention]` keys (a DAS file's `rank`
+    /// means nothing to `vanilla`); keys the overrides set themselves are kept.
+    pub fn from_toml_with(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+        let kind_of = |d: &toml::Table| d.get("intervention").and_then(|t| t.get("kind")).and_then(|k| k.as_str()).map(str::to_string);
+        let file_kind = kind_of(&doc);
+        let file_keys: Vec<String> =
+            doc.get("intervention").and_then(|t| t.as_table()).map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        crate::runs::apply_overrides(&mut doc, overrides)?;
+        if kind_of(&doc) != file_kind {
+            let set_here = |k: &str| overrides.iter().any(|o| o.split_once('=').is_some_and(|(p, _)| p.trim() == format!("intervention.{k}")));
+            if let Some(t) = doc.get_mut("intervention").and_then(|t| t.as_table_mut()) {
+                for k in file_keys.iter().filter(|k| k.as_str() != "kind" && !set_here(k)) {
+                    t.remove(k);
+                }
+            }
         }
-        Self::from_toml(&toml::to_string(&doc)?, &format!("{origin} (with --set overrides)"))
+        Self::from_toml(&toml::to_string(&doc)?, origin)
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -157,9 +174,7 @@ impl Spec {
         if self.sites.positions.is_empty() {
             bail!("sites.positions is empty");
         }
-        if !crate::intervene::KINDS.contains(&self.intervention.kind.as_str()) {
-            bail!("intervention.kind {:?} must be one of: {}", self.intervention.kind, crate::intervene::KINDS.join(", "));
-        }
+        self.intervention.validate()?;
         if !["constant", "linear", "cosine"].contains(&self.train.schedule.as_str()) {
             bail!("train.schedule {:?} must be constant, linear or cosine", self.train.schedule);
         }

@@ -1,6 +1,6 @@
 //! Intervention kinds. Each maps (base vectors, source vectors) at the intervened units to new
-//! base vectors; trainable kinds expose their variables. Adding a kind = one file + one line in
-//! [`build`].
+//! base vectors; trainable kinds expose their variables. Adding a kind = one file + one variant
+//! of [`InterventionSpec`] (which builds it).
 pub mod ablation;
 pub mod boundless;
 pub mod das;
@@ -10,7 +10,10 @@ pub mod norm_swap;
 pub mod orth;
 pub mod road_dii;
 pub mod sigmoid_mask;
+pub mod spec;
 pub mod vanilla;
+
+pub use spec::{InterventionSpec, RoadSelection, RoadVariant};
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};
@@ -64,106 +67,6 @@ pub trait Intervention: Send + Sync {
     }
     fn is_trainable(&self) -> bool {
         !self.params().is_empty()
-    }
-}
-
-/// Everything an intervention kind may need to be built.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InterventionSpec {
-    /// vanilla | zero | mean | das | rotation | boundless | sigmoid_mask | road_dii | magnitude | angle | loreft
-    pub kind: String,
-    /// Subspace rank (das, rotation: swapped rotated coords, loreft, road_dii with fixed blocks).
-    #[serde(default)]
-    pub rank: Option<usize>,
-    /// Coordinates for vanilla/zero/mean (default: all).
-    #[serde(default)]
-    pub dims: Option<Vec<usize>>,
-    /// RoAd-DII: road_1 | road_2 | road_4.
-    #[serde(default = "default_variant")]
-    pub road_variant: String,
-    /// RoAd-DII pairing: 2 = adjacent dims (paper), 64 = peft's default grouping.
-    #[serde(default = "default_group")]
-    pub road_group_size: usize,
-    /// RoAd-DII subspace selection: "fixed" (first `rank` blocks), "learned" (sigmoid mask per
-    /// rotated coordinate), "boundless" (β over rotated coordinates).
-    #[serde(default = "default_selection")]
-    pub road_selection: String,
-    /// Boundless / sigmoid-mask temperature schedule, start and end (linear).
-    #[serde(default = "default_temperature")]
-    pub temperature: [f64; 2],
-    /// Weight of the subspace-size penalty (boundless: λ·β; masks: λ·mean(m)).
-    #[serde(default = "default_penalty")]
-    pub penalty: f64,
-}
-
-fn default_variant() -> String {
-    "road_1".into()
-}
-fn default_group() -> usize {
-    2
-}
-fn default_selection() -> String {
-    "learned".into()
-}
-fn default_temperature() -> [f64; 2] {
-    [50.0, 0.1]
-}
-fn default_penalty() -> f64 {
-    1.0
-}
-
-impl Default for InterventionSpec {
-    fn default() -> Self {
-        Self {
-            kind: "vanilla".into(),
-            rank: None,
-            dims: None,
-            road_variant: default_variant(),
-            road_group_size: default_group(),
-            road_selection: default_selection(),
-            temperature: default_temperature(),
-            penalty: default_penalty(),
-        }
-    }
-}
-
-pub const KINDS: [&str; 11] =
-    ["vanilla", "zero", "mean", "das", "rotation", "boundless", "sigmoid_mask", "road_dii", "magnitude", "angle", "loreft"];
-
-/// Build an intervention on `d`-dim vectors. `mean` is the mean base activation (mean ablation).
-pub fn build(spec: &InterventionSpec, d: usize, seed: u64, mean: Option<&Tensor>, device: &Device) -> Result<Box<dyn Intervention>> {
-    let rank = || -> Result<usize> {
-        let r = spec.rank.unwrap_or(1);
-        if r == 0 || r > d {
-            bail!("intervention rank {r} must be in 1..={d}");
-        }
-        Ok(r)
-    };
-    Ok(match spec.kind.as_str() {
-        "vanilla" => Box::new(vanilla::Vanilla::new(d, spec.dims.as_deref(), device)?),
-        "zero" => Box::new(ablation::Ablation::zero(d, spec.dims.as_deref(), device)?),
-        "mean" => {
-            let Some(m) = mean else { bail!("mean ablation needs the mean activation") };
-            Box::new(ablation::Ablation::mean(d, spec.dims.as_deref(), m.clone(), device)?)
-        }
-        "das" => Box::new(das::LowRankDas::new(d, rank()?, seed, device)?),
-        "rotation" => Box::new(boundless::RotatedSpace::fixed(d, rank()?, seed, device)?),
-        "boundless" => Box::new(boundless::RotatedSpace::boundless(d, seed, spec.temperature, spec.penalty, device)?),
-        "sigmoid_mask" => Box::new(sigmoid_mask::SigmoidMask::new(d, spec.temperature, spec.penalty, device)?),
-        "road_dii" => Box::new(road_dii::RoadDii::new(d, spec, seed, device)?),
-        "magnitude" => Box::new(norm_swap::NormSwap::magnitude()),
-        "angle" => Box::new(norm_swap::NormSwap::angle()),
-        "loreft" => Box::new(loreft::LoReft::new(d, rank()?, seed, device)?),
-        other => bail!("unknown intervention kind {other:?}; expected one of: {}", KINDS.join(", ")),
-    })
-}
-
-/// Whether a kind has parameters to train (so a run needs a train split and steps).
-pub fn is_trainable_kind(spec: &InterventionSpec) -> bool {
-    match spec.kind.as_str() {
-        "vanilla" | "zero" | "mean" | "magnitude" | "angle" => false,
-        _ => true,
     }
 }
 

@@ -6,7 +6,7 @@
 //! Swapping *both* coordinates of a block makes its angle irrelevant, so selections act on the
 //! first coordinate of each block by default: the angle then chooses which direction of the
 //! block's plane is interchanged.
-use super::{temperature, ApplyCtx, Intervention, InterventionSpec, Param};
+use super::{temperature, ApplyCtx, Intervention, Param, RoadSelection};
 use crate::adapters::{Rotation, Variant};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
@@ -39,33 +39,44 @@ fn block_index(j: usize, g: usize) -> usize {
     (j / g) * (g / 2) + j % g
 }
 
+/// RoAd-DII's own settings (from its [`super::InterventionSpec`] variant).
+pub struct RoadDiiOptions {
+    /// Blocks swapped by the fixed selection.
+    pub rank: usize,
+    pub variant: Variant,
+    pub group_size: usize,
+    pub selection: RoadSelection,
+    pub temperature: [f64; 2],
+    pub penalty: f64,
+}
+
 impl RoadDii {
-    pub fn new(d: usize, spec: &InterventionSpec, seed: u64, device: &Device) -> Result<Self> {
-        let variant = Variant::parse(&spec.road_variant)?;
-        let rot = Rotation::new(variant, spec.road_group_size, d)?;
-        let g = spec.road_group_size;
+    pub fn new(d: usize, spec: &RoadDiiOptions, seed: u64, device: &Device) -> Result<Self> {
+        let variant = spec.variant;
+        let rot = Rotation::new(variant, spec.group_size, d)?;
+        let g = spec.group_size;
         let n = variant.param_len(d);
         let mut rng = Rng::new(seed ^ 0xA11CE);
         // Small random angles break the symmetry between the two coordinates of a block.
         let theta: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.1) as f32).collect();
         let theta = Var::from_tensor(&Tensor::from_vec(theta, n, device)?)?;
         let alpha = Var::from_tensor(&Tensor::ones(n, DType::F32, device)?)?;
-        let sel = match spec.road_selection.as_str() {
-            "fixed" => {
-                let k = spec.rank.unwrap_or(1);
+        let sel = match spec.selection {
+            RoadSelection::Fixed => {
+                let k = spec.rank;
                 if k == 0 || k > d / 2 {
                     bail!("road_dii fixed selection: rank {k} must be in 1..={} (one coordinate per block)", d / 2);
                 }
                 let m: Vec<f32> = (0..d).map(|j| if is_first(j, g) && block_index(j, g) < k { 1.0 } else { 0.0 }).collect();
                 Selection::Fixed(Tensor::from_vec(m, d, device)?)
             }
-            "all" => Selection::Fixed(Tensor::ones(d, DType::F32, device)?),
-            "learned" => {
+            RoadSelection::All => Selection::Fixed(Tensor::ones(d, DType::F32, device)?),
+            RoadSelection::Learned => {
                 // Start with first coordinates slightly open and second ones closed.
                 let w: Vec<f32> = (0..d).map(|j| if is_first(j, g) { 0.0 } else { -2.0 }).collect();
                 Selection::Learned { w: Var::from_tensor(&Tensor::from_vec(w, d, device)?)?, temp: spec.temperature, lambda: spec.penalty }
             }
-            "boundless" => {
+            RoadSelection::Boundless => {
                 let order: Vec<f32> = (0..d)
                     .map(|j| {
                         let b = block_index(if is_first(j, g) { j } else { j - g / 2 }, g);
@@ -79,7 +90,6 @@ impl RoadDii {
                     lambda: spec.penalty,
                 }
             }
-            other => bail!("road_selection {other:?} must be fixed, all, learned or boundless"),
         };
         Ok(Self { rot, theta, alpha, train_alpha: variant != Variant::Road1, sel })
     }

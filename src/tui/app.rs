@@ -3,7 +3,6 @@
 use super::data::{self, Grid, Metric, RunData, RunInfo};
 use super::event::{AltTop, Event, JobEvent, ModelInfo, ModelMsg, Slot, TopRow};
 use super::whatif::{self, FormAction, WhatIf};
-use crate::runs::apply_override;
 use crate::experiment::{RunEvent, Spec};
 use crate::pilot::PilotSpec;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
@@ -105,12 +104,7 @@ impl ExperimentEntry {
         if overrides.is_empty() {
             return Spec::from_toml(text, &origin).map_err(|e| format!("{e:#}"));
         }
-        let mut doc: toml::Table = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
-        for o in overrides {
-            apply_override(&mut doc, o).map_err(|e| format!("{e:#}"))?;
-        }
-        let t = toml::to_string(&doc).map_err(|e| e.to_string())?;
-        Spec::from_toml(&t, &format!("{origin} (edited)")).map_err(|e| format!("{e:#}"))
+        Spec::from_toml_with(text, &format!("{origin} (edited)"), overrides).map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -143,8 +137,8 @@ impl Form {
         let values = [
             layers,
             s.sites.positions.join(", "),
-            s.intervention.kind.clone(),
-            s.intervention.rank.map(|r| r.to_string()).unwrap_or_default(),
+            s.intervention.kind_name().to_string(),
+            s.intervention.rank().map(|r| r.to_string()).unwrap_or_default(),
             s.train.steps.to_string(),
             s.train.lr.to_string(),
             s.seed.to_string(),
@@ -211,8 +205,11 @@ impl Form {
     fn validate(&mut self, entry: &ExperimentEntry) -> Option<Vec<String>> {
         let mut all = Vec::new();
         let mut ok = true;
+        // A kind without a rank ignores the rank field (switching das → vanilla keeps it typed).
+        let takes_rank = crate::intervene::InterventionSpec::from_kind(self.fields[2].value.trim()).map_or(true, |s| s.rank().is_some());
         for (i, f) in self.fields.iter_mut().enumerate() {
             f.error = match Form::override_of(i, &f.value) {
+                Ok(Some(_)) if i == 3 && !takes_rank => None,
                 Err(e) => Some(e),
                 Ok(None) => None,
                 Ok(Some(o)) => {
@@ -1151,7 +1148,7 @@ fn export(app: &mut App) -> Vec<Command> {
             let mut rows = vec![["file", "name", "intervention", "model", "task", "overrides", "error"].map(String::from).to_vec()];
             for e in &app.exp.entries {
                 let (n, k, m, t, err) = match &e.spec {
-                    Ok(s) => (s.name.clone(), s.intervention.kind.clone(), s.model.name.clone(), s.task.name.clone(), String::new()),
+                    Ok(s) => (s.name.clone(), s.intervention.kind_name().to_string(), s.model.name.clone(), s.task.name.clone(), String::new()),
                     Err(x) => (String::new(), String::new(), String::new(), String::new(), x.lines().next().unwrap_or("").to_string()),
                 };
                 rows.push(vec![e.file_name(), n, k, m, t, e.overrides.join(" "), err]);

@@ -32,7 +32,7 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
                 ]));
             }
             match &e.spec {
-                Ok(sp) => ListItem::new(cols(&format!("{}{edited}", sp.name), &sp.intervention.kind, &sp.model.name, &sp.task.name)),
+                Ok(sp) => ListItem::new(cols(&format!("{}{edited}", sp.name), sp.intervention.kind_name(), &sp.model.name, &sp.task.name)),
                 Err(err) => ListItem::new(Line::from(vec![
                     Span::raw(format!("{:<wn$} ", trunc(&e.file_name(), wn))),
                     Span::styled(trunc(&format!("✗ {}", err.lines().last().unwrap_or("")), inner.saturating_sub(wn + 1)), t.error()),
