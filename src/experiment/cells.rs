@@ -4,7 +4,7 @@ use super::data::{left_pad, CellCache, Clean, EVAL_BATCH};
 use super::outputs::{ExampleRow, TrainRow};
 use super::spec::TrainSpec;
 use crate::intervene::hook::InterventionHook;
-use crate::intervene::{ApplyCtx, Intervention};
+use crate::intervene::{orth, ApplyCtx, Intervention};
 use crate::model::{Fwd, KvCache, Llama, LogitsAt, Site};
 use crate::tasks::Pair;
 use crate::util::rng::Rng;
@@ -310,6 +310,7 @@ pub fn train(
     };
     let mut opt_main = mk(group("main"), spec.lr)?;
     let mut opt_bound = mk(group("boundary"), spec.boundary_lr)?;
+    let riemannian = spec.orthonormal == "riemannian";
     let mut rng = Rng::new(seed);
     // Batches come from one (length, position) group at a time, so each can reuse the clean
     // prefix; groups are drawn in proportion to their size.
@@ -336,7 +337,15 @@ pub fn train(
         }
         let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
         let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();
-        let (l, grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
+        let (l, mut grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
+        if riemannian {
+            for p in params.iter().filter(|p| p.orthonormal) {
+                if let Some(g) = grads.get(p.var.as_tensor()) {
+                    let t = orth::tangent_projection(g, p.var.as_tensor())?;
+                    grads.insert(p.var.as_tensor(), t);
+                }
+            }
+        }
         let lr = lr_at(spec, spec.lr, step);
         if let Some(o) = opt_main.as_mut() {
             o.set_learning_rate(lr);

@@ -70,3 +70,38 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
     let mut r = csv::Reader::from_path(path).with_context(|| format!("cannot read {}", path.display()))?;
     r.deserialize().map(|x| x.map_err(anyhow::Error::from)).collect()
 }
+
+/// One line of `pairs.jsonl`: a pair exactly as the run used it (after filtering), so another
+/// tool (bench/reference/bench_pyvene.py) can train on the same inputs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PairLine<'a> {
+    pub split: &'static str,
+    pub index: usize,
+    pub base: &'a crate::tasks::Prompt,
+    pub source: &'a crate::tasks::Prompt,
+    pub cf_label: u32,
+    pub cf_label_text: String,
+    pub answers: &'a [u32],
+}
+
+/// `pairs.jsonl`: every kept pair of every split, in the order the run indexes them.
+pub fn write_pairs(path: &Path, data: &crate::tasks::Dataset, tok: &crate::tokenizer::Tok) -> Result<()> {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("cannot write {}", path.display()))?);
+    for split in [crate::tasks::Split::Train, crate::tasks::Split::Dev, crate::tasks::Split::Test] {
+        for (index, p) in data.split(split).iter().enumerate() {
+            let line = PairLine {
+                split: split.name(),
+                index,
+                base: &p.base,
+                source: &p.source,
+                cf_label: p.cf_label,
+                cf_label_text: tok.decode(&[p.cf_label]).unwrap_or_default(),
+                answers: &p.answers,
+            };
+            writeln!(w, "{}", serde_json::to_string(&line)?)?;
+        }
+    }
+    w.flush()?;
+    Ok(())
+}

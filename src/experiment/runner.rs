@@ -126,6 +126,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     let sites = spec.site_list()?;
     let prepared = data::prepare(spec, model, tok, &mut |s| sink.send(RunEvent::Log(s)))?;
     let positions = positions(spec, &prepared)?;
+    outputs::write_pairs(&run_dir.join("pairs.jsonl"), &prepared.data, tok)?;
 
     let mut cells = Vec::new();
     for &layer in &layers {

@@ -113,11 +113,32 @@ pub struct TrainSpec {
     /// constant | linear | cosine (after warm-up)
     pub schedule: String,
     pub warmup: usize,
+    /// How orthonormal rotations are trained: "riemannian" (the gradient projected onto the
+    /// Stiefel tangent space, Adam, then the retraction) or "euclidean" (Adam on the raw
+    /// gradient, then the retraction: the pre-0.2 optimiser, kept for before/after comparisons).
+    pub orthonormal: String,
+    /// Evaluate dev IIA/loss (and train IIA on up to 64 train pairs) every this many steps and
+    /// at the end, into train_log.csv (0 = never).
+    pub eval_every: usize,
+    /// Stop when the dev loss has not improved for this many evaluations, keeping the best
+    /// parameters (0 = train all steps).
+    pub early_stop: usize,
 }
 
 impl Default for TrainSpec {
     fn default() -> Self {
-        Self { steps: 50, batch: 16, lr: 1e-2, boundary_lr: 1e-2, weight_decay: 0.0, schedule: "constant".into(), warmup: 0 }
+        Self {
+            steps: 50,
+            batch: 16,
+            lr: 1e-2,
+            boundary_lr: 1e-2,
+            weight_decay: 0.0,
+            schedule: "constant".into(),
+            warmup: 0,
+            orthonormal: "riemannian".into(),
+            eval_every: 10,
+            early_stop: 0,
+        }
     }
 }
 
@@ -175,6 +196,20 @@ impl Spec {
             bail!("sites.positions is empty");
         }
         self.intervention.validate()?;
+        if !["riemannian", "euclidean"].contains(&self.train.orthonormal.as_str()) {
+            bail!("train.orthonormal {:?} must be riemannian or euclidean", self.train.orthonormal);
+        }
+        for (k, v) in [("train.lr", self.train.lr), ("train.boundary_lr", self.train.boundary_lr)] {
+            if !v.is_finite() || v <= 0.0 {
+                bail!("{k} = {v} must be a finite number > 0");
+            }
+        }
+        if !self.train.weight_decay.is_finite() || self.train.weight_decay < 0.0 {
+            bail!("train.weight_decay = {} must be finite and >= 0", self.train.weight_decay);
+        }
+        if self.train.warmup > self.train.steps {
+            bail!("train.warmup = {} is more than train.steps = {}", self.train.warmup, self.train.steps);
+        }
         if !["constant", "linear", "cosine"].contains(&self.train.schedule.as_str()) {
             bail!("train.schedule {:?} must be constant, linear or cosine", self.train.schedule);
         }

@@ -66,9 +66,9 @@ impl Intervention for RotatedSpace {
         Ok(mixed.matmul(r)?)
     }
     fn params(&self) -> Vec<Param> {
-        let mut v = vec![Param { name: "rotation".into(), var: self.r.clone(), group: "main" }];
+        let mut v = vec![Param::orthonormal("rotation", &self.r)];
         if let Mode::Boundless { beta, .. } = &self.mode {
-            v.push(Param { name: "beta".into(), var: beta.clone(), group: "boundary" });
+            v.push(Param::new("beta", &beta, "boundary"));
         }
         v
     }

@@ -26,7 +26,7 @@ impl Intervention for LowRankDas {
         Ok((base + delta)?)
     }
     fn params(&self) -> Vec<Param> {
-        vec![Param { name: "rotation".into(), var: self.r.clone(), group: "main" }]
+        vec![Param::orthonormal("rotation", &self.r)]
     }
     fn after_step(&mut self) -> Result<()> {
         retract(&self.r)

@@ -36,9 +36,9 @@ impl Intervention for LoReft {
     }
     fn params(&self) -> Vec<Param> {
         vec![
-            Param { name: "rotation".into(), var: self.r.clone(), group: "main" },
-            Param { name: "weight".into(), var: self.w.clone(), group: "main" },
-            Param { name: "bias".into(), var: self.bias.clone(), group: "main" },
+            Param::orthonormal("rotation", &self.r),
+            Param::new("weight", &self.w, "main"),
+            Param::new("bias", &self.bias, "main"),
         ]
     }
     fn after_step(&mut self) -> Result<()> {

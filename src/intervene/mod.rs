@@ -35,6 +35,19 @@ pub struct Param {
     pub name: String,
     pub var: Var,
     pub group: &'static str,
+    /// Rows kept orthonormal (DAS/rotation/LoReFT's R): the trainer moves it on the Stiefel
+    /// manifold (tangent-projected gradient, then the kind's retraction in `after_step`).
+    pub orthonormal: bool,
+}
+
+impl Param {
+    pub fn new(name: &str, var: &Var, group: &'static str) -> Self {
+        Param { name: name.into(), var: var.clone(), group, orthonormal: false }
+    }
+    /// A variable whose rows stay orthonormal.
+    pub fn orthonormal(name: &str, var: &Var) -> Self {
+        Param { name: name.into(), var: var.clone(), group: "main", orthonormal: true }
+    }
 }
 
 pub trait Intervention: Send + Sync {

@@ -128,14 +128,14 @@ impl Intervention for RoadDii {
         self.rot.apply_inverse(&mixed, &f, &s)
     }
     fn params(&self) -> Vec<Param> {
-        let mut v = vec![Param { name: "road_theta".into(), var: self.theta.clone(), group: "main" }];
+        let mut v = vec![Param::new("road_theta", &self.theta, "main")];
         if self.train_alpha {
-            v.push(Param { name: "road_alpha".into(), var: self.alpha.clone(), group: "main" });
+            v.push(Param::new("road_alpha", &self.alpha, "main"));
         }
         match &self.sel {
             Selection::Fixed(_) => {}
-            Selection::Learned { w, .. } => v.push(Param { name: "mask_logits".into(), var: w.clone(), group: "boundary" }),
-            Selection::Boundless { beta, .. } => v.push(Param { name: "beta".into(), var: beta.clone(), group: "boundary" }),
+            Selection::Learned { w, .. } => v.push(Param::new("mask_logits", &w, "boundary")),
+            Selection::Boundless { beta, .. } => v.push(Param::new("beta", &beta, "boundary")),
         }
         v
     }

@@ -28,7 +28,7 @@ impl Intervention for SigmoidMask {
         Ok((base.broadcast_mul(&(1.0 - &m)?)? + source.broadcast_mul(&m)?)?)
     }
     fn params(&self) -> Vec<Param> {
-        vec![Param { name: "mask_logits".into(), var: self.w.clone(), group: "main" }]
+        vec![Param::new("mask_logits", &self.w, "main")]
     }
     fn penalty(&self) -> Result<Option<Tensor>> {
         let m = candle_nn::ops::sigmoid(self.w.as_tensor())?;
