@@ -12,7 +12,7 @@ fn das(seed: u64) -> Vec<(String, usize, f64)> {
     let spec = Spec::load(std::path::Path::new(file), &[format!("seed={seed}")]).unwrap();
     let s = run(&spec, &RunOptions { jobs: 2, ..Default::default() }, &mut road_dii::runs::events::Silent).unwrap();
     let m = outputs::read_metrics(&s.run_dir.join("metrics.csv")).unwrap();
-    m.iter().filter(|r| r.split == "test").map(|r| (r.position.clone(), r.layer, r.iia_answers)).collect()
+    m.iter().filter(|r| r.split == "test" && r.is_main()).map(|r| (r.position.clone(), r.layer, r.iia_answers)).collect()
 }
 
 #[test]

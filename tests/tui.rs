@@ -626,6 +626,7 @@ fn heatmap_scrolls_to_keep_the_cursor_visible() {
                 base_acc: 1.0,
                 source_acc: 1.0,
                 n: 1,
+                control: "none".into(),
             });
         }
     }

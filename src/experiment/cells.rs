@@ -8,7 +8,7 @@ use crate::intervene::{orth, ApplyCtx, Intervention};
 use crate::model::{Fwd, KvCache, Llama, LogitsAt, Site};
 use crate::tasks::Pair;
 use crate::util::rng::Rng;
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
@@ -215,16 +215,41 @@ pub struct Eval {
     pub base_acc: f64,
     pub source_acc: f64,
     pub n: usize,
+    /// Mean cross-entropy of the intervened output against the counterfactual label.
+    pub loss: f64,
     pub examples: Vec<(usize, u32, bool, f64)>, // (example, predicted, correct, logit diff)
 }
 
 pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], clean: &[&Clean], iv: &dyn Intervention) -> Result<Eval> {
-    let n = pairs.len();
+    evaluate_on(model, cell, cache, pairs, clean, iv, None)
+}
+
+/// [`evaluate`] on the pairs `only` lists (all when None; `clean` is indexed like `pairs`).
+pub fn evaluate_on(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    clean: &[&Clean],
+    iv: &dyn Intervention,
+    only: Option<&[usize]>,
+) -> Result<Eval> {
+    let keep: Vec<bool> = match only {
+        None => vec![true; pairs.len()],
+        Some(ix) => {
+            let mut k = vec![false; pairs.len()];
+            for &i in ix.iter().filter(|&&i| i < pairs.len()) {
+                k[i] = true;
+            }
+            k
+        }
+    };
+    let n = keep.iter().filter(|&&k| k).count();
     let mut e = Eval { n, ..Default::default() };
     if n == 0 {
         return Ok(e);
     }
-    let (mut hit_v, mut hit_a, mut ld_sum) = (0usize, 0usize, 0f64);
+    let (mut hit_v, mut hit_a, mut ld_sum, mut ce_sum) = (0usize, 0usize, 0f64, 0f64);
     // Units whose source vector equals the base's leave an interchange without effect: their
     // output is the clean base run's (e.g. every position before the first token that differs).
     // One comparison and one transfer for all pairs (not one device round trip per pair).
@@ -232,16 +257,16 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
         let d = (&cache.source_rows - Tensor::stack(&cache.base_vec, 0)?)?.abs()?.max(1)?;
         d.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(|x| x == 0.0).collect()
     } else {
-        vec![false; n]
+        vec![false; pairs.len()]
     };
     let mut rows: Vec<(usize, Vec<f32>)> = Vec::with_capacity(n);
-    let same_idx: Vec<usize> = (0..n).filter(|&i| same[i]).collect();
+    let same_idx: Vec<usize> = (0..pairs.len()).filter(|&i| same[i] && keep[i]).collect();
     if !same_idx.is_empty() {
         let stacked = Tensor::stack(&same_idx.iter().map(|&i| cache.base_logits[i]).collect::<Vec<_>>(), 0)?;
         rows.extend(same_idx.into_iter().zip(stacked.to_vec2::<f32>()?));
     }
     for group in groups(cache, pairs) {
-        let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i]).collect();
+        let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i] && keep[i]).collect();
         for chunk in todo.chunks(EVAL_BATCH) {
             let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?.to_vec2::<f32>()?;
             rows.extend(chunk.iter().copied().zip(logits));
@@ -256,6 +281,9 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
         hit_v += (pred == p.cf_label) as usize;
         hit_a += (pred_ans == p.cf_label) as usize;
         ld_sum += ld;
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+        ce_sum += lse - row[p.cf_label as usize] as f64;
         e.examples.push((i, pred, pred == p.cf_label, ld));
     }
     e.examples.sort_by_key(|x| x.0);
@@ -263,6 +291,8 @@ pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair
     e.iia_vocab = hit_v as f64 / nf;
     e.iia_answers = hit_a as f64 / nf;
     e.logit_diff = ld_sum / nf;
+    e.loss = ce_sum / nf;
+    let clean: Vec<&Clean> = clean.iter().zip(&keep).filter(|(_, &k)| k).map(|(c, _)| *c).collect();
     let ld_base = clean.iter().map(|c| c.ld_base).sum::<f64>() / nf;
     let ld_source = clean.iter().map(|c| c.ld_source).sum::<f64>() / nf;
     let den = ld_source - ld_base;
@@ -285,9 +315,28 @@ fn lr_at(spec: &TrainSpec, base: f64, step: usize) -> f64 {
     }
 }
 
+/// Evaluation points during training (train_log.csv) and early stopping on the dev loss.
+pub struct Monitor<'a> {
+    /// Evaluate every this many steps and after the last one (0 = never).
+    pub every: usize,
+    /// Stop after this many evaluations without a better dev loss, keeping the best parameters
+    /// (0 = never stop early).
+    pub patience: usize,
+    /// (dev loss, dev IIA, train IIA) of the intervention as it is now.
+    pub eval: &'a dyn Fn(&dyn Intervention) -> Result<(f64, f64, f64)>,
+}
+
+/// What training did: its log, and whether it ran to the end.
+pub struct Trained {
+    pub log: Vec<TrainRow>,
+    /// Cancelled before its last step (early stopping is not a cut: it is a finished training).
+    pub cut: bool,
+    pub stopped_early: bool,
+}
+
 /// Train the intervention on the train pairs: cross-entropy of the intervened output against
 /// the counterfactual label (+ the kind's penalty). Only the intervention's variables get
-/// gradients; the model's weights are constants.
+/// gradients; the model's weights are constants. Orthonormal variables take Riemannian steps.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     model: &Llama,
@@ -298,8 +347,9 @@ pub fn train(
     spec: &TrainSpec,
     seed: u64,
     cancel: &AtomicBool,
+    monitor: Option<&Monitor<'_>>,
     on_step: &mut dyn FnMut(usize, f64),
-) -> Result<Vec<TrainRow>> {
+) -> Result<Trained> {
     let params = iv.params();
     let group = |g: &str| params.iter().filter(|p| p.group == g).map(|p| p.var.clone()).collect::<Vec<_>>();
     let mk = |vars: Vec<candle_core::Var>, lr: f64| -> Result<Option<AdamW>> {
@@ -317,10 +367,14 @@ pub fn train(
     let mut groups = groups(cache, pairs);
     let mut cursors = vec![usize::MAX; groups.len()];
     let total: usize = groups.iter().map(|g| g.len()).sum();
-    let mut log = Vec::with_capacity(spec.steps);
+    let mut out = Trained { log: Vec::with_capacity(spec.steps), cut: false, stopped_early: false };
     let how = Backward::for_training();
+    let t0 = std::time::Instant::now();
+    let mut best: Option<(f64, Vec<Tensor>)> = None;
+    let mut since_best = 0usize;
     for step in 0..spec.steps {
         if cancel.load(Ordering::Relaxed) {
+            out.cut = true;
             break;
         }
         let mut r = rng.below(total);
@@ -338,6 +392,13 @@ pub fn train(
         let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
         let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();
         let (l, mut grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
+        if !l.is_finite() {
+            bail!(
+                "{}: training loss is {l} at step {step} (learning rate {} too high, or a NaN in the model's activations?)",
+                cell.label(),
+                lr_at(spec, spec.lr, step)
+            );
+        }
         if riemannian {
             for p in params.iter().filter(|p| p.orthonormal) {
                 if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -358,20 +419,52 @@ pub fn train(
         iv.after_step()?;
         let stats = iv.stats(ctx);
         let stat = |k: &str| stats.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap_or(f64::NAN);
-        log.push(TrainRow {
+        let mut row = TrainRow {
             layer: cell.layer,
             site: cell.site.name().into(),
             position: cell.position.clone(),
+            heads: cell.heads.clone(),
+            control: "none".into(),
             step,
             loss: l,
             lr,
             beta: stat("beta"),
             temperature: stat("temperature"),
             subspace_dims: stat("subspace_dims"),
-        });
+            dev_loss: f64::NAN,
+            dev_iia: f64::NAN,
+            train_iia: f64::NAN,
+            seconds: f64::NAN,
+        };
+        let mut stop = false;
+        if let Some(m) = monitor.filter(|m| m.every > 0 && ((step + 1) % m.every == 0 || step + 1 == spec.steps)) {
+            let (dl, di, ti) = (m.eval)(&*iv)?;
+            (row.dev_loss, row.dev_iia, row.train_iia) = (dl, di, ti);
+            if m.patience > 0 {
+                if best.as_ref().is_none_or(|(b, _)| dl < *b) {
+                    best = Some((dl, params.iter().map(|p| p.var.as_tensor().copy()).collect::<candle_core::Result<_>>()?));
+                    since_best = 0;
+                } else {
+                    since_best += 1;
+                    stop = since_best >= m.patience;
+                }
+            }
+        }
+        row.seconds = t0.elapsed().as_secs_f64();
+        out.log.push(row);
         on_step(step, l);
+        if stop {
+            out.stopped_early = step + 1 < spec.steps;
+            break;
+        }
     }
-    Ok(log)
+    if let Some((_, saved)) = best {
+        // Early stopping keeps the parameters of the best dev loss seen.
+        for (p, t) in params.iter().zip(saved) {
+            p.var.set(&t)?;
+        }
+    }
+    Ok(out)
 }
 
 /// Rows of `examples.csv` for one cell's test split.

@@ -23,7 +23,7 @@ pub fn colour(v: f64) -> RGBColor {
 /// Distinct positions in first-seen order (the order the sweep ran them).
 fn positions_in_order(rows: &[&MetricRow]) -> Vec<String> {
     let mut positions: Vec<String> = Vec::new();
-    for r in rows {
+    for r in rows.iter().filter(|r| r.is_main()) {
         if !positions.contains(&r.position) {
             positions.push(r.position.clone());
         }
@@ -71,9 +71,14 @@ pub fn heatmap(path: &Path, title: &str, rows: &[&MetricRow], value: impl Fn(&Me
     Ok(())
 }
 
-/// Line chart of `value(row)` against layer, one series per position.
+/// Line chart of `value(row)` against layer, one series per position; control rows (random
+/// subspace, permuted labels) are drawn as thin lines in their position's colour, so the trained
+/// IIA is read against them.
 pub fn by_layer(path: &Path, title: &str, y_desc: &str, rows: &[&MetricRow], value: impl Fn(&MetricRow) -> f64) -> Result<()> {
     let positions = positions_in_order(rows);
+    let mut controls: Vec<&str> = rows.iter().filter(|r| !r.is_main()).map(|r| r.control.as_str()).collect();
+    controls.sort();
+    controls.dedup();
     let max_layer = rows.iter().map(|r| r.layer).max().unwrap_or(0) as f64;
     let vals: Vec<f64> = rows.iter().map(|r| value(r)).filter(|v| v.is_finite()).collect();
     let (lo, hi) = (vals.iter().cloned().fold(0.0, f64::min), vals.iter().cloned().fold(1.0, f64::max));
@@ -88,16 +93,32 @@ pub fn by_layer(path: &Path, title: &str, y_desc: &str, rows: &[&MetricRow], val
         .map_err(|e| anyhow!("{e}"))?;
     chart.configure_mesh().x_desc("layer").y_desc(y_desc).draw().map_err(|e| anyhow!("{e}"))?;
     for (i, p) in positions.iter().enumerate() {
-        let mut pts: Vec<(f64, f64)> =
-            rows.iter().filter(|r| &r.position == p).map(|r| (r.layer as f64, value(r))).filter(|x| x.1.is_finite()).collect();
-        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let series = |control: &str| -> Vec<(f64, f64)> {
+            let mut pts: Vec<(f64, f64)> = rows
+                .iter()
+                .filter(|r| &r.position == p && r.control == control)
+                .map(|r| (r.layer as f64, value(r)))
+                .filter(|x| x.1.is_finite())
+                .collect();
+            pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+            pts
+        };
         let c = Palette99::pick(i).to_rgba();
+        let pts = series("none");
         chart
             .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))
             .map_err(|e| anyhow!("{e}"))?
             .label(p.clone())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], c));
         chart.draw_series(pts.into_iter().map(|pt| Circle::new(pt, 3, c.filled()))).map_err(|e| anyhow!("{e}"))?;
+        for (j, ctl) in controls.iter().enumerate() {
+            let faint = c.mix(0.55 - 0.15 * j as f64);
+            chart
+                .draw_series(LineSeries::new(series(ctl), faint.stroke_width(1)))
+                .map_err(|e| anyhow!("{e}"))?
+                .label(format!("{p} ({ctl})"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], faint));
+        }
     }
     chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(|e| anyhow!("{e}"))?;
     root.present().map_err(|e| anyhow!("{e}"))?;

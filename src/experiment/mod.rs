@@ -1,5 +1,7 @@
 //! Experiments: spec (TOML) → runner → CSVs, figures and progress events.
+pub mod cell_job;
 pub mod cells;
+pub mod controls;
 pub mod data;
 pub mod figures;
 pub mod outputs;

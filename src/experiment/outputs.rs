@@ -25,6 +25,21 @@ pub struct MetricRow {
     pub base_acc: f64,
     pub source_acc: f64,
     pub n: usize,
+    /// `none` for the trained (or applied) intervention; else the control it is a row of:
+    /// `random_subspace`, `permuted_labels` (METHODS.md §7). Absent in older runs.
+    #[serde(default = "no_control")]
+    pub control: String,
+}
+
+fn no_control() -> String {
+    "none".into()
+}
+
+impl MetricRow {
+    /// A row of the intervention itself, not of one of its controls.
+    pub fn is_main(&self) -> bool {
+        self.control == "none"
+    }
 }
 
 /// One row of `examples.csv` (test split, per example).
@@ -46,10 +61,13 @@ pub struct ExampleRow {
     pub heads: String,
 }
 
-pub const TRAIN_HEADER: [&str; 9] = ["layer", "site", "position", "step", "loss", "lr", "beta", "temperature", "subspace_dims"];
-pub const METRIC_HEADER: [&str; 15] = [
+pub const TRAIN_HEADER: [&str; 15] = [
+    "layer", "site", "position", "heads", "control", "step", "loss", "lr", "beta", "temperature", "subspace_dims", "dev_loss",
+    "dev_iia", "train_iia", "seconds",
+];
+pub const METRIC_HEADER: [&str; 16] = [
     "experiment", "seed", "layer", "site", "position", "heads", "intervention", "split", "iia_vocab", "iia_answers",
-    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n",
+    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n", "control",
 ];
 
 /// One row of `train_log.csv`.
@@ -58,12 +76,32 @@ pub struct TrainRow {
     pub layer: usize,
     pub site: String,
     pub position: String,
+    #[serde(default)]
+    pub heads: String,
+    /// `none`, or the control whose training this is (`permuted_labels`).
+    #[serde(default = "no_control")]
+    pub control: String,
     pub step: usize,
     pub loss: f64,
     pub lr: f64,
     pub beta: f64,
     pub temperature: f64,
     pub subspace_dims: f64,
+    /// At evaluation steps (`train.eval_every`), else NaN: cross-entropy and IIA on the dev
+    /// split, IIA on up to 64 train pairs.
+    #[serde(default = "nan")]
+    pub dev_loss: f64,
+    #[serde(default = "nan")]
+    pub dev_iia: f64,
+    #[serde(default = "nan")]
+    pub train_iia: f64,
+    /// Wall-clock seconds since the cell's training started (time-to-quality).
+    #[serde(default = "nan")]
+    pub seconds: f64,
+}
+
+fn nan() -> f64 {
+    f64::NAN
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {

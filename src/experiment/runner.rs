@@ -1,12 +1,13 @@
 //! spec → model + data → cells (train/evaluate interventions) → CSVs, figures, events.
 //! The same runner serves `road run` (headless) and the TUI (through a `Sink`).
-use super::cells::{self, Cell, Eval};
+use super::cell_job::{run_cell, CellCtx, CellResult};
+use super::cells::Cell;
+use super::controls;
 use super::data::{self, Prepared};
 use crate::runs::{RunEvent, Sink};
 use super::figures;
 use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
 use super::spec::Spec;
-use crate::intervene::ApplyCtx;
 use crate::model::{registry, Llama, Site};
 use crate::tasks::Split;
 use anyhow::{bail, Context, Result};
@@ -34,6 +35,13 @@ pub struct CellSummary {
     pub test_iia_vocab: f64,
     pub test_iia_answers: f64,
     pub test_logit_diff: f64,
+    /// Test IIA (vocabulary argmax) of each control, beside the trained value.
+    pub controls: Vec<(String, f64)>,
+    /// Trained test IIA minus the best control's (NaN without controls).
+    pub margin: f64,
+    /// The margin is under [`super::controls::MIN_MARGIN`]: the subspace is not clearly a
+    /// variable (it may be an illusion, or there is no signal).
+    pub low_margin: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -174,7 +182,9 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         }
     }
 
-    let ctx = CellCtx { spec, opts, model, tok, prepared: &prepared, split_caches: &split_caches, steps };
+    let control_list = controls::of(&spec.intervention, &spec.controls)?;
+    let permuted = controls::permuted_splits(&control_list, spec.seed, &prepared.data);
+    let ctx = CellCtx { spec, opts, model, tok, prepared: &prepared, split_caches: &split_caches, steps, controls: &control_list, permuted: &permuted };
     let jobs = parallel_cells(opts.jobs, cells.len(), spec, model);
     if jobs > 1 {
         sink.send(RunEvent::Log(format!("running {jobs} cells at a time")));
@@ -262,27 +272,6 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     Ok(summary)
 }
 
-/// What every cell of a run reads (shared by the worker threads).
-struct CellCtx<'a> {
-    spec: &'a Spec,
-    opts: &'a RunOptions,
-    model: &'a Llama,
-    tok: &'a crate::tokenizer::Tok,
-    prepared: &'a Prepared,
-    split_caches: &'a HashMap<Split, data::SplitCache>,
-    steps: usize,
-}
-
-/// One cell's rows and trained parameters.
-struct CellResult {
-    metrics: Vec<MetricRow>,
-    examples: Vec<ExampleRow>,
-    train_log: Vec<TrainRow>,
-    params: Vec<(String, Tensor)>,
-    summary: CellSummary,
-    complete: bool,
-}
-
 enum Msg {
     Event(RunEvent),
     Done(usize, Result<CellResult>),
@@ -318,114 +307,6 @@ fn parallel_cells(requested: usize, n_cells: usize, spec: &Spec, model: &Llama) 
     }
 }
 
-/// Train (if the kind learns) and evaluate one cell on every split.
-fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut dyn FnMut(RunEvent)) -> Result<CellResult> {
-    let (spec, model, prepared) = (ctx.spec, ctx.model, ctx.prepared);
-    emit(RunEvent::CellStarted { cell: ci, label: cell.label() });
-    let split_pairs = |s: Split| prepared.data.split(s);
-    let caches: HashMap<Split, data::CellCache> = ctx
-        .split_caches
-        .iter()
-        .map(|(s, sc)| Ok((*s, sc.cell(split_pairs(*s), cell.layer, cell.site, &cell.position)?)))
-        .collect::<Result<_>>()?;
-    let width = caches[&Split::Test].source_vec[0].dim(0)?;
-    let d_iv = cell.cols.as_ref().map(|c| c.dim(0)).transpose()?.unwrap_or(width);
-    let mean = match caches.get(&Split::Train) {
-        Some(c) if spec.intervention.needs_statistics() => {
-            let m = Tensor::stack(&c.base_vec, 0)?.mean(0)?;
-            Some(match &cell.cols {
-                Some(cols) => m.index_select(cols, 0)?,
-                None => m,
-            })
-        }
-        _ => None,
-    };
-    let cell_seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(global_idx as u64);
-    let mut iv = spec.intervention.build(d_iv, cell_seed, mean.as_ref(), model.device())?;
-    let mut out = CellResult {
-        metrics: Vec::new(),
-        examples: Vec::new(),
-        train_log: Vec::new(),
-        params: Vec::new(),
-        summary: CellSummary {
-            label: cell.label(),
-            layer: cell.layer,
-            site: cell.site.name().into(),
-            position: cell.position.clone(),
-            test_iia_vocab: f64::NAN,
-            test_iia_answers: f64::NAN,
-            test_logit_diff: f64::NAN,
-        },
-        complete: true,
-    };
-    if iv.is_trainable() {
-        let steps = ctx.steps;
-        let log = cells::train(
-            model,
-            cell,
-            &caches[&Split::Train],
-            split_pairs(Split::Train),
-            iv.as_mut(),
-            &spec.train,
-            cell_seed,
-            &ctx.opts.cancel,
-            &mut |step, loss| emit(RunEvent::Step { cell: ci, step, steps, loss }),
-        )?;
-        out.complete = log.len() >= spec.train.steps;
-        out.train_log = log;
-        for p in iv.params() {
-            out.params
-                .push((format!("L{}.{}.{}.{}", cell.layer, cell.site, cell.position, p.name), p.var.as_tensor().clone()));
-        }
-    }
-    let mut test_eval = Eval::default();
-    for split in [Split::Train, Split::Dev, Split::Test] {
-        let Some(cache) = caches.get(&split) else { continue };
-        let pairs = split_pairs(split);
-        let clean: Vec<&data::Clean> = (0..pairs.len()).map(|i| &prepared.clean[&(split, i)]).collect();
-        let e = cells::evaluate(model, cell, cache, pairs, &clean, iv.as_ref())?;
-        out.metrics.push(MetricRow {
-            experiment: spec.name.clone(),
-            seed: spec.seed,
-            layer: cell.layer,
-            site: cell.site.name().into(),
-            position: cell.position.clone(),
-            heads: cell.heads.clone(),
-            intervention: iv.kind().into(),
-            split: split.name().into(),
-            iia_vocab: e.iia_vocab,
-            iia_answers: e.iia_answers,
-            logit_diff: e.logit_diff,
-            normalized_effect: e.normalized_effect,
-            base_acc: e.base_acc,
-            source_acc: e.source_acc,
-            n: e.n,
-        });
-        if split == Split::Test {
-            out.examples.extend(cells::example_rows(cell, pairs, &e, ctx.tok));
-            test_eval = e;
-        }
-    }
-    let stats = iv.stats(ApplyCtx::EVAL);
-    if !stats.is_empty() {
-        let s: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();
-        emit(RunEvent::Log(format!("  {}: {}", cell.label(), s.join(" "))));
-    }
-    emit(RunEvent::CellDone {
-        cell: ci,
-        label: cell.label(),
-        layer: cell.layer,
-        site: cell.site.name().into(),
-        position: cell.position.clone(),
-        iia: test_eval.iia_vocab,
-        logit_diff: test_eval.logit_diff,
-    });
-    out.summary.test_iia_vocab = test_eval.iia_vocab;
-    out.summary.test_iia_answers = test_eval.iia_answers;
-    out.summary.test_logit_diff = test_eval.logit_diff;
-    Ok(out)
-}
-
 fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[TrainRow]) -> Result<()> {
     crate::runs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
     crate::runs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
@@ -446,7 +327,8 @@ pub fn write_figures(dir: &std::path::Path, spec: &Spec, metrics: &[MetricRow]) 
         }
         let (suffix, label) = if heads.is_empty() { (String::new(), String::new()) } else { (format!("_h{heads}"), format!(", heads {heads}")) };
         let title = format!("{}: test IIA ({}, {site}{label})", spec.name, spec.intervention.kind_name());
-        figures::heatmap(&dir.join(format!("iia_heatmap_{site}{suffix}.svg")), &title, &rows, |r| r.iia_vocab)?;
+        let main: Vec<&MetricRow> = rows.iter().copied().filter(|r| r.is_main()).collect();
+        figures::heatmap(&dir.join(format!("iia_heatmap_{site}{suffix}.svg")), &title, &main, |r| r.iia_vocab)?;
         figures::by_layer(&dir.join(format!("iia_by_layer_{site}{suffix}.svg")), &title, "IIA (vocab argmax)", &rows, |r| r.iia_vocab)?;
     }
     Ok(())

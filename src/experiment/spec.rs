@@ -22,6 +22,10 @@ pub struct Spec {
     pub intervention: InterventionSpec,
     #[serde(default)]
     pub train: TrainSpec,
+    /// Controls beside every trained cell (METHODS.md §7): absent = `["random_subspace"]`;
+    /// listed ones are added to it; `[]` = none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controls: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -196,6 +200,7 @@ impl Spec {
             bail!("sites.positions is empty");
         }
         self.intervention.validate()?;
+        super::controls::of(&self.intervention, &self.controls)?;
         if !["riemannian", "euclidean"].contains(&self.train.orthonormal.as_str()) {
             bail!("train.orthonormal {:?} must be riemannian or euclidean", self.train.orthonormal);
         }

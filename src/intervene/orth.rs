@@ -99,3 +99,25 @@ pub fn tangent_projection(g: &Tensor, r: &Tensor) -> Result<Tensor> {
     let sym = ((g.matmul(&r.t()?)? + r.matmul(&g.t()?)?)? * 0.5)?;
     Ok((&g - sym.matmul(&r)?)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The projection lands in the tangent space (`Δ Rᵀ + R Δᵀ = 0`), is idempotent, and keeps a
+    /// gradient that already is tangent.
+    #[test]
+    fn tangent_projection_is_the_stiefel_projection() {
+        let dev = Device::Cpu;
+        let r = random_orthonormal(3, 10, 1, &dev).unwrap();
+        let mut rng = Rng::new(2);
+        let g = Tensor::from_vec((0..30).map(|_| rng.normal() as f32).collect::<Vec<_>>(), (3, 10), &dev).unwrap();
+        let p = tangent_projection(&g, &r).unwrap();
+        let sym = (p.matmul(&r.t().unwrap()).unwrap() + r.matmul(&p.t().unwrap()).unwrap()).unwrap();
+        let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(max(&sym) < 1e-5, "not tangent: {}", max(&sym));
+        let pp = tangent_projection(&p, &r).unwrap();
+        assert!(max(&(&pp - &p).unwrap()) < 1e-5, "not idempotent");
+        assert!(max(&(&g - &p).unwrap()) > 1e-2, "a generic gradient has a normal part");
+    }
+}

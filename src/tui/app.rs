@@ -1010,7 +1010,7 @@ fn results_key(app: &mut App, k: KeyEvent) -> Vec<Command> {
     };
     let n_sites = data.sites().len().max(1);
     let n_examples = r.cursor_cell().map(|(l, p)| data.examples_for(l, &r.site_name().unwrap_or_default(), &p).len()).unwrap_or(0);
-    let n_table = data.metrics.iter().filter(|m| m.split == "test").count();
+    let n_table = data.metrics.iter().filter(|m| m.split == "test" && m.is_main()).count();
     let (rows, cols) = r.grid().map(|g| (g.layers.len(), g.positions.len())).unwrap_or((0, 0));
     match k.code {
         KeyCode::Esc | KeyCode::Backspace => {

@@ -109,7 +109,7 @@ impl RunData {
     /// "site" per head group (`head_output h3`).
     pub fn sites(&self) -> Vec<String> {
         let mut v: Vec<String> = Vec::new();
-        for r in self.metrics.iter().filter(|r| r.split == "test") {
+        for r in self.metrics.iter().filter(|r| r.split == "test" && r.is_main()) {
             let k = site_key(&r.site, &r.heads);
             if !v.contains(&k) {
                 v.push(k);
@@ -192,7 +192,8 @@ pub struct Grid {
 
 impl Grid {
     pub fn build(metrics: &[MetricRow], site: &str, metric: Metric) -> Grid {
-        let rows: Vec<&MetricRow> = metrics.iter().filter(|r| r.split == "test" && site_key(&r.site, &r.heads) == site).collect();
+        let rows: Vec<&MetricRow> =
+            metrics.iter().filter(|r| r.split == "test" && r.is_main() && site_key(&r.site, &r.heads) == site).collect();
         let mut layers: Vec<usize> = rows.iter().map(|r| r.layer).collect();
         layers.sort();
         layers.dedup();
@@ -268,7 +269,7 @@ pub const TABLE_COLUMNS: [&str; 8] = ["layer", "site", "position", "iia_vocab", 
 
 /// Test rows sorted by column `col` (descending when `desc`); NaN sorts last.
 pub fn sorted_cells(metrics: &[MetricRow], col: usize, desc: bool) -> Vec<&MetricRow> {
-    let mut v: Vec<&MetricRow> = metrics.iter().filter(|r| r.split == "test").collect();
+    let mut v: Vec<&MetricRow> = metrics.iter().filter(|r| r.split == "test" && r.is_main()).collect();
     let num = |r: &MetricRow| -> f64 {
         match col {
             3 => r.iia_vocab,

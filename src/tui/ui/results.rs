@@ -116,10 +116,16 @@ fn heatmap_panel(app: &App, f: &mut Frame, area: Rect, d: &RunData, grid: &Grid,
     f.render_widget(block, left);
     hm.render(inner, f.buffer_mut());
 
-    let [detail, chart] = Layout::vertical([Constraint::Length(7), Constraint::Min(0)]).areas(right);
     let value = grid.get(r.cursor.0, r.cursor.1);
     let (layer, pos) = r.cursor_cell().unwrap_or((0, "-".into()));
-    let row = d.metrics.iter().find(|m| m.split == "test" && crate::tui::data::site_key(&m.site, &m.heads) == site && m.layer == layer && m.position == pos);
+    let at = |m: &&crate::experiment::outputs::MetricRow| {
+        m.split == "test" && crate::tui::data::site_key(&m.site, &m.heads) == site && m.layer == layer && m.position == pos
+    };
+    let row = d.metrics.iter().filter(|m| m.is_main()).find(at);
+    // The cell's controls (METHODS.md §7), with a flag when the trained IIA does not clear them.
+    let controls: Vec<&crate::experiment::outputs::MetricRow> = d.metrics.iter().filter(|m| !m.is_main()).filter(at).collect();
+    let extra = if controls.is_empty() { 0 } else { controls.len() as u16 + 1 };
+    let [detail, chart] = Layout::vertical([Constraint::Length(7 + extra), Constraint::Min(0)]).areas(right);
     let mut lines = vec![
         Line::from(vec![Span::raw(format!("L{layer} · ")), Span::raw(trunc(&pos_label(grid, r.cursor.1, tokens), 20))]),
         Line::from(vec![
@@ -130,6 +136,15 @@ fn heatmap_panel(app: &App, f: &mut Frame, area: Rect, d: &RunData, grid: &Grid,
     if let Some(m) = row {
         lines.push(Line::from(format!("iia {:.3} ans {:.3}", m.iia_vocab, m.iia_answers)));
         lines.push(Line::from(format!("ld {:+.3} ne {:.3} n={}", m.logit_diff, m.normalized_effect, m.n)));
+        for c in &controls {
+            lines.push(Line::from(Span::styled(format!("{} {:.3}", c.control, c.iia_vocab), t.dim())));
+        }
+        if !controls.is_empty() {
+            let best = controls.iter().map(|c| c.iia_vocab).fold(f64::NAN, f64::max);
+            let margin = m.iia_vocab - best;
+            let text = format!("margin {margin:+.3}{}", if margin < crate::experiment::controls::MIN_MARGIN { " ⚠ not clearly a variable" } else { "" });
+            lines.push(Line::from(Span::styled(text, if margin < crate::experiment::controls::MIN_MARGIN { t.error() } else { t.ok() })));
+        }
     }
     lines.push(Line::from(Span::styled("Enter examples · t table", t.dim())));
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(" cell ")), detail);
