@@ -95,7 +95,7 @@ fn early_stopping_keeps_the_parameters_of_the_best_dev_loss() {
     };
     let monitor = Monitor { every: 2, patience: 2, eval: &eval };
     let ts = TrainSpec { steps: 100, batch: 4, lr: 5e-2, ..Default::default() };
-    let t = cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), Some(&monitor), &mut |_, _| {}).unwrap();
+    let t = cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), Some(&monitor), &mut |_| {}).unwrap();
     assert!(t.stopped_early && !t.cut);
     assert_eq!(t.log.len(), 10, "5 evaluations every 2 steps");
     let best = &calls.borrow()[2];

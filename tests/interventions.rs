@@ -128,7 +128,7 @@ fn das_rotation_stays_orthonormal_through_training_and_gradients_reach_only_it()
         let before: Vec<Tensor> = iv.params().iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
         let ts = TrainSpec { steps: 15, batch: 2, lr: 5e-2, ..Default::default() };
         let mut losses = Vec::new();
-        let log = cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), None, &mut |_, l| losses.push(l)).unwrap().log;
+        let log = cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), None, &mut |r| losses.push(r.loss)).unwrap().log;
         assert_eq!(log.len(), 15);
         let rot = iv.params().into_iter().find(|p| p.name == "rotation").unwrap();
         let err = orth::orthonormality_error(rot.var.as_tensor()).unwrap();
@@ -152,7 +152,7 @@ fn road_dii_training_updates_angles_and_mask() {
     assert_eq!(names, ["road_theta", "mask_logits"]);
     let before: Vec<Tensor> = iv.params().iter().map(|p| p.var.as_tensor().copy().unwrap()).collect();
     let ts = TrainSpec { steps: 5, batch: 4, lr: 5e-2, ..Default::default() };
-    cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), None, &mut |_, _| {}).unwrap();
+    cells::train(m, &cell, &cc, &pairs, iv.as_mut(), &ts, 1, &AtomicBool::new(false), None, &mut |_| {}).unwrap();
     for (p, b) in iv.params().iter().zip(&before) {
         assert!(max_abs_diff(p.var.as_tensor(), b) > 1e-7, "{} did not move", p.name);
     }

@@ -147,6 +147,12 @@ fn snapshot_runs_view() {
     }
     assert!((app.runs.jobs[0].progress() - 15.0 / 44.0).abs() < 1e-9);
     snap("runs_live", &app);
+    // Training evaluation points: the dev IIA curve of the current cell appears beside the loss.
+    assert!(!render(&app, 120, 40).contains("dev IIA"));
+    feed(&mut app, job(RunEvent::Eval { cell: 1, step: 1, dev_iia: 0.25, dev_loss: 1.0 }));
+    feed(&mut app, job(RunEvent::Eval { cell: 1, step: 3, dev_iia: 0.625, dev_loss: 0.5 }));
+    let screen = render(&app, 120, 40);
+    assert!(screen.contains("dev IIA, this cell") && screen.contains("last 0.625"), "{screen}");
     // `c` cancels: the job is flagged and the worker asked.
     let cmds = update(&mut app, char_key('c'));
     assert!(matches!(cmds.as_slice(), [road_dii::tui::app::Command::CancelRun { job }] if *job == id));

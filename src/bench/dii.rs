@@ -89,7 +89,7 @@ pub fn das(model: &str, layer: usize, steps: usize, batch: usize) -> Result<()> 
     }
     let ts = TrainSpec { steps, batch, lr: 1e-2, ..Default::default() };
     let t1 = Instant::now();
-    let log = train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), None, &mut |_, _| {})?.log;
+    let log = train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), None, &mut |_| {})?.log;
     let s = t1.elapsed().as_secs_f64();
     let (first, last) = (log.first().map_or(f64::NAN, |r| r.loss), log.last().map_or(f64::NAN, |r| r.loss));
     println!(

@@ -90,7 +90,12 @@ impl Evaluator<'_> {
             seed,
             &self.ctx.opts.cancel,
             Some(&monitor),
-            &mut |step, loss| emit(RunEvent::Step { cell: ci, step, steps, loss }),
+            &mut |r| {
+                emit(RunEvent::Step { cell: ci, step: r.step, steps, loss: r.loss });
+                if r.dev_iia.is_finite() {
+                    emit(RunEvent::Eval { cell: ci, step: r.step, dev_iia: r.dev_iia, dev_loss: r.dev_loss });
+                }
+            },
         )
     }
     /// Metric rows of `iv` on every split, labelled with `control`; the test split's Eval.

@@ -348,7 +348,7 @@ pub fn train(
     seed: u64,
     cancel: &AtomicBool,
     monitor: Option<&Monitor<'_>>,
-    on_step: &mut dyn FnMut(usize, f64),
+    on_step: &mut dyn FnMut(&TrainRow),
 ) -> Result<Trained> {
     let params = iv.params();
     let group = |g: &str| params.iter().filter(|p| p.group == g).map(|p| p.var.clone()).collect::<Vec<_>>();
@@ -451,8 +451,8 @@ pub fn train(
             }
         }
         row.seconds = t0.elapsed().as_secs_f64();
+        on_step(&row);
         out.log.push(row);
-        on_step(step, l);
         if stop {
             out.stopped_early = step + 1 < spec.steps;
             break;

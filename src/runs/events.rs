@@ -8,6 +8,8 @@ pub enum RunEvent {
     Log(String),
     CellStarted { cell: usize, label: String },
     Step { cell: usize, step: usize, steps: usize, loss: f64 },
+    /// A training evaluation point (`train.eval_every`): dev IIA and loss of the cell so far.
+    Eval { cell: usize, step: usize, dev_iia: f64, dev_loss: f64 },
     /// One finished cell with its test-split IIA (vocabulary argmax) and logit difference.
     CellDone { cell: usize, label: String, layer: usize, site: String, position: String, iia: f64, logit_diff: f64 },
     /// A stage of a multi-stage study (the pilot) finished; no metrics attached.
@@ -84,6 +86,7 @@ impl Sink for ProgressPrinter {
                 self.line(format!("  {label:<40} test IIA {iia:.3}  logit diff {logit_diff:+.3}"));
             }
             RunEvent::StageDone { label, .. } => self.line(format!("  {label}: done")),
+            RunEvent::Eval { .. } => {}
             RunEvent::Finished { .. } => {
                 if let Some(b) = self.bar.take() {
                     b.finish_and_clear();

@@ -289,6 +289,8 @@ pub struct Job {
     pub cell_label: String,
     /// (global step, loss) over all cells.
     pub loss: Vec<(f64, f64)>,
+    /// (global step, dev IIA) at the training's evaluation points.
+    pub dev_iia: Vec<(f64, f64)>,
     /// (cell index, test IIA) of finished cells.
     pub iia: Vec<(f64, f64)>,
     pub log: Vec<String>,
@@ -310,6 +312,7 @@ impl Job {
             steps_in_cell: 0,
             cell_label: String::new(),
             loss: vec![],
+            dev_iia: vec![],
             iia: vec![],
             log: vec![],
             started: None,
@@ -663,6 +666,9 @@ fn on_job(app: &mut App, id: u64, ev: JobEvent) -> Vec<Command> {
                 job.steps_in_cell = step + 1;
                 let x = (cell * job.steps_per_cell + step) as f64;
                 job.loss.push((x, loss));
+            }
+            RunEvent::Eval { cell, step, dev_iia, .. } => {
+                job.dev_iia.push(((cell * job.steps_per_cell + step) as f64, dev_iia));
             }
             RunEvent::StageDone { cell, label } => {
                 job.cells_done = cell + 1;

@@ -51,13 +51,31 @@ pub fn draw(app: &App, f: &mut Frame, area: Rect) {
     );
     let j = &jobs[app.runs.selected.min(jobs.len() - 1)];
     draw_gauge(app, f, gauge, j);
-    let [loss, iia] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
-    // The current cell's curve (each cell trains its own intervention from scratch).
+    // The current cell's curves (each cell trains its own intervention from scratch). The dev
+    // IIA beside the loss makes under-training visible while it happens.
     let start = (j.cells_done.min(j.cells.saturating_sub(1)) * j.steps_per_cell) as f64;
-    let cur: Vec<(f64, f64)> = j.loss.iter().copied().filter(|p| p.0 >= start).map(|(x, y)| (x - start, y)).collect();
-    let cur = if cur.is_empty() { j.loss.iter().rev().take(j.steps_per_cell.max(1)).rev().copied().collect() } else { cur };
-    line_chart(app, f, loss, " loss, this cell ", "step", &cur, None);
-    line_chart(app, f, iia, " test IIA so far ", "cell", &j.iia, Some((0.0, 1.0)));
+    // Before the next cell's first step, the finished cell's points (those since the start of
+    // the last point's cell).
+    let this_cell = |pts: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        let cur: Vec<(f64, f64)> = pts.iter().copied().filter(|p| p.0 >= start).map(|(x, y)| (x - start, y)).collect();
+        if !cur.is_empty() {
+            return cur;
+        }
+        let per = j.steps_per_cell.max(1) as f64;
+        let s = pts.last().map_or(0.0, |p| (p.0 / per).floor() * per);
+        pts.iter().copied().filter(|p| p.0 >= s).map(|(x, y)| (x - s, y)).collect()
+    };
+    if j.dev_iia.is_empty() {
+        let [loss, iia] = Layout::horizontal([Constraint::Percentage(50), Constraint::Percentage(50)]).areas(charts);
+        line_chart(app, f, loss, " loss, this cell ", "step", &this_cell(&j.loss), None);
+        line_chart(app, f, iia, " test IIA so far ", "cell", &j.iia, Some((0.0, 1.0)));
+    } else {
+        let [loss, dev, iia] =
+            Layout::horizontal([Constraint::Percentage(40), Constraint::Percentage(30), Constraint::Percentage(30)]).areas(charts);
+        line_chart(app, f, loss, " loss, this cell ", "step", &this_cell(&j.loss), None);
+        line_chart(app, f, dev, " dev IIA, this cell ", "step", &this_cell(&j.dev_iia), Some((0.0, 1.0)));
+        line_chart(app, f, iia, " test IIA so far ", "cell", &j.iia, Some((0.0, 1.0)));
+    }
     let n = log.height.saturating_sub(2) as usize;
     let lines: Vec<Line> = j.log.iter().rev().take(n).rev().map(|s| Line::from(trunc(s, log.width.saturating_sub(2) as usize))).collect();
     f.render_widget(Paragraph::new(lines).block(Block::bordered().title(" log ")), log);
