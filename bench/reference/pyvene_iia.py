@@ -193,7 +193,7 @@ def train_eval(M, pairs, layer, position, kind="das", rank=1, steps=50, batch=16
         examples += len(y)
         losses.append(lv)
         if kind == "boundless":
-            betas.append(float(torch.clamp(I.intervention_boundaries, 1e-3, 1)[0]))
+            betas.append(float(torch.clamp(I.intervention_boundaries.detach(), 1e-3, 1)[0]))
         if eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
             di, dl, _ = evaluate("dev")
             dev_curve.append({"step": step + 1, "dev_iia": di, "dev_loss": dl, "train_seconds": train_s,

@@ -61,9 +61,9 @@ pub struct ExampleRow {
     pub heads: String,
 }
 
-pub const TRAIN_HEADER: [&str; 15] = [
+pub const TRAIN_HEADER: [&str; 14] = [
     "layer", "site", "position", "heads", "control", "step", "loss", "lr", "beta", "temperature", "subspace_dims", "dev_loss",
-    "dev_iia", "train_iia", "seconds",
+    "dev_iia", "train_iia",
 ];
 pub const METRIC_HEADER: [&str; 16] = [
     "experiment", "seed", "layer", "site", "position", "heads", "intervention", "split", "iia_vocab", "iia_answers",
@@ -95,10 +95,39 @@ pub struct TrainRow {
     pub dev_iia: f64,
     #[serde(default = "nan")]
     pub train_iia: f64,
-    /// Wall-clock seconds since the cell's training started (time-to-quality).
-    #[serde(default = "nan")]
+    /// Wall-clock seconds since the cell's training started (time-to-quality). Not in
+    /// train_log.csv, whose bytes depend only on the spec: it goes to `timing.csv`.
+    #[serde(skip, default = "nan")]
     pub seconds: f64,
 }
+
+/// One row of `timing.csv`: when a training step finished (the run's one clock-dependent table).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TimingRow {
+    pub layer: usize,
+    pub site: String,
+    pub position: String,
+    pub heads: String,
+    pub control: String,
+    pub step: usize,
+    pub seconds: f64,
+}
+
+impl From<&TrainRow> for TimingRow {
+    fn from(r: &TrainRow) -> Self {
+        TimingRow {
+            layer: r.layer,
+            site: r.site.clone(),
+            position: r.position.clone(),
+            heads: r.heads.clone(),
+            control: r.control.clone(),
+            step: r.step,
+            seconds: r.seconds,
+        }
+    }
+}
+
+pub const TIMING_HEADER: [&str; 7] = ["layer", "site", "position", "heads", "control", "step", "seconds"];
 
 fn nan() -> f64 {
     f64::NAN

@@ -311,6 +311,8 @@ fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[T
     crate::runs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
     crate::runs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
     crate::runs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
+    let timing: Vec<outputs::TimingRow> = t.iter().map(outputs::TimingRow::from).collect();
+    crate::runs::write_csv(&dir.join("timing.csv"), &timing, &outputs::TIMING_HEADER)?;
     Ok(())
 }
 

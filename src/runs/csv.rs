@@ -5,15 +5,16 @@ use std::path::Path;
 /// Write rows with a header; an empty table still gets its header line (`header`; pass `&[]`
 /// where an empty table may stay an empty file).
 pub fn write_csv<T: serde::Serialize>(path: &Path, rows: &[T], header: &[&str]) -> Result<()> {
-    let mut w = csv::Writer::from_path(path).with_context(|| format!("cannot write {}", path.display()))?;
+    // Whole or absent (runs rewrite their tables as cells finish and may be killed at any time).
+    let mut w = csv::Writer::from_writer(Vec::new());
     if rows.is_empty() && !header.is_empty() {
         w.write_record(header)?;
     }
     for r in rows {
         w.serialize(r)?;
     }
-    w.flush()?;
-    Ok(())
+    let bytes = w.into_inner().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    super::atomic::write(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Read every row of a CSV file; a missing file is an empty table.

@@ -1,12 +1,15 @@
 //! Services every workload shares: run folders, CSV files, `--set` overrides and progress
 //! events. Below the workloads (experiment, train, pilot, compose, bench, tui) and above
 //! nothing but util: any of them may use it, it uses none of them.
+pub mod atomic;
 pub mod csv;
 pub mod dirs;
 pub mod events;
 pub mod overrides;
+pub mod state;
 
 pub use self::csv::{read_csv, write_csv};
 pub use dirs::{list_runs, new_run_dir, out_root, short_hash, timestamp};
 pub use events::{RunEvent, Sink};
 pub use overrides::{apply_override, apply_overrides};
+pub use state::RunStatus;
