@@ -2,7 +2,8 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Replace, Site};
+use road_dii::intervene::replace::Replace;
+use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Site};
 use road_dii::adapters::{RoadAdapter, Rotation, Variant};
 
 fn prompt_ids() -> Vec<Vec<u32>> {
@@ -175,13 +176,13 @@ fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
     // Swapping the source's own activation into its own run is a no-op.
     let src_logits = logits_all(&source);
     for (l, s) in &all {
-        let mut h = Replace { layer: *l, site: *s, with: col.get(*l, *s).unwrap().clone() };
+        let mut h = Replace::whole(*l, *s, col.get(*l, *s).unwrap().clone());
         let out = m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut h), ..Default::default() }).unwrap();
         assert!(max_abs_diff(&out.logits.unwrap().get(0).unwrap(), &src_logits) < 1e-5, "{l} {s}");
     }
     // Full swap of the last block's output reproduces the source run's logits in the base run.
     let last = c.num_layers - 1;
-    let mut h = Replace { layer: last, site: Site::BlockOutput, with: col.get(last, Site::BlockOutput).unwrap().clone() };
+    let mut h = Replace::whole(last, Site::BlockOutput, col.get(last, Site::BlockOutput).unwrap().clone());
     let out = m.model.forward(&[base.clone()], Fwd { hooks: Some(&mut h), ..Default::default() }).unwrap();
     assert!(max_abs_diff(&out.logits.unwrap().get(0).unwrap(), &src_logits) < 1e-5);
     // ... and the base run itself differs from the source (the swap did something).
