@@ -159,4 +159,3 @@ pub fn equality_patching(model: &Llama, tok: &Tok, variable: Variable, n: usize,
     };
     patching_table(model, &ds.test, &ds.train, &value, variable.name(), &equality::POSITIONS)
 }
-

@@ -65,4 +65,3 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
-

@@ -265,4 +265,3 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         secs: start.elapsed().as_secs_f64(),
     })
 }
-
