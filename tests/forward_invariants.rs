@@ -188,3 +188,38 @@ fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
     // ... and the base run itself differs from the source (the swap did something).
     assert!(max_abs_diff(&logits_all(&base), &src_logits) > 1e-3);
 }
+
+/// The one replacement hook: every position replaced = the whole activation replaced; a subspace
+/// spanning everything = the plain swap, its complement = no change; a wrong shape is an error.
+#[test]
+fn replace_at_positions_and_in_a_subspace_agree_with_the_whole_swap() {
+    let m = tiny_a();
+    let c = &m.model.cfg;
+    let base = m.tok.encode("The capital of France is").unwrap();
+    let source = m.tok.encode("The capital of Spain is").unwrap();
+    let (layer, site) = (c.num_layers / 2, Site::BlockOutput);
+    let mut col = Collector::new([(layer, site)]);
+    m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut col), ..Default::default() }).unwrap();
+    let src = col.get(layer, site).unwrap().clone();
+    let t = base.len();
+    let run = |h: &mut Replace| m.model.forward(&[base.clone()], Fwd { hooks: Some(h), ..Default::default() }).unwrap().logits.unwrap().get(0).unwrap();
+    let whole = run(&mut Replace::whole(layer, site, src.clone()));
+    // Positions in any order, each taking its own row of `with`.
+    let order: Vec<usize> = (0..t).rev().collect();
+    let rows: Vec<Tensor> = order.iter().map(|&p| src.narrow(1, p, 1).unwrap()).collect();
+    let at = run(&mut Replace::at(layer, site, order, Tensor::cat(&rows, 1).unwrap()));
+    assert!(max_abs_diff(&at, &whole) < 1e-6);
+    let eye = Tensor::eye(c.hidden_size, DType::F32, &Device::Cpu).unwrap();
+    let span = run(&mut Replace::whole(layer, site, src.clone()).within(Some(eye.clone()), false));
+    assert!(max_abs_diff(&span, &whole) < 1e-4);
+    let untouched = run(&mut Replace::whole(layer, site, src.clone()).within(Some(eye), true));
+    assert!(max_abs_diff(&untouched, &logits_all(&base)) < 1e-4);
+    // One position from the source: the base run changes there only, not at earlier positions.
+    let last = run(&mut Replace::from_source(layer, site, t - 1, &src).unwrap());
+    let clean = logits_all(&base);
+    assert!(max_abs_diff(&last.narrow(0, 0, t - 1).unwrap(), &clean.narrow(0, 0, t - 1).unwrap()) < 1e-5);
+    assert!(max_abs_diff(&last, &clean) > 1e-3);
+    let mut short = Replace::whole(layer, site, src.narrow(1, 0, t - 1).unwrap());
+    let Err(err) = m.model.forward(&[base.clone()], Fwd { hooks: Some(&mut short), ..Default::default() }) else { panic!("a short replacement was accepted") };
+    assert!(err.to_string().contains("does not fit"), "{err}");
+}
