@@ -130,8 +130,8 @@ pub fn train(opts: &TrainOpts) -> Result<Trained> {
 
 fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let start = std::time::Instant::now();
-    // CPU unless --device says otherwise: the checked-in tiny model is reproduced bit for bit
-    // on the CPU, and a model this small gains nothing from a GPU.
+    // CPU: a run is reproduced bit for bit there, and a model this small gains nothing from a
+    // GPU. (The checked-in model predates the switch to train::optim; see its README.)
     let device = crate::runtime::device_for("cpu")?;
     let cfg = llama_config(&opts.arch)?;
     let tokenizer = build_tokenizer()?;
