@@ -63,7 +63,7 @@ pub(crate) fn interchanged_logits(
     let mut col = Collector::new(vec![(layer, Site::BlockOutput)]);
     model.forward(src, Fwd { hooks: Some(&mut col), logits: LogitsAt::None, differentiable, ..Default::default() })?;
     let source = col.get(layer, Site::BlockOutput).context("collected source activation")?;
-    let mut hook = Replace::from_source(layer, Site::BlockOutput, pos, &source)?.within(basis.cloned(), complement);
+    let mut hook = Replace::from_source(layer, Site::BlockOutput, pos, source)?.within(basis.cloned(), complement);
     last_logits_hooked(model, base, differentiable, Some(&mut hook))
 }
 

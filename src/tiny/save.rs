@@ -36,7 +36,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
         "seed": o.seed, "steps": o.steps, "batch": o.batch, "lr": o.lr, "min_lr_frac": o.min_lr_frac,
         "warmup": o.warmup, "schedule": "linear warm-up, cosine decay",
         "curriculum": {"p_equal_start": o.p_equal_start, "anneal_to_0.5_over_fraction_of_steps": o.curriculum_frac},
-        "optimizer": {"name": "AdamW", "beta1": 0.9, "beta2": 0.98, "eps": 1e-8,
+        "optimizer": {"name": "AdamW", "implementation": "src/train/optim.rs", "beta1": 0.9, "beta2": 0.98, "eps": 1e-8,
             "weight_decay": o.weight_decay, "weight_decay_on": "matrices (norm gains: 0)"},
         "arch": o.arch, "parameters": cfg.param_count(),
         "final_train_loss_last50": tr.final_loss,

@@ -175,7 +175,7 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let (mats, gains): (Vec<_>, Vec<_>) = named.into_iter().partition(|(_, v)| v.rank() >= 2);
     let adamw = |wd: f64| AdamWConfig { beta1: 0.9, beta2: 0.98, eps: 1e-8, weight_decay: wd };
-    let mut opts_by_group = [AdamW::new(mats, adamw(opts.weight_decay))?, AdamW::new(gains, adamw(0.0))?];
+    let mut optimisers = [AdamW::new(mats, adamw(opts.weight_decay))?, AdamW::new(gains, adamw(0.0))?];
 
     let pb = if opts.progress {
         let pb = indicatif::ProgressBar::new(opts.steps as u64);
@@ -215,7 +215,7 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
             loss = (loss + (il_loss * opts.iit_weight)?)?;
         }
         let grads = loss.backward()?;
-        for opt in &mut opts_by_group {
+        for opt in &mut optimisers {
             let g = opt
                 .params()
                 .iter()
