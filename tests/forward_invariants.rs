@@ -153,13 +153,19 @@ fn merged_road_equals_unmerged() {
     assert!(d < 1e-4, "merged vs unmerged: {d}");
 }
 
+/// Two prompts of one length that differ in one token.
+fn base_and_source() -> (Vec<u32>, Vec<u32>) {
+    let m = tiny_a();
+    let (base, source) = (m.tok.encode("The capital of France is").unwrap(), m.tok.encode("The capital of Spain is").unwrap());
+    assert_eq!(base.len(), source.len());
+    (base, source)
+}
+
 #[test]
 fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
     let m = tiny_a();
     let c = &m.model.cfg;
-    let base = m.tok.encode("The capital of France is").unwrap();
-    let source = m.tok.encode("The capital of Spain is").unwrap();
-    assert_eq!(base.len(), source.len());
+    let (base, source) = base_and_source();
     let all: Vec<(usize, Site)> = (0..c.num_layers).flat_map(|l| Site::ALL.map(|s| (l, s))).collect();
     let mut col = Collector::new(all.clone());
     m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut col), ..Default::default() }).unwrap();
@@ -195,8 +201,7 @@ fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
 fn replace_at_positions_and_in_a_subspace_agree_with_the_whole_swap() {
     let m = tiny_a();
     let c = &m.model.cfg;
-    let base = m.tok.encode("The capital of France is").unwrap();
-    let source = m.tok.encode("The capital of Spain is").unwrap();
+    let (base, source) = base_and_source();
     let (layer, site) = (c.num_layers / 2, Site::BlockOutput);
     let mut col = Collector::new([(layer, site)]);
     m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut col), ..Default::default() }).unwrap();
