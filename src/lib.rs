@@ -13,7 +13,7 @@ pub mod runs;
 pub mod adapters;
 pub mod runtime;
 pub mod tasks;
-pub mod tiny_model;
+pub mod tiny;
 pub mod tokenizer;
 pub mod train;
 pub mod tui;

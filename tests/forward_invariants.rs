@@ -2,7 +2,8 @@
 mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Replace, Site};
+use road_dii::intervene::replace::Replace;
+use road_dii::model::{Collector, Fwd, KvCache, LogitsAt, Proj, Site};
 use road_dii::adapters::{RoadAdapter, Rotation, Variant};
 
 fn prompt_ids() -> Vec<Vec<u32>> {
@@ -152,13 +153,19 @@ fn merged_road_equals_unmerged() {
     assert!(d < 1e-4, "merged vs unmerged: {d}");
 }
 
+/// Two prompts of one length that differ in one token.
+fn base_and_source() -> (Vec<u32>, Vec<u32>) {
+    let m = tiny_a();
+    let (base, source) = (m.tok.encode("The capital of France is").unwrap(), m.tok.encode("The capital of Spain is").unwrap());
+    assert_eq!(base.len(), source.len());
+    (base, source)
+}
+
 #[test]
 fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
     let m = tiny_a();
     let c = &m.model.cfg;
-    let base = m.tok.encode("The capital of France is").unwrap();
-    let source = m.tok.encode("The capital of Spain is").unwrap();
-    assert_eq!(base.len(), source.len());
+    let (base, source) = base_and_source();
     let all: Vec<(usize, Site)> = (0..c.num_layers).flat_map(|l| Site::ALL.map(|s| (l, s))).collect();
     let mut col = Collector::new(all.clone());
     m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut col), ..Default::default() }).unwrap();
@@ -175,15 +182,49 @@ fn hooks_see_every_site_with_documented_shapes_and_swaps_behave() {
     // Swapping the source's own activation into its own run is a no-op.
     let src_logits = logits_all(&source);
     for (l, s) in &all {
-        let mut h = Replace { layer: *l, site: *s, with: col.get(*l, *s).unwrap().clone() };
+        let mut h = Replace::whole(*l, *s, col.get(*l, *s).unwrap().clone());
         let out = m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut h), ..Default::default() }).unwrap();
         assert!(max_abs_diff(&out.logits.unwrap().get(0).unwrap(), &src_logits) < 1e-5, "{l} {s}");
     }
     // Full swap of the last block's output reproduces the source run's logits in the base run.
     let last = c.num_layers - 1;
-    let mut h = Replace { layer: last, site: Site::BlockOutput, with: col.get(last, Site::BlockOutput).unwrap().clone() };
+    let mut h = Replace::whole(last, Site::BlockOutput, col.get(last, Site::BlockOutput).unwrap().clone());
     let out = m.model.forward(&[base.clone()], Fwd { hooks: Some(&mut h), ..Default::default() }).unwrap();
     assert!(max_abs_diff(&out.logits.unwrap().get(0).unwrap(), &src_logits) < 1e-5);
     // ... and the base run itself differs from the source (the swap did something).
     assert!(max_abs_diff(&logits_all(&base), &src_logits) > 1e-3);
+}
+
+/// The one replacement hook: every position replaced = the whole activation replaced; a subspace
+/// spanning everything = the plain swap, its complement = no change; a wrong shape is an error.
+#[test]
+fn replace_at_positions_and_in_a_subspace_agree_with_the_whole_swap() {
+    let m = tiny_a();
+    let c = &m.model.cfg;
+    let (base, source) = base_and_source();
+    let (layer, site) = (c.num_layers / 2, Site::BlockOutput);
+    let mut col = Collector::new([(layer, site)]);
+    m.model.forward(&[source.clone()], Fwd { hooks: Some(&mut col), ..Default::default() }).unwrap();
+    let src = col.get(layer, site).unwrap().clone();
+    let t = base.len();
+    let run = |h: &mut Replace| m.model.forward(&[base.clone()], Fwd { hooks: Some(h), ..Default::default() }).unwrap().logits.unwrap().get(0).unwrap();
+    let whole = run(&mut Replace::whole(layer, site, src.clone()));
+    // Positions in any order, each taking its own row of `with`.
+    let order: Vec<usize> = (0..t).rev().collect();
+    let rows: Vec<Tensor> = order.iter().map(|&p| src.narrow(1, p, 1).unwrap()).collect();
+    let at = run(&mut Replace::at(layer, site, order, Tensor::cat(&rows, 1).unwrap()));
+    assert!(max_abs_diff(&at, &whole) < 1e-6);
+    let eye = Tensor::eye(c.hidden_size, DType::F32, &Device::Cpu).unwrap();
+    let span = run(&mut Replace::whole(layer, site, src.clone()).within(Some(eye.clone()), false));
+    assert!(max_abs_diff(&span, &whole) < 1e-4);
+    let untouched = run(&mut Replace::whole(layer, site, src.clone()).within(Some(eye), true));
+    assert!(max_abs_diff(&untouched, &logits_all(&base)) < 1e-4);
+    // One position from the source: the base run changes there only, not at earlier positions.
+    let last = run(&mut Replace::from_source(layer, site, t - 1, &src).unwrap());
+    let clean = logits_all(&base);
+    assert!(max_abs_diff(&last.narrow(0, 0, t - 1).unwrap(), &clean.narrow(0, 0, t - 1).unwrap()) < 1e-5);
+    assert!(max_abs_diff(&last, &clean) > 1e-3);
+    let mut short = Replace::whole(layer, site, src.narrow(1, 0, t - 1).unwrap());
+    let Err(err) = m.model.forward(&[base.clone()], Fwd { hooks: Some(&mut short), ..Default::default() }) else { panic!("a short replacement was accepted") };
+    assert!(err.to_string().contains("does not fit"), "{err}");
 }

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::*;
 use road_dii::experiment::cells::{self, Backward, Cell};
 use road_dii::experiment::data::cache_split;
-use road_dii::intervene::{self, ApplyCtx, InterventionSpec};
+use road_dii::intervene::{ApplyCtx, InterventionSpec};
 use road_dii::model::{Fwd, KvCache, Llama, LogitsAt, Site};
 use road_dii::tasks::{Pair, Prompt};
 

@@ -3,7 +3,7 @@ use candle_core::{DType, Device, D};
 use road_dii::model::{registry, Fwd, Loaded, LogitsAt};
 use road_dii::tasks::equality::{self, Variable};
 use road_dii::tasks::Pair;
-use road_dii::tiny_model::{self, TinyArch, TrainOpts};
+use road_dii::tiny::{self, TinyArch, TrainOpts};
 use road_dii::util::rng::Rng;
 use std::collections::BTreeSet;
 use std::sync::OnceLock;
@@ -159,7 +159,7 @@ fn patching_the_final_residual_at_the_answer_position_transfers_the_output() {
     // Swapping the last block's output at `eq` replaces everything the head sees: the model then
     // answers for the source, which is the counterfactual label of `output`.
     let l = shipped();
-    let cells = tiny_model::equality_patching(&l.model, &l.tok, Variable::Output, 128, 3).unwrap();
+    let cells = tiny::equality_patching(&l.model, &l.tok, Variable::Output, 128, 3).unwrap();
     let last = l.model.cfg.num_layers as i64 - 1;
     let c = cells.iter().find(|c| c.layer == last && c.position == "eq").unwrap();
     assert!(c.iia >= 0.99, "{c:?}");
@@ -174,16 +174,16 @@ fn the_saved_iit_subspace_carries_a_eq_b_and_nothing_else_at_b_matters() {
     // transfers a==b; swapping everything but it leaves the answer alone.
     let l = shipped();
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data/models/tiny-equality");
-    let u = candle_core::safetensors::load(format!("{dir}/{}", tiny_model::IIT_SUBSPACE_FILE), &Device::Cpu).unwrap().remove("basis").unwrap();
+    let u = candle_core::safetensors::load(format!("{dir}/{}", tiny::IIT_SUBSPACE_FILE), &Device::Cpu).unwrap().remove("basis").unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(format!("{dir}/training_config.json")).unwrap()).unwrap();
     let layer = cfg["iit"]["layer"].as_u64().unwrap() as usize;
     assert_eq!(u.dims(), [cfg["iit"]["subspace_dims"].as_u64().unwrap() as usize, l.model.cfg.hidden_size]);
-    let swap = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&u), false, Variable::Left, 1000, 77).unwrap();
-    let rest = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&u), true, Variable::Left, 1000, 78).unwrap();
+    let swap = tiny::iit_accuracy(&l.model, &l.tok, layer, Some(&u), false, Variable::Left, 1000, 77).unwrap();
+    let rest = tiny::iit_accuracy(&l.model, &l.tok, layer, Some(&u), true, Variable::Left, 1000, 78).unwrap();
     assert!(swap >= 0.97 && rest >= 0.97, "subspace swap {swap}, complement swap {rest}");
     // And the subspace is not the whole story by accident: a random 2-dim subspace does nothing.
     let r = road_dii::intervene::orth::random_orthonormal(u.dim(0).unwrap(), l.model.cfg.hidden_size, 99, &Device::Cpu).unwrap();
-    let other = tiny_model::iit_accuracy(&l.model, &l.tok, layer, Some(&r), false, Variable::Left, 1000, 79).unwrap();
+    let other = tiny::iit_accuracy(&l.model, &l.tok, layer, Some(&r), false, Variable::Left, 1000, 79).unwrap();
     assert!(other <= 0.7, "a random subspace transfers a==b with accuracy {other}");
 }
 
@@ -203,13 +203,13 @@ fn tiny_opts(seed: u64) -> TrainOpts {
 
 #[test]
 fn short_training_run_reduces_the_loss_and_is_deterministic() {
-    let a = tiny_model::train(&tiny_opts(5)).unwrap();
+    let a = tiny::train(&tiny_opts(5)).unwrap();
     let first: f32 = a.history[..5].iter().map(|h| h.1).sum::<f32>() / 5.0;
     let last: f32 = a.history[a.history.len() - 5..].iter().map(|h| h.1).sum::<f32>() / 5.0;
     assert!(last < 0.5 * first, "loss {first} -> {last}");
-    let b = tiny_model::train(&tiny_opts(5)).unwrap();
-    let c = tiny_model::train(&tiny_opts(6)).unwrap();
-    let flat = |t: &tiny_model::Trained| -> Vec<f32> {
+    let b = tiny::train(&tiny_opts(5)).unwrap();
+    let c = tiny::train(&tiny_opts(6)).unwrap();
+    let flat = |t: &tiny::Trained| -> Vec<f32> {
         let mut v = Vec::new();
         for (_, w) in t.model.named_weights() {
             v.extend(w.flatten_all().unwrap().to_vec1::<f32>().unwrap());

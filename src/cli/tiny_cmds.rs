@@ -2,7 +2,7 @@
 use super::ModelArgs;
 use crate::model::load;
 use crate::tasks::equality::{Variable, POSITIONS};
-use crate::tiny_model::{self, TinyArch, TrainOpts};
+use crate::tiny::{self, TinyArch, TrainOpts};
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -77,18 +77,18 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
         progress: true,
         ..Default::default()
     };
-    let cfg = tiny_model::llama_config(&opts.arch)?;
+    let cfg = tiny::llama_config(&opts.arch)?;
     eprintln!(
         "training a tiny LLaMA on hierarchical equality: {} blocks, d={}, {} heads / {} kv heads, ffn {}, vocab {} ({} parameters); {} steps x batch {}, seed {}, {} threads",
         cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size,
         cfg.param_count(), opts.steps, opts.batch, opts.seed, opts.threads
     );
-    let tr = tiny_model::train(&opts)?;
-    tiny_model::save(&tr, &a.out)?;
+    let tr = tiny::train(&opts)?;
+    tiny::save(&tr, &a.out)?;
     // Round trip: the saved directory must load through the ordinary HF loader and score the same.
     let l = load::load_hf_dir(&a.out, candle_core::DType::F32, tr.model.device())?;
-    let check = tiny_model::accuracy(&l.model, &l.tok, 1000, 12345)?;
-    let orig = tiny_model::accuracy(&tr.model, &tr.tok, 1000, 12345)?;
+    let check = tiny::accuracy(&l.model, &l.tok, 1000, 12345)?;
+    let orig = tiny::accuracy(&tr.model, &tr.tok, 1000, 12345)?;
     if (check - orig).abs() > 1e-9 {
         bail!("reloaded model scores {check} but the trained one {orig}");
     }
@@ -135,7 +135,7 @@ pub fn tiny_patch(a: &TinyPatchArgs) -> Result<()> {
     let vars: Vec<Variable> = if a.variable == "all" { Variable::ALL.to_vec() } else { vec![Variable::parse(&a.variable)?] };
     let mut all = Vec::new();
     for v in vars {
-        let cells = tiny_model::equality_patching(&l.model, &l.tok, v, a.n, a.seed)?;
+        let cells = tiny::equality_patching(&l.model, &l.tok, v, a.n, a.seed)?;
         println!(
             "\n{}: IIA over {{true,false}} on {} test pairs ({} whose cf label differs from the base label).\n\
              Each cell: whole-vector patch | rank-1 DII along the class-mean difference; [same on changed pairs]",

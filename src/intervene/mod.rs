@@ -8,6 +8,7 @@ pub mod hook;
 pub mod loreft;
 pub mod norm_swap;
 pub mod orth;
+pub mod replace;
 pub mod road_dii;
 pub mod sigmoid_mask;
 pub mod spec;

@@ -2,6 +2,7 @@
 pub mod config;
 pub mod frozen;
 pub mod gemv;
+pub mod init;
 pub mod llama;
 pub mod load;
 pub mod random;
@@ -11,4 +12,4 @@ pub mod sites;
 pub use config::LlamaConfig;
 pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};
 pub use load::Loaded;
-pub use sites::{Collector, Hooks, LinearAdapter, Proj, Replace, Site, SiteCtx};
+pub use sites::{Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};

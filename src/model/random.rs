@@ -40,7 +40,7 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
 /// `device` (on a GPU, curand: no multi-GB upload) in f32 and cast to `dtype`.
 pub fn random_llama(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<Llama> {
     let mut tensors = HashMap::new();
-    for (name, shape) in crate::tiny_model::param_shapes(cfg) {
+    for (name, shape) in super::init::param_shapes(cfg) {
         let t = if shape.len() == 1 {
             Tensor::ones(shape, dtype, device)?
         } else {

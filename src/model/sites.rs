@@ -124,22 +124,6 @@ impl Hooks for Collector {
     }
 }
 
-/// Replaces the activation at one (layer, site) with a fixed tensor of the same shape.
-pub struct Replace {
-    pub layer: usize,
-    pub site: Site,
-    pub with: Tensor,
-}
-
-impl Hooks for Replace {
-    fn wants(&self, layer: usize, site: Site) -> bool {
-        layer == self.layer && site == self.site
-    }
-    fn on(&mut self, _: usize, _: Site, _: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
-        Ok(Some(self.with.clone()))
-    }
-}
-
 /// Runs several hook sets in order (e.g. an intervention plus a collector).
 pub struct HookChain<'a>(pub Vec<&'a mut dyn Hooks>);
 

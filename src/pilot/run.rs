@@ -68,7 +68,7 @@ fn rows(t: &Tensor) -> Result<Vec<Vec<f32>>> {
 /// A model of the same architecture with freshly initialised weights (the paper's random backbone).
 /// Built from plain tensors, not `Var`s, so nothing downstream records gradients through it.
 fn random_backbone(base: &Llama, seed: u64) -> Result<Llama> {
-    let vm = crate::tiny_model::init_varmap(&base.cfg, &mut Rng::new(seed), base.device())?;
+    let vm = crate::model::init::init_varmap(&base.cfg, &mut Rng::new(seed), base.device())?;
     let weights: std::collections::HashMap<String, Tensor> =
         vm.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?.iter().map(|(k, v)| (k.clone(), v.as_detached_tensor())).collect();
     Llama::load(candle_nn::VarBuilder::from_tensors(weights, DType::F32, base.device()), base.cfg.clone())

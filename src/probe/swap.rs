@@ -5,7 +5,8 @@
 //! computed once and every (layer, kind) re-runs one token from that layer on.
 use crate::intervene::norm_swap::NormSwap;
 use crate::intervene::{ApplyCtx, Intervention};
-use crate::model::{Collector, Fwd, KvCache, LinearAdapter, Llama, LogitsAt, Replace, Site};
+use crate::intervene::replace::Replace;
+use crate::model::{Collector, Fwd, KvCache, LinearAdapter, Llama, LogitsAt, Site};
 use crate::train::cls::{score_hidden, Scorer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -75,7 +76,7 @@ pub fn pair_scores(model: &Llama, adapter: Option<&dyn LinearAdapter>, scorer: &
         let mut kv3 = KvCache::from_layers(layers);
         let x0 = last_col(col.get(l, Site::BlockInput).expect("collected"))?.unsqueeze(1)?;
         let x0 = Tensor::cat(&[&x0, &x0, &x0], 0)?;
-        let mut hook = Replace { layer: l, site: Site::BlockOutput, with };
+        let mut hook = Replace::whole(l, Site::BlockOutput, with);
         let out = model.forward(
             &vec![last.clone(); 3],
             Fwd { cache: if t > 1 { Some(&mut kv3) } else { None }, hooks: Some(&mut hook), adapter, logits: LogitsAt::None, start: Some((l, x0)), ..Default::default() },

@@ -5,37 +5,12 @@
 //! what-if has no dataset to average over); or the source prompt's vector at the same position
 //! (`last` pairs last with last, so prompts of different lengths can be swapped there).
 use super::{Kind, Pos, WhatIf};
-use crate::model::{Collector, Fwd, Hooks, LinearAdapter, Loaded, LogitsAt, Site, SiteCtx};
 use crate::adapters::AnyAdapter;
+use crate::intervene::replace::Replace;
+use crate::model::{Collector, Fwd, Hooks, LinearAdapter, Loaded, LogitsAt, Site};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::path::Path;
-
-/// Replaces the vectors at some positions of one (layer, site) with given values.
-struct Replace {
-    layer: usize,
-    site: Site,
-    /// (position, new vector).
-    rows: Vec<(usize, Vec<f32>)>,
-}
-
-impl Hooks for Replace {
-    fn wants(&self, layer: usize, site: Site) -> bool {
-        layer == self.layer && site == self.site
-    }
-    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
-        let (b, t, w) = act.dims3()?;
-        // One short prompt: editing a host copy is simpler than a scatter and costs nothing here.
-        let mut v = act.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        for (p, new) in &self.rows {
-            if *p >= t || new.len() != w || b != 1 {
-                bail!("what-if: position {p} / width {} do not fit the activation [{b}, {t}, {w}]", new.len());
-            }
-            v[p * w..(p + 1) * w].copy_from_slice(new);
-        }
-        Ok(Some(Tensor::from_vec(v, (b, t, w), act.device())?.to_dtype(act.dtype())?))
-    }
-}
 
 /// `[t, w]` activations of `ids` at (layer, site).
 fn collect(l: &Loaded, ids: &[u32], layer: usize, site: Site) -> Result<Vec<Vec<f32>>> {
@@ -102,6 +77,9 @@ pub fn logits(l: &Loaded, ids: &[u32], w: &WhatIf) -> Result<Vec<f32>> {
         }
         Kind::Adapter => unreachable!("handled above"),
     };
-    let mut hook = Replace { layer: w.layer, site: w.site, rows };
+    let (at, vals): (Vec<usize>, Vec<Vec<f32>>) = rows.into_iter().unzip();
+    let width = vals.first().map_or(0, Vec::len);
+    let with = Tensor::from_vec(vals.concat(), (1, at.len(), width), l.model.device())?.to_dtype(l.model.dtype())?;
+    let mut hook = Replace::at(w.layer, w.site, at, with);
     fwd_last(l, ids, Some(&mut hook), None)
 }
