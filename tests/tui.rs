@@ -633,6 +633,7 @@ fn heatmap_scrolls_to_keep_the_cursor_visible() {
                 source_acc: 1.0,
                 n: 1,
                 control: "none".into(),
+                cut: false,
             });
         }
     }

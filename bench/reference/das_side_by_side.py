@@ -21,7 +21,7 @@ Usage (CPU, from the repo root so data/ resolves):
   /tmp/torchbench/venv/bin/python bench/reference/das_side_by_side.py --grid a \
       --road /tmp/h3/road --work /tmp/h3/sbs [--road-old] [--phase road|pyvene|table|all]
 Grids: a = IOI s_position rank-1 DAS at 6 sites x 3 seeds (issue 14's table); b = rank-4 DAS;
-c = Boundless DAS; d = IOI io_name rank-1; e = capitals country rank-1 (see GRIDS below).
+c = Boundless DAS; d = IOI io_name rank-1; e = capitals country rank-1; f = io_name rank 32 (see GRIDS below).
 """
 import argparse
 import csv
@@ -51,6 +51,8 @@ GRIDS = {
     "c": [dict(**IOI_S, **BOUNDLESS, rank=None, sites=[(18, "S2"), (20, "last")])],
     "d": [dict(**IOI_IO, **DAS, rank=1, sites=[(20, "last"), (12, "IO")])],
     "e": [dict(**CAPS, **DAS, rank=1, sites=[(10, "subject_last"), (16, "last")])],
+    # a name is a many-valued variable: rank 1 cannot carry it (d gives 0 on both sides)
+    "f": [dict(**IOI_IO, **DAS, rank=32, sites=[(12, "IO"), (20, "last")])],
 }
 
 

@@ -36,6 +36,9 @@ pub struct MergeRunsArgs {
     /// Name of the joined run's experiment folder (default: the runs' experiment).
     #[arg(long)]
     pub name: Option<String>,
+    /// Merge even if shards are missing or did not finish (the result is marked INCOMPLETE).
+    #[arg(long)]
+    pub allow_incomplete: bool,
 }
 
 /// `road merge-adapter --model M --adapter DIR --out DIR [--unmerge]`.
@@ -55,7 +58,7 @@ pub struct MergeAdapterArgs {
 }
 
 pub fn merge_runs_cmd(a: &MergeRunsArgs) -> Result<()> {
-    super::experiment_cmds::merge(&a.runs, a.name.as_deref())
+    super::experiment_cmds::merge(&a.runs, a.name.as_deref(), a.allow_incomplete)
 }
 
 pub fn merge_adapter_cmd(a: &MergeAdapterArgs) -> Result<()> {
@@ -69,7 +72,7 @@ pub fn merge_cmd(a: &MergeArgs) -> Result<()> {
         if a.runs.is_empty() {
             bail!("road merge needs run directories (to join metrics) or --adapter DIR --out DIR (to merge an adapter)");
         }
-        return super::experiment_cmds::merge(&a.runs, a.name.as_deref());
+        return super::experiment_cmds::merge(&a.runs, a.name.as_deref(), false);
     };
     if !a.runs.is_empty() {
         bail!("road merge: give either run directories or --adapter, not both");

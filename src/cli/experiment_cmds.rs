@@ -1,6 +1,5 @@
-//! `road run FILE` and `road merge`: experiments headless.
+//! `road run FILE` and `road merge-runs`: experiments headless, sharded, resumed.
 use crate::runs::events::ProgressPrinter;
-use crate::experiment::outputs::{self, MetricRow};
 use crate::experiment::{run, RunOptions, Spec};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,19 +24,99 @@ pub fn parse_jobs(s: &str) -> Result<usize> {
     }
 }
 
-pub fn run_file(file: &Path, sets: &[String], shard: Option<&str>, jobs: usize, json: bool, fresh: bool) -> Result<()> {
-    let text = std::fs::read_to_string(file).with_context(|| format!("cannot read experiment file {}", file.display()))?;
-    if crate::pilot::is_pilot(&text) {
-        if shard.is_some() {
-            bail!("--shard applies to intervention sweeps, not to a pilot study");
+/// How `road run` runs a sweep (its flags).
+pub struct RunHow {
+    pub shard: Option<String>,
+    pub run_id: Option<String>,
+    pub resume: Option<PathBuf>,
+    pub jobs: usize,
+    pub json: bool,
+    pub fresh: bool,
+}
+
+/// `--shard auto` (and the default inside a Slurm array task): the shard from the scheduler's
+/// environment. Slurm: SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX); Kubernetes
+/// Indexed Jobs: JOB_COMPLETION_INDEX with ROAD_SHARD_COUNT. `ROAD_SHARD_COUNT` overrides the
+/// count everywhere (a Slurm task resubmitted alone sees a count of 1: the submission's scripts
+/// pass the count explicitly).
+pub fn shard_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
+    let num = |k: &str| -> Result<Option<usize>> {
+        match get(k) {
+            None => Ok(None),
+            Some(v) => v.trim().parse::<usize>().map(Some).map_err(|_| anyhow::anyhow!("{k}={v:?} is not a number")),
         }
-        return run_pilot_file(file, sets, json, fresh);
+    };
+    let (index, count) = if let Some(i) = num("SLURM_ARRAY_TASK_ID")? {
+        let count = match (num("ROAD_SHARD_COUNT")?, num("SLURM_ARRAY_TASK_COUNT")?, num("SLURM_ARRAY_TASK_MIN")?, num("SLURM_ARRAY_TASK_MAX")?) {
+            (Some(n), ..) => n,
+            (None, Some(n), ..) => n,
+            (None, None, Some(lo), Some(hi)) if hi >= lo => hi - lo + 1,
+            _ => bail!("SLURM_ARRAY_TASK_ID is set but not the array's size (SLURM_ARRAY_TASK_COUNT / _MIN / _MAX, or ROAD_SHARD_COUNT)"),
+        };
+        let lo = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        (i.checked_sub(lo).unwrap_or(i), count)
+    } else if let Some(i) = num("JOB_COMPLETION_INDEX")? {
+        let Some(n) = num("ROAD_SHARD_COUNT")? else { bail!("JOB_COMPLETION_INDEX is set: give the number of shards in ROAD_SHARD_COUNT") };
+        (i, n)
+    } else {
+        return Ok(None);
+    };
+    if count == 0 || index >= count {
+        bail!("shard from the environment: index {index} is not below the count {count}");
     }
-    let spec = Spec::load(file, sets)?;
-    let opts = RunOptions { shard: shard.map(parse_shard).transpose()?, jobs, ..Default::default() };
+    Ok(Some((index, count)))
+}
+
+fn env(k: &str) -> Option<String> {
+    std::env::var(k).ok().filter(|v| !v.is_empty())
+}
+
+/// SIGINT / SIGTERM / SIGHUP ask the run to stop at its next step and mark its folder INCOMPLETE
+/// (resumable); a second signal ends the process at once (the folder then reads as crashed and
+/// still resumes from its stored cells).
+fn stop_on_signals(cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use std::sync::atomic::Ordering;
+    let _ = ctrlc::set_handler(move || {
+        if cancel.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: stopping after the current step and marking the run INCOMPLETE (again to quit at once)");
+    });
+}
+
+pub fn run_file(file: Option<&Path>, sets: &[String], how: RunHow) -> Result<()> {
+    let (spec, shard) = match (&how.resume, file) {
+        (Some(dir), _) => {
+            let config = std::fs::read_to_string(dir.join("config.toml")).with_context(|| format!("--resume {}: no config.toml there", dir.display()))?;
+            let spec = Spec::from_toml(&config, &format!("{}/config.toml", dir.display()))?;
+            (spec, crate::experiment::runner::shard_of(&config))
+        }
+        (None, Some(file)) => {
+            let text = std::fs::read_to_string(file).with_context(|| format!("cannot read experiment file {}", file.display()))?;
+            if crate::pilot::is_pilot(&text) {
+                if how.shard.is_some() || how.run_id.is_some() {
+                    bail!("--shard / --run-id apply to intervention sweeps, not to a pilot study");
+                }
+                return run_pilot_file(file, sets, how.json, how.fresh);
+            }
+            let shard = match how.shard.as_deref() {
+                Some("auto") => Some(shard_from_env(&env)?.context("--shard auto: no SLURM_ARRAY_TASK_ID or JOB_COMPLETION_INDEX in the environment")?),
+                Some(s) => Some(parse_shard(s)?),
+                None => shard_from_env(&env)?,
+            };
+            (Spec::load(file, sets)?, shard)
+        }
+        (None, None) => bail!("road run needs an experiment file, or --resume RUN_DIR"),
+    };
+    let run_id = how.run_id.clone().or_else(|| if shard.is_some() { env("SLURM_ARRAY_JOB_ID") } else { None });
+    let opts = RunOptions { shard, jobs: how.jobs, run_id, resume: how.resume.clone(), ..Default::default() };
+    stop_on_signals(opts.cancel.clone());
     let mut printer = ProgressPrinter::new(false);
     let summary = run(&spec, &opts, &mut printer)?;
-    if json {
+    if opts.cancel.load(std::sync::atomic::Ordering::Relaxed) && !summary.complete {
+        bail!("interrupted; finished cells are kept: `road run --resume {}` finishes the run", summary.run_dir.display());
+    }
+    if how.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!("{} finished in {:.1}s; outputs in {}", spec.name, summary.seconds, summary.run_dir.display());
@@ -69,26 +148,9 @@ fn run_pilot_file(file: &Path, sets: &[String], json: bool, fresh: bool) -> Resu
     Ok(())
 }
 
-/// Join the metrics of several run directories (shards) into a new run directory.
-pub fn merge(dirs: &[PathBuf], out_name: Option<&str>) -> Result<()> {
-    if dirs.is_empty() {
-        bail!("road merge needs at least one run directory");
-    }
-    let mut all: Vec<MetricRow> = Vec::new();
-    let mut configs = String::new();
-    for d in dirs {
-        all.extend(outputs::read_metrics(&d.join("metrics.csv"))?);
-        configs.push_str(&std::fs::read_to_string(d.join("config.toml")).with_context(|| format!("{} has no config.toml", d.display()))?);
-    }
-    let name = out_name.map(String::from).unwrap_or_else(|| all.first().map(|r| r.experiment.clone()).unwrap_or_else(|| "merged".into()));
-    all.sort_by(|a, b| (a.layer, &a.site, &a.position, &a.split).cmp(&(b.layer, &b.site, &b.position, &b.split)));
-    let dir = crate::runs::new_run_dir(&name, &crate::runs::short_hash(&configs))?;
-    let sources: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
-    std::fs::write(dir.join("config.toml"), format!("# merged from: {}\n{}", sources.join(", "), std::fs::read_to_string(dirs[0].join("config.toml"))?))?;
-    crate::runs::write_csv(&dir.join("metrics.csv"), &all, &outputs::METRIC_HEADER)?;
-    if let Ok(spec) = Spec::from_toml(&std::fs::read_to_string(dirs[0].join("config.toml"))?, "config.toml") {
-        crate::experiment::runner::write_figures(&dir, &spec, &all)?;
-    }
-    println!("merged {} rows from {} runs into {}", all.len(), dirs.len(), dir.display());
+/// `road merge-runs`: join the shards of one sweep (see `experiment::merge`).
+pub fn merge(dirs: &[PathBuf], out_name: Option<&str>, allow_incomplete: bool) -> Result<()> {
+    let dir = crate::experiment::merge::merge_runs(dirs, out_name, allow_incomplete)?;
+    println!("merged {} run folder(s) into {}", dirs.len(), dir.display());
     Ok(())
 }

@@ -93,13 +93,24 @@ pub enum Cmd {
     },
     /// Run an experiment file headless (progress bar; outputs under notebooks-out/).
     Run {
-        file: std::path::PathBuf,
+        /// The experiment file (omit with --resume DIR: the run's own config.toml is used).
+        #[arg(required_unless_present = "resume")]
+        file: Option<std::path::PathBuf>,
         /// Override a key, e.g. --set train.lr=3e-3 --set sites.layers=8..16
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
-        /// Run one shard of the cells, i/n (join shards with `road merge`).
+        /// Run one shard of the cells, i/n (join shards with `road merge-runs`), or `auto`: from
+        /// SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT (or JOB_COMPLETION_INDEX / ROAD_SHARD_COUNT).
+        /// Default: auto inside a Slurm array task.
         #[arg(long)]
         shard: Option<String>,
+        /// Write into notebooks-out/<name>/<ID>/[shards/<i>-of-<n>/] (default with a Slurm array:
+        /// SLURM_ARRAY_JOB_ID); running again with the same id resumes it.
+        #[arg(long)]
+        run_id: Option<String>,
+        /// Finish a killed or cancelled run folder, keeping its finished cells.
+        #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["file", "sets"])]
+        resume: Option<std::path::PathBuf>,
         /// Cells trained at once: a number, or `auto` (one per core). Capped by available
         /// memory; a GPU runs one at a time. Results do not depend on it.
         #[arg(long, default_value = "1")]
@@ -253,8 +264,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Run { file, sets, shard, jobs, json, fresh } => {
-            experiment_cmds::run_file(&file, &sets, shard.as_deref(), experiment_cmds::parse_jobs(&jobs)?, json, fresh)?
+        Cmd::Run { file, sets, shard, run_id, resume, jobs, json, fresh } => {
+            let how = experiment_cmds::RunHow { shard, run_id, resume, jobs: experiment_cmds::parse_jobs(&jobs)?, json, fresh };
+            experiment_cmds::run_file(file.as_deref(), &sets, how)?
         }
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,

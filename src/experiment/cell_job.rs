@@ -122,6 +122,7 @@ impl Evaluator<'_> {
                 source_acc: e.source_acc,
                 n: e.n,
                 control: control.into(),
+                cut: false,
             });
             if split == Split::Test {
                 test = e;
@@ -188,7 +189,8 @@ pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: 
                 .push((format!("L{}.{}.{}.{}", cell.layer, cell.site, cell.position, p.name), p.var.as_tensor().clone()));
         }
     }
-    let (rows, test_eval) = ev.rows(iv.as_ref(), "none")?;
+    let (mut rows, test_eval) = ev.rows(iv.as_ref(), "none")?;
+    rows.iter_mut().for_each(|r| r.cut = !out.complete);
     out.metrics = rows;
     out.examples.extend(cells::example_rows(cell, real(Split::Test), &test_eval, ctx.tok));
     let stats = iv.stats(ApplyCtx::EVAL);

@@ -1,12 +1,15 @@
 //! Experiments: spec (TOML) → runner → CSVs, figures and progress events.
 pub mod cell_job;
+pub mod cell_store;
 pub mod cells;
 pub mod controls;
+pub mod merge;
 pub mod data;
 pub mod figures;
 pub mod outputs;
 pub mod runner;
 pub mod spec;
+pub mod tables;
 
 pub use crate::runs::{RunEvent, Sink};
 pub use runner::{run, RunOptions, RunSummary};

@@ -29,6 +29,10 @@ pub struct MetricRow {
     /// `random_subspace`, `permuted_labels` (METHODS.md §7). Absent in older runs.
     #[serde(default = "no_control")]
     pub control: String,
+    /// The cell's training was cut off (cancelled or interrupted) before its last step: its
+    /// numbers are of a partly trained intervention; `road run --resume` redoes the cell.
+    #[serde(default)]
+    pub cut: bool,
 }
 
 fn no_control() -> String {
@@ -65,9 +69,9 @@ pub const TRAIN_HEADER: [&str; 14] = [
     "layer", "site", "position", "heads", "control", "step", "loss", "lr", "beta", "temperature", "subspace_dims", "dev_loss",
     "dev_iia", "train_iia",
 ];
-pub const METRIC_HEADER: [&str; 16] = [
+pub const METRIC_HEADER: [&str; 17] = [
     "experiment", "seed", "layer", "site", "position", "heads", "intervention", "split", "iia_vocab", "iia_answers",
-    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n", "control",
+    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n", "control", "cut",
 ];
 
 /// One row of `train_log.csv`.

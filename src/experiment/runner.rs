@@ -5,8 +5,9 @@ use super::cells::Cell;
 use super::controls;
 use super::data::{self, Prepared};
 use crate::runs::{RunEvent, Sink};
-use super::figures;
-use super::outputs::{self, ExampleRow, MetricRow, TrainRow};
+use super::cell_store;
+use super::outputs;
+use super::tables;
 use super::spec::Spec;
 use crate::model::{registry, Llama, Site};
 use crate::tasks::Split;
@@ -24,9 +25,15 @@ pub struct RunOptions {
     /// Cells run at once (`--jobs`; 0 or 1 = one after another; capped by memory; 1 on a GPU).
     pub jobs: usize,
     pub cancel: Arc<AtomicBool>,
+    /// A fixed run folder `notebooks-out/<name>/<run_id>/` (with a shard:
+    /// `.../<run_id>/shards/<i>-of-<n>/`) instead of a new timestamped one; every task of one
+    /// submission names the same id. An existing folder of the same spec is resumed.
+    pub run_id: Option<String>,
+    /// Finish this (killed, cancelled) run folder: its finished cells are kept.
+    pub resume: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct CellSummary {
     pub label: String,
     pub layer: usize,
@@ -104,24 +111,92 @@ fn head_cols(heads: &[usize], model: &Llama, site: Site) -> Result<Option<Tensor
     Ok(Some(Tensor::new(cols, model.device())?))
 }
 
-pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
-    let t0 = std::time::Instant::now();
+/// The resolved spec as written to `config.toml` (a shard adds its own line).
+pub fn config_text(spec: &Spec, shard: Option<(usize, usize)>) -> Result<String> {
     let mut config = spec.to_toml()?;
-    if let Some((i, n)) = opts.shard {
+    if let Some((i, n)) = shard {
         if n == 0 || i >= n {
             bail!("--shard {i}/{n}: expected i/n with i < n");
         }
         config.push_str(&format!("\n# shard {i}/{n}\n"));
     }
-    let run_dir = crate::runs::new_run_dir(&spec.name, &crate::runs::short_hash(&config))?;
-    std::fs::write(run_dir.join("config.toml"), &config)?;
+    Ok(config)
+}
+
+/// The shard a run folder's config.toml names (`# shard i/n`), if any.
+pub fn shard_of(config: &str) -> Option<(usize, usize)> {
+    let line = config.lines().find_map(|l| l.strip_prefix("# shard "))?;
+    let (i, n) = line.trim().split_once('/')?;
+    Some((i.parse().ok()?, n.parse().ok()?))
+}
+
+/// The folder this run writes to, and whether it was made now (a fresh folder that fails before
+/// its first cell is removed again).
+fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf, bool)> {
+    let existing = |dir: &std::path::Path| -> Result<bool> {
+        match std::fs::read_to_string(dir.join("config.toml")) {
+            Ok(old) if old == config => Ok(true),
+            Ok(_) => bail!(
+                "{} holds a run of a different spec (config.toml differs); use another --run-id, or resume it with its own config",
+                dir.display()
+            ),
+            Err(_) => Ok(false),
+        }
+    };
+    if let Some(dir) = &opts.resume {
+        if !existing(dir)? {
+            bail!("--resume {}: no config.toml there (not a run folder)", dir.display());
+        }
+        if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
+            bail!("--resume {}: the run is still running (RUNNING names a live process)", dir.display());
+        }
+        return Ok((dir.clone(), false));
+    }
+    let Some(id) = &opts.run_id else {
+        let dir = crate::runs::new_run_dir(&spec.name, &crate::runs::short_hash(config))?;
+        crate::runs::atomic::write(&dir.join("config.toml"), config.as_bytes())?;
+        return Ok((dir, true));
+    };
+    if id.is_empty() || id == "." || id == ".." || id.contains(['/', '\\', '\0']) {
+        bail!("--run-id {id:?} must be one folder name (no separators, not . or ..)");
+    }
+    let mut dir = crate::runs::out_root().join(&spec.name).join(id);
+    if let Some((i, n)) = opts.shard {
+        dir = dir.join("shards").join(format!("{i}-of-{n}"));
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if existing(&dir)? {
+        if crate::runs::state::status(&dir) == crate::runs::RunStatus::Running {
+            bail!("{} is being written by a live process (RUNNING)", dir.display());
+        }
+        return Ok((dir, false));
+    }
+    crate::runs::atomic::write(&dir.join("config.toml"), config.as_bytes())?;
+    Ok((dir, true))
+}
+
+/// Run a sweep into its run folder. The folder is marked RUNNING from the start; every finished
+/// cell is stored whole; a cancel (or SIGINT/SIGTERM/SIGHUP, through `opts.cancel`) stops at the
+/// next step and marks it INCOMPLETE; `opts.resume` / a repeated `opts.run_id` finishes it.
+pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSummary> {
+    let t0 = std::time::Instant::now();
+    let config = config_text(spec, opts.shard)?;
+    let (run_dir, fresh) = open_run_dir(spec, opts, &config)?;
+    crate::runs::state::mark_running(&run_dir)?;
     let result = run_in(spec, opts, sink, &run_dir, t0);
     if let Err(e) = &result {
-        // Keep the failure next to the partial outputs.
-        let _ = std::fs::write(run_dir.join("error.txt"), format!("{e:#}\n"));
         sink.send(RunEvent::Log(format!("run failed: {e:#}")));
         sink.send(RunEvent::Finished { run_dir: run_dir.clone(), complete: false });
+        if fresh && !run_dir.join("cells").exists() {
+            // Nothing finished: leave no empty folder behind (the error is the caller's to show).
+            let _ = std::fs::remove_dir_all(&run_dir);
+            let _ = std::fs::remove_dir(run_dir.parent().unwrap_or(&run_dir));
+            return result;
+        }
+        // Keep the failure next to the partial outputs.
+        let _ = std::fs::write(run_dir.join("error.txt"), format!("{e:#}\n"));
     }
+    crate::runs::state::clear_running(&run_dir);
     result
 }
 
@@ -190,15 +265,31 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         sink.send(RunEvent::Log(format!("running {jobs} cells at a time")));
     }
     let mut results: Vec<Option<CellResult>> = (0..cells.len()).map(|_| None).collect();
-    // Rewrite the tables as cells finish (in cell order), so a cancelled or crashed run keeps
-    // what it finished; results do not depend on `jobs` (each cell has its own seed).
+    // Cells a killed or cancelled run of this folder already finished are read back, not redone.
+    for (ci, (global_idx, cell)) in cells.iter().enumerate() {
+        if let Some(r) = cell_store::load(run_dir, *global_idx)? {
+            sink.send(RunEvent::Log(format!("  {}: finished earlier, kept", cell.label())));
+            results[ci] = Some(r);
+        }
+    }
+    let todo: Vec<usize> = (0..cells.len()).filter(|&ci| results[ci].is_none()).collect();
+    if todo.len() < cells.len() {
+        sink.send(RunEvent::Log(format!("resuming: {} of {} cells left", todo.len(), cells.len())));
+    }
+    // Each finished cell is stored whole (cells/<i>.json), then the tables are rewritten in cell
+    // order, so a killed run keeps what it finished; results do not depend on `jobs` (each cell
+    // has its own seed).
     let record = |ci: usize, r: CellResult, results: &mut Vec<Option<CellResult>>| -> Result<()> {
+        if r.complete {
+            cell_store::save(run_dir, cells[ci].0, &r)?;
+        }
         results[ci] = Some(r);
-        let (m, e, t) = gather(results);
-        write_tables(run_dir, &m, &e, &t)
+        let (m, e, t) = tables::gather(results);
+        tables::write_tables(run_dir, &m, &e, &t)
     };
     if jobs <= 1 {
-        for (ci, (global_idx, cell)) in cells.iter().enumerate() {
+        for &ci in &todo {
+            let (global_idx, cell) = &cells[ci];
             if opts.cancel.load(Ordering::Relaxed) {
                 break;
             }
@@ -211,12 +302,13 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
         std::thread::scope(|scope| -> Result<()> {
             for _ in 0..jobs {
                 let tx = tx.clone();
-                let (ctx, cells, next) = (&ctx, &cells, &next);
+                let (ctx, cells, next, todo) = (&ctx, &cells, &next, &todo);
                 scope.spawn(move || loop {
-                    let ci = next.fetch_add(1, Ordering::Relaxed);
-                    if ci >= cells.len() || ctx.opts.cancel.load(Ordering::Relaxed) {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= todo.len() || ctx.opts.cancel.load(Ordering::Relaxed) {
                         break;
                     }
+                    let ci = todo[k];
                     let (global_idx, cell) = &cells[ci];
                     let r = run_cell(ctx, ci, *global_idx, cell, &mut |e| {
                         let _ = tx.send(Msg::Event(e));
@@ -246,27 +338,16 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     }
     // Complete = every cell ran all its steps (a cancelled run leaves cells unrun or cut short).
     let complete = results.iter().all(|r| r.as_ref().is_some_and(|r| r.complete));
-    let (metrics, examples, train_log) = gather(&results);
-    let params: HashMap<String, Tensor> = results.iter().flatten().flat_map(|r| r.params.iter().cloned()).collect();
-    let summaries: Vec<CellSummary> = results.iter().flatten().map(|r| r.summary.clone()).collect();
-    write_tables(run_dir, &metrics, &examples, &train_log)?;
-    if !params.is_empty() {
-        candle_core::safetensors::save(&params, run_dir.join("params.safetensors"))?;
-    }
-    write_figures(run_dir, spec, &metrics)?;
-    let summary = RunSummary {
-        experiment: spec.name.clone(),
-        run_dir: run_dir.to_path_buf(),
-        seed: spec.seed,
+    let meta = tables::RunMeta {
         complete,
         seconds: t0.elapsed().as_secs_f64(),
         task_accuracy: prepared.task_accuracy,
         kept_fraction: prepared.report.iter().map(|(s, _, k, _)| (s.name().to_string(), *k)).collect(),
-        cells: summaries,
     };
-    std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
+    let summary = tables::write_outputs(run_dir, spec, &results, meta)?;
     if !complete {
-        std::fs::write(run_dir.join("INCOMPLETE"), "cancelled before every cell finished\n")?;
+        let why = if opts.cancel.load(Ordering::Relaxed) { "cancelled or interrupted" } else { "a cell did not finish" };
+        crate::runs::state::mark_incomplete(run_dir, &format!("{why} before every cell finished; `road run --resume {}` finishes it", run_dir.display()))?;
     }
     sink.send(RunEvent::Finished { run_dir: run_dir.to_path_buf(), complete });
     Ok(summary)
@@ -275,16 +356,6 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
 enum Msg {
     Event(RunEvent),
     Done(usize, Result<CellResult>),
-}
-
-/// The finished cells' rows, in cell order.
-fn gather(results: &[Option<CellResult>]) -> (Vec<MetricRow>, Vec<ExampleRow>, Vec<TrainRow>) {
-    let done = || results.iter().flatten();
-    (
-        done().flat_map(|r| r.metrics.iter().cloned()).collect(),
-        done().flat_map(|r| r.examples.iter().cloned()).collect(),
-        done().flat_map(|r| r.train_log.iter().cloned()).collect(),
-    )
 }
 
 /// How many cells to run at once: the request (`--jobs`; 0 or 1 = one after another), capped by the
@@ -307,31 +378,3 @@ fn parallel_cells(requested: usize, n_cells: usize, spec: &Spec, model: &Llama) 
     }
 }
 
-fn write_tables(dir: &std::path::Path, m: &[MetricRow], e: &[ExampleRow], t: &[TrainRow]) -> Result<()> {
-    crate::runs::write_csv(&dir.join("metrics.csv"), m, &outputs::METRIC_HEADER)?;
-    crate::runs::write_csv(&dir.join("examples.csv"), e, &["layer", "site", "position", "example", "base", "source", "base_label", "cf_label", "predicted", "correct", "logit_diff", "heads"])?;
-    crate::runs::write_csv(&dir.join("train_log.csv"), t, &outputs::TRAIN_HEADER)?;
-    let timing: Vec<outputs::TimingRow> = t.iter().map(outputs::TimingRow::from).collect();
-    crate::runs::write_csv(&dir.join("timing.csv"), &timing, &outputs::TIMING_HEADER)?;
-    Ok(())
-}
-
-/// One heatmap and one per-layer line chart per site (test split).
-pub fn write_figures(dir: &std::path::Path, spec: &Spec, metrics: &[MetricRow]) -> Result<()> {
-    // One figure pair per (site, head group): a head sweep gets a heatmap per head.
-    let mut groups: Vec<(&str, &str)> = metrics.iter().map(|r| (r.site.as_str(), r.heads.as_str())).collect();
-    groups.sort();
-    groups.dedup();
-    for (site, heads) in groups {
-        let rows: Vec<&MetricRow> = metrics.iter().filter(|r| r.site == site && r.heads == heads && r.split == "test").collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let (suffix, label) = if heads.is_empty() { (String::new(), String::new()) } else { (format!("_h{heads}"), format!(", heads {heads}")) };
-        let title = format!("{}: test IIA ({}, {site}{label})", spec.name, spec.intervention.kind_name());
-        let main: Vec<&MetricRow> = rows.iter().copied().filter(|r| r.is_main()).collect();
-        figures::heatmap(&dir.join(format!("iia_heatmap_{site}{suffix}.svg")), &title, &main, |r| r.iia_vocab)?;
-        figures::by_layer(&dir.join(format!("iia_by_layer_{site}{suffix}.svg")), &title, "IIA (vocab argmax)", &rows, |r| r.iia_vocab)?;
-    }
-    Ok(())
-}

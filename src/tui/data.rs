@@ -22,7 +22,7 @@ impl RunInfo {
 pub fn scan_runs(root: &Path) -> Vec<RunInfo> {
     crate::runs::list_runs(root)
         .into_iter()
-        .map(|(experiment, dir)| RunInfo { complete: !dir.join("INCOMPLETE").exists(), experiment, dir })
+        .map(|(experiment, dir)| RunInfo { complete: crate::runs::state::status(&dir) == crate::runs::RunStatus::Complete, experiment, dir })
         .collect()
 }
 
@@ -94,7 +94,7 @@ impl RunData {
         let pilot = if dir.join("delta_by_layer.csv").exists() { Some(PilotData::load(dir)?) } else { None };
         let experiment = dir.parent().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
         Ok(Self {
-            info: RunInfo { experiment, dir: dir.to_path_buf(), complete: !dir.join("INCOMPLETE").exists() },
+            info: RunInfo { experiment, dir: dir.to_path_buf(), complete: crate::runs::state::status(dir) == crate::runs::RunStatus::Complete },
             config,
             model,
             intervention,

@@ -79,7 +79,7 @@ impl Worker {
                         let _ = ui.send(Event::Job { id: job.id, ev: JobEvent::Skipped });
                         continue;
                     }
-                    let opts = RunOptions { shard: None, jobs: 1, cancel: job.cancel.clone() };
+                    let opts = RunOptions { jobs: 1, cancel: job.cancel.clone(), ..Default::default() };
                     let mut sink = JobSink { id: job.id, tx: ui.clone() };
                     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                         ensure_local(job.spec.model()).and_then(|_| match &job.spec {
