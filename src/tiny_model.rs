@@ -178,6 +178,7 @@ pub fn llama_config(arch: &TinyArch) -> Result<LlamaConfig> {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![],
+        arch: Default::default(),
     };
     cfg.validate()?;
     Ok(cfg)
@@ -219,20 +220,21 @@ pub fn hf_config_json(cfg: &LlamaConfig) -> serde_json::Value {
 pub fn param_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
     let d = cfg.hidden_size;
     let (hq, hkv, f) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
-    let mut v = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, d])];
+    use crate::model::weights::{self as w, Norm};
+    use crate::model::{config::Family, Proj};
+    let mut v = vec![(w::EMBED.to_string(), vec![cfg.vocab_size, d])];
     for i in 0..cfg.num_layers {
-        let p = format!("model.layers.{i}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        v.push((format!("{p}.self_attn.q_proj.weight"), vec![hq, d]));
-        v.push((format!("{p}.self_attn.k_proj.weight"), vec![hkv, d]));
-        v.push((format!("{p}.self_attn.v_proj.weight"), vec![hkv, d]));
-        v.push((format!("{p}.self_attn.o_proj.weight"), vec![d, hq]));
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
-        v.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
-        v.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+        v.push((w::norm(Family::Llama, i, Norm::PreAttn), vec![d]));
+        v.push((w::proj_weight(i, Proj::Q), vec![hq, d]));
+        v.push((w::proj_weight(i, Proj::K), vec![hkv, d]));
+        v.push((w::proj_weight(i, Proj::V), vec![hkv, d]));
+        v.push((w::proj_weight(i, Proj::O), vec![d, hq]));
+        v.push((w::norm(Family::Llama, i, Norm::PreMlp), vec![d]));
+        v.push((w::proj_weight(i, Proj::Gate), vec![f, d]));
+        v.push((w::proj_weight(i, Proj::Up), vec![f, d]));
+        v.push((w::proj_weight(i, Proj::Down), vec![d, f]));
     }
-    v.push(("model.norm.weight".to_string(), vec![d]));
+    v.push((w::FINAL_NORM.to_string(), vec![d]));
     v
 }
 
@@ -565,7 +567,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&hf_config_json(cfg))? + "\n")?;
     let tensors: HashMap<String, Tensor> = tr
         .model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?.contiguous()?)))
         .collect::<Result<_>>()?;

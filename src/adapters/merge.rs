@@ -57,7 +57,7 @@ pub fn save_hf(model: &Llama, tok: &Tok, dir: &Path) -> Result<()> {
     };
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&model.cfg.to_hf_json(dtype))?)?;
     let mut map = std::collections::HashMap::<String, Tensor>::new();
-    for (n, t) in model.named_weights() {
+    for (n, t) in model.named_weights()? {
         map.insert(n, t.contiguous()?);
     }
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;

@@ -26,6 +26,7 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
         tie_word_embeddings: tie,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        arch: Default::default(),
     };
     Ok(match name {
         "7b" => c(32000, 4096, 11008, 32, 32, 32, 128, 10000.0, false),
