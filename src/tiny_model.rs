@@ -250,11 +250,13 @@ pub fn init_varmap(cfg: &LlamaConfig, rng: &mut Rng, device: &Device) -> Result<
             let vals: Vec<f32> = if shape.len() == 1 {
                 vec![1.0; n]
             } else {
-                let std = if name.contains("embed_tokens") {
+                use crate::model::{weights, Proj};
+                let is = |p: Proj| name.ends_with(&format!("{}.weight", weights::proj_path(p)));
+                let std = if name == weights::EMBED {
                     1.0 / (cfg.hidden_size as f64).sqrt()
                 } else {
                     let s = 1.0 / (shape[1] as f64).sqrt();
-                    if name.contains("o_proj") || name.contains("down_proj") {
+                    if is(Proj::O) || is(Proj::Down) {
                         s * out_scale
                     } else {
                         s

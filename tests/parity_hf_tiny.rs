@@ -96,3 +96,24 @@ fn tiny_b_untied_llama3_rope_bf16_matches() {
     assert!(!m.model.cfg.tie_word_embeddings);
     check("hf-tiny-llama-b", 1e-2);
 }
+
+/// Decoding one token at a time with the KV cache gives the full forward's logits at every
+/// position, for every family (the sliding window must mask cached keys too once the sequence
+/// outgrows it).
+#[test]
+fn kv_cache_decode_equals_the_full_forward_for_every_family() {
+    use road_dii::model::{Fwd, KvCache, LogitsAt};
+    for name in ["hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3", "hf-tiny-gemma2"] {
+        let m = load::load_path(&reference_dir().join(name), DType::F32, &Device::Cpu).unwrap().model;
+        let ids = ids_of(&ref_json(&format!("{name}.reference.json"))["prompts"][2]["ids"]);
+        let full = m.forward(&[ids.clone()], Fwd { logits: LogitsAt::All, ..Default::default() }).unwrap().logits.unwrap().get(0).unwrap();
+        let mut kv = KvCache::new(m.cfg.num_layers);
+        let pre = 2;
+        m.forward(&[ids[..pre].to_vec()], Fwd { cache: Some(&mut kv), logits: LogitsAt::None, ..Default::default() }).unwrap();
+        for (i, &id) in ids.iter().enumerate().skip(pre) {
+            let step = m.forward(&[vec![id]], Fwd { cache: Some(&mut kv), logits: LogitsAt::Last, ..Default::default() }).unwrap();
+            let d = max_abs_diff(&step.logits.unwrap().get(0).unwrap(), &full.get(i).unwrap());
+            assert!(d < 1e-4, "{name} position {i}: decode differs from the full forward by {d}");
+        }
+    }
+}
