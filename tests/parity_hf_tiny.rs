@@ -117,3 +117,24 @@ fn kv_cache_decode_equals_the_full_forward_for_every_family() {
         }
     }
 }
+
+/// A left-padded batch gives each row its unbatched logits, for every family (positions count
+/// real tokens; the sliding window counts sequence distance, which left padding leaves alone).
+#[test]
+fn left_padded_batches_match_unbatched_rows_for_every_family() {
+    use road_dii::model::{Fwd, LogitsAt};
+    for name in ["hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3", "hf-tiny-gemma2"] {
+        let m = load::load_path(&reference_dir().join(name), DType::F32, &Device::Cpu).unwrap().model;
+        let refj = ref_json(&format!("{name}.reference.json"));
+        let rows: Vec<Vec<u32>> = (0..3).map(|i| ids_of(&refj["prompts"][i]["ids"])).collect();
+        let t = rows.iter().map(Vec::len).max().unwrap();
+        let padded: Vec<Vec<u32>> = rows.iter().map(|r| [vec![0; t - r.len()], r.clone()].concat()).collect();
+        let mask: Vec<Vec<u8>> = rows.iter().map(|r| [vec![0u8; t - r.len()], vec![1; r.len()]].concat()).collect();
+        let batch = m.forward(&padded, Fwd { attention_mask: Some(&mask), logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap();
+        for (i, r) in rows.iter().enumerate() {
+            let one = m.forward(&[r.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap();
+            let d = max_abs_diff(&batch.get(i).unwrap(), &one.get(0).unwrap());
+            assert!(d < 1e-4, "{name} row {i}: padded batch differs by {d}");
+        }
+    }
+}
