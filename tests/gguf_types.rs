@@ -1,5 +1,6 @@
 //! GGUF loading per tensor type and architecture: the tiny transformers checkpoints written as
-//! llama.cpp-layout GGUF files (Q/K rows permuted for `llama`, q/k/v biases for `qwen2`), each
+//! llama.cpp-layout GGUF files (Q/K rows permuted for `llama`, q/k/v biases for `qwen2`, q/k
+//! norms and head_dim 12 for `qwen3`), each
 //! 2-D weight stored in one ggml type, must load to the same logits as the HF checkpoint with
 //! the same round-tripped (quantised, de-quantised) weights. K-quants need rows of 256, which the
 //! tiny models lack: Q4_K / Q6_K are covered by the real Qwen file (tests/parity_qwen.rs).
@@ -40,7 +41,9 @@ fn write_gguf(dir: &str, arch: &str, ty: GgmlDType, path: &std::path::Path) -> L
     for (name, t) in hf.model.named_weights().unwrap() {
         let g = names.get(&name).unwrap_or_else(|| panic!("no GGUF name for {name}")).clone();
         // Norms and biases stay f32 (as llama.cpp writes them); matrices take the type.
-        let q = QTensor::quantize(&t, if t.rank() == 2 { ty } else { GgmlDType::F32 }).unwrap();
+        // (llama.cpp, too, falls back for rows that are not a whole number of blocks: Qwen3's o_proj of 48.)
+        let fits = t.rank() == 2 && t.dim(1).unwrap() % ty.block_size() == 0;
+        let q = QTensor::quantize(&t, if fits { ty } else { GgmlDType::F32 }).unwrap();
         let deq = q.dequantize(&Device::Cpu).unwrap();
         let stored = match (arch, g.as_str()) {
             ("llama", n) if n.ends_with("attn_q.weight") => QTensor::quantize(&permute(&t, cfg.num_heads), q.dtype()).unwrap(),
@@ -76,6 +79,7 @@ fn write_gguf(dir: &str, arch: &str, ty: GgmlDType, path: &std::path::Path) -> L
         (format!("{arch}.feed_forward_length"), u(cfg.intermediate_size)),
         (format!("{arch}.attention.head_count"), u(cfg.num_heads)),
         (format!("{arch}.attention.head_count_kv"), u(cfg.num_kv_heads)),
+        (format!("{arch}.attention.key_length"), u(cfg.head_dim)),
         (format!("{arch}.rope.freq_base"), V::F32(cfg.rope_theta)),
         (format!("{arch}.attention.layer_norm_rms_epsilon"), V::F32(cfg.rms_norm_eps as f32)),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
@@ -91,11 +95,11 @@ fn write_gguf(dir: &str, arch: &str, ty: GgmlDType, path: &std::path::Path) -> L
 }
 
 #[test]
-fn every_common_ggml_type_loads_for_llama_and_qwen2() {
+fn every_common_ggml_type_loads_for_llama_qwen2_and_qwen3() {
     let dir = fresh_dir("gguf-types", "all");
     let ids = vec![ids_of(&ref_json("hf-tiny-qwen2.reference.json")["prompts"][2]["ids"])];
     let types = [GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16, GgmlDType::Q8_0, GgmlDType::Q5_0, GgmlDType::Q5_1, GgmlDType::Q4_0, GgmlDType::Q4_1];
-    for (fixture, arch) in [("hf-tiny-llama-a", "llama"), ("hf-tiny-qwen2", "qwen2")] {
+    for (fixture, arch) in [("hf-tiny-llama-a", "llama"), ("hf-tiny-qwen2", "qwen2"), ("hf-tiny-qwen3", "qwen3")] {
         for ty in types {
             let path = dir.join(format!("{arch}-{ty:?}.gguf"));
             let want = write_gguf(fixture, arch, ty, &path);
@@ -103,6 +107,7 @@ fn every_common_ggml_type_loads_for_llama_and_qwen2() {
             assert_eq!(got.format, "gguf");
             assert_eq!(got.model.cfg.arch.family, want.cfg.arch.family);
             assert_eq!(got.model.cfg.arch.qkv_bias, arch == "qwen2");
+            assert_eq!((got.model.cfg.arch.qk_norm, got.model.cfg.head_dim), (arch == "qwen3", want.cfg.head_dim));
             let text = ref_json("hf-tiny-qwen2.reference.json")["prompts"][2]["prompt"].as_str().unwrap().to_string();
             assert_eq!(got.tok.encode(&text).unwrap(), ids[0], "{arch} {ty:?}: GGUF tokenizer ids");
             let run = |m: &Llama| m.forward(&ids, Fwd { logits: LogitsAt::All, ..Default::default() }).unwrap().logits.unwrap();
