@@ -6,7 +6,14 @@ use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+/// llama.cpp's `qwen2` pre-tokenizer regex (= Qwen2's tokenizer.json `Split` pattern).
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 pub struct Tok {
     inner: Tokenizer,
@@ -77,8 +84,27 @@ impl Tok {
             .build()
             .map_err(|e| anyhow!("building BPE from GGUF: {e}"))?;
         let mut inner = Tokenizer::new(bpe);
-        // Byte-level, GPT-2 regex, and *no* prefix space: what transformers builds for `smollm`.
-        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        let pre = md.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
+        match pre.as_str() {
+            // Qwen2's own split regex (single digits, letters with one leading non-letter, ...)
+            // then byte-level without a regex of its own: what transformers builds for `qwen2`;
+            // Llama 3's differs only in grouping up to three digits.
+            "qwen2" | "llama-bpe" => {
+                let re = if pre == "qwen2" { QWEN2_SPLIT.to_string() } else { QWEN2_SPLIT.replace(r"\p{N}|", r"\p{N}{1,3}|") };
+                let split = Split::new(SplitPattern::Regex(re), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| anyhow!("building the qwen2 pre-tokenizer: {e}"))?;
+                inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                    PreTokenizerWrapper::Split(split),
+                    PreTokenizerWrapper::ByteLevel(ByteLevel::new(false, true, false)),
+                ])));
+            }
+            // Byte-level, GPT-2 regex, and *no* prefix space: what transformers builds for
+            // `smollm` (and the GPT-2 default).
+            "smollm" | "gpt2" | "gpt-2" | "default" | "" => {
+                inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+            }
+            other => bail!("GGUF pre-tokenizer {other:?} is not supported (qwen2, llama-bpe, smollm, gpt2)"),
+        }
         inner.with_decoder(Some(ByteLevelDecoder::new(true, true, true)));
         // Control tokens (type 3) are matched whole, never split, as HF's added special tokens.
         let specials: Vec<AddedToken> = tokens
@@ -88,6 +114,17 @@ impl Tok {
             .map(|(t, _)| AddedToken::from(t.clone(), true))
             .collect();
         inner.add_special_tokens(specials).map_err(|e| anyhow!("adding special tokens: {e}"))?;
+        // User-defined tokens (type 4, e.g. Qwen's `<tool_call>`) are matched whole too, as HF's
+        // non-special added tokens.
+        let user: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, &ty)| ty == 4)
+            .map(|(t, _)| AddedToken::from(t.clone(), false))
+            .collect();
+        if !user.is_empty() {
+            inner.add_tokens(user).map_err(|e| anyhow!("adding user-defined tokens: {e}"))?;
+        }
         let add_bos = md.get("tokenizer.ggml.add_bos_token").and_then(|v| v.to_bool().ok()).unwrap_or(false);
         Ok(Self { inner, bos, eos: eos.to_vec(), add_bos })
     }

@@ -211,7 +211,7 @@ fn short_training_run_reduces_the_loss_and_is_deterministic() {
     let c = tiny::train(&tiny_opts(6)).unwrap();
     let flat = |t: &tiny::Trained| -> Vec<f32> {
         let mut v = Vec::new();
-        for (_, w) in t.model.named_weights() {
+        for (_, w) in t.model.named_weights().unwrap() {
             v.extend(w.flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
         v

@@ -54,7 +54,7 @@ pub fn proj_out_dim(cfg: &LlamaConfig, p: Proj) -> usize {
 
 /// peft's tensor name for a parameter of an adapted projection.
 pub(crate) fn peft_key(layer: usize, p: Proj, what: &str) -> String {
-    format!("base_model.model.model.layers.{layer}.{}.{what}", p.hf_path())
+    format!("{}.{what}", crate::model::weights::peft_module(layer, p))
 }
 
 /// peft's `target_modules`: the distinct projection names adapted.

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::Path;
 
-/// `W ← R W` (RoAd) or `W ← W + (α/r) B A` (LoRA) for every adapted projection.
+/// `W ← R W`, `b ← R b` (RoAd) or `W ← W + (α/r) B A` (LoRA) for every adapted projection.
 pub fn merge(model: &mut Llama, ad: &AnyAdapter) -> Result<()> {
     transform(model, ad, false)
 }
@@ -42,6 +42,14 @@ fn transform(model: &mut Llama, ad: &AnyAdapter, inverse: bool) -> Result<()> {
             }
         };
         model.set_proj_weight(l, p, new.to_dtype(dt)?)?;
+        // R acts on the projection's whole output, bias included (Qwen2's q/k/v): b ← R b.
+        if let (AnyAdapter::Road(a), Some(b)) = (ad, model.proj_bias(l, p).cloned()) {
+            let layer = &a.layers[&(l, p)];
+            let (f, s) = layer.columns()?;
+            let row = b.to_dtype(DType::F32)?.unsqueeze(0)?;
+            let r = if inverse { layer.rot.apply_inverse(&row, &f, &s)? } else { layer.rot.apply(&row, &f, &s)? };
+            model.set_proj_bias(l, p, r.squeeze(0)?.to_dtype(b.dtype())?)?;
+        }
     }
     Ok(())
 }
@@ -57,7 +65,7 @@ pub fn save_hf(model: &Llama, tok: &Tok, dir: &Path) -> Result<()> {
     };
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&model.cfg.to_hf_json(dtype))?)?;
     let mut map = std::collections::HashMap::<String, Tensor>::new();
-    for (n, t) in model.named_weights() {
+    for (n, t) in model.named_weights()? {
         map.insert(n, t.contiguous()?);
     }
     candle_core::safetensors::save(&map, dir.join("model.safetensors"))?;

@@ -20,7 +20,15 @@ pub fn info(m: &ModelArgs, json: bool) -> Result<()> {
         return Ok(());
     }
     println!("model      {} ({})", l.source.display(), l.format);
-    println!("arch       llama: {} blocks, d={}, ffn={}, vocab={}", c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size);
+    println!(
+        "arch       {}: {} blocks, d={}, ffn={}, vocab={}{}",
+        c.arch.family.model_type(),
+        c.num_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.vocab_size,
+        knobs(&c.arch)
+    );
     println!(
         "attention  {} heads x {} (GQA: {} kv heads, {} q heads per kv head)",
         c.num_heads, c.head_dim, c.num_kv_heads, c.kv_groups()
@@ -33,6 +41,34 @@ pub fn info(m: &ModelArgs, json: bool) -> Result<()> {
     println!("sites      layers 0..{} x {{{}}}", c.num_layers - 1, sites.join(", "));
     println!("tokenizer  {} tokens; bos {:?}, eos {:?}", l.tok.vocab_size(), l.tok.bos, l.tok.eos);
     Ok(())
+}
+
+/// The non-LLaMA knobs of a family, for `road info`.
+fn knobs(a: &crate::model::config::Arch) -> String {
+    let mut k = Vec::new();
+    if a.qkv_bias {
+        k.push("q/k/v bias".to_string());
+    }
+    if a.qk_norm {
+        k.push("q/k norm".into());
+    }
+    if let Some(w) = a.sliding_window {
+        let n = a.sliding_layers.iter().filter(|&&s| s).count();
+        k.push(format!("sliding window {w} on {n}/{} layers", a.sliding_layers.len()));
+    }
+    if a.sandwich_norms {
+        k.push("sandwich norms".into());
+    }
+    if a.act == crate::model::config::Act::GeluTanh {
+        k.push("GeGLU".into());
+    }
+    if let Some(c) = a.attn_softcap {
+        k.push(format!("attention soft-cap {c}"));
+    }
+    if let Some(c) = a.final_softcap {
+        k.push(format!("logit soft-cap {c}"));
+    }
+    if k.is_empty() { String::new() } else { format!(" ({})", k.join(", ")) }
 }
 
 pub fn logits(m: &ModelArgs, adapter: Option<&Path>, prompt: &str, top: usize, json: bool) -> Result<()> {

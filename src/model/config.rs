@@ -1,4 +1,6 @@
-//! LLaMA hyper-parameters, read from a HF `config.json` or from GGUF metadata.
+//! LLaMA-family hyper-parameters, read from a HF `config.json` or from GGUF metadata; the
+//! per-family knobs live in [`Arch`].
+pub use super::arch::{Act, Arch, Family};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
@@ -27,6 +29,8 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Where this family departs from LLaMA (default: plain LLaMA).
+    pub arch: Arch,
 }
 
 impl LlamaConfig {
@@ -63,11 +67,7 @@ impl LlamaConfig {
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        if model_type != "llama" && !archs.contains(&"LlamaForCausalLM") {
-            bail!(
-                "unsupported architecture: model_type {model_type:?} {archs:?} (road-dii supports the LLaMA family: model_type \"llama\")"
-            );
-        }
+        let family = Family::from_hf(model_type, &archs)?;
         let req = |k: &str| -> Result<usize> {
             v.get(k)
                 .and_then(Value::as_u64)
@@ -86,11 +86,6 @@ impl LlamaConfig {
             .and_then(Value::as_u64)
             .map(|x| x as usize)
             .unwrap_or(hidden_size / num_heads);
-        if v.get("attention_bias").and_then(Value::as_bool) == Some(true)
-            || v.get("mlp_bias").and_then(Value::as_bool) == Some(true)
-        {
-            bail!("config.json: attention_bias/mlp_bias = true is not supported");
-        }
         // transformers 5 moved rope settings into `rope_parameters`; older files use top-level keys.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
         let rope_theta = rope
@@ -132,11 +127,13 @@ impl LlamaConfig {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
             _ => vec![],
         };
+        let num_layers = req("num_hidden_layers")?;
+        let arch = Arch::from_hf(family, &v, num_layers)?;
         let cfg = Self {
             vocab_size: req("vocab_size")?,
             hidden_size,
             intermediate_size: req("intermediate_size")?,
-            num_layers: req("num_hidden_layers")?,
+            num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
@@ -150,9 +147,11 @@ impl LlamaConfig {
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)
-                .unwrap_or(false),
+                // Gemma ties by default; the others (transformers' configs) do not.
+                .unwrap_or(family == Family::Gemma2),
             bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
             eos_token_ids,
+            arch,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -192,8 +191,7 @@ impl LlamaConfig {
                 "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings})
         });
-        serde_json::json!({
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        let mut v = serde_json::json!({
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
@@ -201,8 +199,12 @@ impl LlamaConfig {
             "rope_scaling": rope_scaling, "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_ids.first(), "hidden_act": "silu",
-            "attention_bias": false, "mlp_bias": false, "torch_dtype": torch_dtype,
-        })
+            "mlp_bias": false, "torch_dtype": torch_dtype,
+        });
+        if let Some(m) = v.as_object_mut() {
+            self.arch.hf_json_fields(m);
+        }
+        v
     }
 
     /// Parameter count of the model (embeddings counted once when tied).
@@ -210,7 +212,10 @@ impl LlamaConfig {
         let d = self.hidden_size;
         let q = self.num_heads * self.head_dim;
         let kv = self.num_kv_heads * self.head_dim;
-        let per_block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + 2 * d;
+        let a = &self.arch;
+        let bias = if a.qkv_bias { q + 2 * kv } else { 0 } + if a.o_bias { d } else { 0 };
+        let norms = if a.sandwich_norms { 4 * d } else { 2 * d } + if a.qk_norm { 2 * self.head_dim } else { 0 };
+        let per_block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + bias + norms;
         let emb = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_layers * per_block + d

@@ -1,13 +1,18 @@
-//! Our own LLaMA forward pass (GQA, RoPE, RMSNorm, SwiGLU) with named intervention sites,
-//! padding-aware batching, a KV cache, and a differentiable mode for training.
-use super::config::LlamaConfig;
+//! Our own LLaMA-family forward pass (GQA, RoPE, RMSNorm, SwiGLU/GeGLU, and the per-family knobs
+//! of `model/arch.rs`) with named intervention sites, padding-aware batching, a KV cache, and a
+//! differentiable mode for training. Attention and masks: `llama/attention.rs`.
+use super::config::{Act, LlamaConfig};
 use super::sites::{Hooks, LinearAdapter, Proj, Site, SiteCtx};
+use super::weights::{self, Norm};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
+mod attention;
 mod tail;
 mod tail_cuda;
+
+use attention::{last_rows, Attn, Prepared};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,21 +87,48 @@ pub struct FwdOut {
     pub hidden: Tensor,
 }
 
+/// A projection: weight `[out, in]` and, for the families that have one, a bias `[out]`.
+struct Lin {
+    w: Tensor,
+    b: Option<Tensor>,
+}
+
+impl Lin {
+    fn weight(&self) -> &Tensor {
+        &self.w
+    }
+}
+
+/// One block's weights. Norm weights are stored as the factor the norm multiplies by (Gemma's
+/// `1 + w` already folded in), so every norm is an ordinary RMSNorm here and in the tail.
 struct Block {
+    /// Before attention.
     ln1: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    /// Qwen3's per-head norms of queries and keys (`[head_dim]`).
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    /// Gemma 2's norm of the attention output, before the residual add.
+    post_attn: Option<Tensor>,
+    /// Before the MLP.
     ln2: Tensor,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    /// Gemma 2's norm of the MLP output, before the residual add.
+    post_mlp: Option<Tensor>,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+    /// Whether this layer attends through the sliding window.
+    sliding: bool,
 }
 
 pub struct Llama {
     pub cfg: LlamaConfig,
     embed: Tensor,
+    /// √hidden rounded to the weights' dtype (Gemma; transformers rounds it the same way).
+    embed_scale: Option<f64>,
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
@@ -105,50 +137,74 @@ pub struct Llama {
     dtype: DType,
 }
 
-fn linear(vb: &VarBuilder, name: &str, out_d: usize, in_d: usize) -> Result<Linear> {
-    let w = vb
-        .get((out_d, in_d), &format!("{name}.weight"))
-        .with_context(|| format!("loading {name}.weight"))?;
-    Ok(Linear::new(w, None))
-}
-
 impl Llama {
-    /// Load from HF-named tensors (`model.layers.N.self_attn.q_proj.weight`, ...).
+    /// Load from HF-named tensors (names: `model/weights.rs`), with the family's knobs.
     pub fn load(vb: VarBuilder, cfg: LlamaConfig) -> Result<Self> {
         cfg.validate()?;
         let d = cfg.hidden_size;
-        let (hq, hkv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
-        let m = vb.pp("model");
-        let embed = m
-            .get((cfg.vocab_size, d), "embed_tokens.weight")
-            .context("loading model.embed_tokens.weight")?;
+        let (hq, hkv, hd) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim);
+        let arch = &cfg.arch;
+        let dtype = vb.dtype();
+        let get = |shape: &[usize], name: &str| -> Result<Tensor> {
+            vb.get(shape, name).with_context(|| format!("loading {name}"))
+        };
+        let norm_w = |name: &str, n: usize| -> Result<Tensor> {
+            let w = get(&[n], name)?;
+            if !arch.norm_plus_one {
+                return Ok(w);
+            }
+            // x·(1 + w): the 1 is added in f32, as transformers' Gemma RMSNorm does.
+            Ok((w.to_dtype(DType::F32)? + 1.0)?.to_dtype(dtype)?)
+        };
+        let lin = |l: usize, p: Proj, out_d: usize, in_d: usize, bias: bool| -> Result<Lin> {
+            let w = get(&[out_d, in_d], &weights::proj_weight(l, p))?;
+            let b = if bias { Some(get(&[out_d], &weights::proj_bias(l, p))?) } else { None };
+            Ok(Lin { w, b })
+        };
+        let embed = get(&[cfg.vocab_size, d], weights::EMBED)?;
+        let f = arch.family;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
-            let l = m.pp(format!("layers.{i}"));
+            let opt_norm = |on: bool, n: Norm, size: usize| -> Result<Option<Tensor>> {
+                if on { Ok(Some(norm_w(&weights::norm(f, i, n), size)?)) } else { Ok(None) }
+            };
             blocks.push(Block {
-                ln1: l.get(d, "input_layernorm.weight")?,
-                q: linear(&l, "self_attn.q_proj", hq, d)?,
-                k: linear(&l, "self_attn.k_proj", hkv, d)?,
-                v: linear(&l, "self_attn.v_proj", hkv, d)?,
-                o: linear(&l, "self_attn.o_proj", d, hq)?,
-                ln2: l.get(d, "post_attention_layernorm.weight")?,
-                gate: linear(&l, "mlp.gate_proj", cfg.intermediate_size, d)?,
-                up: linear(&l, "mlp.up_proj", cfg.intermediate_size, d)?,
-                down: linear(&l, "mlp.down_proj", d, cfg.intermediate_size)?,
+                ln1: norm_w(&weights::norm(f, i, Norm::PreAttn), d)?,
+                q: lin(i, Proj::Q, hq, d, arch.qkv_bias)?,
+                k: lin(i, Proj::K, hkv, d, arch.qkv_bias)?,
+                v: lin(i, Proj::V, hkv, d, arch.qkv_bias)?,
+                o: lin(i, Proj::O, d, hq, arch.o_bias)?,
+                q_norm: opt_norm(arch.qk_norm, Norm::Q, hd)?,
+                k_norm: opt_norm(arch.qk_norm, Norm::K, hd)?,
+                post_attn: opt_norm(arch.sandwich_norms, Norm::PostAttn, d)?,
+                ln2: norm_w(&weights::norm(f, i, Norm::PreMlp), d)?,
+                post_mlp: opt_norm(arch.sandwich_norms, Norm::PostMlp, d)?,
+                gate: lin(i, Proj::Gate, cfg.intermediate_size, d, false)?,
+                up: lin(i, Proj::Up, cfg.intermediate_size, d, false)?,
+                down: lin(i, Proj::Down, d, cfg.intermediate_size, false)?,
+                sliding: arch.is_sliding(i),
             });
         }
-        let norm = m.get(d, "norm.weight").context("loading model.norm.weight")?;
-        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+        let norm = norm_w(weights::FINAL_NORM, d)?;
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor(weights::LM_HEAD) {
             embed.clone()
         } else {
-            vb.get((cfg.vocab_size, d), "lm_head.weight")?
+            get(&[cfg.vocab_size, d], weights::LM_HEAD)?
+        };
+        let embed_scale = if arch.embed_scale {
+            // transformers: torch.tensor(hidden ** 0.5, dtype=hidden_states.dtype).
+            let s = Tensor::new(&[(d as f64).sqrt() as f32], &Device::Cpu)?.to_dtype(dtype)?;
+            Some(s.to_dtype(DType::F32)?.to_vec1::<f32>()?[0] as f64)
+        } else {
+            None
         };
         Ok(Self {
             inv_freq: cfg.rope_inv_freq(),
             device: vb.device().clone(),
-            dtype: vb.dtype(),
+            dtype,
             cfg,
             embed,
+            embed_scale,
             blocks,
             norm,
             lm_head,
@@ -169,13 +225,22 @@ impl Llama {
         &self.lm_head
     }
 
+    /// Final-logit soft-capping `c · tanh(z / c)` (Gemma 2); identity for other families. Code
+    /// that multiplies hidden states by [`Self::lm_head`] itself applies this to match the forward.
+    pub fn cap_logits(&self, logits: Tensor) -> Result<Tensor> {
+        match self.cfg.arch.final_softcap {
+            Some(c) => Ok(((logits / c)?.tanh()? * c)?),
+            None => Ok(logits),
+        }
+    }
+
     /// Rebuild this model with every weight a `Var` in a fresh `VarMap` (HF names), so a
     /// differentiable forward pass yields gradients for all of them (full fine-tuning).
     pub fn to_varmap(&self) -> Result<(candle_nn::VarMap, Llama)> {
         let vm = candle_nn::VarMap::new();
         {
             let mut data = vm.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock poisoned"))?;
-            for (name, t) in self.named_weights() {
+            for (name, t) in self.named_weights()? {
                 // A copy, so training never mutates the tensors of the model we started from.
                 data.insert(name, candle_core::Var::from_tensor(&t.copy()?)?);
             }
@@ -185,28 +250,54 @@ impl Llama {
         Ok((vm, model))
     }
 
-    /// The weight `[out, in]` of a projection, for merging adapters.
-    pub fn proj_weight(&self, layer: usize, proj: Proj) -> &Tensor {
+    fn lin_slot(&self, layer: usize, proj: Proj) -> &Lin {
         let b = &self.blocks[layer];
         match proj {
-            Proj::Q => b.q.weight(),
-            Proj::K => b.k.weight(),
-            Proj::V => b.v.weight(),
-            Proj::O => b.o.weight(),
-            Proj::Gate => b.gate.weight(),
-            Proj::Up => b.up.weight(),
-            Proj::Down => b.down.weight(),
+            Proj::Q => &b.q,
+            Proj::K => &b.k,
+            Proj::V => &b.v,
+            Proj::O => &b.o,
+            Proj::Gate => &b.gate,
+            Proj::Up => &b.up,
+            Proj::Down => &b.down,
         }
+    }
+
+    /// The weight `[out, in]` of a projection, for merging adapters.
+    pub fn proj_weight(&self, layer: usize, proj: Proj) -> &Tensor {
+        &self.lin_slot(layer, proj).w
+    }
+
+    /// The bias `[out]` of a projection, where the family has one (Qwen2's q/k/v).
+    pub fn proj_bias(&self, layer: usize, proj: Proj) -> Option<&Tensor> {
+        self.lin_slot(layer, proj).b.as_ref()
     }
 
     /// Replace a projection's weight (used by adapter merge/unmerge and full fine-tuning).
     pub fn set_proj_weight(&mut self, layer: usize, proj: Proj, w: Tensor) -> Result<()> {
-        let old = self.proj_weight(layer, proj);
-        if old.dims() != w.dims() {
-            bail!("weight shape {:?} does not match {:?}", w.dims(), old.dims());
+        let slot = self.lin_slot_mut(layer, proj);
+        if slot.w.dims() != w.dims() {
+            bail!("weight shape {:?} does not match {:?}", w.dims(), slot.w.dims());
         }
+        slot.w = w;
+        Ok(())
+    }
+
+    /// Replace a projection's bias (merging a RoAd rotation rotates the bias too).
+    pub fn set_proj_bias(&mut self, layer: usize, proj: Proj, b: Tensor) -> Result<()> {
+        let slot = self.lin_slot_mut(layer, proj);
+        match &slot.b {
+            Some(old) if old.dims() == b.dims() => {}
+            Some(old) => bail!("bias shape {:?} does not match {:?}", b.dims(), old.dims()),
+            None => bail!("layer {layer} {} has no bias", proj.hf_name()),
+        }
+        slot.b = Some(b);
+        Ok(())
+    }
+
+    fn lin_slot_mut(&mut self, layer: usize, proj: Proj) -> &mut Lin {
         let b = &mut self.blocks[layer];
-        let slot = match proj {
+        match proj {
             Proj::Q => &mut b.q,
             Proj::K => &mut b.k,
             Proj::V => &mut b.v,
@@ -214,27 +305,41 @@ impl Llama {
             Proj::Gate => &mut b.gate,
             Proj::Up => &mut b.up,
             Proj::Down => &mut b.down,
-        };
-        *slot = Linear::new(w, None);
-        Ok(())
+        }
     }
 
     /// All weights under their HF names (tied lm_head omitted), for saving merged checkpoints.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+    /// Norm weights are given in the checkpoint's convention (Gemma: `w`, not `1 + w`).
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let f = self.cfg.arch.family;
+        let norm = |w: &Tensor| -> Result<Tensor> {
+            if !self.cfg.arch.norm_plus_one {
+                return Ok(w.clone());
+            }
+            Ok((w.to_dtype(DType::F32)? - 1.0)?.to_dtype(self.dtype)?)
+        };
+        let mut out = vec![(weights::EMBED.to_string(), self.embed.clone())];
         for (i, b) in self.blocks.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.input_layernorm.weight"), b.ln1.clone()));
-            out.push((format!("{p}.post_attention_layernorm.weight"), b.ln2.clone()));
+            out.push((weights::norm(f, i, Norm::PreAttn), norm(&b.ln1)?));
+            out.push((weights::norm(f, i, Norm::PreMlp), norm(&b.ln2)?));
+            for (n, w) in [(Norm::Q, &b.q_norm), (Norm::K, &b.k_norm), (Norm::PostAttn, &b.post_attn), (Norm::PostMlp, &b.post_mlp)] {
+                if let Some(w) = w {
+                    out.push((weights::norm(f, i, n), norm(w)?));
+                }
+            }
             for proj in Proj::ALL {
-                out.push((format!("{p}.{}.weight", proj.hf_path()), self.proj_weight(i, proj).clone()));
+                let l = self.lin_slot(i, proj);
+                out.push((weights::proj_weight(i, proj), l.w.clone()));
+                if let Some(bias) = &l.b {
+                    out.push((weights::proj_bias(i, proj), bias.clone()));
+                }
             }
         }
-        out.push(("model.norm.weight".into(), self.norm.clone()));
+        out.push((weights::FINAL_NORM.into(), norm(&self.norm)?));
         if !self.cfg.tie_word_embeddings {
-            out.push(("lm_head.weight".into(), self.lm_head.clone()));
+            out.push((weights::LM_HEAD.into(), self.lm_head.clone()));
         }
-        out
+        Ok(out)
     }
 
     /// Run the model on token ids `[b][t]` (all rows the same length; pad with any id and mark
@@ -242,7 +347,8 @@ impl Llama {
     pub fn forward(&self, ids: &[Vec<u32>], fwd: Fwd<'_>) -> Result<FwdOut> {
         let Fwd { attention_mask, mut cache, mut hooks, adapter, logits, differentiable, start, end } = fwd;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let Prepared { b, t, mask_rows, rope, mask, .. } = self.prepare(ids, attention_mask, past)?;
+        let p = self.prepare(ids, attention_mask, past)?;
+        let (b, t) = (p.b, p.t);
         let stop_early = end.is_some();
         let end = end.unwrap_or(self.cfg.num_layers);
         if end > self.cfg.num_layers {
@@ -260,11 +366,7 @@ impl Llama {
                 // Fused kernels need contiguous rows (a no-op when they already are).
                 (l, x0.contiguous()?)
             }
-            None => {
-                let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-                let flat = Tensor::from_vec(flat, b * t, &self.device)?;
-                (0, self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?)
-            }
+            None => (0, self.embed_ids(ids, b, t)?),
         };
         let ctx = SiteCtx { pos_offset: past };
 
@@ -285,11 +387,17 @@ impl Llama {
                 }
                 Ok(a)
             };
-            let lin = |p: Proj, l: &Linear, xin: &Tensor| -> Result<Tensor> {
-                let h = self.linear(l.weight(), xin, differentiable)?;
+            let lin = |p: Proj, l: &Lin, xin: &Tensor| -> Result<Tensor> {
+                let h = self.lin(l, xin, differentiable)?;
                 match adapter {
                     Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
                     _ => Ok(h),
+                }
+            };
+            let post = |n: &Option<Tensor>, a: Tensor| -> Result<Tensor> {
+                match n {
+                    Some(w) => self.rms(&a, w, differentiable),
+                    None => Ok(a),
                 }
             };
             x = site(Site::BlockInput, x)?;
@@ -299,17 +407,20 @@ impl Llama {
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
             let prefix = layer_cache.as_deref().and_then(Option::as_ref);
-            let a = self.attention(&q, &k, &v, &rope, mask.as_ref(), prefix, b, t, differentiable)?;
+            let a = self.attention(blk, &q, &k, &v, &p, prefix, differentiable)?;
             if let Some(slot) = layer_cache {
                 *slot = Some((a.k, a.v));
             }
             let heads = site(Site::HeadOutput, a.heads)?;
-            let attn = site(Site::AttnOutput, lin(Proj::O, &blk.o, &heads)?)?;
+            // attn_output / mlp_output are what the sublayer adds to the residual stream (after
+            // Gemma's post-norms).
+            let attn = site(Site::AttnOutput, post(&blk.post_attn, lin(Proj::O, &blk.o, &heads)?)?)?;
             x = site(Site::ResidMid, (x + attn)?)?;
             let hn = self.rms(&x, &blk.ln2, differentiable)?;
             let g = lin(Proj::Gate, &blk.gate, &hn)?;
             let u = lin(Proj::Up, &blk.up, &hn)?;
-            let mlp = site(Site::MlpOutput, lin(Proj::Down, &blk.down, &(candle_nn::ops::silu(&g)? * u)?)?)?;
+            let m = (self.act(&g)? * u)?;
+            let mlp = site(Site::MlpOutput, post(&blk.post_mlp, lin(Proj::Down, &blk.down, &m)?)?)?;
             x = site(Site::BlockOutput, (x + mlp)?)?;
         }
         if stop_early {
@@ -318,81 +429,46 @@ impl Llama {
         let hidden = self.rms(&x, &self.norm, differentiable)?;
         let logits = match logits {
             LogitsAt::None => None,
-            LogitsAt::All => Some(hidden.broadcast_matmul(&self.lm_head.t()?)?),
+            LogitsAt::All => Some(self.cap_logits(hidden.broadcast_matmul(&self.lm_head.t()?)?)?),
             LogitsAt::Last => {
                 // Last real token per row (right padding leaves trailing zeros in the mask).
                 // One gather over the flattened `[b·t, d]` rows (not b slices + a stack: on a GPU
                 // each slice is a kernel launch, every decode step).
-                let idx = last_rows(&mask_rows, past, t, &self.device)?;
+                let idx = last_rows(&p.mask_rows, past, t, &self.device)?;
                 let last = hidden.reshape((b * t, self.cfg.hidden_size))?.index_select(&idx, 0)?;
-                Some(self.linear(&self.lm_head, &last, differentiable)?)
+                Some(self.cap_logits(self.linear(&self.lm_head, &last, differentiable)?)?)
             }
         };
         Ok(FwdOut { logits, hidden })
     }
 
-    /// Checks shared by every forward call, padding-aware position ids, RoPE tables and the
-    /// additive attention mask for `t` new tokens after `past` cached ones.
-    fn prepare(&self, ids: &[Vec<u32>], attention_mask: Option<&[Vec<u8>]>, past: usize) -> Result<Prepared> {
-        let b = ids.len();
-        if b == 0 {
-            bail!("empty batch");
+    /// Token embeddings `[b, t, d]` (× √hidden for Gemma).
+    fn embed_ids(&self, ids: &[Vec<u32>], b: usize, t: usize) -> Result<Tensor> {
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let flat = Tensor::from_vec(flat, b * t, &self.device)?;
+        let x = self.embed.index_select(&flat, 0)?.reshape((b, t, self.cfg.hidden_size))?;
+        match self.embed_scale {
+            Some(s) => Ok((x * s)?),
+            None => Ok(x),
         }
-        let t = ids[0].len();
-        if t == 0 {
-            bail!("empty prompt: nothing to run");
-        }
-        if ids.iter().any(|r| r.len() != t) {
-            bail!("all rows of a batch must have the same length (pad them and pass an attention mask)");
-        }
-        if let Some(&bad) = ids.iter().flatten().find(|&&x| x as usize >= self.cfg.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary (size {})", self.cfg.vocab_size);
-        }
-        let total = past + t;
-        if total > self.cfg.max_position_embeddings {
-            bail!(
-                "sequence of {total} tokens is longer than the model's context ({} tokens)",
-                self.cfg.max_position_embeddings
-            );
-        }
-        let mask_rows: Vec<Vec<u8>> = match attention_mask {
-            Some(m) => {
-                if m.len() != b || m.iter().any(|r| r.len() != total) {
-                    bail!("attention mask must be [batch={b}, past+new={total}]");
-                }
-                m.to_vec()
-            }
-            None => vec![vec![1u8; total]; b],
-        };
-        // Position ids count real tokens only, so left padding does not shift RoPE phases (as HF).
-        let mut pos = Vec::with_capacity(b * t);
-        for row in &mask_rows {
-            let mut c: i64 = -1;
-            let mut rp = Vec::with_capacity(total);
-            for &m in row {
-                c += m as i64;
-                rp.push(c.max(0) as u32);
-            }
-            pos.extend_from_slice(&rp[past..]);
-        }
-        let rope = self.rope_tables(&pos, b, t)?;
-        // A single new token with no padding may attend to everything: no mask needed (decode).
-        let mask = if t == 1 && mask_rows.iter().all(|r| r.iter().all(|&m| m == 1)) {
-            None
-        } else {
-            let m = self.attn_mask(&mask_rows, past, t)?;
-            if crate::runtime::cpu_fast_path(&self.device) {
-                Some(m)
-            } else {
-                // Off the CPU, candle's broadcasting add walks strides per element: on a
-                // [b, heads, t, s] score tensor that one add took over a quarter of a 7B-shape
-                // prefill. Expanded once per call (shared by every layer), the add is a plain
-                // contiguous one.
-                Some(m.broadcast_as((b, self.cfg.num_heads, t, past + t))?.contiguous()?)
-            }
-        };
+    }
 
-        Ok(Prepared { b, t, past, mask_rows, rope, mask })
+    /// The MLP's gate activation.
+    fn act(&self, g: &Tensor) -> Result<Tensor> {
+        Ok(match self.cfg.arch.act {
+            Act::Silu => candle_nn::ops::silu(g)?,
+            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
+            Act::GeluTanh => g.gelu()?,
+        })
+    }
+
+    /// A projection with its bias, if any.
+    fn lin(&self, l: &Lin, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        let y = self.linear(&l.w, x, differentiable)?;
+        match &l.b {
+            Some(b) => Ok(y.broadcast_add(b)?),
+            None => Ok(y),
+        }
     }
 
     /// `x @ wᵀ`, through the decode fast path when it applies (inference only).
@@ -425,191 +501,4 @@ impl Llama {
         })
     }
 
-    /// cos/sin tables `[b, t, head_dim/2]` for the given positions (one copy to the device per
-    /// forward call, not per layer).
-    fn rope_tables(&self, pos: &[u32], b: usize, t: usize) -> Result<Rope> {
-        let hd = self.cfg.head_dim;
-        let mut cos = Vec::with_capacity(pos.len() * hd / 2);
-        let mut sin = Vec::with_capacity(pos.len() * hd / 2);
-        for &p in pos {
-            // f32 products like transformers (inv_freq @ position_ids in float32).
-            let ang = self.inv_freq.iter().map(|f| f * p as f32);
-            for a in ang {
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let shape = (b, t, hd / 2);
-        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
-        Ok(Rope { cos, sin })
-    }
-
-    /// Additive mask `[b, 1, t, past+t]`: causal, and padding keys excluded.
-    fn attn_mask(&self, rows: &[Vec<u8>], past: usize, t: usize) -> Result<Tensor> {
-        let total = past + t;
-        let b = rows.len();
-        let mut m = vec![0f32; b * t * total];
-        let neg = crate::runtime::mask_neg(self.dtype);
-        for (bi, row) in rows.iter().enumerate() {
-            for qi in 0..t {
-                let qpos = past + qi;
-                for (kj, &keep) in row.iter().enumerate() {
-                    if kj > qpos || keep == 0 {
-                        // Large finite value, so a fully padded query row stays finite.
-                        m[(bi * t + qi) * total + kj] = neg;
-                    }
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
-    }
-
-    /// Attention of `t` new rows (projections `[b, t, heads·hd]`) over `prefix` (cached keys and
-    /// values, `[b, n_kv, past, hd]`, already rotated) and themselves.
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        rope: &Rope,
-        mask: Option<&Tensor>,
-        prefix: Option<&(Tensor, Tensor)>,
-        b: usize,
-        t: usize,
-        differentiable: bool,
-    ) -> Result<Attn> {
-        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
-        let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?;
-        let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let q = rope.apply(&q, differentiable)?;
-        let k = rope.apply(&k, differentiable)?;
-        let (k, v) = match prefix {
-            Some((pk, pv)) => (cat_keys(pk, &k)?, cat_keys(pv, &v)?),
-            None => (k, v),
-        };
-        let s = k.dim(2)?;
-        // GQA without copying K/V: fold the query heads of one KV group into the row axis.
-        let rep = nh / nkv;
-        let qg = q.reshape((b, nkv, rep * t, hd))?;
-        let scale = self.attn_scale();
-        let scores = if crate::runtime::cpu_fast_path(q.device()) {
-            (qg.matmul(&k.t()?)? * scale)?
-        } else {
-            // Scaling q ([.., t, hd]) instead of the scores ([.., t, s]) saves a pass over the
-            // largest tensor of long prefills.
-            (&qg * scale)?.matmul(&k.t()?)?
-        };
-        let scores = scores.reshape((b, nh, t, s))?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = if differentiable {
-            candle_nn::ops::softmax(&scores, D::Minus1)?
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores)?
-        };
-        let probs = probs.reshape((b, nkv, rep * t, s))?;
-        let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-        Ok(Attn { qg, k, v, probs, heads })
-    }
-
-    /// `1/√head_dim`, the attention scores' scale.
-    fn attn_scale(&self) -> f64 {
-        1.0 / (self.cfg.head_dim as f64).sqrt()
-    }
-}
-
-/// One attention call's output and what the frozen tail's backward needs from it.
-struct Attn {
-    /// Rotated queries grouped by KV head (unscaled), `[b, n_kv, rep·t, hd]`.
-    qg: Tensor,
-    /// Keys/values over prefix + new rows, `[b, n_kv, past + t, hd]` (the layer's new cache).
-    k: Tensor,
-    v: Tensor,
-    /// Attention probabilities, `[b, n_kv, rep·t, past + t]`.
-    probs: Tensor,
-    /// `[b, t, heads·hd]`.
-    heads: Tensor,
-}
-
-/// What [`Llama::prepare`] derives from a call's ids, mask and cache.
-struct Prepared {
-    b: usize,
-    t: usize,
-    past: usize,
-    mask_rows: Vec<Vec<u8>>,
-    rope: Rope,
-    /// Additive `[b, 1, t, past+t]` (CPU) or expanded `[b, heads, t, past+t]`; None for decode.
-    mask: Option<Tensor>,
-}
-
-/// Flat row index (into `[b·t, ..]`) of each row's last real token (right padding leaves
-/// trailing zeros in the mask).
-fn last_rows(mask_rows: &[Vec<u8>], past: usize, t: usize, device: &Device) -> Result<Tensor> {
-    let idx: Vec<u32> = mask_rows
-        .iter()
-        .enumerate()
-        .map(|(bi, r)| {
-            let last = r[past..].iter().rposition(|&m| m == 1).unwrap_or(t - 1);
-            (bi * t + last) as u32
-        })
-        .collect();
-    Ok(Tensor::from_vec(idx, mask_rows.len(), device)?)
-}
-
-/// Cached keys (or values) `[b, kv_heads, past, hd]` followed by new ones, contiguous. candle's cat
-/// falls back to a transposed, non-contiguous result when a view's strides look non-collapsible
-/// (e.g. a size-1 batch dim with an arbitrary stride), and the CUDA matmul then refuses it;
-/// `contiguous()` is a no-op in the usual case.
-fn cat_keys(past: &Tensor, new: &Tensor) -> Result<Tensor> {
-    Ok(Tensor::cat(&[past, new], 2)?.contiguous()?)
-}
-
-/// Per-call RoPE tables, `[b, t, head_dim/2]` (rotate-half layout).
-struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// RoPE on `[b, heads, t, head_dim]`. Inference uses candle's fused kernel (CPU and CUDA:
-    /// one launch instead of ~6 per call); training composes differentiable primitives, since
-    /// the fused op has no backward.
-    fn apply(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if !differentiable {
-            return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?);
-        }
-        let hd = x.dim(D::Minus1)?;
-        let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
-        let sin = Tensor::cat(&[&self.sin, &self.sin], D::Minus1)?.unsqueeze(1)?;
-        let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
-        let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
-        let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-        Ok((x.broadcast_mul(&cos)? + rot.broadcast_mul(&sin)?)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cached_keys_of_a_one_row_batch_concatenate_contiguously() {
-        // A one-row batch of a narrowed cache: the size-1 batch dim gets a stride candle's cat
-        // does not see as collapsible.
-        let full = Tensor::arange(0f32, (3 * 13 * 4) as f32, &Device::Cpu).unwrap().reshape((3, 13, 4)).unwrap();
-        let past = full.narrow(1, 0, 11).unwrap().unsqueeze(0).unwrap();
-        let new = Tensor::ones((1, 3, 2, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(!Tensor::cat(&[&past, &new], 2).unwrap().is_contiguous(), "the case guarded against");
-        let k = cat_keys(&past, &new).unwrap();
-        assert!(k.is_contiguous());
-        assert_eq!(k.dims(), [1, 3, 13, 4]);
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        assert_eq!(flat(&k.narrow(2, 0, 11).unwrap()), flat(&past));
-        assert_eq!(flat(&k.narrow(2, 11, 2).unwrap()), flat(&new));
-    }
 }

@@ -1,7 +1,9 @@
 //! Loaders: GGUF files (llama.cpp layout, de-quantised) and Hugging Face checkpoint directories.
 //! Both produce HF-named tensors so one `Llama::load` serves every source.
-use super::config::LlamaConfig;
+use super::config::{Arch, LlamaConfig};
 use super::llama::Llama;
+use super::sites::Proj;
+use super::weights;
 use crate::tokenizer::Tok;
 use anyhow::{bail, Context, Result};
 use candle_core::quantized::gguf_file;
@@ -81,24 +83,23 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     bail!("{}: no model.safetensors or model.safetensors.index.json", dir.display())
 }
 
-/// Read GGUF metadata into a config (architecture `llama` only).
+/// Read GGUF metadata into a config (architectures: `model::arch::Arch::from_gguf`).
 pub fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig> {
     let md = &content.metadata;
-    let arch = md
+    let arch_name = md
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .cloned()
         .unwrap_or_default();
-    if arch != "llama" {
-        bail!("unsupported GGUF architecture {arch:?} (road-dii supports \"llama\")");
-    }
+    let arch = Arch::from_gguf(&arch_name)?;
+    // llama.cpp prefixes hyper-parameters with the architecture name (`qwen2.block_count`).
     let u = |k: &str| -> Result<usize> {
-        let key = format!("llama.{k}");
+        let key = format!("{arch_name}.{k}");
         let v = md.get(&key).with_context(|| format!("GGUF metadata lacks {key}"))?;
         Ok(v.to_u64().or_else(|_| v.to_u32().map(|x| x as u64)).or_else(|_| v.to_i32().map(|x| x as u64))? as usize)
     };
     let f = |k: &str, default: f32| -> f32 {
-        md.get(&format!("llama.{k}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
+        md.get(&format!("{arch_name}.{k}")).and_then(|v| v.to_f32().ok()).unwrap_or(default)
     };
     let hidden = u("embedding_length")?;
     let heads = u("attention.head_count")?;
@@ -127,6 +128,7 @@ pub fn gguf_config(content: &gguf_file::Content) -> Result<LlamaConfig> {
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id"),
         eos_token_ids: tok_id("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        arch,
     };
     cfg.validate()?;
     Ok(cfg)
@@ -140,49 +142,25 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(w.reshape((n_head, hd / 2, 2, inp))?.transpose(1, 2)?.contiguous()?.reshape((out, inp))?)
 }
 
-fn hf_name(gguf: &str) -> Option<String> {
-    let direct = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(n) = direct {
-        return Some(n.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, name) = rest.split_once('.')?;
-    let hf = match name {
-        "attn_q.weight" => "self_attn.q_proj.weight",
-        "attn_k.weight" => "self_attn.k_proj.weight",
-        "attn_v.weight" => "self_attn.v_proj.weight",
-        "attn_output.weight" => "self_attn.o_proj.weight",
-        "ffn_gate.weight" => "mlp.gate_proj.weight",
-        "ffn_up.weight" => "mlp.up_proj.weight",
-        "ffn_down.weight" => "mlp.down_proj.weight",
-        "attn_norm.weight" => "input_layernorm.weight",
-        "ffn_norm.weight" => "post_attention_layernorm.weight",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}"))
-}
-
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let content = gguf_file::Content::read(&mut file)
         .map_err(|e| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display()))?;
     let cfg = gguf_config(&content).with_context(|| format!("reading {}", path.display()))?;
     let mut tensors = HashMap::new();
+    let family = cfg.arch.family;
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = weights::hf_from_gguf(family, name) else { continue };
         let q = content
             .tensor(&mut file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: reading tensor {name}: {e} (truncated or corrupt file?)", path.display()))?;
         let mut t = q.dequantize(&Device::Cpu)?;
-        if name.ends_with("attn_q.weight") {
-            t = unpermute(&t, cfg.num_heads)?;
-        } else if name.ends_with("attn_k.weight") {
-            t = unpermute(&t, cfg.num_kv_heads)?;
+        if weights::gguf_qk_permuted(family) {
+            match weights::gguf_qk_kind(name) {
+                Some(Proj::Q) => t = unpermute(&t, cfg.num_heads)?,
+                Some(_) => t = unpermute(&t, cfg.num_kv_heads)?,
+                None => {}
+            }
         }
         tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
     }

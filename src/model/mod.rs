@@ -1,4 +1,6 @@
-//! The LLaMA model: config, loaders, and the forward pass with intervention sites.
+//! The LLaMA-family model: config and per-family knobs, tensor names, loaders, and the forward
+//! pass with intervention sites.
+pub mod arch;
 pub mod config;
 pub mod frozen;
 pub mod gemv;
@@ -8,6 +10,7 @@ pub mod load;
 pub mod random;
 pub mod registry;
 pub mod sites;
+pub mod weights;
 
 pub use config::LlamaConfig;
 pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};

@@ -26,6 +26,7 @@ pub fn preset(name: &str) -> Result<LlamaConfig> {
         tie_word_embeddings: tie,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        arch: Default::default(),
     };
     Ok(match name {
         "7b" => c(32000, 4096, 11008, 32, 32, 32, 128, 10000.0, false),
@@ -50,7 +51,7 @@ pub fn random_llama(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<
     }
     if !cfg.tie_word_embeddings {
         let t = Tensor::randn(0f32, 0.02, (cfg.vocab_size, cfg.hidden_size), device)?.to_dtype(dtype)?;
-        tensors.insert("lm_head.weight".to_string(), t);
+        tensors.insert(super::weights::LM_HEAD.to_string(), t);
     }
     Llama::load(VarBuilder::from_tensors(tensors, dtype, device), cfg.clone())
 }

@@ -160,29 +160,13 @@ pub enum Proj {
 
 impl Proj {
     pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
-    /// The module name used by HF/peft (`q_proj`, ..., `down_proj`).
+    /// The module name used by HF/peft (`q_proj`, ..., `down_proj`); names live in `weights`.
     pub fn hf_name(self) -> &'static str {
-        match self {
-            Proj::Q => "q_proj",
-            Proj::K => "k_proj",
-            Proj::V => "v_proj",
-            Proj::O => "o_proj",
-            Proj::Gate => "gate_proj",
-            Proj::Up => "up_proj",
-            Proj::Down => "down_proj",
-        }
+        super::weights::proj_leaf(self)
     }
     /// The HF module path inside a layer (`self_attn.q_proj`, `mlp.down_proj`, ...).
     pub fn hf_path(self) -> &'static str {
-        match self {
-            Proj::Q => "self_attn.q_proj",
-            Proj::K => "self_attn.k_proj",
-            Proj::V => "self_attn.v_proj",
-            Proj::O => "self_attn.o_proj",
-            Proj::Gate => "mlp.gate_proj",
-            Proj::Up => "mlp.up_proj",
-            Proj::Down => "mlp.down_proj",
-        }
+        super::weights::proj_path(self)
     }
     pub fn parse(s: &str) -> Result<Proj> {
         let s = s.trim();

@@ -58,7 +58,7 @@ impl Tuned {
 /// [`obtain`] for every method.
 pub fn weights_fingerprint(base: &Llama) -> Result<String> {
     let mut s = String::new();
-    for (name, t) in base.named_weights() {
+    for (name, t) in base.named_weights()? {
         let t = t.to_dtype(candle_core::DType::F32)?.flatten_all()?;
         let sum = t.sum_all()?.to_scalar::<f32>()?;
         let sq = t.sqr()?.sum_all()?.to_scalar::<f32>()?;

@@ -119,7 +119,23 @@ pub fn partition<T: Clone>(items: &[T], fracs: [f64; 3], rng: &mut crate::util::
 /// The single token a word starts with (e.g. " Paris" -> id), failing if it is not one token
 /// when `exact` is set.
 pub fn single_token(tok: &Tok, word: &str, exact: bool) -> Option<u32> {
-    let ids = tok.encode(word).ok()?;
+    // A leading-space word is tokenised after a letter, as it appears mid-sentence: that is the
+    // token a prompt holds whatever the tokenizer's convention (GPT-2 `Ġ`, SentencePiece `▁`,
+    // a BOS it prepends). For byte-level BPE it is the same as encoding the word alone.
+    let ids = match word.strip_prefix(' ') {
+        Some(_) => {
+            let pre = tok.encode("a").ok()?;
+            let all = tok.encode(&format!("a{word}")).ok()?;
+            all.strip_prefix(pre.as_slice())?.to_vec()
+        }
+        None => {
+            let ids = tok.encode(word).ok()?;
+            match (tok.add_bos, tok.bos) {
+                (true, Some(b)) if ids.first() == Some(&b) => ids[1..].to_vec(),
+                _ => ids,
+            }
+        }
+    };
     match ids.len() {
         1 => Some(ids[0]),
         n if n > 1 && !exact => Some(ids[0]),

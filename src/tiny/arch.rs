@@ -68,6 +68,7 @@ pub fn llama_config(arch: &TinyArch) -> Result<LlamaConfig> {
         tie_word_embeddings: true,
         bos_token_id: None,
         eos_token_ids: vec![],
+        arch: Default::default(),
     };
     cfg.validate()?;
     Ok(cfg)

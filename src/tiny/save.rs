@@ -22,7 +22,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
     std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)? + "\n")?;
     let tensors: HashMap<String, Tensor> = tr
         .model
-        .named_weights()
+        .named_weights()?
         .into_iter()
         .map(|(k, t)| Ok((k, t.detach().to_dtype(DType::F32)?.contiguous()?)))
         .collect::<Result<_>>()?;

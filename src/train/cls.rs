@@ -119,7 +119,8 @@ pub fn score_hidden(model: &Llama, last: &Tensor, scorer: &Scorer) -> Result<Ten
         Scorer::LabelWords(ids) => {
             let idx = Tensor::from_vec(ids.clone(), ids.len(), model.device())?;
             let rows = model.lm_head().index_select(&idx, 0)?.to_dtype(DType::F32)?; // [K, d]
-            last.matmul(&rows.t()?)?
+            // The label words' logits as the forward computes them (Gemma's soft-cap included).
+            model.cap_logits(last.matmul(&rows.t()?)?)?
         }
         Scorer::Head(h) => last.matmul(&h.w.as_tensor().t()?)?.broadcast_add(h.b.as_tensor())?,
     })

@@ -260,7 +260,7 @@ fn setup(base: &Llama, cfg: &TrainConfig, rng: &mut Rng) -> Result<Setup> {
         MethodCfg::Lora { r, alpha, dropout, targets, layers } => {
             let a = LoraAdapter::new(&base.cfg, *r, *alpha, *dropout, layers_of(layers), targets, &mut rng.fork(1), dev)?;
             let p = a.layers.iter().flat_map(|((l, pj), x)| {
-                let k = format!("base_model.model.model.layers.{l}.{}", pj.hf_path());
+                let k = crate::model::weights::peft_module(*l, *pj);
                 [(format!("{k}.lora_A.weight"), x.a.clone()), (format!("{k}.lora_B.weight"), x.b.clone())]
             });
             let p = p.collect();

@@ -59,7 +59,7 @@ pub fn lm_loss(
     let flat = out.hidden.reshape((ids.len() * t, d))?;
     let n = pos.len();
     let sel = flat.index_select(&Tensor::from_vec(pos, n, model.device())?, 0)?;
-    let logits = sel.matmul(&model.lm_head().t()?)?.to_dtype(DType::F32)?;
+    let logits = model.cap_logits(sel.matmul(&model.lm_head().t()?)?)?.to_dtype(DType::F32)?;
     let y = Tensor::from_vec(tgt.clone(), n, model.device())?;
     let loss = candle_nn::loss::cross_entropy(&logits, &y)?;
     let pred = logits.argmax(D::Minus1)?.to_vec1::<u32>()?;

@@ -35,6 +35,15 @@ pub fn tiny_a() -> &'static Loaded {
     M.get_or_init(|| load::load_path(&reference_dir().join("hf-tiny-llama-a"), DType::F32, &Device::Cpu).unwrap())
 }
 
+/// One of the transformers-made tiny checkpoints of another family (`hf-tiny-qwen2`, ...),
+/// loaded once per test binary.
+pub fn tiny_family(name: &str) -> &'static Loaded {
+    static M: OnceLock<std::sync::Mutex<HashMap<String, &'static Loaded>>> = OnceLock::new();
+    let mut map = M.get_or_init(Default::default).lock().unwrap();
+    map.entry(name.to_string())
+        .or_insert_with(|| Box::leak(Box::new(load::load_path(&reference_dir().join(name), DType::F32, &Device::Cpu).unwrap())))
+}
+
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
         .unwrap()

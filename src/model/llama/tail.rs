@@ -5,9 +5,11 @@
 //! weight gradient (thrown away), and every accumulated gradient costs a zero-fill and an add;
 //! on a GPU, where a step of this size is bound by kernel launches, that doubles the work.
 //! Here the tail runs forward with the fused inference kernels, keeps what its backward needs,
-//! and walks back once. The result equals autograd's (tests/tail_grad.rs).
+//! and walks back once. The result equals autograd's (tests/tail_grad.rs), for every family's
+//! knobs: biases (no effect on dL/dx), Qwen3's q/k norms, sliding windows (only the mask),
+//! Gemma 2's sandwich norms, GeGLU and both soft-caps.
 use super::tail_cuda;
-use super::{last_rows, Attn, Block, Fwd, Llama, Prepared};
+use super::{last_rows, Act, Attn, Block, Fwd, Llama, Prepared};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -15,9 +17,13 @@ use candle_core::{DType, Tensor, D};
 struct Saved {
     x: Tensor,
     attn: Attn,
+    /// o_proj's output, when a post-attention norm follows it (Gemma 2).
+    o: Option<Tensor>,
     h: Tensor,
     gate: Tensor,
     up: Tensor,
+    /// down_proj's output, when a post-MLP norm follows it (Gemma 2).
+    down: Option<Tensor>,
 }
 
 /// `dL/dx` of `y = x @ wᵀ` given `dL/dy`.
@@ -71,13 +77,25 @@ impl Llama {
         let idx = last_rows(&p.mask_rows, p.past, p.t, &self.device)?;
         let hidden = self.rms(&x, &self.norm, false)?;
         let last = hidden.reshape((p.b * p.t, d))?.index_select(&idx, 0)?;
-        let logits = self.linear(&self.lm_head, &last, false)?.to_dtype(DType::F32)?;
+        let raw = self.linear(&self.lm_head, &last, false)?.to_dtype(DType::F32)?;
+        // Gemma 2's final soft-cap c·tanh(z/c): dz = dlogits · (1 − tanh²).
+        let (logits, cap_tanh) = match self.cfg.arch.final_softcap {
+            Some(c) => {
+                let th = (raw / c)?.tanh()?;
+                ((&th * c)?, Some(th))
+            }
+            None => (raw, None),
+        };
         let tgt = Tensor::from_vec(targets.to_vec(), (p.b, 1), &self.device)?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let loss = (logp.gather(&tgt, 1)?.sum_all()? / -(p.b as f64))?;
         // dL/dlogits = (softmax − onehot) / b.
         let minus_one = Tensor::full(-1f32, (p.b, 1), &self.device)?;
         let dlogits = (logp.exp()?.scatter_add(&tgt, &minus_one, 1)? / p.b as f64)?;
+        let dlogits = match &cap_tanh {
+            Some(th) => (dlogits * th.sqr()?.affine(-1.0, 1.0)?)?,
+            None => dlogits,
+        };
         let dlast = dlogits.to_dtype(self.dtype)?.matmul(&self.lm_head)?;
         let dhidden = Tensor::zeros((p.b * p.t, d), self.dtype, &self.device)?.index_add(&idx, &dlast, 0)?.reshape((p.b, p.t, d))?;
         let mut dx = self.rms_bwd(&x, &self.norm, &dhidden)?;
@@ -90,14 +108,53 @@ impl Llama {
     /// One block forward (fused inference kernels), keeping what [`Self::block_bwd`] needs.
     fn block_saved(&self, blk: &Block, x: &Tensor, p: &Prepared, prefix: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Saved)> {
         let hn = self.rms(x, &blk.ln1, false)?;
-        let (q, k, v) = (self.linear(blk.q.weight(), &hn, false)?, self.linear(blk.k.weight(), &hn, false)?, self.linear(blk.v.weight(), &hn, false)?);
-        let attn = self.attention(&q, &k, &v, &p.rope, p.mask.as_ref(), prefix, p.b, p.t, false)?;
-        let h = (x + self.linear(blk.o.weight(), &attn.heads, false)?)?;
+        let (q, k, v) = (self.lin(&blk.q, &hn, false)?, self.lin(&blk.k, &hn, false)?, self.lin(&blk.v, &hn, false)?);
+        let attn = self.attention(blk, &q, &k, &v, p, prefix, false)?;
+        let o = self.lin(&blk.o, &attn.heads, false)?;
+        let (attn_out, o) = match &blk.post_attn {
+            Some(w) => (self.rms(&o, w, false)?, Some(o)),
+            None => (o, None),
+        };
+        let h = (x + attn_out)?;
         let hn = self.rms(&h, &blk.ln2, false)?;
-        let gate = self.linear(blk.gate.weight(), &hn, false)?;
-        let up = self.linear(blk.up.weight(), &hn, false)?;
-        let y = (&h + self.linear(blk.down.weight(), &(candle_nn::ops::silu(&gate)? * &up)?, false)?)?;
-        Ok((y, Saved { x: x.clone(), attn, h, gate, up }))
+        let gate = self.lin(&blk.gate, &hn, false)?;
+        let up = self.lin(&blk.up, &hn, false)?;
+        let dn = self.lin(&blk.down, &(self.act(&gate)? * &up)?, false)?;
+        let (mlp_out, down) = match &blk.post_mlp {
+            Some(w) => (self.rms(&dn, w, false)?, Some(dn)),
+            None => (dn, None),
+        };
+        let y = (&h + mlp_out)?;
+        Ok((y, Saved { x: x.clone(), attn, o, h, gate, up, down }))
+    }
+
+    /// `(dL/dgate, dL/dup)` of `act(gate) · up` given `dL/dm`.
+    fn glu_bwd(&self, dm: &Tensor, gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor)> {
+        match self.cfg.arch.act {
+            Act::Silu => {
+                if let Some(g) = tail_cuda::swiglu_bwd(dm, gate, up)? {
+                    return Ok(g);
+                }
+                let sg = candle_nn::ops::sigmoid(gate)?;
+                let silu = (gate * &sg)?;
+                // silu'(g) = σ(g) · (1 + g · (1 − σ(g))) = σ(g) + silu(g) · (1 − σ(g)).
+                let dsilu = (&sg + (&silu * sg.affine(-1.0, 1.0)?)?)?;
+                Ok((((dm * up)? * dsilu)?, (dm * &silu)?))
+            }
+            Act::GeluTanh => {
+                // gelu(g) = ½ g (1 + tanh u), u = √(2/π) (g + 0.044715 g³);
+                // gelu'(g) = ½ (1 + tanh u) + ½ g (1 − tanh² u) · √(2/π) (1 + 3·0.044715 g²).
+                let k = (2.0 / std::f64::consts::PI).sqrt();
+                let g2 = gate.sqr()?;
+                let u = ((gate * &g2)?.affine(0.044715 * k, 0.0)? + gate.affine(k, 0.0)?)?;
+                let th = u.tanh()?;
+                let du = g2.affine(3.0 * 0.044715 * k, k)?;
+                let left = th.affine(0.5, 0.5)?;
+                let dgelu = (&left + ((gate * th.sqr()?.affine(-1.0, 1.0)?)? * du)?.affine(0.5, 0.0)?)?;
+                let gelu = (gate * &left)?;
+                Ok((((dm * up)? * dgelu)?, (dm * gelu)?))
+            }
+        }
     }
 
     /// `dL/dx` of one block given `dL/dy`.
@@ -105,22 +162,21 @@ impl Llama {
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let rep = nh / nkv;
-        // MLP: y = h + down(silu(gate) · up).
-        let dm = linear_bwd(dy, blk.down.weight())?;
-        let (dgate, dup) = match tail_cuda::swiglu_bwd(&dm, &s.gate, &s.up)? {
-            Some(g) => g,
-            None => {
-                let sg = candle_nn::ops::sigmoid(&s.gate)?;
-                let silu = (&s.gate * &sg)?;
-                // silu'(g) = σ(g) · (1 + g · (1 − σ(g))) = σ(g) + silu(g) · (1 − σ(g)).
-                let dsilu = (&sg + (&silu * sg.affine(-1.0, 1.0)?)?)?;
-                (((&dm * &s.up)? * dsilu)?, (&dm * &silu)?)
-            }
+        // MLP: y = h + post(down(act(gate) · up)).
+        let ddown = match (&blk.post_mlp, &s.down) {
+            (Some(w), Some(dn)) => self.rms_bwd(dn, w, dy)?,
+            _ => dy.clone(),
         };
+        let dm = linear_bwd(&ddown, blk.down.weight())?;
+        let (dgate, dup) = self.glu_bwd(&dm, &s.gate, &s.up)?;
         let dhn = (linear_bwd(&dgate, blk.gate.weight())? + linear_bwd(&dup, blk.up.weight())?)?;
         let dh = (dy + self.rms_bwd(&s.h, &blk.ln2, &dhn)?)?;
-        // Attention: h = x + o(attn(rope(q(xn)), rope(k(xn)), v(xn))).
-        let dheads = linear_bwd(&dh, blk.o.weight())?;
+        // Attention: h = x + post(o(attn(rope(norm(q(xn))), rope(norm(k(xn))), v(xn)))).
+        let dproj = match (&blk.post_attn, &s.o) {
+            (Some(w), Some(o)) => self.rms_bwd(o, w, &dh)?,
+            _ => dh.clone(),
+        };
+        let dheads = linear_bwd(&dproj, blk.o.weight())?;
         let dout = dheads.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let a = &s.attn;
         let dprobs = dout.matmul(&a.v.t()?)?;
@@ -128,6 +184,11 @@ impl Llama {
         let dscores = match tail_cuda::softmax_bwd(&a.probs, &dprobs)? {
             Some(d) => d,
             None => (&a.probs * dprobs.broadcast_sub(&(&dprobs * &a.probs)?.sum_keepdim(D::Minus1)?)?)?,
+        };
+        // Soft-capped scores c·tanh(s/c): ds = dcapped · (1 − tanh²).
+        let dscores = match &a.capped_tanh {
+            Some(th) => (dscores * th.sqr()?.affine(-1.0, 1.0)?.reshape(a.probs.dims())?)?,
+            None => dscores,
         };
         // scores = scale · qg kᵀ.
         let dscores = (dscores * self.attn_scale())?;
@@ -138,9 +199,16 @@ impl Llama {
         let (dk, dv) = (dk.narrow(2, past, t)?, dv.narrow(2, past, t)?);
         // RoPE is a rotation: its transpose is the rotation by −θ.
         let unrope = |g: &Tensor| candle_nn::rotary_emb::rope(&g.contiguous()?, &p.rope.cos, neg_sin);
+        let mut dq = unrope(&dqg.reshape((b, nh, t, hd))?)?;
+        let mut dk = unrope(&dk)?;
+        // Qwen3's per-head norms sit between the projections and RoPE.
+        if let (Some(qn), Some(kn), Some(qp), Some(kp)) = (&blk.q_norm, &blk.k_norm, &a.q_pre, &a.k_pre) {
+            dq = self.rms_bwd(qp, qn, &dq)?;
+            dk = self.rms_bwd(kp, kn, &dk)?;
+        }
         let flat = |g: Tensor, heads: usize| g.transpose(1, 2).and_then(|g| g.reshape((b, t, heads * hd)));
-        let dq = flat(unrope(&dqg.reshape((b, nh, t, hd))?)?, nh)?;
-        let dk = flat(unrope(&dk)?, nkv)?;
+        let dq = flat(dq, nh)?;
+        let dk = flat(dk, nkv)?;
         let dv = flat(dv, nkv)?;
         let dxn = ((linear_bwd(&dq, blk.q.weight())? + linear_bwd(&dk, blk.k.weight())?)? + linear_bwd(&dv, blk.v.weight())?)?;
         Ok((dh + self.rms_bwd(&s.x, &blk.ln1, &dxn)?)?)
