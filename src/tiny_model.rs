@@ -137,6 +137,9 @@ pub struct Trained {
     pub iit_basis: Option<Tensor>,
     pub final_eval_examples: usize,
     pub secs: f64,
+    /// Why training stopped before `opts.steps` (a non-finite loss at a step); the weights are
+    /// then those of the last step whose loss was finite.
+    pub stopped: Option<String>,
 }
 
 /// The word-level vocabulary: specials, `=`, the answers, then the symbols.
@@ -486,6 +489,10 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let mut history = Vec::with_capacity(opts.steps);
     let mut evals = Vec::new();
     let mut last_eval = f64::NAN;
+    let all_vars = varmap.all_vars();
+    // Weights that last gave a finite loss (the model is tiny: a copy per step is cheap).
+    let mut last_good: Option<Vec<Tensor>> = None;
+    let mut stopped = None;
     for step in 0..opts.steps {
         let lr = lr_at(opts, step);
         opt_mats.set_learning_rate(lr);
@@ -511,13 +518,21 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
             iit_acc = batch_acc(&il, &cf)?;
             loss = (loss + (il_loss * opts.iit_weight)?)?;
         }
+        // Checked before the update: a NaN gradient must not reach the weights.
+        let l = loss.to_scalar::<f32>()?;
+        if !l.is_finite() {
+            stopped = Some(format!("loss became {l} at step {} (--lr {:e} too high?); kept the weights of step {step}", step + 1, opts.lr));
+            if let Some(good) = &last_good {
+                for (v, t) in all_vars.iter().zip(good) {
+                    v.set(t)?;
+                }
+            }
+            break;
+        }
+        last_good = Some(all_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?);
         let grads = loss.backward()?;
         opt_mats.step(&grads)?;
         opt_gains.step(&grads)?;
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            bail!("training diverged at step {step} (loss {l})");
-        }
         let acc = batch_acc(&logits, &y)?;
         history.push((step + 1, l, acc));
         if opts.eval_every > 0 && (step + 1) % opts.eval_every == 0 {
@@ -554,6 +569,7 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         iit_basis,
         final_eval_examples,
         secs: start.elapsed().as_secs_f64(),
+        stopped,
     })
 }
 
@@ -595,6 +611,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
             }))},
         "heldout_accuracy_curve": tr.evals,
         "train_seconds": tr.secs,
+        "stopped": tr.stopped,
         "threads": o.threads,
         "regenerate": format!(
             "road train-tiny --out {} --steps {} --seed {} --iit-weight {} --iit-layer {} --iit-dims {}{}",
