@@ -447,6 +447,12 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let final_seed = rng.fork(4).next_u64();
     // Its own stream, so turning IIT off reproduces the plain model bit for bit.
     let mut iit_rng = rng.fork(5);
+    {
+        use crate::runs::checks::{at_least_one, at_most, positive, MAX_BATCH, MAX_STEPS};
+        at_least_one(&[("--batch", opts.batch)])?;
+        at_most(&[("--steps", opts.steps, MAX_STEPS), ("--batch", opts.batch, MAX_BATCH)])?;
+        positive("--lr", opts.lr)?;
+    }
     if opts.iit_weight > 0.0 && opts.iit_layer >= opts.arch.layers {
         bail!("--iit-layer {} is out of range: the model has {} blocks", opts.iit_layer, opts.arch.layers);
     }

@@ -72,6 +72,8 @@ fn non_finite_training_numbers_name_their_key() {
         ("[train]\nsteps = 10\nwarmup = 9223372036854775807", "train.warmup"),
         ("[intervention]\nkind = \"boundless\"\ntemperature = [0.0, 0.0]", "intervention.temperature"),
         ("[intervention]\nkind = \"sigmoid_mask\"\npenalty = nan", "intervention.penalty"),
+        ("[train]\nsteps = 9223372036854775807", "train.steps = 9223372036854775807 is more than"),
+        ("[train]\nbatch = 100000000000", "train.batch = 100000000000 is more than"),
     ] {
         let e = sweep_err(extra);
         assert!(e.contains(key), "{extra}: {e}");
@@ -91,6 +93,8 @@ fn non_finite_training_numbers_name_their_key() {
         ("weight_decay = -1.0", "train.weight_decay"),
         ("steps = 0", "train.steps"),
         ("batch_size = 0", "train.batch_size"),
+        ("steps = 100000000000", "train.steps = 100000000000 is more than"),
+        ("grad_accum = 9223372036854775807", "train.grad_accum"),
     ] {
         let e = ft(train).unwrap_err();
         assert!(e.contains(key) && !e.contains('\n'), "{train}: {e}");
@@ -263,6 +267,9 @@ fn finetune_nan_keeps_the_best_parameters_and_resume_may_change_settings() {
 
 #[test]
 fn tiny_trainer_stops_on_nan_and_keeps_finite_weights() {
+    let huge = road_dii::tiny_model::TrainOpts { steps: usize::MAX, ..Default::default() };
+    let e = road_dii::tiny_model::train(&huge).err().expect("2^64 - 1 steps is an error").to_string();
+    assert!(e.starts_with("--steps = 18446744073709551615 is more than"), "{e}");
     let opts = road_dii::tiny_model::TrainOpts { steps: 6, batch: 8, lr: 1e38, warmup: 0, eval_every: 0, iit_weight: 0.0, ..Default::default() };
     let tr = road_dii::tiny_model::train(&opts).unwrap();
     let why = tr.stopped.as_deref().expect("a loss of 1e38-lr training is not finite");

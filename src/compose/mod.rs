@@ -133,7 +133,7 @@ pub fn load_spec(path: &Path, overrides: &[String]) -> Result<ComposeSpec> {
 impl ComposeSpec {
     /// Names and numbers, before the model loads (one-line errors naming the key).
     pub fn validate(&self) -> Result<()> {
-        use crate::runs::checks::{at_least_one, fraction, non_negative, positive};
+        use crate::runs::checks::{at_least_one, at_most, fraction, non_negative, positive, MAX_BATCH, MAX_STEPS};
         crate::runs::check_name("name", &self.name)?;
         crate::util::check_model_path("model", &self.model)?;
         let t = &self.train;
@@ -146,6 +146,7 @@ impl ComposeSpec {
             ("task_b.train_examples", self.task_b.train_examples),
             ("task_b.test_examples", self.task_b.test_examples),
         ])?;
+        at_most(&[("train.steps", t.steps, MAX_STEPS), ("train.batch_size", t.batch_size, MAX_BATCH)])?;
         positive("train.lr", t.lr)?;
         non_negative("train.weight_decay", t.weight_decay)?;
         fraction("train.warmup_ratio", t.warmup_ratio)?;

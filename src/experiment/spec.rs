@@ -225,6 +225,10 @@ impl Spec {
         if self.train.batch == 0 {
             bail!("train.batch must be at least 1");
         }
+        {
+            use crate::runs::checks::{at_most, MAX_BATCH, MAX_STEPS};
+            at_most(&[("train.steps", self.train.steps, MAX_STEPS), ("train.batch", self.train.batch, MAX_BATCH)])?;
+        }
         Ok(())
     }
 

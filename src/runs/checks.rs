@@ -60,6 +60,21 @@ pub fn fraction(key: &str, v: f64) -> Result<f64> {
     Ok(v)
 }
 
+/// Optimiser steps a spec may ask for: logs are reserved per step, and a day of training is far
+/// below this, so more is a typo (or `2^64 - 1`), not a plan.
+pub const MAX_STEPS: usize = 10_000_000;
+/// Rows in one batch (also bounds `batch × grad_accum` index arithmetic).
+pub const MAX_BATCH: usize = 65_536;
+
+/// Counts with an upper bound, given as (key, value, most): an error before anything is
+/// allocated for them.
+pub fn at_most(counts: &[(&str, usize, usize)]) -> Result<()> {
+    if let Some((k, v, most)) = counts.iter().find(|(_, v, most)| v > most) {
+        bail!("{k} = {v} is more than the {most} allowed");
+    }
+    Ok(())
+}
+
 /// Counts that must be at least 1 (steps, batch sizes), given as (key, value).
 pub fn at_least_one(counts: &[(&str, usize)]) -> Result<()> {
     if let Some((k, _)) = counts.iter().find(|(_, v)| *v == 0) {
@@ -82,6 +97,7 @@ mod tests {
         assert!(non_negative("penalty", -1.0).is_err() && non_negative("penalty", 0.0).is_ok());
         assert!(fraction("d", 1.0).is_err() && fraction("d", 0.0).is_ok());
         assert_eq!(at_least_one(&[("a", 1), ("b", 0)]).unwrap_err().to_string(), "b must be at least 1");
+        assert_eq!(at_most(&[("s", 3, 3), ("t", 4, 3)]).unwrap_err().to_string(), "t = 4 is more than the 3 allowed");
     }
 
     #[test]
