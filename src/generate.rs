@@ -8,6 +8,27 @@ pub struct Generated {
     pub decode_secs: f64,
 }
 
+/// Most tokens greedy decoding can produce after a `prompt_len`-token prompt within a context of
+/// `ctx` positions: the prompt fills `prompt_len`, every generated token but the last is fed back.
+pub fn room_after(ctx: usize, prompt_len: usize) -> usize {
+    (ctx + 1).saturating_sub(prompt_len.max(1))
+}
+
+/// `max_tokens` checked against the model's context before anything is allocated for it
+/// (`--max-tokens 18446744073709551615` must be this error, not a capacity overflow).
+/// `what` names the flag or request in the error.
+pub fn check_max_tokens(model: &Llama, prompt_len: usize, max_tokens: usize, what: &str) -> Result<()> {
+    let ctx = model.cfg.max_position_embeddings;
+    if prompt_len > ctx {
+        anyhow::bail!("{what}: the prompt has {prompt_len} tokens, more than the model's context of {ctx}");
+    }
+    let room = room_after(ctx, prompt_len);
+    if max_tokens > room {
+        anyhow::bail!("{what} = {max_tokens} is more than the model's context ({ctx} tokens) leaves after the {prompt_len}-token prompt: at most {room}");
+    }
+    Ok(())
+}
+
 /// Greedy continuation of `prompt` for up to `max_tokens`, stopping at an EOS id.
 pub fn greedy(model: &Llama, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> Result<Generated> {
     greedy_with(model, None, prompt, max_tokens, eos)
@@ -30,7 +51,8 @@ pub fn greedy_with(
     let mut next = argmax_rows(&out.logits.expect("requested logits"))?[0];
     let prefill_secs = t0.elapsed().as_secs_f64();
     let t1 = std::time::Instant::now();
-    let mut tokens = Vec::with_capacity(max_tokens);
+    // Generation stops at the context anyway; never reserve more than it can hold.
+    let mut tokens = Vec::with_capacity(max_tokens.min(room_after(model.cfg.max_position_embeddings, prompt.len())));
     while tokens.len() < max_tokens {
         tokens.push(next);
         if eos.contains(&next) || tokens.len() == max_tokens {

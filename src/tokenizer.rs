@@ -141,6 +141,33 @@ impl Tok {
         Ok(ids)
     }
 
+    /// The id text outside the vocabulary maps to, when the model has one (word-level, WordPiece,
+    /// BPE with an unk token; byte-level BPE has none: every byte is a token).
+    pub fn unk_id(&self) -> Option<u32> {
+        use tokenizers::models::ModelWrapper as M;
+        let name = match self.inner.get_model() {
+            M::WordLevel(w) => Some(w.unk_token.clone()),
+            M::WordPiece(w) => Some(w.unk_token.clone()),
+            M::BPE(b) => b.unk_token.clone(),
+            M::Unigram(_) => None,
+        }?;
+        self.inner.token_to_id(&name)
+    }
+
+    /// [`Tok::encode`] for answer words (label words, task labels): a word outside the vocabulary
+    /// is an error naming it, instead of silently becoming the unknown token (every unknown word
+    /// would then be the same answer). `what` names the key or file line in the error.
+    pub fn encode_known(&self, text: &str, what: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        if let Some(unk) = self.unk_id() {
+            let literal = self.inner.id_to_token(unk).is_some_and(|u| text.trim() == u);
+            if !literal && ids.contains(&unk) {
+                bail!("{what} {text:?} is not in the model's vocabulary (it tokenises to the unknown token {:?})", self.token_str(unk));
+            }
+        }
+        Ok(ids)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, false).map_err(|e| anyhow!("decoding: {e}"))
     }

@@ -58,7 +58,15 @@ pub struct MergeAdapterArgs {
 }
 
 pub fn merge_runs_cmd(a: &MergeRunsArgs) -> Result<()> {
-    super::experiment_cmds::merge(&a.runs, a.name.as_deref(), a.allow_incomplete)
+    merge_runs(&a.runs, a.name.as_deref(), a.allow_incomplete)
+}
+
+/// `--name` is a folder under notebooks-out/: checked before any shard is read.
+fn merge_runs(runs: &[PathBuf], name: Option<&str>, allow_incomplete: bool) -> Result<()> {
+    if let Some(n) = name {
+        crate::runs::check_name("--name", n)?;
+    }
+    super::experiment_cmds::merge(runs, name, allow_incomplete)
 }
 
 pub fn merge_adapter_cmd(a: &MergeAdapterArgs) -> Result<()> {
@@ -72,7 +80,7 @@ pub fn merge_cmd(a: &MergeArgs) -> Result<()> {
         if a.runs.is_empty() {
             bail!("road merge needs run directories (to join metrics) or --adapter DIR --out DIR (to merge an adapter)");
         }
-        return super::experiment_cmds::merge(&a.runs, a.name.as_deref(), false);
+        return merge_runs(&a.runs, a.name.as_deref(), false);
     };
     if !a.runs.is_empty() {
         bail!("road merge: give either run directories or --adapter, not both");
@@ -143,6 +151,9 @@ pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
     let rows = reqs.iter().map(|r| r.adapter.as_deref().map(|n| mixed.index(n)).transpose()).collect::<Result<Vec<_>>>()?;
     mixed.set_rows(&rows, l.model.dtype())?;
     let prompts = reqs.iter().map(|r| l.tok.encode(&r.prompt)).collect::<Result<Vec<_>>>()?;
+    for (i, (r, p)) in reqs.iter().zip(&prompts).enumerate() {
+        crate::generate::check_max_tokens(&l.model, p.len(), r.max_tokens, &format!("{}: request {} max_tokens", a.requests.display(), i + 1))?;
+    }
     let maxes: Vec<usize> = reqs.iter().map(|r| r.max_tokens).collect();
     let g = greedy_batch(&l.model, Some(&mixed as &dyn LinearAdapter), &prompts, &maxes, &l.tok.eos)?;
     for (r, toks) in reqs.iter().zip(&g.tokens) {

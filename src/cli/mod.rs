@@ -46,6 +46,7 @@ impl ModelArgs {
         crate::runtime::dtype_for("f32")
     }
     pub fn load(&self) -> Result<load::Loaded> {
+        crate::util::check_model_path("--model", &self.model)?;
         registry::load_default(&self.model)
     }
 }
@@ -252,6 +253,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let l = m.load()?;
             let ad = adapter.as_deref().map(|d| crate::adapters::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
             let ids = l.tok.encode(&prompt)?;
+            crate::generate::check_max_tokens(&l.model, ids.len(), max_tokens, "--max-tokens")?;
             let g = greedy_with(&l.model, ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter), &ids, max_tokens, &l.tok.eos)?;
             println!("{}{}", prompt, l.tok.decode(&g.tokens)?);
             let n = g.tokens.len().saturating_sub(1);

@@ -96,6 +96,11 @@ pub fn train_tiny(a: &TrainTinyArgs) -> Result<()> {
         "done in {:.1}s: final train loss {:.5} (mean of last 50 steps), held-out accuracy {:.4} on {} fresh examples",
         tr.secs, tr.final_loss, tr.final_acc, tr.final_eval_examples
     );
+    if let Some(why) = &tr.stopped {
+        // Saved (the last finite weights, with training_config.json saying where it stopped),
+        // but not a success.
+        bail!("{why}: training stopped; the model in {} is that step's", a.out.display());
+    }
     if let Some(((l, r), comp)) = tr.final_iit_acc {
         println!(
             "interchange accuracy (block_output of block {}, {} swapped): a==b at b {:.4}, c==d at d {:.4}",

@@ -116,14 +116,43 @@ fn load_task(t: &ComposeTask, tok: &crate::tokenizer::Tok, rng: &mut Rng) -> Res
 /// Parse a composability spec from TOML text (no overrides).
 pub fn parse_spec(text: &str) -> Result<ComposeSpec> {
     let doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-    ComposeSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))
+    let spec = ComposeSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+    spec.validate()?;
+    Ok(spec)
 }
 
 pub fn load_spec(path: &Path, overrides: &[String]) -> Result<ComposeSpec> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read spec {}", path.display()))?;
     let mut doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
     apply_overrides(&mut doc, overrides)?;
-    ComposeSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))
+    let spec = ComposeSpec::deserialize(toml::Value::Table(doc)).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    spec.validate().with_context(|| format!("in {}", path.display()))?;
+    Ok(spec)
+}
+
+impl ComposeSpec {
+    /// Names and numbers, before the model loads (one-line errors naming the key).
+    pub fn validate(&self) -> Result<()> {
+        use crate::runs::checks::{at_least_one, at_most, fraction, non_negative, positive, MAX_BATCH, MAX_STEPS};
+        crate::runs::check_name("name", &self.name)?;
+        crate::util::check_model_path("model", &self.model)?;
+        let t = &self.train;
+        at_least_one(&[
+            ("train.steps", t.steps),
+            ("train.batch_size", t.batch_size),
+            ("train.max_len", t.max_len),
+            ("task_a.train_examples", self.task_a.train_examples),
+            ("task_a.test_examples", self.task_a.test_examples),
+            ("task_b.train_examples", self.task_b.train_examples),
+            ("task_b.test_examples", self.task_b.test_examples),
+        ])?;
+        at_most(&[("train.steps", t.steps, MAX_STEPS), ("train.batch_size", t.batch_size, MAX_BATCH)])?;
+        positive("train.lr", t.lr)?;
+        non_negative("train.weight_decay", t.weight_decay)?;
+        fraction("train.warmup_ratio", t.warmup_ratio)?;
+        non_negative("train.clip_norm", t.clip_norm)?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -108,7 +108,7 @@ pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String
     let mut data = build_dataset(spec, tok)?;
     let mut clean = HashMap::new();
     let mut report = Vec::new();
-    let (mut right, mut total) = (0usize, 0usize);
+    let (mut right, mut total, mut test_before_filtering) = (0usize, 0usize, 0usize);
     for split in [Split::Train, Split::Dev, Split::Test] {
         let pairs = data.split(split).clone();
         let mut facts = Vec::with_capacity(pairs.len());
@@ -134,6 +134,9 @@ pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String
         let kept = if n > 0 { keep.len() as f64 / n as f64 } else { f64::NAN };
         log(format!("{:<5} split: {n} pairs, model accuracy {acc:.3} on base+source prompts, kept {} ({:.0}%)", split.name(), keep.len(), kept * 100.0));
         report.push((split, acc, kept, keep.len()));
+        if split == Split::Test {
+            test_before_filtering = n;
+        }
         let (kept_pairs, kept_clean): (Vec<Pair>, Vec<Clean>) = keep.into_iter().unzip();
         for (i, c) in kept_clean.into_iter().enumerate() {
             clean.insert((split, i), c);
@@ -149,9 +152,21 @@ pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String
         );
     }
     if data.test.is_empty() {
-        bail!("no test pair left after filtering out the ones the model gets wrong");
+        bail!("{}", no_test_pairs(spec, test_before_filtering));
     }
     Ok(Prepared { data, clean, report, task_accuracy })
+}
+
+/// Why no test pair is left: the task made none (a pairs file without test rows, `sizes[2] = 0`),
+/// or the model got every one wrong.
+fn no_test_pairs(spec: &Spec, before_filtering: usize) -> String {
+    if before_filtering > 0 {
+        return format!("no test pair left after filtering out the {before_filtering} the model gets wrong");
+    }
+    match spec.task.name.as_str() {
+        "jsonl" => format!("{}: no test pairs (rows with \"split\": \"test\", or rows without a split, 20% of which go to test)", spec.task.path),
+        _ => format!("the task has no test pairs (task.sizes[2] = {})", spec.task.sizes[2]),
+    }
 }
 
 /// Indices grouped by prompt length, so every forward here runs without padding.

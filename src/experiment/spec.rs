@@ -188,8 +188,17 @@ impl Spec {
     }
 
     pub fn validate(&self) -> Result<()> {
-        if self.name.trim().is_empty() || self.name.contains(['/', '\\']) {
-            bail!("experiment name {:?} must be non-empty and contain no path separators", self.name);
+        crate::runs::check_name("name", &self.name)?;
+        crate::util::check_model_path("model.name", &self.model.name)?;
+        if let Layers::Text(t) = &self.sites.layers {
+            // Before any model is loaded: a range is checked against a depth no model reaches,
+            // so "0..100000000000" is an error here, never a huge allocation.
+            parse_layers(t, MAX_LAYERS)?;
+        }
+        crate::tasks::check_sizes(self.task.sizes)?;
+        let a = self.task.min_accuracy;
+        if !(0.0..=1.0).contains(&a) {
+            bail!("task.min_accuracy = {a} must be a number in [0, 1]");
         }
         for s in self.site_list()? {
             if (!self.sites.heads.is_empty() || self.sites.sweep_heads) && !s.is_headed() {
@@ -204,14 +213,9 @@ impl Spec {
         if !["riemannian", "euclidean"].contains(&self.train.orthonormal.as_str()) {
             bail!("train.orthonormal {:?} must be riemannian or euclidean", self.train.orthonormal);
         }
-        for (k, v) in [("train.lr", self.train.lr), ("train.boundary_lr", self.train.boundary_lr)] {
-            if !v.is_finite() || v <= 0.0 {
-                bail!("{k} = {v} must be a finite number > 0");
-            }
-        }
-        if !self.train.weight_decay.is_finite() || self.train.weight_decay < 0.0 {
-            bail!("train.weight_decay = {} must be finite and >= 0", self.train.weight_decay);
-        }
+        crate::runs::checks::positive("train.lr", self.train.lr)?;
+        crate::runs::checks::positive("train.boundary_lr", self.train.boundary_lr)?;
+        crate::runs::checks::non_negative("train.weight_decay", self.train.weight_decay)?;
         if self.train.warmup > self.train.steps {
             bail!("train.warmup = {} is more than train.steps = {}", self.train.warmup, self.train.steps);
         }
@@ -220,6 +224,10 @@ impl Spec {
         }
         if self.train.batch == 0 {
             bail!("train.batch must be at least 1");
+        }
+        {
+            use crate::runs::checks::{at_most, MAX_BATCH, MAX_STEPS};
+            at_most(&[("train.steps", self.train.steps, MAX_STEPS), ("train.batch", self.train.batch, MAX_BATCH)])?;
         }
         Ok(())
     }
@@ -241,7 +249,7 @@ impl Spec {
             bail!("sites.layers selects no layer");
         }
         if let Some(&bad) = v.iter().find(|&&l| l >= n_layers) {
-            bail!("sites.layers: layer {bad} is out of range (the model has layers 0..{})", n_layers - 1);
+            bail!("sites.layers: layer {bad} is out of range (the model has layers 0..{})", n_layers.saturating_sub(1));
         }
         Ok(v)
     }
@@ -252,17 +260,56 @@ impl Spec {
     }
 }
 
+/// No LLaMA-family model has this many blocks; ranges beyond it are errors before a model loads.
+pub const MAX_LAYERS: usize = 4096;
+
+/// `"all"`, `"a..b"`, `"a..=b"` or `"3,5,7"`, bounds-checked against `n` layers before anything
+/// is expanded (a range's size is known from its ends).
 fn parse_layers(s: &str, n: usize) -> Result<Vec<usize>> {
     let s = s.trim();
     if s == "all" {
         return Ok((0..n).collect());
     }
     let num = |x: &str| -> Result<usize> { x.trim().parse().with_context(|| format!("sites.layers: {x:?} is not a layer number")) };
+    let in_range = |l: usize| -> Result<usize> {
+        if l >= n {
+            bail!("sites.layers: layer {l} is out of range (the model has {n} layers, 0..{})", n.saturating_sub(1));
+        }
+        Ok(l)
+    };
+    let range = |a: usize, last: usize| -> Result<Vec<usize>> {
+        if a > last {
+            bail!("sites.layers {s:?} is an empty range");
+        }
+        in_range(last)?;
+        Ok((a..=last).collect())
+    };
     if let Some((a, b)) = s.split_once("..=") {
-        return Ok((num(a)?..=num(b)?).collect());
+        return range(num(a)?, num(b)?);
     }
     if let Some((a, b)) = s.split_once("..") {
-        return Ok((num(a)?..num(b)?).collect());
+        let (a, b) = (num(a)?, num(b)?);
+        if b == 0 {
+            bail!("sites.layers {s:?} is an empty range");
+        }
+        return range(a, b - 1);
     }
-    s.split(',').map(num).collect()
+    s.split(',').map(|x| num(x).and_then(in_range)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_layers;
+
+    #[test]
+    fn layer_ranges_are_bounded_before_expansion() {
+        assert_eq!(parse_layers("2..5", 30).unwrap(), vec![2, 3, 4]);
+        assert_eq!(parse_layers("2..=5", 30).unwrap(), vec![2, 3, 4, 5]);
+        assert_eq!(parse_layers("28..30", 30).unwrap(), vec![28, 29]);
+        assert_eq!(parse_layers("3, 5", 30).unwrap(), vec![3, 5]);
+        for bad in ["0..100000000000", "0..=18446744073709551615", "5..2", "0..0", "2..=31", "40", "0..31"] {
+            let e = parse_layers(bad, 30).unwrap_err().to_string();
+            assert!(e.starts_with("sites.layers") && !e.contains('\n'), "{bad}: {e}");
+        }
+    }
 }

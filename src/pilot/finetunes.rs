@@ -9,7 +9,7 @@ use crate::model::{load, LinearAdapter, Llama};
 use crate::adapters::AnyAdapter;
 use crate::tokenizer::Tok;
 use crate::train::run::{finetune_and_test, Summary};
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use std::path::PathBuf;
 
@@ -91,6 +91,10 @@ pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, base_fingerprint:
         std::fs::write(tmp.join("config.toml"), &text)?;
         eprintln!("[{}] fine-tuning ({} steps); cache {}", m.label, ft.train.steps, dir.display());
         let s: Summary = finetune_and_test(&ft, base, tok, &tmp, false)?;
+        if let Some(why) = &s.stopped {
+            // A diverged fine-tune is not cached as if it had finished.
+            bail!("[{}] {why}: training stopped (lower this method's lr)", m.label);
+        }
         let test = s.test.context("the fine-tune has no test metrics (classification tasks only)")?;
         let mk = &ft.method;
         let record = FtRecord {

@@ -154,6 +154,11 @@ impl PilotSpec {
         if s.kind != "pilot" {
             bail!("kind = {:?}: a pilot-study file has kind = \"pilot\"", s.kind);
         }
+        crate::runs::check_name("name", &s.name)?;
+        crate::util::check_model_path("model", &s.model)?;
+        for m in &s.methods {
+            crate::runs::check_name("methods.label", &m.label)?;
+        }
         if s.methods.is_empty() {
             bail!("no [[methods]]: list at least one fine-tuning method");
         }

@@ -20,7 +20,10 @@ pub fn short_hash(text: &str) -> String {
 }
 
 /// Create a fresh run directory for `experiment` whose resolved config hashes to `hash`.
+/// `experiment` must be one path component (a crafted name or metrics.csv column cannot
+/// write outside `notebooks-out/`).
 pub fn new_run_dir(experiment: &str, hash: &str) -> Result<PathBuf> {
+    super::checks::check_name("name", experiment)?;
     let parent = out_root().join(experiment);
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let stem = format!("{}-{hash}", timestamp());

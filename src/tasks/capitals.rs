@@ -34,6 +34,7 @@ fn prompt(tok: &Tok, country: &str, capital_id: u32) -> Result<Prompt> {
 }
 
 pub fn dataset(tok: &Tok, facts: &[(String, String)], sizes: [usize; 3], seed: u64) -> Result<Dataset> {
+    super::check_sizes(sizes)?;
     let items: Vec<(String, u32)> = facts
         .iter()
         .filter_map(|(c, k)| single_token(tok, &format!(" {k}"), false).map(|id| (c.clone(), id)))

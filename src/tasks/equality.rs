@@ -151,6 +151,7 @@ impl Strata {
 
 /// Base/source pairs for `variable`, `sizes` = [train, dev, test], symbols disjoint across splits.
 pub fn dataset(tok: &Tok, variable: Variable, sizes: [usize; 3], seed: u64) -> Result<Dataset> {
+    super::check_sizes(sizes)?;
     let syms = symbol_tokens(tok)?;
     let ans = answer_ids(tok)?;
     let mut rng = Rng::new(seed);

@@ -97,6 +97,7 @@ pub fn dataset(tok: &Tok, cfg: &IoiConfig) -> Result<Dataset> {
             .map(|&i| TEMPLATES.get(i).copied().ok_or_else(|| anyhow::anyhow!("IOI template index {i} out of range (0..{})", TEMPLATES.len())))
             .collect::<Result<_>>()?
     };
+    super::check_sizes(cfg.sizes)?;
     let mut rng = Rng::new(cfg.seed);
     // Names are split first so train/dev/test never share an entity.
     let parts = partition(&names, [0.6, 0.2, 0.2], &mut rng.fork(1));

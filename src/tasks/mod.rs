@@ -9,6 +9,19 @@ use crate::tokenizer::Tok;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 
+/// Pairs per split: each is run through the model at least twice and its clean activations are
+/// cached, so more than this is a mistake rather than an experiment (and must not reach an
+/// allocation: `Vec::with_capacity(10^11)` aborts the process).
+pub const MAX_PAIRS_PER_SPLIT: usize = 100_000;
+
+/// `task.sizes` = [train, dev, test], each at most [`MAX_PAIRS_PER_SPLIT`].
+pub fn check_sizes(sizes: [usize; 3]) -> Result<()> {
+    if let Some((i, &n)) = sizes.iter().enumerate().find(|(_, &n)| n > MAX_PAIRS_PER_SPLIT) {
+        bail!("task.sizes[{i}] = {n}: at most {MAX_PAIRS_PER_SPLIT} pairs per split (every pair is run through the model)");
+    }
+    Ok(())
+}
+
 /// One prompt with its correct next token and named positions (e.g. `IO`, `S2`, `last`).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Prompt {
@@ -117,7 +130,7 @@ pub fn partition<T: Clone>(items: &[T], fracs: [f64; 3], rng: &mut crate::util::
 }
 
 /// The single token a word starts with (e.g. " Paris" -> id), failing if it is not one token
-/// when `exact` is set.
+/// when `exact` is set. A word outside the vocabulary (the unknown token) has none.
 pub fn single_token(tok: &Tok, word: &str, exact: bool) -> Option<u32> {
     // A leading-space word is tokenised after a letter, as it appears mid-sentence: that is the
     // token a prompt holds whatever the tokenizer's convention (GPT-2 `Ġ`, SentencePiece `▁`,
@@ -136,6 +149,10 @@ pub fn single_token(tok: &Tok, word: &str, exact: bool) -> Option<u32> {
             }
         }
     };
+    // A word outside the vocabulary is no single token (never `<unk>`).
+    if tok.unk_id().is_some_and(|u| ids.contains(&u)) {
+        return None;
+    }
     match ids.len() {
         1 => Some(ids[0]),
         n if n > 1 && !exact => Some(ids[0]),

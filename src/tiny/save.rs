@@ -52,6 +52,7 @@ pub fn save(tr: &Trained, dir: &Path) -> Result<()> {
             }))},
         "heldout_accuracy_curve": tr.evals,
         "train_seconds": tr.secs,
+        "stopped": tr.stopped,
         "threads": o.threads,
         "regenerate": format!(
             "road train-tiny --out {} --steps {} --seed {} --iit-weight {} --iit-layer {} --iit-dims {}{}",

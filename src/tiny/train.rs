@@ -108,6 +108,9 @@ pub struct Trained {
     pub iit_basis: Option<Tensor>,
     pub final_eval_examples: usize,
     pub secs: f64,
+    /// Why training stopped before `opts.steps` (a non-finite loss at a step); the weights are
+    /// then those of the last step whose loss was finite.
+    pub stopped: Option<String>,
 }
 
 fn lr_at(o: &TrainOpts, step: usize) -> f64 {
@@ -191,6 +194,16 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let mut history = Vec::with_capacity(opts.steps);
     let mut evals = Vec::new();
     let mut last_eval = f64::NAN;
+    {
+        use crate::runs::checks::{at_least_one, at_most, positive, MAX_BATCH, MAX_STEPS};
+        at_least_one(&[("--batch", opts.batch)])?;
+        at_most(&[("--steps", opts.steps, MAX_STEPS), ("--batch", opts.batch, MAX_BATCH)])?;
+        positive("--lr", opts.lr)?;
+    }
+    let all_vars = varmap.all_vars();
+    // Weights that last gave a finite loss (the model is tiny: a copy per step is cheap).
+    let mut last_good: Option<Vec<Tensor>> = None;
+    let mut stopped = None;
     for step in 0..opts.steps {
         let lr = lr_at(opts, step);
         let cur_steps = opts.curriculum_frac * opts.steps as f64;
@@ -214,6 +227,18 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
             iit_acc = batch_acc(&il, &cf)?;
             loss = (loss + (il_loss * opts.iit_weight)?)?;
         }
+        // Checked before the update: a NaN gradient must not reach the weights.
+        let l = loss.to_scalar::<f32>()?;
+        if !l.is_finite() {
+            stopped = Some(format!("loss became {l} at step {} (--lr {:e} too high?); kept the weights of step {step}", step + 1, opts.lr));
+            if let Some(good) = &last_good {
+                for (v, t) in all_vars.iter().zip(good) {
+                    v.set(t)?;
+                }
+            }
+            break;
+        }
+        last_good = Some(all_vars.iter().map(|v| v.as_tensor().copy()).collect::<candle_core::Result<_>>()?);
         let grads = loss.backward()?;
         for opt in &mut optimisers {
             let g = opt
@@ -222,10 +247,6 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
                 .map(|(name, v)| grads.get(v).cloned().with_context(|| format!("parameter {name} received no gradient")))
                 .collect::<Result<Vec<_>>>()?;
             opt.apply(&g, lr)?;
-        }
-        let l = loss.to_scalar::<f32>()?;
-        if !l.is_finite() {
-            bail!("training diverged at step {step} (loss {l})");
         }
         let acc = batch_acc(&logits, &y)?;
         history.push((step + 1, l, acc));
@@ -263,5 +284,6 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
         iit_basis,
         final_eval_examples,
         secs: start.elapsed().as_secs_f64(),
+        stopped,
     })
 }

@@ -42,7 +42,7 @@ pub enum Scorer<'a> {
 pub fn label_token_ids(tok: &Tok, words: &[String]) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     for w in words {
-        let t = tok.encode(w)?;
+        let t = tok.encode_known(w, "label word")?;
         if t.len() != 1 {
             bail!("label word {w:?} is {} tokens ({t:?}); label words must be single tokens (try a leading space)", t.len());
         }

@@ -108,23 +108,37 @@ fn label_index(label: &str, labels: &[String], where_: &str) -> Result<usize> {
 pub fn load_cls_file(path: &Path, labels: &[String]) -> Result<Splits<ClsExample>> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_cls_text(&text, ext, labels, &path.display().to_string())
+}
+
+/// [`load_cls_file`] of a file's text (`ext` = csv | jsonl); `origin` starts every error. A UTF-8
+/// byte-order mark is dropped, and an empty text is an error naming its row.
+pub fn parse_cls_text(text: &str, ext: &str, labels: &[String], origin: &str) -> Result<Splits<ClsExample>> {
+    let text = crate::tasks::jsonl::strip_bom(text);
     let mut all = Vec::new();
+    let mut push = |t: &str, label: usize, w: &str| -> Result<()> {
+        if t.trim().is_empty() {
+            bail!("{w}: empty text");
+        }
+        all.push(ClsExample { text: t.to_string(), label });
+        Ok(())
+    };
     match ext {
         "csv" => {
             let mut rd = csv::Reader::from_reader(text.as_bytes());
-            let hdr = rd.headers()?.clone();
-            let col = |n: &str| hdr.iter().position(|h| h == n).with_context(|| format!("{}: no `{n}` column", path.display()));
+            let hdr = rd.headers().with_context(|| format!("{origin}: header"))?.clone();
+            let col = |n: &str| hdr.iter().position(|h| h == n).with_context(|| format!("{origin}: no `{n}` column"));
             let (ti, li) = (col("text")?, col("label")?);
             for (i, rec) in rd.records().enumerate() {
-                let rec = rec.with_context(|| format!("{}: row {}", path.display(), i + 2))?;
-                let w = format!("{}: row {}", path.display(), i + 2);
+                let w = format!("{origin}: row {}", i + 2);
+                let rec = rec.with_context(|| w.clone())?;
                 let label = label_index(rec.get(li).unwrap_or(""), labels, &w)?;
-                all.push(ClsExample { text: rec.get(ti).unwrap_or("").to_string(), label });
+                push(rec.get(ti).unwrap_or(""), label, &w)?;
             }
         }
         "jsonl" => {
             for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-                let w = format!("{}: line {}", path.display(), i + 1);
+                let w = format!("{origin}: line {}", i + 1);
                 let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{w}: not JSON"))?;
                 let t = v.get("text").and_then(|x| x.as_str()).with_context(|| format!("{w}: no string `text`"))?;
                 let l = match v.get("label") {
@@ -132,13 +146,14 @@ pub fn load_cls_file(path: &Path, labels: &[String]) -> Result<Splits<ClsExample
                     Some(serde_json::Value::Number(n)) => n.to_string(),
                     _ => bail!("{w}: no `label`"),
                 };
-                all.push(ClsExample { text: t.to_string(), label: label_index(&l, labels, &w)? });
+                let label = label_index(&l, labels, &w)?;
+                push(t, label, &w)?;
             }
         }
-        _ => bail!("{}: expected a .csv or .jsonl file", path.display()),
+        _ => bail!("{origin}: expected a .csv or .jsonl file"),
     }
     if all.is_empty() {
-        bail!("{}: no examples", path.display());
+        bail!("{origin}: no examples");
     }
     Ok(Splits::from_examples(all))
 }
@@ -146,15 +161,24 @@ pub fn load_cls_file(path: &Path, labels: &[String]) -> Result<Splits<ClsExample
 /// Prompt/completion pairs from `.jsonl` (`{"prompt": ..., "completion": ...}`).
 pub fn load_lm_file(path: &Path) -> Result<Vec<LmExample>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    parse_lm_text(&text, &path.display().to_string())
+}
+
+/// [`load_lm_file`] of a file's text; `origin` starts every error (byte-order mark dropped).
+pub fn parse_lm_text(text: &str, origin: &str) -> Result<Vec<LmExample>> {
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let w = format!("{}: line {}", path.display(), i + 1);
+    for (i, line) in crate::tasks::jsonl::strip_bom(text).lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let w = format!("{origin}: line {}", i + 1);
         let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{w}: not JSON"))?;
         let get = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string).with_context(|| format!("{w}: no string `{k}`"));
-        out.push(LmExample { prompt: get("prompt")?, completion: get("completion")? });
+        let (prompt, completion) = (get("prompt")?, get("completion")?);
+        if prompt.is_empty() || completion.is_empty() {
+            bail!("{w}: empty {}", if prompt.is_empty() { "prompt" } else { "completion" });
+        }
+        out.push(LmExample { prompt, completion });
     }
     if out.is_empty() {
-        bail!("{}: no examples", path.display());
+        bail!("{origin}: no examples");
     }
     Ok(out)
 }

@@ -16,6 +16,7 @@ use crate::adapters::{Freeze, LoraAdapter, RoadAdapter, Variant};
 use crate::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::runs::{read_csv, write_csv};
+use super::params::{load_tensors, restore, save_tensors, snapshot, CkptState, LastGood};
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::path::{Path, PathBuf};
@@ -161,6 +162,9 @@ pub struct TrainOutput {
     pub evals: Vec<EvalRow>,
     pub best_step: usize,
     pub label_ids: Vec<u32>,
+    /// Why training stopped before `steps` (a non-finite loss or gradient): the parameters are
+    /// then the best dev checkpoint, else the last step with a finite loss (`best_step`).
+    pub stopped: Option<String>,
 }
 
 impl TrainOutput {
@@ -290,51 +294,6 @@ fn setup(base: &Llama, cfg: &TrainConfig, rng: &mut Rng) -> Result<Setup> {
     Ok(Setup { trained, head, params })
 }
 
-fn snapshot(params: &[(String, Var)]) -> Result<Vec<Tensor>> {
-    params.iter().map(|(_, v)| Ok(v.as_tensor().copy()?)).collect()
-}
-
-fn restore(params: &[(String, Var)], snap: &[Tensor]) -> Result<()> {
-    for ((_, v), t) in params.iter().zip(snap) {
-        v.set(t)?;
-    }
-    Ok(())
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct CkptState {
-    step: usize,
-    best_step: usize,
-    best_score: f64,
-    seed: u64,
-    method: String,
-}
-
-fn save_tensors(params: &[(String, Var)], vals: Option<&[Tensor]>, path: &Path) -> Result<()> {
-    let map: std::collections::HashMap<String, Tensor> = params
-        .iter()
-        .enumerate()
-        .map(|(i, (n, v))| (n.clone(), vals.map(|s| s[i].clone()).unwrap_or_else(|| v.as_tensor().clone())))
-        .collect();
-    candle_core::safetensors::save(&map, path)?;
-    Ok(())
-}
-
-fn load_tensors(params: &[(String, Var)], path: &Path) -> Result<Vec<Tensor>> {
-    let dev = params.first().map(|(_, v)| v.device().clone()).unwrap_or(candle_core::Device::Cpu);
-    let map = candle_core::safetensors::load(path, &dev).with_context(|| format!("reading {}", path.display()))?;
-    params
-        .iter()
-        .map(|(n, v)| {
-            let t = map.get(n).with_context(|| format!("{}: no tensor {n} (different method or model?)", path.display()))?;
-            if t.dims() != v.dims() {
-                bail!("{}: {n} has shape {:?}, expected {:?}", path.display(), t.dims(), v.dims());
-            }
-            Ok(t.clone())
-        })
-        .collect()
-}
-
 /// Fine-tune per `cfg`. Returns the best (by dev metric) parameters, logs and parameter counts.
 pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Result<TrainOutput> {
     if cfg.steps == 0 || cfg.batch_size == 0 || cfg.grad_accum == 0 {
@@ -453,7 +412,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     let mut order = Order::new(cfg.seed, data.train_len());
     let t0 = Instant::now();
     let prev_elapsed = log.last().map(|r| r.elapsed_s).unwrap_or(0.0);
-    for step in start..cfg.steps {
+    let mut last_good = LastGood::new(trainable_params);
+    let mut stopped: Option<String> = None;
+    'steps: for step in start..cfg.steps {
         let lr = sched.lr(step);
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
@@ -477,7 +438,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             };
             let lv = loss.to_scalar::<f32>()? as f64;
             if !lv.is_finite() {
-                bail!("loss became {lv} at step {step} (lr {lr:e} too high?)");
+                stopped = Some(format!("loss became {lv} at step {} (lr {lr:e} too high?)", step + 1));
+                break 'steps;
             }
             loss_sum += lv;
             let grads = (loss / cfg.grad_accum as f64)?.backward()?;
@@ -500,6 +462,11 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             Some(c) => clip_global_norm(&mut grads, c)?,
             None => super::optim::global_norm(&grads)?,
         };
+        if !grad_norm.is_finite() {
+            stopped = Some(format!("the gradient norm became {grad_norm} at step {} (lr {lr:e} too high, or an overflow in {:?}?)", step + 1, base.dtype()));
+            break;
+        }
+        last_good.keep(&params, step)?;
         opt.apply(&grads, lr)?;
         let loss = loss_sum / cfg.grad_accum as f64;
         log.push(LogRow { step: step + 1, lr, loss, grad_norm, elapsed_s: prev_elapsed + t0.elapsed().as_secs_f64() });
@@ -510,13 +477,16 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         if eval_now {
             let (row, score) = evaluate(step + 1)?;
             pb.println(format!("step {:>5}  dev loss {:.4}  acc {:.4}", row.step, row.loss, row.accuracy));
+            // Parameters whose dev loss is not finite are neither the best nor worth a checkpoint
+            // (a resume must restart from finite ones).
+            let finite = row.loss.is_finite();
             evals.push(row);
-            if score > best_score {
+            if finite && score > best_score {
                 best_score = score;
                 best_step = step + 1;
                 best = Some(snapshot(&params)?);
             }
-            if let (Some(dir), Some(ck)) = (&cfg.out_dir, &ckpt) {
+            if let (true, Some(dir), Some(ck)) = (finite, &cfg.out_dir, &ckpt) {
                 std::fs::create_dir_all(ck)?;
                 save_tensors(&params, None, &ck.join("params.safetensors"))?;
                 opt.save(&ck.join("optim.safetensors"))?;
@@ -530,13 +500,26 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             }
         }
     }
+    if let Trained::Lora(a) = &trained {
+        a.set_training(None); // a stop inside the micro-batch loop skipped the reset above
+    }
     pb.finish_and_clear();
     if let Some(b) = &best {
         restore(&params, b)?;
+    } else if let Some(why) = &stopped {
+        // No dev checkpoint yet: the last parameters that gave a finite loss, if kept.
+        let Some(v) = &last_good.values else {
+            bail!("{why}; stopped with nothing trained to keep (no dev evaluation yet{})", if last_good.enabled { "" } else { ", and full fine-tuning keeps no per-step copy" });
+        };
+        restore(&params, v)?;
+        best_step = last_good.step;
     } else {
         best_step = cfg.steps;
     }
-    let out = TrainOutput { trained, head, trainable_params, base_params, log, evals, best_step, label_ids };
+    if let Some(why) = &stopped {
+        pb.println(format!("stopped: {why}; keeping the parameters of step {best_step}"));
+    }
+    let out = TrainOutput { trained, head, trainable_params, base_params, log, evals, best_step, label_ids, stopped };
     if let Some(dir) = &cfg.out_dir {
         write_csv(&dir.join("train_log.csv"), &out.log, &[])?;
         write_csv(&dir.join("metrics.csv"), &out.evals, &[])?;

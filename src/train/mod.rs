@@ -4,6 +4,7 @@ pub mod data;
 pub mod engine;
 pub mod lm;
 pub mod optim;
+mod params;
 pub mod schedule;
 pub mod run;
 pub mod spec;

@@ -16,10 +16,17 @@ pub use crate::runs::out_root;
 pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: Option<&Path>) -> Result<PathBuf> {
     let (spec, dir) = match (spec_path, resume_dir) {
         (_, Some(d)) => {
+            // --set may change a resumed run's settings (a lower lr after a NaN, fewer steps to
+            // export the best checkpoint as it is); the checkpoint must still be for the same
+            // method and seed (the engine checks), and config.toml records what the rest ran with.
+            let s = spec::load(&d.join("config.toml"), overrides)?;
             if !overrides.is_empty() {
-                bail!("--set cannot change a resumed run (its config.toml is fixed)");
+                let n = (1..).find(|n| !d.join(format!("config.before-resume-{n}.toml")).exists()).unwrap_or(1);
+                std::fs::copy(d.join("config.toml"), d.join(format!("config.before-resume-{n}.toml")))?;
+                std::fs::write(d.join("config.toml"), s.to_toml()?)?;
+                eprintln!("resuming with {} (the previous settings: config.before-resume-{n}.toml)", overrides.join(" "));
             }
-            (spec::load(&d.join("config.toml"), &[])?, d.to_path_buf())
+            (s, d.to_path_buf())
         }
         (Some(p), None) => {
             let s = spec::load(p, overrides)?;
@@ -34,6 +41,15 @@ pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: 
     let summary = finetune_and_test(&spec, &l.model, &l.tok, &dir, resume_dir.is_some())?;
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("{}", serde_json::to_string(&summary)?);
+    if let Some(why) = &summary.stopped {
+        // Exit non-zero, but after the summary and the adapter of the kept parameters exist.
+        bail!(
+            "{why}: training stopped; kept the parameters of step {} (adapter in {}, summary.json beside it); `road finetune --resume {} --set train.lr=...` continues from the last checkpoint",
+            summary.best_step,
+            dir.join("adapter").display(),
+            dir.display()
+        );
+    }
     Ok(dir)
 }
 
@@ -50,6 +66,9 @@ pub struct Summary {
     pub train_secs: f64,
     pub dev_accuracy: Option<f64>,
     pub test: Option<ClsMetrics>,
+    /// Set when training stopped early on a non-finite loss or gradient (the reason and step).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
 }
 
 /// Train per `spec` into `dir` and evaluate the best parameters on the test split.
@@ -99,5 +118,6 @@ pub fn finetune_and_test(spec: &Spec, model: &Llama, tok: &Tok, dir: &Path, resu
         train_secs: out.log.last().map(|r| r.elapsed_s).unwrap_or(0.0),
         dev_accuracy: dev_acc,
         test: test_m,
+        stopped: out.stopped.clone(),
     })
 }

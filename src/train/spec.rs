@@ -253,9 +253,37 @@ impl Spec {
         if self.train.weight_decay.is_none() {
             self.train.weight_decay = Some(if self.method.kind == "road" { 0.0 } else { 0.01 });
         }
+        self.check_values()?;
         self.method_cfg()?;
         self.task_cfg()?;
         Decay::parse(&self.train.schedule)?;
+        Ok(())
+    }
+
+    /// Numbers that would train on NaN, train nothing or allocate without bound are errors
+    /// naming their key (checked before any data or model is loaded).
+    fn check_values(&self) -> Result<()> {
+        use crate::runs::checks::{at_least_one, at_most, finite, fraction, non_negative, positive, MAX_BATCH, MAX_STEPS};
+        crate::runs::check_name("name", &self.name)?;
+        crate::util::check_model_path("model", &self.model)?;
+        let t = &self.train;
+        at_least_one(&[("train.steps", t.steps), ("train.batch_size", t.batch_size), ("train.grad_accum", t.grad_accum), ("train.eval_batch", t.eval_batch), ("train.max_len", t.max_len)])?;
+        at_most(&[
+            ("train.steps", t.steps, MAX_STEPS),
+            ("train.batch_size", t.batch_size, MAX_BATCH),
+            ("train.grad_accum", t.grad_accum, MAX_BATCH),
+            ("train.eval_batch", t.eval_batch, MAX_BATCH),
+        ])?;
+        positive("train.lr", t.lr)?;
+        non_negative("train.weight_decay", t.weight_decay.unwrap_or(0.0))?;
+        fraction("train.warmup_ratio", t.warmup_ratio)?;
+        non_negative("train.clip_norm", t.clip_norm)?;
+        finite("method.alpha", self.method.alpha)?;
+        finite("data.min_confidence", self.data.min_confidence as f64)?;
+        fraction("method.dropout", self.method.dropout as f64)?;
+        if self.method.kind == "lora" && self.method.r == 0 {
+            bail!("method.r must be at least 1");
+        }
         Ok(())
     }
 

@@ -81,7 +81,7 @@ impl Worker {
                     }
                     let opts = RunOptions { jobs: 1, cancel: job.cancel.clone(), ..Default::default() };
                     let mut sink = JobSink { id: job.id, tx: ui.clone() };
-                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let result = guarded("the run", || {
                         ensure_local(job.spec.model()).and_then(|_| match &job.spec {
                             JobSpec::Sweep(s) => experiment::run(s, &opts, &mut sink).map(|_| ()),
                             JobSpec::Pilot(p) => {
@@ -92,8 +92,7 @@ impl Worker {
                                 }
                             }
                         })
-                    }))
-                    .unwrap_or_else(|p| Err(anyhow::anyhow!("the run panicked: {}", panic_text(&p))));
+                    });
                     if let Err(e) = result {
                         let _ = ui.send(Event::Job { id: job.id, ev: JobEvent::Failed(format!("{e:#}")) });
                     }
@@ -108,12 +107,13 @@ impl Worker {
             .spawn(move || {
                 let mut cache: Option<(String, Loaded)> = None;
                 for job in mrx {
-                    let msg = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| model_job(&mut cache, job))) {
-                        Ok(Ok(m)) => m,
-                        Ok(Err(e)) => ModelMsg::Error(format!("{e:#}")),
-                        Err(p) => {
-                            cache = None;
-                            ModelMsg::Error(format!("model worker panicked: {}", panic_text(&p)))
+                    let msg = match guarded("the model worker", || model_job(&mut cache, job)) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            if e.downcast_ref::<Panicked>().is_some() {
+                                cache = None; // a panic may have left the model half-built
+                            }
+                            ModelMsg::Error(format!("{e:#}"))
                         }
                     };
                     if tx.send(Event::Model(msg)).is_err() {
@@ -152,6 +152,7 @@ impl Worker {
 fn get<'a>(cache: &'a mut Option<(String, Loaded)>, name: &str) -> Result<&'a Loaded> {
     if cache.as_ref().map(|(n, _)| n != name).unwrap_or(true) {
         ensure_local(name)?;
+        crate::util::check_model_path("model", name)?; // a FIFO must not block the worker
         *cache = None; // free the previous model first
         let l = registry::load(name, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, false)?;
         *cache = Some((name.to_string(), l));
@@ -230,4 +231,40 @@ fn top_rows(l: &Loaded, v: &[f32], logp: &[f64], k: usize) -> Vec<TopRow> {
 
 fn panic_text(p: &Box<dyn std::any::Any + Send>) -> String {
     p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_else(|| "unknown panic".into())
+}
+
+/// A job's panic, as an error: the worker thread lives on and the UI shows a failed entry.
+#[derive(Debug)]
+pub struct Panicked(pub String);
+
+impl std::fmt::Display for Panicked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Panicked {}
+
+/// Run a job on a worker thread; its error or panic (`"{what} panicked: …"`) comes back as the
+/// error. Allocation aborts cannot be caught: the spec checks keep sizes bounded instead.
+pub fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|p| Err(Panicked(format!("{what} panicked: {}", panic_text(&p))).into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{guarded, Panicked};
+
+    #[test]
+    fn a_panicking_job_is_an_error_and_the_thread_lives_on() {
+        let t = std::thread::spawn(|| {
+            let r: anyhow::Result<()> = guarded("the run", || panic!("index out of bounds"));
+            let e = r.unwrap_err();
+            assert!(e.downcast_ref::<Panicked>().is_some());
+            assert_eq!(e.to_string(), "the run panicked: index out of bounds");
+            guarded("the run", || Ok(7)).unwrap()
+        });
+        assert_eq!(t.join().unwrap(), 7);
+        assert_eq!(guarded::<()>("x", || anyhow::bail!("plain error")).unwrap_err().to_string(), "plain error");
+    }
 }

@@ -1,5 +1,9 @@
 //! Small shared utilities.
+pub mod fuzz;
+pub mod paths;
 pub mod rng;
+
+pub use paths::check_model_path;
 
 /// `MemAvailable` from /proc/meminfo, in bytes (None where there is no such file).
 pub fn mem_available_bytes() -> Option<u64> {
