@@ -267,11 +267,11 @@ fn finetune_nan_keeps_the_best_parameters_and_resume_may_change_settings() {
 
 #[test]
 fn tiny_trainer_stops_on_nan_and_keeps_finite_weights() {
-    let huge = road_dii::tiny_model::TrainOpts { steps: usize::MAX, ..Default::default() };
-    let e = road_dii::tiny_model::train(&huge).err().expect("2^64 - 1 steps is an error").to_string();
+    let huge = road_dii::tiny::TrainOpts { steps: usize::MAX, ..Default::default() };
+    let e = road_dii::tiny::train(&huge).err().expect("2^64 - 1 steps is an error").to_string();
     assert!(e.starts_with("--steps = 18446744073709551615 is more than"), "{e}");
-    let opts = road_dii::tiny_model::TrainOpts { steps: 6, batch: 8, lr: 1e38, warmup: 0, eval_every: 0, iit_weight: 0.0, ..Default::default() };
-    let tr = road_dii::tiny_model::train(&opts).unwrap();
+    let opts = road_dii::tiny::TrainOpts { steps: 6, batch: 8, lr: 1e38, warmup: 0, eval_every: 0, iit_weight: 0.0, ..Default::default() };
+    let tr = road_dii::tiny::train(&opts).unwrap();
     let why = tr.stopped.as_deref().expect("a loss of 1e38-lr training is not finite");
     assert!(why.contains("loss became") && why.contains("at step"), "{why}");
     for v in tr.varmap.all_vars() {
