@@ -132,6 +132,13 @@ pub fn train(opts: &TrainOpts) -> Result<Trained> {
 }
 
 fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
+    // Bounded before anything is sized by them.
+    {
+        use crate::runs::checks::{at_least_one, at_most, positive, MAX_BATCH, MAX_STEPS};
+        at_least_one(&[("--batch", opts.batch)])?;
+        at_most(&[("--steps", opts.steps, MAX_STEPS), ("--batch", opts.batch, MAX_BATCH)])?;
+        positive("--lr", opts.lr)?;
+    }
     let start = std::time::Instant::now();
     // CPU: a run is reproduced bit for bit there, and a model this small gains nothing from a
     // GPU. (The checked-in model predates the switch to train::optim; see its README.)
@@ -194,12 +201,6 @@ fn train_in_pool(opts: &TrainOpts) -> Result<Trained> {
     let mut history = Vec::with_capacity(opts.steps);
     let mut evals = Vec::new();
     let mut last_eval = f64::NAN;
-    {
-        use crate::runs::checks::{at_least_one, at_most, positive, MAX_BATCH, MAX_STEPS};
-        at_least_one(&[("--batch", opts.batch)])?;
-        at_most(&[("--steps", opts.steps, MAX_STEPS), ("--batch", opts.batch, MAX_BATCH)])?;
-        positive("--lr", opts.lr)?;
-    }
     let all_vars = varmap.all_vars();
     // Weights that last gave a finite loss (the model is tiny: a copy per step is cheap).
     let mut last_good: Option<Vec<Tensor>> = None;
