@@ -32,10 +32,7 @@ pub fn save(run: &Path, global_idx: usize, r: &CellResult) -> Result<()> {
     let names: Vec<String> = r.params.iter().map(|(n, _)| n.clone()).collect();
     if !r.params.is_empty() {
         let map: std::collections::HashMap<String, candle_core::Tensor> = r.params.iter().cloned().collect();
-        let tmp = dir.join(format!(".{global_idx}.safetensors.tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&map, &tmp)?;
-        std::fs::File::open(&tmp)?.sync_all()?;
-        std::fs::rename(&tmp, dir.join(format!("{global_idx}.safetensors")))?;
+        crate::runs::atomic::write_with(&dir.join(format!("{global_idx}.safetensors")), |tmp| Ok(candle_core::safetensors::save(&map, tmp)?))?;
     }
     let s = Stored {
         metrics: r.metrics.clone(),

@@ -392,12 +392,9 @@ pub fn train(
         let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
         let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();
         let (l, mut grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
+        let lr = lr_at(spec, spec.lr, step);
         if !l.is_finite() {
-            bail!(
-                "{}: training loss is {l} at step {step} (learning rate {} too high, or a NaN in the model's activations?)",
-                cell.label(),
-                lr_at(spec, spec.lr, step)
-            );
+            bail!("{}: training loss is {l} at step {step} (learning rate {lr} too high, or a NaN in the model's activations?)", cell.label());
         }
         if riemannian {
             for p in params.iter().filter(|p| p.orthonormal) {
@@ -407,7 +404,6 @@ pub fn train(
                 }
             }
         }
-        let lr = lr_at(spec, spec.lr, step);
         if let Some(o) = opt_main.as_mut() {
             o.set_learning_rate(lr);
             o.step(&grads)?;

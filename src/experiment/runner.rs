@@ -133,9 +133,15 @@ pub fn shard_of(config: &str) -> Option<(usize, usize)> {
 /// The folder this run writes to, and whether it was made now (a fresh folder that fails before
 /// its first cell is removed again).
 fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf, bool)> {
+    // A folder holding this very spec is reused (resumed) unless a live process still writes it.
     let existing = |dir: &std::path::Path| -> Result<bool> {
         match std::fs::read_to_string(dir.join("config.toml")) {
-            Ok(old) if old == config => Ok(true),
+            Ok(old) if old == config => {
+                if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
+                    bail!("{} is still being written by a live process (its RUNNING names it)", dir.display());
+                }
+                Ok(true)
+            }
             Ok(_) => bail!(
                 "{} holds a run of a different spec (config.toml differs); use another --run-id, or resume it with its own config",
                 dir.display()
@@ -146,9 +152,6 @@ fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf
     if let Some(dir) = &opts.resume {
         if !existing(dir)? {
             bail!("--resume {}: no config.toml there (not a run folder)", dir.display());
-        }
-        if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
-            bail!("--resume {}: the run is still running (RUNNING names a live process)", dir.display());
         }
         return Ok((dir.clone(), false));
     }
@@ -166,9 +169,6 @@ fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     if existing(&dir)? {
-        if crate::runs::state::status(&dir) == crate::runs::RunStatus::Running {
-            bail!("{} is being written by a live process (RUNNING)", dir.display());
-        }
         return Ok((dir, false));
     }
     crate::runs::atomic::write(&dir.join("config.toml"), config.as_bytes())?;

@@ -66,9 +66,7 @@ pub fn write_outputs(run_dir: &Path, spec: &Spec, results: &[Option<CellResult>]
     let summaries: Vec<CellSummary> = results.iter().flatten().map(|r| r.summary.clone()).collect();
     write_tables(run_dir, &metrics, &examples, &train_log)?;
     if !params.is_empty() {
-        let tmp = run_dir.join(format!(".params.safetensors.tmp-{}", std::process::id()));
-        candle_core::safetensors::save(&params, &tmp)?;
-        std::fs::rename(&tmp, run_dir.join("params.safetensors"))?;
+        crate::runs::atomic::write_with(&run_dir.join("params.safetensors"), |tmp| Ok(candle_core::safetensors::save(&params, tmp)?))?;
     }
     write_figures(run_dir, spec, &metrics)?;
     let summary = RunSummary {

@@ -14,7 +14,7 @@ pub mod sigmoid_mask;
 pub mod spec;
 pub mod vanilla;
 
-pub use spec::{InterventionSpec, RoadSelection, RoadVariant};
+pub use spec::{InterventionSpec, RoadSelection};
 
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor, Var};

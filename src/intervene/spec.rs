@@ -3,6 +3,7 @@
 //! kind does not take is an error naming it; adding a kind = one variant here + one file.
 use super::{ablation, boundless, das, loreft, norm_swap, road_dii, sigmoid_mask, vanilla, Intervention};
 use anyhow::{bail, Result};
+use crate::adapters::Variant;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
@@ -20,28 +21,8 @@ fn default_rank() -> usize {
 fn default_group() -> usize {
     2
 }
-
-/// RoAd-DII's rotation family (RoAd1/2/4: how many angle/scale parameters per 2D block).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum RoadVariant {
-    #[default]
-    #[serde(rename = "road_1")]
-    Road1,
-    #[serde(rename = "road_2")]
-    Road2,
-    #[serde(rename = "road_4")]
-    Road4,
-}
-
-impl RoadVariant {
-    pub fn to_adapter(self) -> crate::adapters::Variant {
-        match self {
-            RoadVariant::Road1 => crate::adapters::Variant::Road1,
-            RoadVariant::Road2 => crate::adapters::Variant::Road2,
-            RoadVariant::Road4 => crate::adapters::Variant::Road4,
-        }
-    }
+fn default_variant() -> Variant {
+    Variant::Road1
 }
 
 /// Which rotated coordinates RoAd-DII interchanges.
@@ -107,8 +88,9 @@ pub enum InterventionSpec {
         /// Blocks swapped by the fixed selection.
         #[serde(default = "default_rank")]
         rank: usize,
-        #[serde(default)]
-        road_variant: RoadVariant,
+        /// The rotation family (`road_1`, `road_2`, `road_4`: the adapters' own variants).
+        #[serde(default = "default_variant")]
+        road_variant: Variant,
         /// 2 = adjacent dims (paper), 64 = peft's default grouping.
         #[serde(default = "default_group")]
         road_group_size: usize,
@@ -151,7 +133,7 @@ impl InterventionSpec {
             InterventionSpec::SigmoidMask { temperature: t, penalty: p },
             InterventionSpec::RoadDii {
                 rank: 1,
-                road_variant: RoadVariant::default(),
+                road_variant: default_variant(),
                 road_group_size: default_group(),
                 road_selection: RoadSelection::default(),
                 temperature: t,
@@ -255,7 +237,7 @@ impl InterventionSpec {
             InterventionSpec::RoadDii { rank, road_variant, road_group_size, road_selection, temperature, penalty } => {
                 let o = road_dii::RoadDiiOptions {
                     rank: *rank,
-                    variant: road_variant.to_adapter(),
+                    variant: *road_variant,
                     group_size: *road_group_size,
                     selection: *road_selection,
                     temperature: *temperature,
