@@ -634,6 +634,8 @@ fn heatmap_scrolls_to_keep_the_cursor_visible() {
                 n: 1,
                 control: "none".into(),
                 cut: false,
+                effect_estimate: f64::NAN,
+                method: String::new(),
             });
         }
     }

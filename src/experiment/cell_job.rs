@@ -123,6 +123,8 @@ impl Evaluator<'_> {
                 n: e.n,
                 control: control.into(),
                 cut: false,
+                effect_estimate: f64::NAN,
+                method: String::new(),
             });
             if split == Split::Test {
                 test = e;

@@ -1,4 +1,7 @@
 //! Experiments: spec (TOML) → runner → CSVs, figures and progress events.
+pub mod atp;
+pub mod atp_run;
+pub mod atp_verify;
 pub mod cell_job;
 pub mod cell_store;
 pub mod cells;

@@ -33,6 +33,14 @@ pub struct MetricRow {
     /// numbers are of a partly trained intervention; `road run --resume` redoes the cell.
     #[serde(default)]
     pub cut: bool,
+    /// AtP rows (`intervention = atp`): the mean over pairs of the estimated `m_patched − m_base`
+    /// (`m` = the logit difference unless `[intervention.atp] metric` says otherwise); NaN in
+    /// rows of real interventions. Absent in older runs.
+    #[serde(default = "nan")]
+    pub effect_estimate: f64,
+    /// AtP rows: `plain` or `ig`; empty otherwise.
+    #[serde(default)]
+    pub method: String,
 }
 
 fn no_control() -> String {
@@ -69,9 +77,9 @@ pub const TRAIN_HEADER: [&str; 14] = [
     "layer", "site", "position", "heads", "control", "step", "loss", "lr", "beta", "temperature", "subspace_dims", "dev_loss",
     "dev_iia", "train_iia",
 ];
-pub const METRIC_HEADER: [&str; 17] = [
+pub const METRIC_HEADER: [&str; 19] = [
     "experiment", "seed", "layer", "site", "position", "heads", "intervention", "split", "iia_vocab", "iia_answers",
-    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n", "control", "cut",
+    "logit_diff", "normalized_effect", "base_acc", "source_acc", "n", "control", "cut", "effect_estimate", "method",
 ];
 
 /// One row of `train_log.csv`.

@@ -95,7 +95,7 @@ fn head_groups(spec: &Spec, model: &Llama, site: Site) -> Vec<Vec<usize>> {
 }
 
 /// Column indices of `heads` in a headed site's vector (None = the whole vector).
-fn head_cols(heads: &[usize], model: &Llama, site: Site) -> Result<Option<Tensor>> {
+pub(super) fn head_cols(heads: &[usize], model: &Llama, site: Site) -> Result<Option<Tensor>> {
     if heads.is_empty() {
         return Ok(None);
     }
@@ -210,6 +210,18 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     let prepared = data::prepare(spec, model, tok, &mut |s| sink.send(RunEvent::Log(s)))?;
     let positions = positions(spec, &prepared)?;
     outputs::write_pairs(&run_dir.join("pairs.jsonl"), &prepared.data, tok)?;
+    if let crate::intervene::InterventionSpec::Atp { atp } = &spec.intervention {
+        if opts.shard.is_some() {
+            bail!("an atp run is not sharded: one backward pass covers every cell");
+        }
+        let r = super::atp_run::AtpRun { spec, opts: atp, model, prepared: &prepared, layers: &layers, sites: &sites, positions: &positions, run_dir };
+        let (summary, complete) = super::atp_run::run(&r, sink, &opts.cancel, t0)?;
+        if !complete {
+            crate::runs::state::mark_incomplete(run_dir, "cancelled during verification; run it again to redo it")?;
+        }
+        sink.send(RunEvent::Finished { run_dir: run_dir.to_path_buf(), complete });
+        return Ok(summary);
+    }
 
     let mut cells = Vec::new();
     for &layer in &layers {

@@ -2,6 +2,7 @@
 //! base vectors; trainable kinds expose their variables. Adding a kind = one file + one variant
 //! of [`InterventionSpec`] (which builds it).
 pub mod ablation;
+pub mod atp;
 pub mod boundless;
 pub mod das;
 pub mod hook;

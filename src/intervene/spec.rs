@@ -1,6 +1,7 @@
 //! What an experiment file's `[intervention]` table says: one variant per kind, each carrying
 //! only its own fields (pyvene's one class per intervention type, with its kwargs). A key that a
 //! kind does not take is an error naming it; adding a kind = one variant here + one file.
+use super::atp::AtpOptions;
 use super::{ablation, boundless, das, loreft, norm_swap, road_dii, sigmoid_mask, vanilla, Intervention};
 use anyhow::{bail, Result};
 use crate::adapters::Variant;
@@ -110,6 +111,12 @@ pub enum InterventionSpec {
         #[serde(default = "default_rank")]
         rank: usize,
     },
+    /// Attribution patching: every cell's vanilla patching effect estimated from gradients
+    /// (`[intervention.atp]`); its verification patches for real, with `vanilla`.
+    Atp {
+        #[serde(default)]
+        atp: AtpOptions,
+    },
 }
 
 impl Default for InterventionSpec {
@@ -142,6 +149,7 @@ impl InterventionSpec {
             InterventionSpec::Magnitude {},
             InterventionSpec::Angle {},
             InterventionSpec::Loreft { rank: 1 },
+            InterventionSpec::Atp { atp: AtpOptions::default() },
         ]
     }
 
@@ -181,6 +189,7 @@ impl InterventionSpec {
             InterventionSpec::Magnitude {} => "magnitude",
             InterventionSpec::Angle {} => "angle",
             InterventionSpec::Loreft { .. } => "loreft",
+            InterventionSpec::Atp { .. } => "atp",
         }
     }
 
@@ -202,6 +211,7 @@ impl InterventionSpec {
                 | InterventionSpec::Mean { .. }
                 | InterventionSpec::Magnitude {}
                 | InterventionSpec::Angle {}
+                | InterventionSpec::Atp { .. }
         )
     }
 
@@ -248,6 +258,8 @@ impl InterventionSpec {
             InterventionSpec::Magnitude {} => Box::new(norm_swap::NormSwap::magnitude()),
             InterventionSpec::Angle {} => Box::new(norm_swap::NormSwap::angle()),
             InterventionSpec::Loreft { rank: r } => Box::new(loreft::LoReft::new(d, rank(*r)?, seed, device)?),
+            // What AtP estimates, and what its verification runs: the whole-vector interchange.
+            InterventionSpec::Atp { .. } => Box::new(vanilla::Vanilla::new(d, None, device)?),
         })
     }
 
@@ -273,6 +285,7 @@ impl InterventionSpec {
                 }
                 check(temperature, *penalty)
             }
+            InterventionSpec::Atp { atp } => atp.validate(),
             _ => Ok(()),
         }
     }
@@ -293,6 +306,10 @@ mod tests {
         let s: InterventionSpec = toml::from_str("kind = \"road_dii\"\nroad_variant = \"road_4\"\nroad_selection = \"fixed\"\nrank = 3").unwrap();
         assert_eq!(s.rank(), Some(3));
         assert!(toml::from_str::<InterventionSpec>("kind = \"road_dii\"\nroad_variant = \"road_3\"").is_err());
+        let s: InterventionSpec = toml::from_str("kind = \"atp\"\n[atp]\nmethod = \"ig\"\nsteps = 3").unwrap();
+        assert!(matches!(&s, InterventionSpec::Atp { atp } if atp.steps == 3 && atp.method == crate::intervene::atp::AtpMethod::Ig));
+        let e = toml::from_str::<InterventionSpec>("kind = \"atp\"\n[atp]\nmethods = \"ig\"").unwrap_err().to_string();
+        assert!(e.contains("methods"), "{e}");
     }
 
     #[test]
@@ -304,7 +321,9 @@ mod tests {
             assert_eq!(InterventionSpec::from_kind(s.kind_name()).unwrap(), s);
             let mean = Tensor::zeros(8, candle_core::DType::F32, &Device::Cpu).unwrap();
             let iv = s.build(8, 0, Some(&mean), &Device::Cpu).unwrap();
-            assert_eq!(iv.kind(), s.kind_name());
+            // AtP builds the vanilla interchange it estimates (its verification patches with it).
+            let want = if s.kind_name() == "atp" { "vanilla" } else { s.kind_name() };
+            assert_eq!(iv.kind(), want);
             assert_eq!(iv.is_trainable(), s.trainable(), "{}", s.kind_name());
         }
     }

@@ -442,6 +442,14 @@ impl Llama {
         Ok(FwdOut { logits, hidden })
     }
 
+    /// The block input of layer 0 for `ids` (all rows one length): what [`Fwd::start`] at layer
+    /// 0 takes, so a caller can run the model on its own mix of embeddings (integrated
+    /// gradients interpolate base and source inputs).
+    pub fn embed(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let p = self.prepare(ids, None, 0)?;
+        self.embed_ids(ids, p.b, p.t)
+    }
+
     /// Token embeddings `[b, t, d]` (× √hidden for Gemma).
     fn embed_ids(&self, ids: &[Vec<u32>], b: usize, t: usize) -> Result<Tensor> {
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();

@@ -2,6 +2,7 @@
 pub mod fuzz;
 pub mod paths;
 pub mod rng;
+pub mod stats;
 
 pub use paths::check_model_path;
 

@@ -1,0 +1,188 @@
+//! Attribution patching over a sweep's whole grid (METHODS.md §6): per batch of pairs, one
+//! forward of the sources (their activations at every unit), one differentiable forward of the
+//! bases with every unit made a gradient leaf, and one backward of the metric; each cell's
+//! estimate is then `(s − b) · ∂m/∂a` at its position (and head), nothing recomputed per cell.
+//! `ig` takes the gradient at `steps` points between the base's and the source's input
+//! embeddings (α = (j + ½)/steps) and averages it; `s` and `b` stay the clean runs'.
+use super::data::left_pad;
+use crate::intervene::atp::{attribution, AtpMethod, AtpMetric, AtpOptions, GradHook};
+use crate::model::{Collector, Fwd, Llama, LogitsAt, Site};
+use crate::tasks::Pair;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+use std::collections::HashMap;
+
+/// Pairs per forward/backward (the backward keeps every unit's activation and gradient).
+pub const ATP_BATCH: usize = 16;
+
+/// One estimated cell: a unit at one position, the whole vector or one head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AtpCell {
+    pub layer: usize,
+    pub site: Site,
+    pub position: String,
+    /// None = the whole vector (for headed sites, the sum of its heads' estimates).
+    pub head: Option<usize>,
+}
+
+impl AtpCell {
+    /// The `heads` column of metrics.csv (empty for the whole vector).
+    pub fn heads(&self) -> String {
+        self.head.map(|h| h.to_string()).unwrap_or_default()
+    }
+}
+
+/// Every cell's estimate for every pair.
+pub struct Estimates {
+    pub cells: Vec<AtpCell>,
+    /// `[cell][pair]`: the estimated `m_patched − m_base` of that pair.
+    pub per_pair: Vec<Vec<f64>>,
+    /// The metric on each clean base run (as the AtP pass computed it).
+    pub base_metric: Vec<f64>,
+}
+
+impl Estimates {
+    /// The mean estimate over pairs of each cell.
+    pub fn means(&self) -> Vec<f64> {
+        self.per_pair.iter().map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64).collect()
+    }
+}
+
+/// The grid: layer × site × position × (whole vector, then each head of a headed site, or the
+/// listed `heads` only).
+pub fn grid(model: &Llama, units: &[(usize, Site)], positions: &[String], heads: &[usize]) -> Result<Vec<AtpCell>> {
+    let mut cells = Vec::new();
+    for &(layer, site) in units {
+        let n = site.n_heads(&model.cfg);
+        if let Some(&h) = heads.iter().find(|&&h| h >= n) {
+            bail!("head {h} is out of range for site {site} ({n} heads)");
+        }
+        for p in positions {
+            cells.push(AtpCell { layer, site, position: p.clone(), head: None });
+            if site.is_headed() {
+                let hs: Vec<usize> = if heads.is_empty() { (0..n).collect() } else { heads.to_vec() };
+                cells.extend(hs.into_iter().map(|h| AtpCell { layer, site, position: p.clone(), head: Some(h) }));
+            }
+        }
+    }
+    Ok(cells)
+}
+
+/// The metric summed over rows (so each row's gradient is its own), from last-position logits,
+/// and its per-row values.
+fn metric(logits: &Tensor, pairs: &[&Pair], which: AtpMetric) -> Result<(Tensor, Vec<f64>)> {
+    let dev = logits.device();
+    let logits = logits.to_dtype(DType::F32)?;
+    let cf = Tensor::from_vec(pairs.iter().map(|p| p.cf_label).collect::<Vec<_>>(), (pairs.len(), 1), dev)?;
+    let per_row = match which {
+        AtpMetric::LogitDiff => {
+            let base = Tensor::from_vec(pairs.iter().map(|p| p.base.label).collect::<Vec<_>>(), (pairs.len(), 1), dev)?;
+            (logits.gather(&cf, 1)? - logits.gather(&base, 1)?)?
+        }
+        AtpMetric::Logprob => candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&cf, 1)?,
+    };
+    let values = per_row.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect();
+    Ok((per_row.sum_all()?, values))
+}
+
+/// Rows `[n, w]` of `act` (`[n, t, w]`) at one position per row.
+fn rows_at(act: &Tensor, pos: &[usize]) -> Result<Tensor> {
+    let (n, t, w) = act.dims3()?;
+    let idx: Vec<u32> = pos.iter().enumerate().map(|(i, &p)| (i * t + p) as u32).collect();
+    Ok(act.reshape((n * t, w))?.index_select(&Tensor::from_vec(idx, n, act.device())?, 0)?)
+}
+
+/// Estimate every cell of the grid on `pairs`.
+pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], positions: &[String], heads: &[usize], opts: &AtpOptions) -> Result<Estimates> {
+    opts.validate()?;
+    let cells = grid(model, units, positions, heads)?;
+    let mut per_pair = vec![vec![0f64; pairs.len()]; cells.len()];
+    let mut base_metric = vec![0f64; pairs.len()];
+    // Each pair's index at every named position, resolved once (a bad name fails before any run).
+    let mut at: HashMap<&str, (Vec<usize>, Vec<usize>)> = HashMap::new();
+    for p in positions {
+        let b = pairs.iter().map(|x| x.base.position(p)).collect::<Result<Vec<_>>>()?;
+        let s = pairs.iter().map(|x| x.source.position(p)).collect::<Result<Vec<_>>>()?;
+        at.insert(p.as_str(), (b, s));
+    }
+    if opts.method == AtpMethod::Ig {
+        if let Some(i) = pairs.iter().position(|p| p.base.ids.len() != p.source.ids.len()) {
+            bail!("atp method \"ig\" interpolates base and source embeddings: pair {i} has prompts of {} and {} tokens", pairs[i].base.ids.len(), pairs[i].source.ids.len());
+        }
+    }
+    let hd = model.cfg.head_dim;
+    for start in (0..pairs.len()).step_by(ATP_BATCH) {
+        let idx: Vec<usize> = (start..(start + ATP_BATCH).min(pairs.len())).collect();
+        let batch: Vec<&Pair> = idx.iter().map(|&i| &pairs[i]).collect();
+        let (ids_b, mask_b, offs_b) = left_pad(&batch.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
+        let (ids_s, mask_s, offs_s) = left_pad(&batch.iter().map(|p| p.source.ids.as_slice()).collect::<Vec<_>>());
+        // The sources' clean activations at every unit.
+        let mut col = Collector::new(units.iter().copied());
+        model.forward(&ids_s, Fwd { attention_mask: Some(&mask_s), hooks: Some(&mut col), logits: LogitsAt::None, ..Default::default() })?;
+        // Base activations and gradients: one pass for plain, a clean pass + one per point for ig.
+        let (base_acts, grads, m_base) = match opts.method {
+            AtpMethod::Plain => {
+                let mut h = GradHook::new(units.iter().copied());
+                let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, ..Default::default() })?;
+                let (m, values) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
+                let g = h.grads(&m.backward()?)?;
+                (std::mem::take(&mut h.acts), g, values)
+            }
+            AtpMethod::Ig => {
+                let mut clean = Collector::new(units.iter().copied());
+                let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut clean), logits: LogitsAt::Last, ..Default::default() })?;
+                let (_, values) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
+                // Equal lengths per pair: both sides are padded alike, so rows line up.
+                let (eb, es) = (model.embed(&ids_b)?, model.embed(&ids_s)?);
+                let delta = (&es - &eb)?;
+                let alphas = opts.alphas();
+                let mut sum: HashMap<(usize, Site), Tensor> = HashMap::new();
+                for &a in &alphas {
+                    let x = (&eb + (&delta * a)?)?;
+                    let mut h = GradHook::new(units.iter().copied());
+                    let fwd = Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, start: Some((0, x)), ..Default::default() };
+                    let out = model.forward(&ids_b, fwd)?;
+                    let (m, _) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
+                    for (k, g) in h.grads(&m.backward()?)? {
+                        let acc = match sum.remove(&k) {
+                            Some(s) => (s + g)?,
+                            None => g,
+                        };
+                        sum.insert(k, acc);
+                    }
+                }
+                let k = alphas.len() as f64;
+                let g = sum.into_iter().map(|(u, s)| Ok((u, (s / k)?))).collect::<Result<HashMap<_, _>>>()?;
+                (clean.acts, g, values)
+            }
+        };
+        for (k, &i) in idx.iter().enumerate() {
+            base_metric[i] = m_base[k];
+        }
+        // Per unit and position: gather the rows once, then every head's sum from them.
+        let mut ci = 0;
+        while ci < cells.len() {
+            let c = &cells[ci];
+            let (u, pos) = ((c.layer, c.site), c.position.as_str());
+            let (pb, ps) = &at[pos];
+            let rb: Vec<usize> = idx.iter().enumerate().map(|(k, &i)| offs_b[k] + pb[i]).collect();
+            let rs: Vec<usize> = idx.iter().enumerate().map(|(k, &i)| offs_s[k] + ps[i]).collect();
+            let s = rows_at(&col.acts[&u].to_dtype(DType::F32)?, &rs)?;
+            let b = rows_at(&base_acts[&u].to_dtype(DType::F32)?, &rb)?;
+            let g = rows_at(&grads[&u], &rb)?;
+            let whole = attribution(&s, &b, &g, s.dim(1)?)?.to_vec2::<f32>()?;
+            let per_head = if c.site.is_headed() { Some(attribution(&s, &b, &g, hd)?.to_vec2::<f32>()?) } else { None };
+            // This unit-position's cells are consecutive in the grid.
+            while ci < cells.len() && (cells[ci].layer, cells[ci].site) == u && cells[ci].position == pos {
+                for (k, &i) in idx.iter().enumerate() {
+                    per_pair[ci][i] = match (cells[ci].head, &per_head) {
+                        (Some(h), Some(ph)) => ph[k][h] as f64,
+                        _ => whole[k][0] as f64,
+                    };
+                }
+                ci += 1;
+            }
+        }
+    }
+    Ok(Estimates { cells, per_pair, base_metric })
+}

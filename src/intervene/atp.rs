@@ -1,0 +1,174 @@
+//! Attribution patching (AtP; METHODS.md §6): the options of `kind = "atp"`, and the one
+//! activation "replacement" it makes — every requested (layer, site) activation `a` becomes
+//! `a + z` with `z` a zero `Var`, so one backward of the metric yields `∂m/∂a = ∂m/∂z` at every
+//! site at once (candle keeps gradients only for variables, and `a + 0` leaves the forward
+//! unchanged). The first-order estimate of patching unit u is `(s_u − b_u) · ∂m/∂a_u`.
+use crate::model::{Hooks, Site, SiteCtx};
+use anyhow::{bail, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+
+/// Where the gradient is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AtpMethod {
+    /// At the clean base run (Nanda 2023).
+    #[default]
+    Plain,
+    /// Averaged over `steps` points on the line from the base's input embeddings to the
+    /// source's, at α = (j + ½)/steps (the midpoint rule: one point = α ½).
+    Ig,
+}
+
+/// The metric whose patching effect is estimated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AtpMetric {
+    /// logit[cf label] − logit[base label] at the answer position (the runs' `logit_diff`).
+    #[default]
+    LogitDiff,
+    /// log p(cf label) at the answer position.
+    Logprob,
+}
+
+fn default_steps() -> usize {
+    5
+}
+
+/// `[intervention.atp]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AtpOptions {
+    #[serde(default)]
+    pub method: AtpMethod,
+    /// Integration points of `ig` (ignored by `plain`).
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    #[serde(default)]
+    pub metric: AtpMetric,
+    /// Really patch the K cells of largest |estimate| and K random ones, and write verify.csv
+    /// (0 = no verification).
+    #[serde(default)]
+    pub verify_top: usize,
+}
+
+impl Default for AtpOptions {
+    fn default() -> Self {
+        Self { method: AtpMethod::Plain, steps: default_steps(), metric: AtpMetric::LogitDiff, verify_top: 0 }
+    }
+}
+
+/// IG points beyond this are a mistake (each is a forward + backward over the test split).
+pub const MAX_STEPS: usize = 256;
+
+impl AtpOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            bail!("intervention.atp.steps = {} must be in 1..={MAX_STEPS}", self.steps);
+        }
+        Ok(())
+    }
+
+    /// The interpolation points α (0 = base, 1 = source) whose gradients are averaged.
+    pub fn alphas(&self) -> Vec<f64> {
+        match self.method {
+            AtpMethod::Plain => vec![0.0],
+            AtpMethod::Ig => (0..self.steps).map(|j| (j as f64 + 0.5) / self.steps as f64).collect(),
+        }
+    }
+
+    pub fn method_name(&self) -> &'static str {
+        match self.method {
+            AtpMethod::Plain => "plain",
+            AtpMethod::Ig => "ig",
+        }
+    }
+}
+
+/// Makes every wanted (layer, site) activation a differentiable leaf: `a + z`, `z = 0` a Var.
+/// After `metric.backward()`, [`GradHook::grads`] gives `∂m/∂a` (f32, `[b, t, w]`) per unit,
+/// and `acts` holds the activations it saw.
+pub struct GradHook {
+    wanted: Vec<(usize, Site)>,
+    zeros: HashMap<(usize, Site), Var>,
+    pub acts: HashMap<(usize, Site), Tensor>,
+}
+
+impl GradHook {
+    pub fn new(wanted: impl IntoIterator<Item = (usize, Site)>) -> Self {
+        Self { wanted: wanted.into_iter().collect(), zeros: HashMap::new(), acts: HashMap::new() }
+    }
+
+    /// `∂m/∂a` of every unit the forward passed, from the metric's gradient store. A unit the
+    /// metric does not depend on gets zeros (candle stores nothing for it).
+    pub fn grads(&self, store: &GradStore) -> Result<HashMap<(usize, Site), Tensor>> {
+        let mut out = HashMap::new();
+        for (k, z) in &self.zeros {
+            let g = match store.get(z.as_tensor()) {
+                Some(g) => g.to_dtype(DType::F32)?,
+                None => z.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
+            };
+            out.insert(*k, g);
+        }
+        if out.len() != self.wanted.len() {
+            bail!("the forward pass reached {} of the {} requested sites", out.len(), self.wanted.len());
+        }
+        Ok(out)
+    }
+}
+
+impl Hooks for GradHook {
+    fn wants(&self, layer: usize, site: Site) -> bool {
+        self.wanted.contains(&(layer, site))
+    }
+    fn on(&mut self, layer: usize, site: Site, act: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
+        let z = Var::zeros(act.shape(), act.dtype(), act.device())?;
+        let out = (act + z.as_tensor())?;
+        self.acts.insert((layer, site), act.detach());
+        self.zeros.insert((layer, site), z);
+        Ok(Some(out))
+    }
+}
+
+/// Per-row attribution of one unit: `Σ_cols (s − b) · g` over each group of `group` columns
+/// (a head's `head_dim`, or the whole width). `s`, `b`, `g`: `[n, w]`; returns `[n, w / group]`.
+pub fn attribution(s: &Tensor, b: &Tensor, g: &Tensor, group: usize) -> Result<Tensor> {
+    let (n, w) = s.dims2()?;
+    if group == 0 || w % group != 0 {
+        bail!("attribution groups of {group} columns do not divide width {w}");
+    }
+    let prod = ((s - b)? * g)?;
+    Ok(prod.reshape((n, w / group, group))?.sum(2)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn options_parse_with_defaults_and_reject_unknown_keys() {
+        let o: AtpOptions = toml::from_str("method = \"ig\"").unwrap();
+        assert_eq!((o.method, o.steps, o.metric, o.verify_top), (AtpMethod::Ig, 5, AtpMetric::LogitDiff, 0));
+        assert_eq!(o.alphas(), vec![0.1, 0.3, 0.5, 0.7, 0.9]);
+        assert!(toml::from_str::<AtpOptions>("method = \"ig\"\nstep = 3").unwrap_err().to_string().contains("step"));
+        assert!(toml::from_str::<AtpOptions>("method = \"nope\"").is_err());
+        let one = AtpOptions { method: AtpMethod::Ig, steps: 1, ..Default::default() };
+        assert_eq!(one.alphas(), vec![0.5]);
+        assert!(AtpOptions { steps: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("steps"));
+    }
+
+    #[test]
+    fn attribution_sums_each_head_group() {
+        let d = Device::Cpu;
+        let s = Tensor::new(&[[1f32, 2., 3., 4.]], &d).unwrap();
+        let b = Tensor::new(&[[0f32, 1., 1., 1.]], &d).unwrap();
+        let g = Tensor::new(&[[2f32, 1., -1., 0.5]], &d).unwrap();
+        // (s − b) = [1, 1, 2, 3]; · g = [2, 1, −2, 1.5].
+        assert_eq!(attribution(&s, &b, &g, 2).unwrap().to_vec2::<f32>().unwrap(), vec![vec![3.0, -0.5]]);
+        assert_eq!(attribution(&s, &b, &g, 4).unwrap().to_vec2::<f32>().unwrap(), vec![vec![2.5]]);
+        assert!(attribution(&s, &b, &g, 3).is_err());
+    }
+}

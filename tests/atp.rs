@@ -1,0 +1,252 @@
+//! Attribution patching against computations written plainly here: a per-cell backward through a
+//! hand-made replacement `a ← a + α (s − a)` (dm/dα at α = 0 is the cell's AtP estimate), central
+//! finite differences of the fused inference forward (what would catch gradients lost in an op
+//! without a backward), IG with one point against the same backward at the midpoint embeddings,
+//! and verification against a patching sweep's own numbers.
+mod common;
+use candle_core::{DType, Device, Tensor, Var};
+use road_dii::experiment::atp::{self, AtpCell};
+use road_dii::experiment::data::left_pad;
+use road_dii::intervene::atp::{AtpMethod, AtpMetric, AtpOptions};
+use road_dii::model::{registry, Collector, Fwd, Hooks, Llama, Loaded, LogitsAt, Site, SiteCtx};
+use road_dii::tasks::{self, Pair, Prompt};
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+fn tiny() -> &'static Loaded {
+    static M: OnceLock<Loaded> = OnceLock::new();
+    M.get_or_init(|| registry::load("tiny-equality", DType::F32, &Device::Cpu, false).expect("load data/models/tiny-equality"))
+}
+
+/// Replaces, in row i at position `pos[i]` (and the cell's head columns), `a` by `a + α (s_i − a)`.
+struct AlphaSwap {
+    layer: usize,
+    site: Site,
+    pos: Vec<usize>,
+    source: Vec<Vec<f32>>,
+    cols: std::ops::Range<usize>,
+    /// The clean base vectors `(s − b)` is taken against; None = the run's own (the clean base
+    /// when the run is the base's).
+    base: Option<Vec<Vec<f32>>>,
+    alpha: Tensor,
+}
+
+impl Hooks for AlphaSwap {
+    fn wants(&self, l: usize, s: Site) -> bool {
+        l == self.layer && s == self.site
+    }
+    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
+        let (b, t, w) = act.dims3()?;
+        let a = act.detach().to_vec3::<f32>()?;
+        let mut d = vec![0f32; b * t * w];
+        for i in 0..b {
+            for c in self.cols.clone() {
+                let b = self.base.as_ref().map_or(a[i][self.pos[i]][c], |v| v[i][c]);
+                d[(i * t + self.pos[i]) * w + c] = self.source[i][c] - b;
+            }
+        }
+        let d = Tensor::from_vec(d, (b, t, w), act.device())?;
+        Ok(Some((act + d.broadcast_mul(&self.alpha)?)?))
+    }
+}
+
+/// Σ over rows of the metric from last-position logits.
+fn metric_sum(logits: &Tensor, pairs: &[Pair], which: AtpMetric) -> Tensor {
+    let l = logits.to_dtype(DType::F32).unwrap();
+    let mut terms = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        let row = l.get(i).unwrap();
+        let t = match which {
+            AtpMetric::LogitDiff => (row.get(p.cf_label as usize).unwrap() - row.get(p.base.label as usize).unwrap()).unwrap(),
+            AtpMetric::Logprob => candle_nn::ops::log_softmax(&row, 0).unwrap().get(p.cf_label as usize).unwrap(),
+        };
+        terms.push(t);
+    }
+    Tensor::stack(&terms, 0).unwrap().sum_all().unwrap()
+}
+
+/// Each row's clean source (or base) vector at the cell's position (a plain forward, padded).
+fn clean_vectors(m: &Llama, pairs: &[Pair], c: &AtpCell, source: bool) -> Vec<Vec<f32>> {
+    let side = |p: &Pair| if source { p.source.clone() } else { p.base.clone() };
+    let (ids, mask, offs) = left_pad(&pairs.iter().map(|p| side(p).ids).collect::<Vec<_>>().iter().map(|v| v.as_slice()).collect::<Vec<_>>());
+    let mut col = Collector::new([(c.layer, c.site)]);
+    m.forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut col), logits: LogitsAt::None, ..Default::default() }).unwrap();
+    let a = col.get(c.layer, c.site).unwrap().to_vec3::<f32>().unwrap();
+    pairs.iter().enumerate().map(|(i, p)| a[i][offs[i] + side(p).position(&c.position).unwrap()].clone()).collect()
+}
+
+/// The swap of cell `c` over the left-padded base batch, at scale `alpha`.
+fn swap_for(m: &Llama, pairs: &[Pair], c: &AtpCell, alpha: Tensor, clean_base: bool) -> (AlphaSwap, Vec<Vec<u32>>, Vec<Vec<u8>>) {
+    let (ids, mask, offs) = left_pad(&pairs.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
+    let hd = m.cfg.head_dim;
+    let source = clean_vectors(m, pairs, c, true);
+    let w = source[0].len();
+    let cols = match c.head {
+        Some(h) => h * hd..(h + 1) * hd,
+        None => 0..w,
+    };
+    let pos = pairs.iter().enumerate().map(|(i, p)| offs[i] + p.base.position(&c.position).unwrap()).collect();
+    let base = clean_base.then(|| clean_vectors(m, pairs, c, false));
+    (AlphaSwap { layer: c.layer, site: c.site, pos, source, cols, base, alpha }, ids, mask)
+}
+
+/// dm/dα at α = 0 by candle's backward through the hand-made replacement, with the forward
+/// starting from `start` embeddings when given (IG's midpoint).
+fn direct(m: &Llama, pairs: &[Pair], c: &AtpCell, which: AtpMetric, start: Option<Tensor>) -> f64 {
+    let alpha = Var::zeros((), DType::F32, m.device()).unwrap();
+    let (mut h, ids, mask) = swap_for(m, pairs, c, alpha.as_tensor().clone(), start.is_some());
+    let out = m
+        .forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, start: start.map(|x| (0, x)), ..Default::default() })
+        .unwrap();
+    let g = metric_sum(out.logits.as_ref().unwrap(), pairs, which).backward().unwrap();
+    g.get(alpha.as_tensor()).map_or(0.0, |g| g.to_scalar::<f32>().unwrap() as f64)
+}
+
+/// Central finite difference of the metric at α = 0 on the fused (non-differentiable) forward.
+fn finite_difference(m: &Llama, pairs: &[Pair], c: &AtpCell, eps: f64) -> f64 {
+    let at = |a: f64| -> f64 {
+        let alpha = Tensor::new(a as f32, m.device()).unwrap();
+        let (mut h, ids, mask) = swap_for(m, pairs, c, alpha, false);
+        let out = m.forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut h), logits: LogitsAt::Last, ..Default::default() }).unwrap();
+        metric_sum(out.logits.as_ref().unwrap(), pairs, AtpMetric::LogitDiff).to_scalar::<f32>().unwrap() as f64
+    };
+    (at(eps) - at(-eps)) / (2.0 * eps)
+}
+
+fn equality_pairs(n: usize, seed: u64) -> Vec<Pair> {
+    tasks::equality::dataset(&tiny().tok, tasks::equality::Variable::Left, [0, 0, n], seed).unwrap().test
+}
+
+/// Pairs of random token prompts of different lengths (so batches are padded), with one named
+/// position `x` and equal base/source lengths per pair (what IG needs).
+fn padded_pairs(vocab: u32, n: usize, seed: u64) -> Vec<Pair> {
+    let mut rng = road_dii::util::rng::Rng::new(seed);
+    let mut prompt = |len: usize| -> Prompt {
+        let ids: Vec<u32> = (0..len).map(|_| rng.below(vocab as usize) as u32).collect();
+        let positions: BTreeMap<String, usize> = [("x".to_string(), 1), ("last".to_string(), len - 1)].into_iter().collect();
+        Prompt { text: format!("{ids:?}"), label: ids[0], ids, positions }
+    };
+    (0..n)
+        .map(|i| {
+            let len = 4 + i % 4;
+            let (base, source) = (prompt(len), prompt(len));
+            Pair { cf_label: source.label, answers: vec![base.label, source.label], base, source }
+        })
+        .collect()
+}
+
+fn close(got: f64, want: f64, tol: f64) -> bool {
+    (got - want).abs() <= tol * want.abs().max(1.0)
+}
+
+/// Every cell's summed estimate against the direct backward; returns how many were non-zero.
+fn check_plain(m: &Llama, pairs: &[Pair], units: &[(usize, Site)], positions: &[&str], which: AtpMetric) -> usize {
+    let positions: Vec<String> = positions.iter().map(|s| s.to_string()).collect();
+    let opts = AtpOptions { metric: which, ..Default::default() };
+    let est = atp::estimate(m, pairs, units, &positions, &[], &opts).unwrap();
+    let mut nonzero = 0;
+    for (c, v) in est.cells.iter().zip(&est.per_pair) {
+        let got: f64 = v.iter().sum();
+        let want = direct(m, pairs, c, which, None);
+        assert!(close(got, want, 1e-4), "{c:?}: AtP {got} vs direct backward {want}");
+        nonzero += (want.abs() > 1e-3) as usize;
+    }
+    nonzero
+}
+
+const ALL_SITES: [Site; 9] = Site::ALL;
+
+#[test]
+fn plain_atp_equals_a_direct_backward_at_every_site_on_the_tiny_model() {
+    let m = &tiny().model;
+    let pairs = equality_pairs(20, 3);
+    let units: Vec<(usize, Site)> = [0, 1, 2].iter().flat_map(|&l| ALL_SITES.iter().map(move |&s| (l, s))).collect();
+    let nz = check_plain(m, &pairs, &units, &["a", "b", "last"], AtpMetric::LogitDiff);
+    // 3 layers × 9 sites × 3 positions + heads: most cells carry a gradient.
+    assert!(nz > 100, "only {nz} non-zero estimates");
+    let nz = check_plain(m, &pairs[..6], &[(1, Site::HeadOutput), (2, Site::V), (1, Site::MlpOutput)], &["b", "d"], AtpMetric::Logprob);
+    assert!(nz > 5, "{nz}");
+}
+
+#[test]
+fn plain_atp_equals_a_direct_backward_on_padded_batches() {
+    let m = &tiny().model;
+    let pairs = padded_pairs(m.cfg.vocab_size as u32, 21, 9);
+    let (_, mask, _) = left_pad(&pairs.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
+    assert!(mask.iter().any(|r| r[0] == 0), "the batch must be padded");
+    let units = [(0, Site::Q), (0, Site::K), (1, Site::V), (1, Site::HeadOutput), (2, Site::BlockInput), (2, Site::ResidMid)];
+    let nz = check_plain(m, &pairs, &units, &["x", "last", "-2"], AtpMetric::LogitDiff);
+    assert!(nz > 20, "{nz}");
+}
+
+#[test]
+fn atp_gradients_match_finite_differences_of_the_fused_forward() {
+    // Guards against an op without a backward (fused rms_norm, softmax, rope): the gradient
+    // would silently vanish, and the direct backward would agree with it; finite differences
+    // of the inference kernels would not.
+    let m = &tiny().model;
+    let pairs = equality_pairs(12, 4);
+    let units = [(0, Site::BlockInput), (0, Site::Q), (0, Site::K), (1, Site::HeadOutput), (1, Site::ResidMid), (2, Site::MlpOutput)];
+    let positions: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    let est = atp::estimate(m, &pairs, &units, &positions, &[], &AtpOptions::default()).unwrap();
+    let mut checked = 0;
+    for (c, v) in est.cells.iter().zip(&est.per_pair).filter(|(c, _)| c.head.is_none() || c.head == Some(1)) {
+        let got: f64 = v.iter().sum();
+        // Richardson's extrapolation of two central differences: O(h⁴), so the small steps
+        // an f32 forward can resolve suffice where the trained model's metric bends sharply.
+        let (f1, f2) = (finite_difference(m, &pairs, c, 2e-3), finite_difference(m, &pairs, c, 1e-3));
+        let fd = (4.0 * f2 - f1) / 3.0;
+        // f32 rounding of a metric summed over 12 pairs, divided by a 1e-3 step: ~1e-2 absolute.
+        assert!((got - fd).abs() <= 2e-2 * fd.abs() + 1e-2, "{c:?}: AtP {got} vs finite difference {fd}");
+        checked += (fd.abs() > 0.5) as usize;
+    }
+    assert!(checked >= 10, "only {checked} cells with a clear gradient");
+}
+
+#[test]
+fn ig_with_one_point_equals_the_gradient_at_the_midpoint_embeddings() {
+    let m = &tiny().model;
+    for pairs in [equality_pairs(10, 5), padded_pairs(m.cfg.vocab_size as u32, 9, 11)] {
+        let pos: Vec<String> = if pairs[0].base.positions.contains_key("a") { vec!["a".into(), "last".into()] } else { vec!["x".into(), "last".into()] };
+        let units = [(0, Site::K), (1, Site::HeadOutput), (2, Site::BlockOutput)];
+        let opts = AtpOptions { method: AtpMethod::Ig, steps: 1, ..Default::default() };
+        let est = atp::estimate(m, &pairs, &units, &pos, &[], &opts).unwrap();
+        let (ib, _, _) = left_pad(&pairs.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
+        let (is, _, _) = left_pad(&pairs.iter().map(|p| p.source.ids.as_slice()).collect::<Vec<_>>());
+        let mid = ((m.embed(&ib).unwrap() + m.embed(&is).unwrap()).unwrap() * 0.5).unwrap();
+        let mut differs = 0;
+        for (c, v) in est.cells.iter().zip(&est.per_pair) {
+            let got: f64 = v.iter().sum();
+            let want = direct(m, &pairs, c, AtpMetric::LogitDiff, Some(mid.clone()));
+            assert!(close(got, want, 1e-4), "{c:?}: IG(1) {got} vs midpoint backward {want}");
+            differs += !close(want, direct(m, &pairs, c, AtpMetric::LogitDiff, None), 1e-3) as usize;
+        }
+        // The midpoint is not the base: IG(1) is not plain AtP in disguise.
+        assert!(differs > 3, "{differs}");
+    }
+    let mut bad = equality_pairs(2, 5);
+    let extra = bad[0].source.ids[0];
+    bad[0].source.ids.push(extra);
+    let opts = AtpOptions { method: AtpMethod::Ig, ..Default::default() };
+    let e = atp::estimate(m, &bad, &[(0, Site::BlockOutput)], &["a".into()], &[], &opts).err().unwrap().to_string();
+    assert!(e.contains("ig") && e.contains("pair 0") && !e.contains('\n'), "{e}");
+}
+
+#[test]
+fn plain_atp_equals_a_direct_backward_on_smollm2_padded_ioi() {
+    let l = common::smollm2();
+    let cfg = tasks::ioi::IoiConfig { variable: tasks::ioi::Variable::Flip, templates: vec![0, 4], sizes: [0, 0, 6], seed: 2 };
+    let pairs = tasks::ioi::dataset(&l.tok, &cfg).unwrap().test;
+    assert!(pairs.iter().any(|p| p.base.ids.len() != pairs[0].base.ids.len()), "two templates: a padded batch");
+    let units = [(3, Site::BlockOutput), (9, Site::Q), (9, Site::K), (14, Site::V), (20, Site::HeadOutput), (24, Site::MlpOutput)];
+    let positions: Vec<String> = ["S2", "last"].iter().map(|s| s.to_string()).collect();
+    let est = atp::estimate(&l.model, &pairs, &units, &positions, &[0, 2], &AtpOptions::default()).unwrap();
+    let mut nonzero = 0;
+    for (c, v) in est.cells.iter().zip(&est.per_pair) {
+        let got: f64 = v.iter().sum();
+        let want = direct(&l.model, &pairs, c, AtpMetric::LogitDiff, None);
+        assert!(close(got, want, 1e-4), "{c:?}: AtP {got} vs direct backward {want}");
+        nonzero += (want.abs() > 1e-3) as usize;
+    }
+    assert!(nonzero > 10, "{nonzero}");
+}
