@@ -250,3 +250,74 @@ fn plain_atp_equals_a_direct_backward_on_smollm2_padded_ioi() {
     }
     assert!(nonzero > 10, "{nonzero}");
 }
+
+const TINY_ATP: &str = r#"
+name = "tiny-atp"
+seed = 0
+[model]
+name = "tiny-equality"
+[task]
+name = "equality"
+variable = "left"
+sizes = [0, 0, 40]
+[sites]
+layers = "all"
+site = ["block_output", "mlp_output", "head_output"]
+positions = ["a", "b", "last"]
+[intervention]
+kind = "atp"
+[intervention.atp]
+verify_top = 1000
+"#;
+
+fn read_csv(path: &std::path::Path) -> Vec<BTreeMap<String, String>> {
+    let mut r = csv::Reader::from_path(path).unwrap();
+    let h = r.headers().unwrap().clone();
+    r.records().map(|x| h.iter().zip(x.unwrap().iter()).map(|(a, b)| (a.to_string(), b.to_string())).collect()).collect()
+}
+
+#[test]
+fn verified_effects_equal_a_patching_sweeps_numbers_exactly() {
+    use road_dii::experiment::{run, RunOptions, Spec};
+    let out = std::env::temp_dir().join(format!("road-atp-test-{}", std::process::id()));
+    std::env::set_var("ROAD_OUT", &out);
+    let silent = &mut road_dii::runs::events::Silent;
+    let spec = Spec::from_toml(TINY_ATP, "tiny-atp").unwrap();
+    let a = run(&spec, &RunOptions::default(), silent).unwrap();
+    assert!(a.complete);
+    for f in ["metrics.csv", "verify.csv", "verify_summary.json", "summary.json", "atp_heatmap_block_output.svg", "atp_heatmap_head_output_h3.svg"] {
+        assert!(a.run_dir.join(f).exists(), "missing {f}");
+    }
+    let metrics = read_csv(&a.run_dir.join("metrics.csv"));
+    // 3 layers × 3 positions × (block_output, mlp_output, head_output + its 4 heads).
+    assert_eq!(metrics.len(), 3 * 3 * 7);
+    assert!(metrics.iter().all(|r| r["intervention"] == "atp" && r["method"] == "plain" && r["effect_estimate"].parse::<f64>().unwrap().is_finite()));
+    let verify = read_csv(&a.run_dir.join("verify.csv"));
+    assert_eq!(verify.len(), metrics.len(), "verify_top beyond the grid verifies every cell");
+    // The same cells by a patching sweep: whole vectors, then heads one by one.
+    let whole = Spec::from_toml_with(TINY_ATP, "vanilla", &["intervention.kind=\"vanilla\"".into()]).unwrap();
+    let heads = Spec::from_toml_with(
+        TINY_ATP,
+        "heads",
+        &["intervention.kind=\"vanilla\"".into(), "sites.site=\"head_output\"".into(), "sites.sweep_heads=true".into()],
+    )
+    .unwrap();
+    let mut patched = Vec::new();
+    for s in [whole, heads] {
+        let r = run(&s, &RunOptions::default(), silent).unwrap();
+        patched.extend(read_csv(&r.run_dir.join("metrics.csv")).into_iter().filter(|r| r["split"] == "test"));
+    }
+    let key = |r: &BTreeMap<String, String>| (r["layer"].clone(), r["site"].clone(), r["position"].clone(), r["heads"].clone());
+    let mut offsets = Vec::new();
+    for v in &verify {
+        let p = patched.iter().find(|p| key(p) == key(v)).unwrap_or_else(|| panic!("no patching row for {:?}", key(v)));
+        assert_eq!(v["logit_diff"], p["logit_diff"], "{:?}", key(v));
+        offsets.push(v["logit_diff"].parse::<f64>().unwrap() - v["true_effect"].parse::<f64>().unwrap());
+    }
+    // true_effect = patched LD − the clean base LD (one number for every cell).
+    assert!(offsets.iter().all(|o| (o - offsets[0]).abs() < 1e-9), "{offsets:?}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.run_dir.join("verify_summary.json")).unwrap()).unwrap();
+    let r = summary["pearson"].as_f64().unwrap();
+    assert!(r.is_finite() && r > 0.0, "{summary}");
+    let _ = std::fs::remove_dir_all(&out);
+}

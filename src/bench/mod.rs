@@ -1,6 +1,7 @@
 //! `road bench ...`: throughput measurements (reported, never asserted in tests). Each bench
 //! takes plain arguments (a model name; device and dtype are the run-wide choice in `runtime`),
 //! so only the CLI layer knows clap.
+pub mod atp;
 pub mod batching;
 pub mod dii;
 pub mod forward;

@@ -121,6 +121,19 @@ pub fn run_file(file: Option<&Path>, sets: &[String], how: RunHow) -> Result<()>
     } else {
         println!("{} finished in {:.1}s; outputs in {}", spec.name, summary.seconds, summary.run_dir.display());
         let mut best: Vec<_> = summary.cells.iter().collect();
+        if spec.intervention.kind_name() == "atp" {
+            // No IIA: the cells whose estimated patched logit difference is highest.
+            best.sort_by(|a, b| b.test_logit_diff.total_cmp(&a.test_logit_diff));
+            for c in best.iter().take(5) {
+                println!("  {:<40} estimated logit diff {:+.3}", c.label, c.test_logit_diff);
+            }
+            if let Ok(v) = std::fs::read_to_string(summary.run_dir.join("verify_summary.json")) {
+                println!("  verification: {}", summary.run_dir.join("verify.csv").display());
+                let v: serde_json::Value = serde_json::from_str(&v)?;
+                println!("  Pearson {:.3}, Spearman {:.3} over {} verified cells", v["pearson"].as_f64().unwrap_or(f64::NAN), v["spearman"].as_f64().unwrap_or(f64::NAN), v["verified"]);
+            }
+            return Ok(());
+        }
         best.sort_by(|a, b| b.test_iia_vocab.total_cmp(&a.test_iia_vocab));
         for c in best.iter().take(5) {
             println!("  {:<40} test IIA {:.3} (answers {:.3}), logit diff {:+.3}", c.label, c.test_iia_vocab, c.test_iia_answers, c.test_logit_diff);

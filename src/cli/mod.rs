@@ -184,6 +184,23 @@ pub enum BenchCmd {
         #[arg(long)]
         layers: Option<usize>,
     },
+    /// Attribution patching of the whole IOI map (every layer x site x position x head) against
+    /// real patching of the block_output cells: seconds per cell.
+    Atp {
+        #[command(flatten)]
+        m: ModelArgs,
+        #[arg(long, default_value_t = 48)]
+        pairs: usize,
+        /// plain | ig
+        #[arg(long, default_value = "plain")]
+        method: String,
+        /// IG points.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Patch only the first N layers' block_output cells (quick runs).
+        #[arg(long)]
+        patch_layers: Option<usize>,
+    },
     /// Rank-1 DAS training at one layer's final token: examples/s.
     Das {
         #[command(flatten)]
@@ -277,6 +294,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bench::forward::forward(&m.model, random_config.as_deref(), &shapes, reps, decode_tokens)?
             }
             BenchCmd::Patching { m, pairs, layers } => bench::dii::patching(&m.model, pairs, layers)?,
+            BenchCmd::Atp { m, pairs, method, steps, patch_layers } => bench::atp::atp(&m.model, pairs, &method, steps, patch_layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::dii::das(&m.model, layer, steps, batch)?,
             BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats } => {
                 let sw = crate::bench::batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats };

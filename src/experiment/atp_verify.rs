@@ -80,7 +80,8 @@ pub fn verify(r: &AtpRun<'_>, est: &Estimates, means: &[f64], cancel: &AtomicBoo
     let mut units: Vec<(usize, Site)> = chosen.iter().map(|&(i, ..)| (est.cells[i].layer, est.cells[i].site)).collect();
     units.sort();
     units.dedup();
-    sink.send(RunEvent::Log(format!("verifying {} cells by real patching (top {k} by |estimate| + {k} random)", chosen.len())));
+    let top = chosen.iter().filter(|c| c.2 == "top").count();
+    sink.send(RunEvent::Log(format!("verifying {} cells by real patching (top {top} by |estimate| + {} random)", chosen.len(), chosen.len() - top)));
     let cache = data::cache_split(r.model, pairs, &units)?;
     let t0 = std::time::Instant::now();
     let mut rows = Vec::with_capacity(chosen.len());

@@ -149,16 +149,19 @@ pub enum Metric {
     IiaAnswers,
     NormalizedEffect,
     LogitDiff,
+    /// An AtP run's estimated `LD_patched − LD_base` (NaN in other runs).
+    EffectEstimate,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 4] = [Metric::IiaVocab, Metric::IiaAnswers, Metric::NormalizedEffect, Metric::LogitDiff];
+    pub const ALL: [Metric; 5] = [Metric::IiaVocab, Metric::IiaAnswers, Metric::NormalizedEffect, Metric::LogitDiff, Metric::EffectEstimate];
     pub fn name(self) -> &'static str {
         match self {
             Metric::IiaVocab => "iia_vocab",
             Metric::IiaAnswers => "iia_answers",
             Metric::NormalizedEffect => "normalized_effect",
             Metric::LogitDiff => "logit_diff",
+            Metric::EffectEstimate => "effect_estimate",
         }
     }
     pub fn get(self, r: &MetricRow) -> f64 {
@@ -167,6 +170,7 @@ impl Metric {
             Metric::IiaAnswers => r.iia_answers,
             Metric::NormalizedEffect => r.normalized_effect,
             Metric::LogitDiff => r.logit_diff,
+            Metric::EffectEstimate => r.effect_estimate,
         }
     }
     pub fn next(self) -> Metric {

@@ -81,6 +81,11 @@ pub(super) fn on_loaded(app: &mut App, data: RunData) -> Vec<Command> {
         r.tokens = None;
     }
     r.loading = false;
+    // An AtP run has no IIA: open it on its estimates, its table sorted by the estimated LD.
+    if data.intervention == "atp" && matches!(r.metric, Metric::IiaVocab | Metric::IiaAnswers) {
+        r.metric = Metric::EffectEstimate;
+        r.sort_col = 6;
+    }
     let mut cmds = vec![];
     let numeric = Grid::build(&data.metrics, &data.sites().first().cloned().unwrap_or_default(), Metric::IiaVocab).numeric_positions();
     if numeric && r.tokens.is_none() {
