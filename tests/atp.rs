@@ -90,13 +90,34 @@ fn swap_for(m: &Llama, pairs: &[Pair], c: &AtpCell, alpha: Tensor, clean_base: b
     (AlphaSwap { layer: c.layer, site: c.site, pos, source, cols, base, alpha }, ids, mask)
 }
 
+/// Passes layer `layer`'s attn_output and mlp_output on detached (GradDrop, written plainly).
+struct Detach {
+    layer: usize,
+}
+
+impl Hooks for Detach {
+    fn wants(&self, l: usize, s: Site) -> bool {
+        l == self.layer && matches!(s, Site::AttnOutput | Site::MlpOutput)
+    }
+    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
+        Ok(Some(act.detach()))
+    }
+}
+
 /// dm/dα at α = 0 by candle's backward through the hand-made replacement, with the forward
 /// starting from `start` embeddings when given (IG's midpoint).
 fn direct(m: &Llama, pairs: &[Pair], c: &AtpCell, which: AtpMetric, start: Option<Tensor>) -> f64 {
+    direct_dropping(m, pairs, c, which, start, None)
+}
+
+fn direct_dropping(m: &Llama, pairs: &[Pair], c: &AtpCell, which: AtpMetric, start: Option<Tensor>, drop: Option<usize>) -> f64 {
     let alpha = Var::zeros((), DType::F32, m.device()).unwrap();
     let (mut h, ids, mask) = swap_for(m, pairs, c, alpha.as_tensor().clone(), start.is_some());
+    let mut d = Detach { layer: drop.unwrap_or(usize::MAX) };
+    // The detach first: a unit at a dropped site still gets the gradient from after it.
+    let mut chain = road_dii::model::sites::HookChain(vec![&mut d, &mut h]);
     let out = m
-        .forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, start: start.map(|x| (0, x)), ..Default::default() })
+        .forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut chain), logits: LogitsAt::Last, differentiable: true, start: start.map(|x| (0, x)), ..Default::default() })
         .unwrap();
     let g = metric_sum(out.logits.as_ref().unwrap(), pairs, which).backward().unwrap();
     g.get(alpha.as_tensor()).map_or(0.0, |g| g.to_scalar::<f32>().unwrap() as f64)
@@ -320,4 +341,31 @@ fn verified_effects_equal_a_patching_sweeps_numbers_exactly() {
     let r = summary["pearson"].as_f64().unwrap();
     assert!(r.is_finite() && r > 0.0, "{summary}");
     let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn grad_drop_equals_direct_backwards_with_each_layer_detached() {
+    let m = &tiny().model;
+    let pairs = equality_pairs(10, 6);
+    let units = [(0, Site::Q), (0, Site::HeadOutput), (1, Site::BlockInput), (1, Site::AttnOutput), (2, Site::MlpOutput)];
+    let positions: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
+    let opts = AtpOptions { grad_drop: true, ..Default::default() };
+    let est = atp::estimate(m, &pairs, &units, &positions, &[1], &opts).unwrap();
+    let dropped = est.dropped.as_ref().unwrap();
+    assert_eq!(dropped.len(), 3);
+    let n = pairs.len() as f64;
+    let mut changed = 0;
+    for (ci, c) in est.cells.iter().enumerate() {
+        let plain = direct(m, &pairs, c, AtpMetric::LogitDiff, None) / n;
+        let mut want = 0.0;
+        for l in 0..3 {
+            let d = direct_dropping(m, &pairs, c, AtpMetric::LogitDiff, None, Some(l)) / n;
+            assert!(close(dropped[l][ci], d, 1e-4), "{c:?} dropping layer {l}: {} vs {d}", dropped[l][ci]);
+            changed += !close(d, plain, 1e-3) as usize;
+            want += d.abs();
+        }
+        assert!(close(est.means()[ci], want / 2.0, 1e-4), "{c:?}");
+    }
+    // Dropping a layer at or after a unit changes its gradient; before it, nothing.
+    assert!(changed >= 6, "{changed}");
 }

@@ -39,12 +39,20 @@ pub struct Estimates {
     pub per_pair: Vec<Vec<f64>>,
     /// The metric on each clean base run (as the AtP pass computed it).
     pub base_metric: Vec<f64>,
+    /// GradDrop: `[layer][cell]`, the mean estimate with that layer's gradient dropped.
+    pub dropped: Option<Vec<Vec<f64>>>,
 }
 
 impl Estimates {
-    /// The mean estimate over pairs of each cell.
+    /// Each cell's estimate: the mean over pairs, or with GradDrop `Σ_ℓ |mean_ℓ| / (L − 1)`.
     pub fn means(&self) -> Vec<f64> {
-        self.per_pair.iter().map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64).collect()
+        match &self.dropped {
+            None => self.per_pair.iter().map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64).collect(),
+            Some(d) => {
+                let norm = (d.len().max(2) - 1) as f64;
+                (0..self.cells.len()).map(|c| d.iter().map(|l| l[c].abs()).sum::<f64>() / norm).collect()
+            }
+        }
     }
 }
 
@@ -98,6 +106,7 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
     let cells = grid(model, units, positions, heads)?;
     let mut per_pair = vec![vec![0f64; pairs.len()]; cells.len()];
     let mut base_metric = vec![0f64; pairs.len()];
+    let mut dropped = opts.grad_drop.then(|| vec![vec![0f64; cells.len()]; model.cfg.num_layers]);
     // Each pair's index at every named position, resolved once (a bad name fails before any run).
     let mut at: HashMap<&str, (Vec<usize>, Vec<usize>)> = HashMap::new();
     for p in positions {
@@ -159,30 +168,65 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
         for (k, &i) in idx.iter().enumerate() {
             base_metric[i] = m_base[k];
         }
-        // Per unit and position: gather the rows once, then every head's sum from them.
-        let mut ci = 0;
-        while ci < cells.len() {
-            let c = &cells[ci];
-            let (u, pos) = ((c.layer, c.site), c.position.as_str());
-            let (pb, ps) = &at[pos];
-            let rb: Vec<usize> = idx.iter().enumerate().map(|(k, &i)| offs_b[k] + pb[i]).collect();
-            let rs: Vec<usize> = idx.iter().enumerate().map(|(k, &i)| offs_s[k] + ps[i]).collect();
-            let s = rows_at(&col.acts[&u].to_dtype(DType::F32)?, &rs)?;
-            let b = rows_at(&base_acts[&u].to_dtype(DType::F32)?, &rb)?;
-            let g = rows_at(&grads[&u], &rb)?;
-            let whole = attribution(&s, &b, &g, s.dim(1)?)?.to_vec2::<f32>()?;
-            let per_head = if c.site.is_headed() { Some(attribution(&s, &b, &g, hd)?.to_vec2::<f32>()?) } else { None };
-            // This unit-position's cells are consecutive in the grid.
-            while ci < cells.len() && (cells[ci].layer, cells[ci].site) == u && cells[ci].position == pos {
-                for (k, &i) in idx.iter().enumerate() {
-                    per_pair[ci][i] = match (cells[ci].head, &per_head) {
-                        (Some(h), Some(ph)) => ph[k][h] as f64,
-                        _ => whole[k][0] as f64,
-                    };
+        let values = |grads: &HashMap<(usize, Site), Tensor>| -> Result<Vec<Vec<f64>>> {
+            let side = Side { idx: &idx, offs_b: &offs_b, offs_s: &offs_s, source: &col.acts, base: &base_acts, grads };
+            cell_values(&cells, &at, &side, hd)
+        };
+        for (ci, v) in values(&grads)?.into_iter().enumerate() {
+            for (k, &i) in idx.iter().enumerate() {
+                per_pair[ci][i] = v[k];
+            }
+        }
+        if let Some(d) = dropped.as_mut() {
+            for (l, acc) in d.iter_mut().enumerate() {
+                let mut h = GradHook::dropping(units.iter().copied(), l);
+                let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, ..Default::default() })?;
+                let (m, _) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
+                for (ci, v) in values(&h.grads(&m.backward()?)?)?.into_iter().enumerate() {
+                    acc[ci] += v.iter().sum::<f64>() / pairs.len() as f64;
                 }
-                ci += 1;
             }
         }
     }
-    Ok(Estimates { cells, per_pair, base_metric })
+    Ok(Estimates { cells, per_pair, base_metric, dropped })
+}
+
+/// One batch's rows: pair indices, left-padding offsets, and the activations and gradients.
+struct Side<'a> {
+    idx: &'a [usize],
+    offs_b: &'a [usize],
+    offs_s: &'a [usize],
+    source: &'a HashMap<(usize, Site), Tensor>,
+    base: &'a HashMap<(usize, Site), Tensor>,
+    grads: &'a HashMap<(usize, Site), Tensor>,
+}
+
+/// `[cell][row]` estimates of one batch: per unit and position the rows are gathered once, then
+/// the whole vector's and every head's sums come from them.
+fn cell_values(cells: &[AtpCell], at: &HashMap<&str, (Vec<usize>, Vec<usize>)>, sd: &Side<'_>, hd: usize) -> Result<Vec<Vec<f64>>> {
+    let mut out = vec![Vec::new(); cells.len()];
+    let mut ci = 0;
+    while ci < cells.len() {
+        let c = &cells[ci];
+        let (u, pos) = ((c.layer, c.site), c.position.as_str());
+        let (pb, ps) = &at[pos];
+        let rb: Vec<usize> = sd.idx.iter().enumerate().map(|(k, &i)| sd.offs_b[k] + pb[i]).collect();
+        let rs: Vec<usize> = sd.idx.iter().enumerate().map(|(k, &i)| sd.offs_s[k] + ps[i]).collect();
+        let s = rows_at(&sd.source[&u].to_dtype(DType::F32)?, &rs)?;
+        let b = rows_at(&sd.base[&u].to_dtype(DType::F32)?, &rb)?;
+        let g = rows_at(&sd.grads[&u], &rb)?;
+        let whole = attribution(&s, &b, &g, s.dim(1)?)?.to_vec2::<f32>()?;
+        let per_head = if c.site.is_headed() { Some(attribution(&s, &b, &g, hd)?.to_vec2::<f32>()?) } else { None };
+        // This unit-position's cells are consecutive in the grid.
+        while ci < cells.len() && (cells[ci].layer, cells[ci].site) == u && cells[ci].position == pos {
+            out[ci] = (0..sd.idx.len())
+                .map(|k| match (cells[ci].head, &per_head) {
+                    (Some(h), Some(ph)) => ph[k][h] as f64,
+                    _ => whole[k][0] as f64,
+                })
+                .collect();
+            ci += 1;
+        }
+    }
+    Ok(out)
 }

@@ -117,7 +117,7 @@ pub fn verify(r: &AtpRun<'_>, est: &Estimates, means: &[f64], cancel: &AtomicBoo
     if rows.len() < chosen.len() {
         return Ok(None);
     }
-    let s = summarise(r.opts.method_name(), k, est.cells.len(), &rows);
+    let s = summarise(r.opts.method_name(), k, est.cells.len(), &rows, r.opts.grad_drop);
     sink.send(RunEvent::Log(format!(
         "verified {} cells in {:.1}s: Pearson {:.3}, Spearman {:.3} (random cells: {:.3}, {:.3}); false negatives {} (max |true| below the top {k}: {:.3}, min in it: {:.3})",
         rows.len(),
@@ -134,14 +134,16 @@ pub fn verify(r: &AtpRun<'_>, est: &Estimates, means: &[f64], cancel: &AtomicBoo
     Ok(Some(s))
 }
 
-/// Correlations and the false-negative indicator of verified rows.
-pub fn summarise(method: &str, k: usize, cells_in_grid: usize, rows: &[VerifyRow]) -> VerifySummary {
+/// Correlations and the false-negative indicator of verified rows. `magnitude`: the estimates
+/// are magnitudes (GradDrop), so they are correlated with |true effect|.
+pub fn summarise(method: &str, k: usize, cells_in_grid: usize, rows: &[VerifyRow], magnitude: bool) -> VerifySummary {
+    let truth = |r: &VerifyRow| if magnitude { r.true_effect.abs() } else { r.true_effect };
     let col = |f: &dyn Fn(&VerifyRow) -> bool, g: &dyn Fn(&VerifyRow) -> f64| -> Vec<f64> { rows.iter().filter(|r| f(r)).map(g).collect() };
     let all = |_: &VerifyRow| true;
     let random = |r: &VerifyRow| r.chosen == "random";
     let top = |r: &VerifyRow| r.chosen == "top";
-    let (e, t) = (col(&all, &|r| r.effect_estimate), col(&all, &|r| r.true_effect));
-    let (er, tr) = (col(&random, &|r| r.effect_estimate), col(&random, &|r| r.true_effect));
+    let (e, t) = (col(&all, &|r| r.effect_estimate), col(&all, &truth));
+    let (er, tr) = (col(&random, &|r| r.effect_estimate), col(&random, &truth));
     let max_below = tr.iter().map(|x| x.abs()).fold(f64::NAN, f64::max);
     let min_top = col(&top, &|r| r.true_effect.abs()).into_iter().fold(f64::NAN, f64::min);
     VerifySummary {
@@ -189,7 +191,7 @@ mod tests {
             logit_diff: f64::NAN,
         };
         let rows = [row("top", 3.0, 2.0), row("top", 2.0, 1.0), row("random", 0.1, 1.5), row("random", 0.0, 0.2)];
-        let s = summarise("plain", 2, 10, &rows);
+        let s = summarise("plain", 2, 10, &rows, false);
         assert_eq!((s.false_negatives, s.max_abs_true_below_top, s.min_abs_true_in_top), (1, 1.5, 1.0));
         assert!((s.pearson - pearson(&[3.0, 2.0, 0.1, 0.0], &[2.0, 1.0, 1.5, 0.2])).abs() < 1e-12);
         assert!((s.pearson_random - 1.0).abs() < 1e-12);

@@ -52,11 +52,17 @@ pub struct AtpOptions {
     /// (0 = no verification).
     #[serde(default)]
     pub verify_top: usize,
+    /// AtP*'s GradDrop (Kramár et al. 2024): one more backward per layer ℓ with the gradient
+    /// through ℓ's residual contributions (attn_output, mlp_output) dropped; a cell's estimate
+    /// becomes `Σ_ℓ |estimate_ℓ| / (L − 1)`, a magnitude that exposes effects whose paths
+    /// cancel in the total gradient. Plain method only.
+    #[serde(default)]
+    pub grad_drop: bool,
 }
 
 impl Default for AtpOptions {
     fn default() -> Self {
-        Self { method: AtpMethod::Plain, steps: default_steps(), metric: AtpMetric::LogitDiff, verify_top: 0 }
+        Self { method: AtpMethod::Plain, steps: default_steps(), metric: AtpMetric::LogitDiff, verify_top: 0, grad_drop: false }
     }
 }
 
@@ -67,6 +73,9 @@ impl AtpOptions {
     pub fn validate(&self) -> Result<()> {
         if self.steps == 0 || self.steps > MAX_STEPS {
             bail!("intervention.atp.steps = {} must be in 1..={MAX_STEPS}", self.steps);
+        }
+        if self.grad_drop && self.method != AtpMethod::Plain {
+            bail!("intervention.atp.grad_drop needs method = \"plain\"");
         }
         Ok(())
     }
@@ -80,9 +89,10 @@ impl AtpOptions {
     }
 
     pub fn method_name(&self) -> &'static str {
-        match self.method {
-            AtpMethod::Plain => "plain",
-            AtpMethod::Ig => "ig",
+        match (self.method, self.grad_drop) {
+            (AtpMethod::Plain, false) => "plain",
+            (AtpMethod::Plain, true) => "plain+graddrop",
+            (AtpMethod::Ig, _) => "ig",
         }
     }
 }
@@ -92,13 +102,24 @@ impl AtpOptions {
 /// and `acts` holds the activations it saw.
 pub struct GradHook {
     wanted: Vec<(usize, Site)>,
+    /// GradDrop: this layer's attn_output and mlp_output pass their value on but no gradient.
+    drop: Option<usize>,
     zeros: HashMap<(usize, Site), Var>,
     pub acts: HashMap<(usize, Site), Tensor>,
 }
 
 impl GradHook {
     pub fn new(wanted: impl IntoIterator<Item = (usize, Site)>) -> Self {
-        Self { wanted: wanted.into_iter().collect(), zeros: HashMap::new(), acts: HashMap::new() }
+        Self { wanted: wanted.into_iter().collect(), drop: None, zeros: HashMap::new(), acts: HashMap::new() }
+    }
+
+    /// The same, with the gradient through `layer`'s residual contributions dropped.
+    pub fn dropping(wanted: impl IntoIterator<Item = (usize, Site)>, layer: usize) -> Self {
+        Self { drop: Some(layer), ..Self::new(wanted) }
+    }
+
+    fn drops(&self, layer: usize, site: Site) -> bool {
+        self.drop == Some(layer) && matches!(site, Site::AttnOutput | Site::MlpOutput)
     }
 
     /// `∂m/∂a` of every unit the forward passed, from the metric's gradient store. A unit the
@@ -121,9 +142,14 @@ impl GradHook {
 
 impl Hooks for GradHook {
     fn wants(&self, layer: usize, site: Site) -> bool {
-        self.wanted.contains(&(layer, site))
+        self.wanted.contains(&(layer, site)) || self.drops(layer, site)
     }
     fn on(&mut self, layer: usize, site: Site, act: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
+        // Same value, no gradient behind it: units upstream of it see only the other paths.
+        let act = &if self.drops(layer, site) { act.detach() } else { act.clone() };
+        if !self.wanted.contains(&(layer, site)) {
+            return Ok(Some(act.clone()));
+        }
         let z = Var::zeros(act.shape(), act.dtype(), act.device())?;
         let out = (act + z.as_tensor())?;
         self.acts.insert((layer, site), act.detach());
@@ -158,6 +184,8 @@ mod tests {
         let one = AtpOptions { method: AtpMethod::Ig, steps: 1, ..Default::default() };
         assert_eq!(one.alphas(), vec![0.5]);
         assert!(AtpOptions { steps: 0, ..Default::default() }.validate().unwrap_err().to_string().contains("steps"));
+        let gd_ig = AtpOptions { method: AtpMethod::Ig, grad_drop: true, ..Default::default() };
+        assert!(gd_ig.validate().unwrap_err().to_string().contains("grad_drop"));
     }
 
     #[test]
