@@ -291,6 +291,9 @@ kind = "atp"
 verify_top = 1000
 "#;
 
+/// Tests that run whole experiments set ROAD_OUT: one at a time.
+static RUNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn read_csv(path: &std::path::Path) -> Vec<BTreeMap<String, String>> {
     let mut r = csv::Reader::from_path(path).unwrap();
     let h = r.headers().unwrap().clone();
@@ -300,6 +303,7 @@ fn read_csv(path: &std::path::Path) -> Vec<BTreeMap<String, String>> {
 #[test]
 fn verified_effects_equal_a_patching_sweeps_numbers_exactly() {
     use road_dii::experiment::{run, RunOptions, Spec};
+    let _one = RUNS.lock().unwrap_or_else(|e| e.into_inner());
     let out = std::env::temp_dir().join(format!("road-atp-test-{}", std::process::id()));
     std::env::set_var("ROAD_OUT", &out);
     let silent = &mut road_dii::runs::events::Silent;
@@ -368,4 +372,28 @@ fn grad_drop_equals_direct_backwards_with_each_layer_detached() {
     }
     // Dropping a layer at or after a unit changes its gradient; before it, nothing.
     assert!(changed >= 6, "{changed}");
+}
+
+#[test]
+fn guided_search_trains_das_where_the_verified_effect_is_largest() {
+    use road_dii::experiment::search::{search, SearchOptions};
+    use road_dii::experiment::Spec;
+    let _one = RUNS.lock().unwrap_or_else(|e| e.into_inner());
+    let out = std::env::temp_dir().join(format!("road-search-test-{}", std::process::id()));
+    std::env::set_var("ROAD_OUT", &out);
+    let text = TINY_ATP.replace("verify_top = 1000", "verify_top = 4").replace("[intervention]", "[train]\nsteps = 30\n\n[intervention]");
+    let spec = Spec::from_toml(&text, "tiny-search").unwrap();
+    let o = SearchOptions { das_cells: 2, sizes: [128, 32, 64], ..Default::default() };
+    let (dir, rows) = search(&spec, &o, &mut road_dii::runs::events::Silent).unwrap();
+    assert_eq!(rows.len(), 2);
+    let verify = read_csv(&dir.join("verify.csv"));
+    let top = verify.iter().map(|r| r["true_effect"].parse::<f64>().unwrap().abs()).fold(0.0, f64::max);
+    assert!(rows.iter().any(|r| (r.true_effect.abs() - top).abs() < 1e-12), "the largest verified effect is trained");
+    assert!(rows.iter().all(|r| (0.0..=1.0).contains(&r.das_test_iia) && r.control_iia.is_finite() && std::path::Path::new(&r.das_run).exists()));
+    assert!(rows[0].das_test_iia >= rows[1].das_test_iia);
+    assert_eq!(read_csv(&dir.join("search.csv")).len(), 2);
+    let bad = Spec::from_toml_with(TINY_ATP, "vanilla", &["intervention.kind=\"vanilla\"".into()]).unwrap();
+    let e = search(&bad, &o, &mut road_dii::runs::events::Silent).unwrap_err().to_string();
+    assert!(e.contains("atp") && !e.contains('\n'), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
 }

@@ -142,6 +142,26 @@ pub fn run_file(file: Option<&Path>, sets: &[String], how: RunHow) -> Result<()>
     Ok(())
 }
 
+/// `road search FILE`: the guided search (see `experiment::search`), its table printed.
+pub fn search_file(file: &Path, sets: &[String], das_cells: usize, rank: usize, das_sizes: &[usize]) -> Result<()> {
+    let sizes: [usize; 3] = das_sizes.try_into().map_err(|_| anyhow::anyhow!("--das-sizes: expected three numbers train,dev,test"))?;
+    let spec = Spec::load(file, sets)?;
+    let o = crate::experiment::search::SearchOptions { das_cells, rank, sizes, ..Default::default() };
+    let mut printer = ProgressPrinter::new(false);
+    let (dir, rows) = crate::experiment::search::search(&spec, &o, &mut printer)?;
+    println!("search: {}", dir.join("search.csv").display());
+    println!("| cell | AtP estimate | verified effect | DAS test IIA | best control | margin |");
+    println!("|---|---|---|---|---|---|");
+    for r in &rows {
+        let h = if r.heads.is_empty() { String::new() } else { format!(" h{}", r.heads) };
+        println!(
+            "| L{} {} @{}{h} | {:+.3} | {:+.3} | {:.3} | {:.3} | {:+.3} |",
+            r.layer, r.site, r.position, r.effect_estimate, r.true_effect, r.das_test_iia, r.control_iia, r.margin
+        );
+    }
+    Ok(())
+}
+
 fn run_pilot_file(file: &Path, sets: &[String], json: bool, fresh: bool) -> Result<()> {
     let spec = crate::pilot::PilotSpec::load(file, sets)?;
     let r = crate::pilot::run_pilot(&spec, crate::pilot::PilotOptions { fresh, cancel: None }, &mut crate::runs::events::Silent)?;

@@ -123,6 +123,23 @@ pub enum Cmd {
         #[arg(long)]
         fresh: bool,
     },
+    /// Guided search from an AtP experiment file: AtP screen → real patching of its top and
+    /// random cells → DAS (with controls) on the cells of largest verified effect → search.csv.
+    Search {
+        /// An experiment file with intervention.kind = "atp".
+        file: std::path::PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Cells trained with DAS.
+        #[arg(long, default_value_t = 3)]
+        das_cells: usize,
+        /// DAS rank.
+        #[arg(long, default_value_t = 1)]
+        rank: usize,
+        /// Pairs per split (train,dev,test) of the DAS runs.
+        #[arg(long, value_delimiter = ',', default_value = "160,40,40")]
+        das_sizes: Vec<usize>,
+    },
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
     /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
@@ -287,6 +304,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let how = experiment_cmds::RunHow { shard, run_id, resume, jobs: experiment_cmds::parse_jobs(&jobs)?, json, fresh };
             experiment_cmds::run_file(file.as_deref(), &sets, how)?
         }
+        Cmd::Search { file, sets, das_cells, rank, das_sizes } => experiment_cmds::search_file(&file, &sets, das_cells, rank, &das_sizes)?,
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {

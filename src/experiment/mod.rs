@@ -11,6 +11,7 @@ pub mod data;
 pub mod figures;
 pub mod outputs;
 pub mod runner;
+pub mod search;
 pub mod spec;
 pub mod tables;
 
