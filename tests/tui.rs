@@ -652,3 +652,50 @@ fn heatmap_scrolls_to_keep_the_cursor_visible() {
     assert!(s.contains("│L29 ") && !s.contains("│L0  ") && s.contains("  14 "), "{s}");
     assert!(s.contains("iia_vocab = 1.0000"), "{s}");
 }
+
+#[test]
+fn an_atp_run_opens_on_its_estimates_with_a_view_per_head() {
+    let tmp = tmpdir("atp");
+    let run = tmp.join("atp/20250101-000000-a7a7a7a7");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::write(run.join("config.toml"), "name = \"atp\"\n[model]\nname = \"x\"\n[intervention]\nkind = \"atp\"\n").unwrap();
+    let mut rows = Vec::new();
+    for layer in 0..3 {
+        for pos in 0..4 {
+            for heads in ["", "0", "1"] {
+                let est = (layer * 4 + pos) as f64 * 0.25 - if heads == "1" { 10.0 } else { 0.0 };
+                rows.push(outputs::MetricRow {
+                    experiment: "atp".into(),
+                    seed: 0,
+                    layer,
+                    site: "head_output".into(),
+                    position: pos.to_string(),
+                    heads: heads.into(),
+                    intervention: "atp".into(),
+                    split: "test".into(),
+                    iia_vocab: f64::NAN,
+                    iia_answers: f64::NAN,
+                    logit_diff: -3.0 + est,
+                    normalized_effect: est / 6.0,
+                    base_acc: 1.0,
+                    source_acc: 1.0,
+                    n: 44,
+                    control: "none".into(),
+                    cut: false,
+                    effect_estimate: est,
+                    method: "plain".into(),
+                });
+            }
+        }
+    }
+    road_dii::runs::write_csv(&run.join("metrics.csv"), &rows, &outputs::METRIC_HEADER).unwrap();
+    let mut app = App::new(Config { out_root: tmp.clone(), ..fixture_cfg(true) });
+    feed(&mut app, open_run(&run, Slot::Results));
+    assert_eq!(app.results.metric, Metric::EffectEstimate, "no IIA in an AtP run: it opens on the estimates");
+    let data = app.results.open.as_ref().unwrap();
+    assert_eq!(data.sites(), vec!["head_output".to_string(), "head_output h0".into(), "head_output h1".into()]);
+    let g = Grid::build(&data.metrics, "head_output h1", Metric::EffectEstimate);
+    assert_eq!(g.values[2][3], Some(11.0 * 0.25 - 10.0));
+    let s = render(&app, 120, 40);
+    assert!(s.contains("effect_estimate"), "{s}");
+}
