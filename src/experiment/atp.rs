@@ -5,7 +5,7 @@
 //! `ig` takes the gradient at `steps` points between the base's and the source's input
 //! embeddings (α = (j + ½)/steps) and averages it; `s` and `b` stay the clean runs'.
 use super::data::left_pad;
-use crate::intervene::atp::{attribution, AtpMethod, AtpMetric, AtpOptions, GradHook};
+use crate::intervene::atp::{attribution, interpolated_input, AtpMethod, AtpMetric, AtpOptions, GradHook};
 use crate::model::{Collector, Fwd, Llama, LogitsAt, Site};
 use crate::tasks::Pair;
 use anyhow::{bail, Result};
@@ -143,11 +143,10 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
                 let (_, values) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
                 // Equal lengths per pair: both sides are padded alike, so rows line up.
                 let (eb, es) = (model.embed(&ids_b)?, model.embed(&ids_s)?);
-                let delta = (&es - &eb)?;
                 let alphas = opts.alphas();
                 let mut sum: HashMap<(usize, Site), Tensor> = HashMap::new();
                 for &a in &alphas {
-                    let x = (&eb + (&delta * a)?)?;
+                    let x = interpolated_input(&eb, &es, a)?;
                     let mut h = GradHook::new(units.iter().copied());
                     let fwd = Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, start: Some((0, x)), ..Default::default() };
                     let out = model.forward(&ids_b, fwd)?;

@@ -158,6 +158,12 @@ impl Hooks for GradHook {
     }
 }
 
+/// IG's input at α: the base's layer-0 input moved a fraction α towards the source's
+/// (`[b, t, d]` each, rows aligned), the block input the forward then starts from.
+pub fn interpolated_input(base: &Tensor, source: &Tensor, alpha: f64) -> Result<Tensor> {
+    Ok((base + ((source - base)? * alpha)?)?)
+}
+
 /// Per-row attribution of one unit: `Σ_cols (s − b) · g` over each group of `group` columns
 /// (a head's `head_dim`, or the whole width). `s`, `b`, `g`: `[n, w]`; returns `[n, w / group]`.
 pub fn attribution(s: &Tensor, b: &Tensor, g: &Tensor, group: usize) -> Result<Tensor> {
