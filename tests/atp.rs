@@ -397,3 +397,64 @@ fn guided_search_trains_das_where_the_verified_effect_is_largest() {
     assert!(e.contains("atp") && !e.contains('\n'), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+/// The QK fix written plainly: patch the cell for real (the source's projection at that
+/// position), read layer l's head outputs H' from that forward, and take
+/// `Σ_t (H'(t) − H(t)) · ∂m/∂H(t)` over the heads the cell reaches (a q/k patch changes only
+/// the attention pattern, and heads = A·V, so this is `ΔA · ∂m/∂A` with ΔA exact).
+fn qk_direct(m: &Llama, pairs: &[Pair], c: &AtpCell) -> f64 {
+    use road_dii::intervene::atp::GradHook;
+    use road_dii::model::sites::HookChain;
+    let (ids, mask, _) = left_pad(&pairs.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
+    let mut g = GradHook::new([(c.layer, Site::HeadOutput)]);
+    let out = m.forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut g), logits: LogitsAt::Last, differentiable: true, ..Default::default() }).unwrap();
+    let grads = g.grads(&metric_sum(out.logits.as_ref().unwrap(), pairs, AtpMetric::LogitDiff).backward().unwrap()).unwrap();
+    let (gh, h0) = (grads[&(c.layer, Site::HeadOutput)].to_vec3::<f32>().unwrap(), g.acts[&(c.layer, Site::HeadOutput)].to_vec3::<f32>().unwrap());
+    let (mut swap, ids, mask) = swap_for(m, pairs, c, Tensor::new(1f32, m.device()).unwrap(), false);
+    let mut col = Collector::new([(c.layer, Site::HeadOutput)]);
+    let mut chain = HookChain(vec![&mut swap, &mut col]);
+    m.forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut chain), logits: LogitsAt::None, ..Default::default() }).unwrap();
+    let h1 = col.get(c.layer, Site::HeadOutput).unwrap().to_vec3::<f32>().unwrap();
+    let (hd, rep) = (m.cfg.head_dim, m.cfg.num_heads / m.cfg.num_kv_heads);
+    let heads: Vec<usize> = match (c.site, c.head) {
+        (Site::Q, Some(h)) => vec![h],
+        (Site::K, Some(g)) => (g * rep..(g + 1) * rep).collect(),
+        _ => (0..m.cfg.num_heads).collect(),
+    };
+    let mut e = 0.0;
+    for i in 0..h0.len() {
+        for t in 0..h0[i].len() {
+            for &h in &heads {
+                for d in h * hd..(h + 1) * hd {
+                    e += ((h1[i][t][d] - h0[i][t][d]) * gh[i][t][d]) as f64;
+                }
+            }
+        }
+    }
+    e
+}
+
+#[test]
+fn qk_fix_equals_the_exact_pattern_change_times_the_gradient() {
+    let m = &tiny().model;
+    for pairs in [equality_pairs(12, 8), padded_pairs(m.cfg.vocab_size as u32, 10, 13)] {
+        let pos: Vec<String> = if pairs[0].base.positions.contains_key("a") { vec!["a".into(), "c".into()] } else { vec!["x".into(), "-2".into()] };
+        let units = [(0, Site::Q), (1, Site::K), (2, Site::Q), (2, Site::K), (1, Site::MlpOutput)];
+        let qk = atp::estimate(m, &pairs, &units, &pos, &[], &AtpOptions { qk_fix: true, ..Default::default() }).unwrap();
+        let plain = atp::estimate(m, &pairs, &units, &pos, &[], &AtpOptions::default()).unwrap();
+        let mut differs = 0;
+        for ((c, v), w) in qk.cells.iter().zip(&qk.per_pair).zip(&plain.per_pair) {
+            let (got, lin): (f64, f64) = (v.iter().sum(), w.iter().sum());
+            if c.site == Site::MlpOutput {
+                assert_eq!(got, lin, "the fix leaves other sites alone");
+                continue;
+            }
+            let want = qk_direct(m, &pairs, c);
+            assert!(close(got, want, 1e-4), "{c:?}: QK-fixed {got} vs exact pattern {want} (plain {lin})");
+            differs += !close(got, lin, 1e-2) as usize;
+        }
+        assert!(differs > 3, "the fix changes q/k estimates: {differs}");
+    }
+    let e = AtpOptions { qk_fix: true, grad_drop: true, ..Default::default() }.validate().unwrap_err().to_string();
+    assert!(e.contains("qk_fix"), "{e}");
+}

@@ -120,6 +120,15 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
         }
     }
     let hd = model.cfg.head_dim;
+    // The QK fix reads q, k, v and ∂m/∂head_output at its layers, requested or not.
+    let mut hooked: Vec<(usize, Site)> = units.to_vec();
+    if opts.qk_fix {
+        super::atp_qk::check(model)?;
+        hooked.extend(super::atp_qk::needed(&cells));
+        hooked.sort();
+        hooked.dedup();
+    }
+    let units = hooked.as_slice();
     for start in (0..pairs.len()).step_by(ATP_BATCH) {
         let idx: Vec<usize> = (start..(start + ATP_BATCH).min(pairs.len())).collect();
         let batch: Vec<&Pair> = idx.iter().map(|&i| &pairs[i]).collect();
@@ -171,7 +180,20 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
             let side = Side { idx: &idx, offs_b: &offs_b, offs_s: &offs_s, source: &col.acts, base: &base_acts, grads };
             cell_values(&cells, &at, &side, hd)
         };
-        for (ci, v) in values(&grads)?.into_iter().enumerate() {
+        let mut vals = values(&grads)?;
+        if opts.qk_fix {
+            let pos_of = |c: &AtpCell| -> (Vec<usize>, Vec<usize>) {
+                let (pb, ps) = &at[c.position.as_str()];
+                (idx.iter().enumerate().map(|(k, &i)| offs_b[k] + pb[i]).collect(), idx.iter().enumerate().map(|(k, &i)| offs_s[k] + ps[i]).collect())
+            };
+            let b = super::atp_qk::Batch { source: &col.acts, base: &base_acts, grads: &grads, mask: &mask_b };
+            for (ci, q) in super::atp_qk::estimates(model, &cells, &pos_of, &b)?.into_iter().enumerate() {
+                if let Some(q) = q {
+                    vals[ci] = q;
+                }
+            }
+        }
+        for (ci, v) in vals.into_iter().enumerate() {
             for (k, &i) in idx.iter().enumerate() {
                 per_pair[ci][i] = v[k];
             }

@@ -1,5 +1,6 @@
 //! Experiments: spec (TOML) → runner → CSVs, figures and progress events.
 pub mod atp;
+pub mod atp_qk;
 pub mod atp_run;
 pub mod atp_verify;
 pub mod cell_job;

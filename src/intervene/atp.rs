@@ -58,11 +58,15 @@ pub struct AtpOptions {
     /// cancel in the total gradient. Plain method only.
     #[serde(default)]
     pub grad_drop: bool,
+    /// AtP*'s QK fix: q and k cells get the exactly recomputed attention pattern, linearised
+    /// only after it (LLaMA-style attention, plain method, not with grad_drop).
+    #[serde(default)]
+    pub qk_fix: bool,
 }
 
 impl Default for AtpOptions {
     fn default() -> Self {
-        Self { method: AtpMethod::Plain, steps: default_steps(), metric: AtpMetric::LogitDiff, verify_top: 0, grad_drop: false }
+        Self { method: AtpMethod::Plain, steps: default_steps(), metric: AtpMetric::LogitDiff, verify_top: 0, grad_drop: false, qk_fix: false }
     }
 }
 
@@ -74,8 +78,11 @@ impl AtpOptions {
         if self.steps == 0 || self.steps > MAX_STEPS {
             bail!("intervention.atp.steps = {} must be in 1..={MAX_STEPS}", self.steps);
         }
-        if self.grad_drop && self.method != AtpMethod::Plain {
-            bail!("intervention.atp.grad_drop needs method = \"plain\"");
+        if (self.grad_drop || self.qk_fix) && self.method != AtpMethod::Plain {
+            bail!("intervention.atp.grad_drop and qk_fix need method = \"plain\"");
+        }
+        if self.grad_drop && self.qk_fix {
+            bail!("intervention.atp: grad_drop and qk_fix are separate runs (set one)");
         }
         Ok(())
     }
@@ -89,10 +96,11 @@ impl AtpOptions {
     }
 
     pub fn method_name(&self) -> &'static str {
-        match (self.method, self.grad_drop) {
-            (AtpMethod::Plain, false) => "plain",
-            (AtpMethod::Plain, true) => "plain+graddrop",
-            (AtpMethod::Ig, _) => "ig",
+        match (self.method, self.grad_drop, self.qk_fix) {
+            (AtpMethod::Ig, ..) => "ig",
+            (_, true, _) => "plain+graddrop",
+            (_, _, true) => "plain+qk",
+            _ => "plain",
         }
     }
 }
