@@ -234,7 +234,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     fetch::REGISTRY.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
                 );
             };
-            let p = if s.is_cached() { s.path() } else { s.fetch(true)? };
+            let p = s.fetch_or_verify(true)?;
             println!("{}", p.display());
         }
         Cmd::Info { m, json } => model_cmds::info(&m, json)?,
