@@ -299,3 +299,12 @@ fn a_corrupt_cached_model_is_refused_at_load() {
     assert!(err.contains("is corrupt") && err.contains("road fetch-model smollm2-135m"), "{err}");
     let _ = std::fs::remove_dir_all(&cache);
 }
+
+/// `--shard` numbers that do not parse name the flag and the value.
+#[test]
+fn shard_flag_errors_name_the_flag() {
+    for (arg, want) in [("0/99999999999999999999", "\"99999999999999999999\" is not a shard number"), ("x", "expected i/n"), ("5/2", "need 0 <= i < n")] {
+        let (ok, _, err) = road_bin(&["run", "experiments/tiny-equality-das.toml", "--shard", arg], None);
+        assert!(!ok && err.contains("--shard") && err.contains(want), "{arg}: {err}");
+    }
+}

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected i/n, e.g. 0/4"))?;
-    let (i, n): (usize, usize) = (i.trim().parse()?, n.trim().parse()?);
+    let num = |x: &str| -> Result<usize> {
+        x.trim().parse().with_context(|| format!("--shard {s:?}: {x:?} is not a shard number (expected i/n, e.g. 0/4)"))
+    };
+    let (i, n) = (num(i)?, num(n)?);
     if n == 0 || i >= n {
         bail!("--shard {i}/{n}: need 0 <= i < n");
     }

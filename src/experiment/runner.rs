@@ -183,7 +183,8 @@ pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSum
     let config = config_text(spec, opts.shard)?;
     let (run_dir, fresh) = open_run_dir(spec, opts, &config)?;
     crate::runs::state::mark_running(&run_dir)?;
-    let result = run_in(spec, opts, sink, &run_dir, t0);
+    // A panic (a bug) fails the run like an error: error.txt beside the partial outputs.
+    let result = crate::util::panics::guarded("the run", || run_in(spec, opts, sink, &run_dir, t0));
     if let Err(e) = &result {
         sink.send(RunEvent::Log(format!("run failed: {e:#}")));
         sink.send(RunEvent::Finished { run_dir: run_dir.clone(), complete: false });
@@ -276,7 +277,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     if todo.len() < cells.len() {
         sink.send(RunEvent::Log(format!("resuming: {} of {} cells left", todo.len(), cells.len())));
     }
-    // Each finished cell is stored whole (cells/<i>.json), then the tables are rewritten in cell
+    // Each finished cell is stored whole (cells/<i>.toml), then the tables are rewritten in cell
     // order, so a killed run keeps what it finished; results do not depend on `jobs` (each cell
     // has its own seed).
     let record = |ci: usize, r: CellResult, results: &mut Vec<Option<CellResult>>| -> Result<()> {
