@@ -216,3 +216,17 @@ pub fn check_finite(file: &std::path::Path, name: &str, t: &candle_core::Tensor)
     }
     Ok(())
 }
+
+/// A short forward pass must give finite logits: finite weights can still overflow (a scale
+/// edited to 6e4 in a quantised block), and a model that prints NaN must not load as fine.
+pub fn check_runs(source: &std::path::Path, model: &super::Llama) -> Result<()> {
+    let v = model.cfg.vocab_size as u32;
+    let ids = vec![[1u32, 50, 300, 3].map(|i| i % v).to_vec()];
+    let out = model.forward(&ids, super::Fwd { logits: super::LogitsAt::All, ..Default::default() })?;
+    let logits = out.logits.context("the test forward gave no logits")?;
+    let s = logits.to_dtype(candle_core::DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    if !s.is_finite() {
+        bail!("{}: the weights give non-finite logits on a 4-token test prompt (values out of range: a corrupt file?)", source.display());
+    }
+    Ok(())
+}

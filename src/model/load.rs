@@ -40,30 +40,37 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
     let text = std::fs::read_to_string(&cfg_path)
         .with_context(|| format!("{} is not a Hugging Face checkpoint: no config.json", dir.display()))?;
     let cfg = LlamaConfig::from_hf_json(&text).with_context(|| format!("reading {}", cfg_path.display()))?;
-    let files = safetensors_files(dir)?;
-    let mut tensors = HashMap::new();
-    for f in &files {
-        let part = candle_core::safetensors::load(f, &Device::Cpu)
-            .with_context(|| format!("reading {}", f.display()))?;
-        for (name, t) in part {
-            match t.dtype() {
-                DType::F32 | DType::BF16 | DType::F16 => {}
-                other => bail!("{}: tensor {name} has unsupported dtype {other:?} (f32/bf16/f16 only)", f.display()),
-            }
-            file_checks::check_finite(f, &name, &t)?;
-            tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
-        }
+    let mut parts = Vec::new();
+    for f in safetensors_files(dir)? {
+        let part = candle_core::safetensors::load(&f, &Device::Cpu).with_context(|| format!("reading {}", f.display()))?;
+        parts.push((f, part));
     }
-    file_checks::check_block_count(tensors.keys().cloned(), file_checks::hf_block, cfg.num_layers, "num_hidden_layers")
-        .with_context(|| format!("reading {}", dir.display()))?;
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    let model = Llama::load(vb, cfg).with_context(|| format!("building the model from {}", dir.display()))?;
+    let model = hf_model(cfg, parts, dtype, device).with_context(|| format!("building the model from {}", dir.display()))?;
+    file_checks::check_runs(dir, &model)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
         bail!("{} has no tokenizer.json", dir.display());
     }
     let tok = Tok::from_file(&tok_path, model.cfg.bos_token_id, &model.cfg.eos_token_ids)?;
     Ok(Loaded { model, tok, source: dir.to_path_buf(), format: "hf" })
+}
+
+/// The model from a parsed config and its safetensors files' tensors (`(file, tensors)`), with
+/// the checks every HF checkpoint gets: float dtypes, finite weights, no blocks beyond the config.
+pub fn hf_model(cfg: LlamaConfig, parts: Vec<(PathBuf, HashMap<String, Tensor>)>, dtype: DType, device: &Device) -> Result<Llama> {
+    let mut tensors = HashMap::new();
+    for (f, part) in parts {
+        for (name, t) in part {
+            match t.dtype() {
+                DType::F32 | DType::BF16 | DType::F16 => {}
+                other => bail!("{}: tensor {name} has unsupported dtype {other:?} (f32/bf16/f16 only)", f.display()),
+            }
+            file_checks::check_finite(&f, &name, &t)?;
+            tensors.insert(name, t.to_dtype(dtype)?.to_device(device)?);
+        }
+    }
+    file_checks::check_block_count(tensors.keys().cloned(), file_checks::hf_block, cfg.num_layers, "num_hidden_layers")?;
+    Llama::load(VarBuilder::from_tensors(tensors, dtype, device), cfg)
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -176,10 +183,19 @@ fn unpermute(w: &Tensor, n_head: usize) -> Result<Tensor> {
 
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut l = load_gguf_from(&mut file, path, dtype, device)?;
+    l.source = path.to_path_buf();
+    Ok(l)
+}
+
+/// A GGUF model from any reader (`path` names it in errors): a file, or bytes in memory (the
+/// fuzz tests feed mutants without writing them out).
+pub fn load_gguf_from<R: std::io::Read + std::io::Seek>(file: &mut R, path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let invalid = |e: &dyn std::fmt::Display| anyhow::anyhow!("{} is not a valid GGUF file: {e}", path.display());
-    file_checks::check_header(&mut file).map_err(|e| invalid(&e))?;
-    let content = gguf_file::Content::read(&mut file).map_err(|e| invalid(&e))?;
-    file_checks::check_layout(&content, file.metadata()?.len()).map_err(|e| invalid(&e))?;
+    file_checks::check_header(file).map_err(|e| invalid(&e))?;
+    let content = gguf_file::Content::read(file).map_err(|e| invalid(&e))?;
+    let len = file.seek(std::io::SeekFrom::End(0))?;
+    file_checks::check_layout(&content, len).map_err(|e| invalid(&e))?;
     let cfg = gguf_config(&content).with_context(|| format!("reading {}", path.display()))?;
     let arch_name = content.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned().unwrap_or_default();
     file_checks::check_block_count(content.tensor_infos.keys().cloned(), file_checks::gguf_block, cfg.num_layers, &format!("{arch_name}.block_count"))
@@ -189,7 +205,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     for name in content.tensor_infos.keys() {
         let Some(hf) = weights::hf_from_gguf(family, name) else { continue };
         let q = content
-            .tensor(&mut file, name, &Device::Cpu)
+            .tensor(file, name, &Device::Cpu)
             .map_err(|e| anyhow::anyhow!("{}: reading tensor {name}: {e} (truncated or corrupt file?)", path.display()))?;
         let mut t = q.dequantize(&Device::Cpu)?;
         file_checks::check_finite(path, name, &t)?;
@@ -205,5 +221,6 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<Loaded> {
     let tok = Tok::from_gguf(&content, cfg.bos_token_id, &cfg.eos_token_ids)?;
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
     let model = Llama::load(vb, cfg).with_context(|| format!("building the model from {}", path.display()))?;
+    file_checks::check_runs(path, &model)?;
     Ok(Loaded { model, tok, source: path.to_path_buf(), format: "gguf" })
 }

@@ -97,3 +97,50 @@ pub fn write_gguf_with(dir: &str, arch: &str, ty: GgmlDType, path: &std::path::P
     Llama::load(VarBuilder::from_tensors(roundtrip, DType::F32, &Device::Cpu), cfg.clone()).unwrap()
 }
 
+
+/// A copy of the tiny checkpoint `fixture` cut to its first `v` vocabulary entries (embeddings,
+/// head, tokenizer vocab, merges of kept tokens only), written into `out`: the same architecture
+/// at a fraction of the load cost, for fuzzing thousands of mutants. Keeps the 256 byte-level
+/// tokens when `v` ≥ 273, so any ASCII text still encodes.
+pub fn small_vocab_copy(fixture: &str, v: usize, out: &std::path::Path) -> std::path::PathBuf {
+    let src = reference_dir().join(fixture);
+    let dst = out.join(format!("{fixture}-v{v}"));
+    std::fs::create_dir_all(&dst).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["vocab_size"] = v.into();
+    std::fs::write(dst.join("config.json"), cfg.to_string()).unwrap();
+    let mut ts = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    for name in ["model.embed_tokens.weight", "lm_head.weight"] {
+        if let Some(t) = ts.get(name) {
+            let cut = t.narrow(0, 0, v).unwrap().contiguous().unwrap();
+            ts.insert(name.into(), cut);
+        }
+    }
+    candle_core::safetensors::save(&ts, dst.join("model.safetensors")).unwrap();
+    let mut tj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap()).unwrap();
+    let kept: serde_json::Map<String, serde_json::Value> =
+        tj["model"]["vocab"].as_object().unwrap().iter().filter(|(_, id)| (id.as_u64().unwrap() as usize) < v).map(|(k, id)| (k.clone(), id.clone())).collect();
+    let merges: Vec<serde_json::Value> = tj["model"]["merges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| {
+            let (a, b) = match m {
+                serde_json::Value::Array(p) => (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()),
+                s => {
+                    let (a, b) = s.as_str().unwrap().split_once(' ').unwrap();
+                    (a.to_string(), b.to_string())
+                }
+            };
+            kept.contains_key(&a) && kept.contains_key(&b) && kept.contains_key(&format!("{a}{b}"))
+        })
+        .cloned()
+        .collect();
+    tj["model"]["vocab"] = serde_json::Value::Object(kept);
+    tj["model"]["merges"] = serde_json::Value::Array(merges);
+    if let Some(a) = tj["added_tokens"].as_array_mut() {
+        a.retain(|t| (t["id"].as_u64().unwrap() as usize) < v);
+    }
+    std::fs::write(dst.join("tokenizer.json"), tj.to_string()).unwrap();
+    dst
+}

@@ -1,5 +1,6 @@
 //! Shared test helpers: where the reference fixtures live, and models loaded once per test binary.
 #![allow(dead_code)]
+pub mod fuzzing;
 pub mod gguf;
 use candle_core::{DType, Device, Tensor};
 use road_dii::model::{load, registry, Hooks, Loaded, Site, SiteCtx};
