@@ -138,7 +138,10 @@ fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf
         match std::fs::read_to_string(dir.join("config.toml")) {
             Ok(old) if old == config => {
                 if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
-                    bail!("{} is still being written by a live process (its RUNNING names it)", dir.display());
+                    bail!(
+                        "{} is still being written by a live process (its RUNNING names it); if that process or job is gone (another node), delete the RUNNING file",
+                        dir.display()
+                    );
                 }
                 Ok(true)
             }
