@@ -39,12 +39,17 @@ pub struct CellSummary {
     pub layer: usize,
     pub site: String,
     pub position: String,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_vocab: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_answers: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_logit_diff: f64,
     /// Test IIA (vocabulary argmax) of each control, beside the trained value.
+    #[serde(deserialize_with = "crate::util::nan_null::pairs")]
     pub controls: Vec<(String, f64)>,
     /// Trained test IIA minus the best control's (NaN without controls).
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub margin: f64,
     /// The margin is under [`super::controls::MIN_MARGIN`]: the subspace is not clearly a
     /// variable (it may be an illusion, or there is no signal).
