@@ -143,9 +143,10 @@ impl Cluster {
             &["-F".into(), "--force".into(), format!("--socket={}", socket.display()), format!("--key-file={}", key.display()), format!("--pid-file={}", m("munged.pid")), format!("--log-file={}", m("munged.log")), format!("--seed-file={}", m("munged.seed"))],
         );
         c.wait_for("munged to create its socket", Duration::from_secs(10), |_| socket.exists());
-        spawn(&mut c, "slurmctld", "slurmctld", &["-D".into(), "-i".into(), "-f".into(), c.conf.display().to_string()]);
+        let conf_arg = c.conf.display().to_string();
+        spawn(&mut c, "slurmctld", "slurmctld", &["-D".into(), "-i".into(), "-f".into(), conf_arg.clone()]);
         c.wait_for("slurmctld to answer scontrol ping", Duration::from_secs(20), |c| c.out("scontrol", &["ping"]).contains("is UP"));
-        spawn(&mut c, "slurmd", "slurmd", &["-D".into(), "-N".into(), NODE.into(), "-f".into(), c.conf.display().to_string()]);
+        spawn(&mut c, "slurmd", "slurmd", &["-D".into(), "-N".into(), NODE.into(), "-f".into(), conf_arg]);
         c.wait_for("the node to be idle", Duration::from_secs(20), |c| c.out("sinfo", &["-h", "-N", "-o", "%T"]) == "idle");
         c
     }
