@@ -72,3 +72,48 @@ fn merged_shards_equal_the_unsharded_run_after_an_interrupted_shard_is_resumed()
     assert!(out.contains(&format!("into {}", run.display())), "{out}");
     assert_same_outputs(&unsharded, &run);
 }
+
+/// `road submit` without a cluster: `--dry-run` prints both scripts and writes nothing; bad
+/// flags and a missing `sbatch` are one-line errors naming the cause.
+#[test]
+fn submit_dry_run_prints_the_scripts_and_errors_name_the_flag() {
+    let d = fresh_dir("road-shards", "submit");
+    let submit = |args: &[&str], path: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_road"));
+        cmd.args(["submit", &spec()]).args(args).env("ROAD_OUT", d.join("out")).current_dir(env!("CARGO_MANIFEST_DIR"));
+        if let Some(p) = path {
+            cmd.env("PATH", p);
+        }
+        let o = cmd.output().unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    };
+    let (ok, out, err) = submit(&["--shards", "3", "--run-id", "r1", "--gpus-per-task", "1", "--partition", "gpu", "--dry-run"], None);
+    assert!(ok, "{err}");
+    let run = d.join("out/tiny-equality-das/r1");
+    for want in [
+        "#SBATCH --array=0-2\n".to_string(),
+        "#SBATCH --requeue\n".into(),
+        "#SBATCH --gpus-per-task=1\n".into(),
+        "export ROAD_SHARD_COUNT=3\n".into(),
+        format!("run {}/slurm/spec.toml --shard auto --run-id r1\n", run.display()),
+        format!("merge-runs {}\n", run.display()),
+        format!("sbatch --parsable --dependency=afterok:<array job id> {}/slurm/merge.sbatch", run.display()),
+    ] {
+        assert!(out.contains(&want), "no {want:?} in\n{out}");
+    }
+    assert!(!d.join("out").exists(), "--dry-run wrote files");
+
+    for (args, want) in [
+        (&["--shards", "0"][..], "--shards 0"),
+        (&["--shards", "2", "--run-id", "r1", "--tasks", "2"][..], "task 2 is not below --shards 2"),
+        (&["--shards", "2", "--time", "soon"][..], "--time \"soon\""),
+        (&["--shards", "2", "--partition", "a b"][..], "--partition"),
+        (&["--shards", "2", "--run-id", "../x"][..], "--run-id"),
+    ] {
+        let (ok, _, err) = submit(args, None);
+        assert!(!ok && err.contains(want) && !err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: not one line: {err}");
+    }
+    let (ok, _, err) = submit(&["--shards", "2"], Some("/nonexistent"));
+    assert!(!ok && err.contains("sbatch is not on PATH"), "{err}");
+}
