@@ -1,11 +1,12 @@
 //! `road submit` on a real single-node Slurm (not a mock): a private munged, slurmctld and slurmd
 //! on 127.0.0.1 with a config, state, spool and logs in a temp folder this test owns (free ports,
 //! its own munge socket, so nothing else on the machine is touched), run in the foreground as
-//! background processes (no systemd). A 4-task array of experiments/tiny-equality-das.toml; one
-//! task is cancelled (`scancel`, SIGTERM) after its first cell is stored, so its second cell is cut;
-//! the array's merge job is then cancelled by Slurm (kill_invalid_depend); `road submit --tasks`
-//! resubmits the task, which resumes its shard (one cell kept, one redone), and its merge job
-//! joins the shards. The merged folder must equal an unsharded `road run` of the same spec
+//! background processes (no systemd). A 4-task array of experiments/tiny-equality-das.toml; task
+//! 1 is cancelled (`scancel`, SIGTERM) after its first cell is stored, so its second cell is cut,
+//! and task 2 is requeued (`scontrol requeue`, as a pre-emption does) at the same point and
+//! resumes by itself; the array's merge job is cancelled by Slurm (kill_invalid_depend, task 1
+//! can no longer succeed); `road submit --tasks 1` resubmits task 1, which resumes its shard
+//! (one cell kept, one redone), and its merge job joins the shards. The merged folder must equal an unsharded `road run` of the same spec
 //! (`common::assert_same_outputs`). Facts behind the config: ../shared/docs/SLURM.md.
 //!
 //! Slurm must be installed (`.ci/run` installs it: `apt-get install -y slurm-wlm munge`); without
@@ -280,8 +281,20 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     assert!(!shard1.join("cells/5.json").exists(), "task 1 finished before it could be cancelled");
     let o = cluster.cmd(&need("scancel")).arg(format!("{array}_1")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    cluster.wait_for("the first array and its merge job to leave the queue", Duration::from_secs(90), |c| !c.queued(&array) && !c.queued(&merge));
+    // Task 2 runs cells 2 then 6: requeue it (what a pre-emption with requeue does) once cell 2
+    // is stored. Slurm runs it again by itself, as the same job, and it resumes its shard.
+    let shard2 = run.join("shards/2-of-4");
+    cluster.wait_for("task 2 to store its first cell", Duration::from_secs(90), |_| shard2.join("cells/2.json").exists());
+    assert!(!shard2.join("cells/6.json").exists(), "task 2 finished before it could be requeued");
+    let o = cluster.cmd(&need("scontrol")).args(["requeue", &format!("{array}_2")]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    cluster.wait_for("the first array (with task 2 rerun) and its merge job to leave the queue", Duration::from_secs(120), |c| {
+        !c.queued(&array) && !c.queued(&merge)
+    });
     let t_first = t0.elapsed();
+    // --open-mode=append: the log holds both runs of the requeued task.
+    let log2 = std::fs::read_to_string(run.join(format!("slurm/{array}_2.out"))).unwrap_or_default();
+    assert!(log2.contains("resuming: 1 of 2 cells left") && log2.matches("finished earlier, kept").count() == 1, "the requeued task must keep cell 2 and redo cell 6:\n{log2}");
     for i in [0, 2, 3] {
         assert_eq!(cluster.state(&format!("{array}_{i}")), "COMPLETED", "task {i}\n{}", tail(&run.join(format!("slurm/{array}_{i}.out")), 30));
     }
@@ -307,7 +320,7 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     drop(cluster);
     let total = t_start.elapsed();
     eprintln!(
-        "slurm test: cluster up {:.1}s, unsharded run {:.1}s, 4-task array until cancel handled {:.1}s, resubmit + resume + merge {:.1}s, total {:.1}s; resumed task kept {kept} cell, redid 1 (of its 2), the other 3 shards were not rerun",
+        "slurm test: cluster up {:.1}s, unsharded run {:.1}s, 4-task array with task 1 cancelled and task 2 requeued {:.1}s, resubmit task 1 + resume + merge {:.1}s, total {:.1}s; task 1 (resubmitted) and task 2 (requeued) each kept {kept} cell and redid 1 (of their 2), tasks 0 and 3 ran once",
         t_up.as_secs_f64(),
         t_unsharded.as_secs_f64(),
         t_first.as_secs_f64(),
