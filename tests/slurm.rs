@@ -83,7 +83,8 @@ impl Cluster {
         let socket = dir.join("munge/munge.sock");
         let user = sh("id -un");
         // The controller must be named by this machine's short host name; the node need not be.
-        let host = sh("hostname -s");
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim().split('.').next().unwrap_or_default().to_string();
         let (ctld_port, slurmd_port) = (free_port(), free_port());
         let d = dir.display();
         let conf = dir.join("slurm.conf");
@@ -141,7 +142,7 @@ impl Cluster {
             &mut c,
             "munged",
             "munged",
-            &["-F".into(), "--force".into(), format!("--socket={}", socket.display()), format!("--key-file={}", key.display()), format!("--pid-file={}", m("munged.pid")), format!("--log-file={}", m("munged.log")), format!("--seed-file={}", m("munged.seed"))],
+            &["-F".into(), "--force".into(), "--origin=127.0.0.1".into(), format!("--socket={}", socket.display()), format!("--key-file={}", key.display()), format!("--pid-file={}", m("munged.pid")), format!("--log-file={}", m("munged.log")), format!("--seed-file={}", m("munged.seed"))],
         );
         c.wait_for("munged to create its socket", Duration::from_secs(10), |_| socket.exists());
         let conf_arg = c.conf.display().to_string();

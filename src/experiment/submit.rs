@@ -47,7 +47,9 @@ fn absolute(p: &Path) -> Result<PathBuf> {
 
 fn text(what: &str, p: &Path) -> Result<String> {
     let s = p.to_str().with_context(|| format!("{what} {} is not UTF-8", p.display()))?.to_string();
-    slurm::check_word(what, &s)?;
+    if slurm::check_word(what, &s).is_err() {
+        bail!("{what} {s:?} has spaces or shell characters, which the job scripts cannot name (#SBATCH lines do not quote): use a folder (or ROAD_OUT) without them");
+    }
     Ok(s)
 }
 
