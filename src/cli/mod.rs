@@ -223,13 +223,13 @@ pub enum BenchCmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    // Parsed once, here: a bad --device fails before any work, and library code reads the
-    // choice through `runtime::device_for` instead of threading it through every call.
     // `road submit` passes --device/--dtype on to its tasks unparsed: a login node may have no
     // GPU for `cuda` to open.
     if let Some(Cmd::Submit(a)) = &cli.cmd {
         return submit_cmd::submit_cmd(a, cli.device.clone(), cli.dtype.clone());
     }
+    // Parsed once, here: a bad --device fails before any work, and library code reads the
+    // choice through `runtime::device_for` instead of threading it through every call.
     let device = cli.device.as_deref().map(parse_device).transpose()?;
     let dtype = cli.dtype.as_deref().map(crate::runtime::parse_dtype).transpose()?;
     crate::runtime::set_choice(device, dtype);
