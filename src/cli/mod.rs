@@ -5,6 +5,7 @@ mod adapter_cmds;
 mod model_cmds;
 mod train_cmds;
 mod tiny_cmds;
+mod submit_cmd;
 
 use crate::bench;
 use crate::fetch;
@@ -123,6 +124,9 @@ pub enum Cmd {
         #[arg(long)]
         fresh: bool,
     },
+    /// Submit a sweep to Slurm: an array job (one shard of the cells per task) and a merge job
+    /// after it (--dependency=afterok); prints the job ids. --dry-run prints the scripts.
+    Submit(submit_cmd::SubmitArgs),
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
     /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
@@ -219,6 +223,11 @@ pub enum BenchCmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // `road submit` passes --device/--dtype on to its tasks unparsed: a login node may have no
+    // GPU for `cuda` to open.
+    if let Some(Cmd::Submit(a)) = &cli.cmd {
+        return submit_cmd::submit_cmd(a, cli.device.clone(), cli.dtype.clone());
+    }
     // Parsed once, here: a bad --device fails before any work, and library code reads the
     // choice through `runtime::device_for` instead of threading it through every call.
     let device = cli.device.as_deref().map(parse_device).transpose()?;
@@ -270,6 +279,8 @@ pub fn run(cli: Cli) -> Result<()> {
             let how = experiment_cmds::RunHow { shard, run_id, resume, jobs: experiment_cmds::parse_jobs(&jobs)?, json, fresh };
             experiment_cmds::run_file(file.as_deref(), &sets, how)?
         }
+        // (Returned above, before a device is opened; the same call keeps this match whole.)
+        Cmd::Submit(a) => submit_cmd::submit_cmd(&a, cli.device.clone(), cli.dtype.clone())?,
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {

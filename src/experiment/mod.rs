@@ -9,6 +9,7 @@ pub mod figures;
 pub mod outputs;
 pub mod runner;
 pub mod spec;
+pub mod submit;
 pub mod tables;
 
 pub use crate::runs::{RunEvent, Sink};

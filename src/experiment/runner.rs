@@ -39,12 +39,17 @@ pub struct CellSummary {
     pub layer: usize,
     pub site: String,
     pub position: String,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_vocab: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_answers: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_logit_diff: f64,
     /// Test IIA (vocabulary argmax) of each control, beside the trained value.
+    #[serde(deserialize_with = "crate::util::nan_null::pairs")]
     pub controls: Vec<(String, f64)>,
     /// Trained test IIA minus the best control's (NaN without controls).
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub margin: f64,
     /// The margin is under [`super::controls::MIN_MARGIN`]: the subspace is not clearly a
     /// variable (it may be an illusion, or there is no signal).
@@ -138,7 +143,10 @@ fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf
         match std::fs::read_to_string(dir.join("config.toml")) {
             Ok(old) if old == config => {
                 if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
-                    bail!("{} is still being written by a live process (its RUNNING names it)", dir.display());
+                    bail!(
+                        "{} is still being written by a live process (its RUNNING names it); if that process or job is gone (another node), delete the RUNNING file",
+                        dir.display()
+                    );
                 }
                 Ok(true)
             }
