@@ -1,6 +1,13 @@
 use clap::Parser;
 
 fn main() {
+    // Rust ignores SIGPIPE, so printing into a closed pipe (`road info | head`) panics; a CLI
+    // should end quietly there, as other tools do. Runs killed this way are left RUNNING with a
+    // dead pid, which reads as crashed and resumes with `road run --resume`.
+    #[cfg(unix)]
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     road_dii::pin_thread_count();
     let cli = road_dii::cli::Cli::parse();
     if let Err(e) = road_dii::cli::run(cli) {

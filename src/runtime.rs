@@ -10,7 +10,8 @@ use std::cell::Cell;
 use std::sync::RwLock;
 
 /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA device 0 when this build has CUDA and a GPU
-/// answers, else the CPU).
+/// answers, else the CPU). N counts the GPUs CUDA_VISIBLE_DEVICES leaves visible (all when
+/// unset), so inside a Slurm task with `--gpus-per-task` `cuda` is the task's own GPU.
 pub fn parse_device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
@@ -20,7 +21,12 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 bail!("--device {s}: this build has no CUDA support (build with scripts/build-cuda.sh, i.e. `--features cuda`)");
             }
-            Ok(Device::new_cuda(idx)?)
+            Device::new_cuda(idx).map_err(|e| match std::env::var("CUDA_VISIBLE_DEVICES") {
+                // Inside a Slurm allocation (--gpus-per-task) or a per-GPU process loop the
+                // visible GPUs are renumbered from 0: `cuda` / `cuda:0` is the first one given.
+                Ok(v) => anyhow::anyhow!("--device {s}: {e} (CUDA_VISIBLE_DEVICES={v:?}: the visible GPUs are numbered from 0)"),
+                Err(_) => anyhow::anyhow!("--device {s}: {e}"),
+            })
         }
         _ => bail!("unknown device {s:?} (expected auto, cpu or cuda[:N])"),
     }

@@ -1,56 +1,12 @@
 //! Mutation fuzzing of the spec and data parsers (seeded, stable Rust): every mutant must give a
 //! clear error or a spec/dataset that passes its own checks — never a panic, never a hang.
 //! Counts go to docs/RELIABILITY.md (`cargo test --release --test fuzz -- --nocapture`).
-//! GGUF / HF config fuzzing plugs in the same way: seeds = model files' bytes,
-//! `run_cases(&seeds, n, seed, limit, |bytes| load-from-bytes, then check logits are finite)`.
+//! Model files (GGUF, HF config.json, safetensors) are fuzzed in tests/fuzz_models.rs.
+mod common;
+use common::fuzzing::*;
 use road_dii::experiment::Spec;
 use road_dii::tokenizer::Tok;
-use road_dii::util::fuzz::{run_cases, FuzzStats};
-use std::path::PathBuf;
-use std::time::Duration;
-
-/// Mutants per parser: at least 10,000 each (the floor); `ROAD_FUZZ_CASES` raises it and
-/// `ROAD_FUZZ_SEED` draws other mutants (to re-check with cases CI has not seen).
-fn n_cases() -> usize {
-    std::env::var("ROAD_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000).max(10_000)
-}
-
-fn seed(tag: u64) -> u64 {
-    tag ^ std::env::var("ROAD_FUZZ_SEED").ok().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-/// Slower than this is a hang (generous: the CI machine is shared; a parse takes microseconds).
-const CASE_LIMIT: Duration = Duration::from_secs(2);
-/// A fuzzer that does not finish in this time is hung (the per-case clock cannot see a case
-/// that never returns).
-const RUN_LIMIT: Duration = Duration::from_secs(300);
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn read(p: &str) -> Vec<u8> {
-    std::fs::read(root().join(p)).unwrap_or_else(|e| panic!("{p}: {e}"))
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Run a fuzzer on its own thread under [`RUN_LIMIT`], print its table row, and assert.
-fn fuzz(name: &'static str, f: impl FnOnce() -> FuzzStats + Send + 'static) -> FuzzStats {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    let st = rx.recv_timeout(RUN_LIMIT).unwrap_or_else(|_| panic!("{name}: the fuzzer did not finish in {RUN_LIMIT:?} (a hang)"));
-    println!("{}", st.row(name));
-    let n = n_cases();
-    assert_eq!(st.cases, n, "{name}");
-    assert!(st.panics == 0 && st.hangs == 0, "{name}: {st:?}");
-    // Mutants must exercise both paths, or the seeds/mutator are too weak to mean anything.
-    assert!(st.errors > n / 10 && st.ok > n / 100, "{name}: {st:?}");
-    st
-}
+use road_dii::util::fuzz::run_cases;
 
 #[test]
 fn fuzz_experiment_toml() {

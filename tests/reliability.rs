@@ -278,3 +278,33 @@ fn tiny_trainer_stops_on_nan_and_keeps_finite_weights() {
         assert!(v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|x| x.is_finite()));
     }
 }
+
+/// A cached model is checked against its pinned sha256 at every load (a sidecar keeps it
+/// cheap): a corrupt file in the cache is an error naming the fix, not a silent load.
+#[test]
+fn a_corrupt_cached_model_is_refused_at_load() {
+    let cache = std::env::temp_dir().join(format!("road-corrupt-cache-{}", std::process::id()));
+    let s = road_dii::fetch::lookup("smollm2-135m").unwrap();
+    let f = cache.join("models").join(s.name).join(s.file);
+    std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+    std::fs::write(&f, b"GGUF but not the pinned bytes").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_road"))
+        .args(["info", "--model", "smollm2-135m"])
+        .env("ROAD_CACHE", &cache)
+        .env("ROAD_OFFLINE", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("is corrupt") && err.contains("road fetch-model smollm2-135m"), "{err}");
+    let _ = std::fs::remove_dir_all(&cache);
+}
+
+/// `--shard` numbers that do not parse name the flag and the value.
+#[test]
+fn shard_flag_errors_name_the_flag() {
+    for (arg, want) in [("0/99999999999999999999", "\"99999999999999999999\" is not a shard number"), ("x", "expected i/n"), ("5/2", "need 0 <= i < n")] {
+        let (ok, _, err) = road_bin(&["run", "experiments/tiny-equality-das.toml", "--shard", arg], None);
+        assert!(!ok && err.contains("--shard") && err.contains(want), "{arg}: {err}");
+    }
+}

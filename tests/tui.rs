@@ -272,13 +272,13 @@ fn snapshot_model_and_help() {
     snap("model_topk", &app);
     // What-if: the form (swap from a source prompt at L12 resid_mid, last position), then the
     // clean and intervened top-k side by side.
-    keys(&mut app, &[char_key('w'), key(KeyCode::Right), key(KeyCode::Right), key(KeyCode::Tab), key(KeyCode::Backspace), char_key('1'), char_key('2')]);
+    keys(&mut app, &[char_key('w'), key(KeyCode::Left), key(KeyCode::Tab), key(KeyCode::Backspace), char_key('1'), char_key('2')]);
     keys(&mut app, &[key(KeyCode::Tab), key(KeyCode::Left), key(KeyCode::Left), key(KeyCode::Tab), key(KeyCode::Tab)]);
     keys(&mut app, &"The capital of Italy is".chars().map(char_key).collect::<Vec<_>>());
     snap("model_whatif_form", &app);
     let cmds = update(&mut app, key(KeyCode::Enter));
     let Some(road_dii::tui::app::Command::TopK { whatif: Some(w), .. }) = cmds.first() else { panic!("top-k with the what-if: {cmds:?}") };
-    assert_eq!(w.label(), "swap ← \"The capital of Italy is\" · L12 resid_mid @last");
+    assert_eq!(w.label(), "vanilla ← \"The capital of Italy is\" · L12 resid_mid @last");
     let alt = [(12039u32, " Rome", 0.58, 0.0004, 212usize), (7042, " Paris", 0.09, 0.61, 1), (253, " the", 0.07, 0.12, 2)]
         .map(|(id, t, p, cp, cr)| AltRow { row: TopRow { id, token: t.into(), logit: 0.0, prob: p }, clean_prob: cp, clean_rank: cr })
         .to_vec();
@@ -491,8 +491,7 @@ fn flow_open_experiment_run_it_and_see_its_heatmap() {
     // prompt makes the next-token distribution exactly the source prompt's own.
     let source = "Paris is the capital of";
     dispatch(&mut app, &mut host, char_key('w'));
-    dispatch(&mut app, &mut host, key(KeyCode::Right));
-    dispatch(&mut app, &mut host, key(KeyCode::Right));
+    dispatch(&mut app, &mut host, key(KeyCode::Left));
     dispatch(&mut app, &mut host, key(KeyCode::Tab));
     dispatch(&mut app, &mut host, key(KeyCode::Backspace));
     dispatch(&mut app, &mut host, char_key('1'));
@@ -547,7 +546,7 @@ fn whatif_adapter_reproduces_peft_road_logits() {
 fn whatif_zero_ablation_of_all_embeddings_erases_the_prompt() {
     use road_dii::tui::whatif::{exec, Kind, Pos, WhatIf};
     let l = common::tiny_a();
-    let w = WhatIf { kind: Kind::Zero, layer: 0, site: road_dii::model::Site::BlockInput, pos: Pos::All, source: String::new(), adapter: String::new() };
+    let w = WhatIf { kind: Kind::named("zero").unwrap(), layer: 0, site: road_dii::model::Site::BlockInput, pos: Pos::All, source: String::new(), adapter: String::new() };
     let (a, b) = (l.tok.encode("The capital of France is").unwrap(), l.tok.encode("My favourite colour is blue").unwrap());
     let n = a.len().min(b.len());
     let (la, lb) = (exec::logits(l, &a[..n], &w).unwrap(), exec::logits(l, &b[..n], &w).unwrap());
@@ -555,8 +554,35 @@ fn whatif_zero_ablation_of_all_embeddings_erases_the_prompt() {
     let clean = l.model.forward(&[a[..n].to_vec()], road_dii::model::Fwd { logits: road_dii::model::LogitsAt::Last, ..Default::default() }).unwrap();
     assert_ne!(clean.logits.unwrap().get(0).unwrap().to_vec1::<f32>().unwrap(), la);
     // Positions past the prompt are an error, not a silent no-op.
-    let past = WhatIf { pos: Pos::At(n), ..w };
+    let past = WhatIf { pos: Pos::At(n), ..w.clone() };
     assert!(exec::logits(l, &a[..n], &past).unwrap_err().to_string().contains("past the prompt"));
+}
+
+/// The what-if runs the experiments' own kinds: an interchange whose source is the base prompt
+/// itself changes nothing, a magnitude swap from another prompt changes the logits, and a mean
+/// ablation at a single position is the identity (the mean over one vector is that vector).
+#[test]
+fn whatif_runs_the_experiment_kinds() {
+    use road_dii::tui::whatif::{exec, Kind, Pos, WhatIf};
+    let l = common::tiny_a();
+    let prompt = "The capital of France is";
+    let ids = l.tok.encode(prompt).unwrap();
+    let clean = l.model.forward(&[ids.clone()], road_dii::model::Fwd { logits: road_dii::model::LogitsAt::Last, ..Default::default() }).unwrap();
+    let clean = clean.logits.unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+    let at = |kind: &str, pos: Pos, source: &str| WhatIf { kind: Kind::named(kind).unwrap(), layer: 1, site: road_dii::model::Site::ResidMid, pos, source: source.into(), adapter: String::new() };
+    let max_diff = |a: &[f32]| a.iter().zip(&clean).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    for kind in ["vanilla", "angle", "magnitude"] {
+        assert!(max_diff(&exec::logits(l, &ids, &at(kind, Pos::All, prompt)).unwrap()) < 1e-4, "{kind} from itself");
+    }
+    assert!(max_diff(&exec::logits(l, &ids, &at("magnitude", Pos::Last, "My favourite colour is blue")).unwrap()) > 1e-3);
+    let n = ids.len();
+    let one = exec::logits(l, &ids[..1], &at("mean", Pos::All, "")).unwrap();
+    let clean1 = l.model.forward(&[ids[..1].to_vec()], road_dii::model::Fwd { logits: road_dii::model::LogitsAt::Last, ..Default::default() }).unwrap();
+    let clean1 = clean1.logits.unwrap().get(0).unwrap().to_vec1::<f32>().unwrap();
+    assert!(one.iter().zip(&clean1).all(|(a, b)| (a - b).abs() < 1e-4), "mean of one vector is that vector");
+    assert!(max_diff(&exec::logits(l, &ids, &at("mean", Pos::All, "")).unwrap()) > 1e-3, "mean over {n} positions changes the run");
+    let e = exec::logits(l, &ids, &at("vanilla", Pos::All, "Hi")).unwrap_err().to_string();
+    assert!(e.contains("equal length"), "{e}");
 }
 
 #[test]

@@ -6,7 +6,10 @@ use std::path::{Path, PathBuf};
 
 pub fn parse_shard(s: &str) -> Result<(usize, usize)> {
     let (i, n) = s.split_once('/').with_context(|| format!("--shard {s:?}: expected i/n, e.g. 0/4"))?;
-    let (i, n): (usize, usize) = (i.trim().parse()?, n.trim().parse()?);
+    let num = |x: &str| -> Result<usize> {
+        x.trim().parse().with_context(|| format!("--shard {s:?}: {x:?} is not a shard number (expected i/n, e.g. 0/4)"))
+    };
+    let (i, n) = (num(i)?, num(n)?);
     if n == 0 || i >= n {
         bail!("--shard {i}/{n}: need 0 <= i < n");
     }
@@ -37,8 +40,9 @@ pub struct RunHow {
 /// `--shard auto` (and the default inside a Slurm array task): the shard from the scheduler's
 /// environment. Slurm: SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT (or _MIN/_MAX); Kubernetes
 /// Indexed Jobs: JOB_COMPLETION_INDEX with ROAD_SHARD_COUNT. `ROAD_SHARD_COUNT` overrides the
-/// count everywhere (a Slurm task resubmitted alone sees a count of 1: the submission's scripts
-/// pass the count explicitly).
+/// count everywhere, and with it the task id is the shard index as it is (the submission's array
+/// is 0..n-1): a task resubmitted alone (`--array=1`) sees a count of 1 and a minimum of 1, so
+/// neither may be read from the environment then. Without it an array `a-b` is shards 0..b-a.
 pub fn shard_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
     let num = |k: &str| -> Result<Option<usize>> {
         match get(k) {
@@ -53,7 +57,7 @@ pub fn shard_from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Option<(us
             (None, None, Some(lo), Some(hi)) if hi >= lo => hi - lo + 1,
             _ => bail!("SLURM_ARRAY_TASK_ID is set but not the array's size (SLURM_ARRAY_TASK_COUNT / _MIN / _MAX, or ROAD_SHARD_COUNT)"),
         };
-        let lo = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        let lo = if num("ROAD_SHARD_COUNT")?.is_some() { 0 } else { num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0) };
         (i.checked_sub(lo).unwrap_or(i), count)
     } else if let Some(i) = num("JOB_COMPLETION_INDEX")? {
         let Some(n) = num("ROAD_SHARD_COUNT")? else { bail!("JOB_COMPLETION_INDEX is set: give the number of shards in ROAD_SHARD_COUNT") };
@@ -186,4 +190,30 @@ pub fn merge(dirs: &[PathBuf], out_name: Option<&str>, allow_incomplete: bool) -
     let dir = crate::experiment::merge::merge_runs(dirs, out_name, allow_incomplete)?;
     println!("merged {} run folder(s) into {}", dirs.len(), dir.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn shard_from_slurm_and_kubernetes_environments() {
+        let whole = [("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "4"), ("SLURM_ARRAY_TASK_MIN", "0"), ("SLURM_ARRAY_TASK_MAX", "3")];
+        assert_eq!(shard_from_env(&env_of(&whole)).unwrap(), Some((2, 4)));
+        // A 1-based array without the submission's count: shards from the minimum.
+        let one_based = [("SLURM_ARRAY_TASK_ID", "3"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_MAX", "4")];
+        assert_eq!(shard_from_env(&env_of(&one_based)).unwrap(), Some((2, 4)));
+        // Task 1 resubmitted alone by `road submit --tasks 1` (or sbatch --array=1): the script's
+        // ROAD_SHARD_COUNT wins over what the task sees.
+        let alone = [("SLURM_ARRAY_TASK_ID", "1"), ("SLURM_ARRAY_TASK_COUNT", "1"), ("SLURM_ARRAY_TASK_MIN", "1"), ("SLURM_ARRAY_TASK_MAX", "1"), ("ROAD_SHARD_COUNT", "4")];
+        assert_eq!(shard_from_env(&env_of(&alone)).unwrap(), Some((1, 4)));
+        assert_eq!(shard_from_env(&env_of(&[("JOB_COMPLETION_INDEX", "3"), ("ROAD_SHARD_COUNT", "4")])).unwrap(), Some((3, 4)));
+        assert!(shard_from_env(&env_of(&[("JOB_COMPLETION_INDEX", "3")])).unwrap_err().to_string().contains("ROAD_SHARD_COUNT"));
+        assert!(shard_from_env(&env_of(&[("JOB_COMPLETION_INDEX", "4"), ("ROAD_SHARD_COUNT", "4")])).is_err());
+        assert_eq!(shard_from_env(&env_of(&[])).unwrap(), None);
+    }
 }

@@ -5,6 +5,7 @@ mod adapter_cmds;
 mod model_cmds;
 mod train_cmds;
 mod tiny_cmds;
+mod submit_cmd;
 
 use crate::bench;
 use crate::fetch;
@@ -140,6 +141,9 @@ pub enum Cmd {
         #[arg(long, value_delimiter = ',', default_value = "160,40,40")]
         das_sizes: Vec<usize>,
     },
+    /// Submit a sweep to Slurm: an array job (one shard of the cells per task) and a merge job
+    /// after it (--dependency=afterok); prints the job ids. --dry-run prints the scripts.
+    Submit(submit_cmd::SubmitArgs),
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
     /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
@@ -253,6 +257,11 @@ pub enum BenchCmd {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    // `road submit` passes --device/--dtype on to its tasks unparsed: a login node may have no
+    // GPU for `cuda` to open.
+    if let Some(Cmd::Submit(a)) = &cli.cmd {
+        return submit_cmd::submit_cmd(a, cli.device.clone(), cli.dtype.clone());
+    }
     // Parsed once, here: a bad --device fails before any work, and library code reads the
     // choice through `runtime::device_for` instead of threading it through every call.
     let device = cli.device.as_deref().map(parse_device).transpose()?;
@@ -268,7 +277,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     fetch::REGISTRY.iter().map(|s| s.name).collect::<Vec<_>>().join(", ")
                 );
             };
-            let p = if s.is_cached() { s.path() } else { s.fetch(true)? };
+            let p = s.fetch_or_verify(true)?;
             println!("{}", p.display());
         }
         Cmd::Info { m, json } => model_cmds::info(&m, json)?,
@@ -305,6 +314,8 @@ pub fn run(cli: Cli) -> Result<()> {
             experiment_cmds::run_file(file.as_deref(), &sets, how)?
         }
         Cmd::Search { file, sets, das_cells, rank, das_sizes } => experiment_cmds::search_file(&file, &sets, das_cells, rank, &das_sizes)?,
+        // (Returned above, before a device is opened; the same call keeps this match whole.)
+        Cmd::Submit(a) => submit_cmd::submit_cmd(&a, cli.device.clone(), cli.dtype.clone())?,
         Cmd::TrainTiny(a) => tiny_cmds::train_tiny(&a)?,
         Cmd::TinyPatch(a) => tiny_cmds::tiny_patch(&a)?,
         Cmd::Bench { what } => match what {

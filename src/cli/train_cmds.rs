@@ -56,7 +56,7 @@ pub fn fetch_data(name: &str) -> Result<()> {
     let Some(s) = fetch::lookup_dataset(name) else {
         bail!("no registered dataset {name:?}; registered: {}", fetch::DATASETS.iter().map(|s| s.name).collect::<Vec<_>>().join(", "));
     };
-    let p = if s.is_cached() { s.path() } else { s.fetch(true)? };
+    let p = s.fetch_or_verify(true)?;
     println!("{}", p.display());
     Ok(())
 }

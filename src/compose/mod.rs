@@ -4,7 +4,6 @@
 //! on only A blocks, B rows only B blocks) and/or separately (A blocks on task A alone, then B
 //! blocks on task B alone, each with its own optimizer). Then, per training, accuracy on each task
 //! with no blocks, A blocks, B blocks, and both → `compose.csv`.
-pub mod hook;
 
 use crate::model::{registry, Hooks, Site};
 use crate::train::cls::{self, Scorer};
@@ -15,7 +14,7 @@ use crate::runs::apply_overrides;
 use crate::train::spec::{PARITY_LABEL_WORDS, PARITY_TEMPLATE, SENTIMENT_LABEL_WORDS, SENTIMENT_TEMPLATE};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
-use hook::{half_masks, RoadIntervention};
+use crate::intervene::road_rows::{half_masks, RoadIntervention};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

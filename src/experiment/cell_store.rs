@@ -1,8 +1,14 @@
 //! Finished cells on disk, one pair of files per cell under `<run>/cells/`: `<i>.safetensors`
-//! (trained parameters) then `<i>.json` (rows and summary), each written whole or not at all
-//! (`runs::atomic`). The JSON's presence is what marks cell `i` (its global index in the sweep)
+//! (trained parameters) then `<i>.toml` (rows and summary), each written whole or not at all
+//! (`runs::atomic`). The TOML's presence is what marks cell `i` (its global index in the sweep)
 //! as done, so a killed run resumes without redoing it, and `merge-runs` rebuilds a sharded
 //! sweep's tables in the unsharded cell order from these files alone.
+//!
+//! TOML, not JSON: the rows hold NaN (a normalized effect that is ill-conditioned, a log column
+//! a kind does not fill) and JSON has no NaN — serde_json writes `null`, which does not read back
+//! as a number, so a killed run with such a cell could not resume. TOML writes `nan`/`inf`, and
+//! Rust's shortest round-trip float formatting keeps every other number bit-exact. Cells stored
+//! as `<i>.json` by earlier versions (finite numbers only) still load.
 use super::cell_job::CellResult;
 use super::outputs::{ExampleRow, MetricRow, TrainRow};
 use super::runner::CellSummary;
@@ -42,15 +48,21 @@ pub fn save(run: &Path, global_idx: usize, r: &CellResult) -> Result<()> {
         summary: r.summary.clone(),
         param_names: names,
     };
-    crate::runs::atomic::write(&dir.join(format!("{global_idx}.json")), serde_json::to_string(&s)?.as_bytes())
+    let text = toml::to_string(&s).context("storing a finished cell")?;
+    crate::runs::atomic::write(&dir.join(format!("{global_idx}.toml")), text.as_bytes())
 }
 
 /// The finished cell `global_idx` of this run, if it was stored.
 pub fn load(run: &Path, global_idx: usize) -> Result<Option<CellResult>> {
     let dir = cells_dir(run);
-    let json = dir.join(format!("{global_idx}.json"));
-    let Ok(text) = std::fs::read_to_string(&json) else { return Ok(None) };
-    let s: Stored = serde_json::from_str(&text).with_context(|| format!("{}: not a stored cell", json.display()))?;
+    let (toml_path, json_path) = (dir.join(format!("{global_idx}.toml")), dir.join(format!("{global_idx}.json")));
+    let s: Stored = if let Ok(text) = std::fs::read_to_string(&toml_path) {
+        toml::from_str(&text).with_context(|| format!("{}: not a stored cell", toml_path.display()))?
+    } else if let Ok(text) = std::fs::read_to_string(&json_path) {
+        serde_json::from_str(&text).with_context(|| format!("{}: not a stored cell", json_path.display()))?
+    } else {
+        return Ok(None);
+    };
     let mut params = Vec::new();
     if !s.param_names.is_empty() {
         let f = dir.join(format!("{global_idx}.safetensors"));
@@ -73,7 +85,11 @@ pub fn load_all(run: &Path) -> Result<BTreeMap<usize, CellResult>> {
     let Ok(entries) = std::fs::read_dir(cells_dir(run)) else { return Ok(out) };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(i) = name.strip_suffix(".json").and_then(|s| s.parse::<usize>().ok()) else { continue };
+        let stem = name.strip_suffix(".toml").or_else(|| name.strip_suffix(".json"));
+        let Some(i) = stem.and_then(|s| s.parse::<usize>().ok()) else { continue };
+        if out.contains_key(&i) {
+            continue;
+        }
         if let Some(c) = load(run, i)? {
             out.insert(i, c);
         }

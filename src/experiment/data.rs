@@ -132,7 +132,11 @@ pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String
         let keep: Vec<(Pair, Clean)> = pairs.into_iter().zip(facts).filter(|(_, c)| c.base_correct && c.source_correct).collect();
         let acc = if n > 0 { correct as f64 / (2 * n) as f64 } else { f64::NAN };
         let kept = if n > 0 { keep.len() as f64 / n as f64 } else { f64::NAN };
-        log(format!("{:<5} split: {n} pairs, model accuracy {acc:.3} on base+source prompts, kept {} ({:.0}%)", split.name(), keep.len(), kept * 100.0));
+        if n == 0 {
+            log(format!("{:<5} split: 0 pairs", split.name()));
+        } else {
+            log(format!("{:<5} split: {n} pairs, model accuracy {acc:.3} on base+source prompts, kept {} ({:.0}%)", split.name(), keep.len(), kept * 100.0));
+        }
         report.push((split, acc, kept, keep.len()));
         if split == Split::Test {
             test_before_filtering = n;

@@ -14,6 +14,7 @@ pub mod outputs;
 pub mod runner;
 pub mod search;
 pub mod spec;
+pub mod submit;
 pub mod tables;
 
 pub use crate::runs::{RunEvent, Sink};

@@ -15,14 +15,20 @@ pub struct MetricRow {
     pub intervention: String,
     pub split: String,
     /// IIA with the argmax over the whole vocabulary.
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub iia_vocab: f64,
     /// IIA with the argmax over the task's answer tokens.
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub iia_answers: f64,
     /// mean(logit[cf_label] − logit[base_label]) after the intervention.
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub logit_diff: f64,
     /// (LD_patched − LD_base) / (LD_source − LD_base), from means; NaN when ill-conditioned.
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub normalized_effect: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub base_acc: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub source_acc: f64,
     pub n: usize,
     /// `none` for the trained (or applied) intervention; else the control it is a row of:
@@ -67,6 +73,7 @@ pub struct ExampleRow {
     pub cf_label: String,
     pub predicted: String,
     pub correct: bool,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub logit_diff: f64,
     /// The cell's heads (`0+3`, or empty for the whole vector); absent in older runs.
     #[serde(default)]
@@ -94,18 +101,23 @@ pub struct TrainRow {
     #[serde(default = "no_control")]
     pub control: String,
     pub step: usize,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub loss: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub lr: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub beta: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub temperature: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub subspace_dims: f64,
     /// At evaluation steps (`train.eval_every`), else NaN: cross-entropy and IIA on the dev
     /// split, IIA on up to 64 train pairs.
-    #[serde(default = "nan")]
+    #[serde(default = "nan", deserialize_with = "crate::util::nan_null::f64")]
     pub dev_loss: f64,
-    #[serde(default = "nan")]
+    #[serde(default = "nan", deserialize_with = "crate::util::nan_null::f64")]
     pub dev_iia: f64,
-    #[serde(default = "nan")]
+    #[serde(default = "nan", deserialize_with = "crate::util::nan_null::f64")]
     pub train_iia: f64,
     /// Wall-clock seconds since the cell's training started (time-to-quality). Not in
     /// train_log.csv, whose bytes depend only on the spec: it goes to `timing.csv`.

@@ -39,12 +39,17 @@ pub struct CellSummary {
     pub layer: usize,
     pub site: String,
     pub position: String,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_vocab: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_iia_answers: f64,
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub test_logit_diff: f64,
     /// Test IIA (vocabulary argmax) of each control, beside the trained value.
+    #[serde(deserialize_with = "crate::util::nan_null::pairs")]
     pub controls: Vec<(String, f64)>,
     /// Trained test IIA minus the best control's (NaN without controls).
+    #[serde(deserialize_with = "crate::util::nan_null::f64")]
     pub margin: f64,
     /// The margin is under [`super::controls::MIN_MARGIN`]: the subspace is not clearly a
     /// variable (it may be an illusion, or there is no signal).
@@ -138,7 +143,10 @@ fn open_run_dir(spec: &Spec, opts: &RunOptions, config: &str) -> Result<(PathBuf
         match std::fs::read_to_string(dir.join("config.toml")) {
             Ok(old) if old == config => {
                 if crate::runs::state::status(dir) == crate::runs::RunStatus::Running {
-                    bail!("{} is still being written by a live process (its RUNNING names it)", dir.display());
+                    bail!(
+                        "{} is still being written by a live process (its RUNNING names it); if that process or job is gone (another node), delete the RUNNING file",
+                        dir.display()
+                    );
                 }
                 Ok(true)
             }
@@ -183,7 +191,8 @@ pub fn run(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink) -> Result<RunSum
     let config = config_text(spec, opts.shard)?;
     let (run_dir, fresh) = open_run_dir(spec, opts, &config)?;
     crate::runs::state::mark_running(&run_dir)?;
-    let result = run_in(spec, opts, sink, &run_dir, t0);
+    // A panic (a bug) fails the run like an error: error.txt beside the partial outputs.
+    let result = crate::util::panics::guarded("the run", || run_in(spec, opts, sink, &run_dir, t0));
     if let Err(e) = &result {
         sink.send(RunEvent::Log(format!("run failed: {e:#}")));
         sink.send(RunEvent::Finished { run_dir: run_dir.clone(), complete: false });
@@ -288,7 +297,7 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
     if todo.len() < cells.len() {
         sink.send(RunEvent::Log(format!("resuming: {} of {} cells left", todo.len(), cells.len())));
     }
-    // Each finished cell is stored whole (cells/<i>.json), then the tables are rewritten in cell
+    // Each finished cell is stored whole (cells/<i>.toml), then the tables are rewritten in cell
     // order, so a killed run keeps what it finished; results do not depend on `jobs` (each cell
     // has its own seed).
     let record = |ci: usize, r: CellResult, results: &mut Vec<Option<CellResult>>| -> Result<()> {

@@ -11,6 +11,7 @@ pub mod norm_swap;
 pub mod orth;
 pub mod replace;
 pub mod road_dii;
+pub mod road_rows;
 pub mod sigmoid_mask;
 pub mod spec;
 pub mod vanilla;

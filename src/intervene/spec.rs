@@ -215,6 +215,12 @@ impl InterventionSpec {
         )
     }
 
+    /// Whether the built intervention reads the source run (sourceless edits and ablations do
+    /// not, so a caller can skip the source forward; agrees with [`Intervention::uses_source`]).
+    pub fn uses_source(&self) -> bool {
+        !matches!(self, InterventionSpec::Zero { .. } | InterventionSpec::Mean { .. } | InterventionSpec::Loreft { .. })
+    }
+
     /// Whether building it needs dataset statistics (the mean activation over the train split).
     pub fn needs_statistics(&self) -> bool {
         matches!(self, InterventionSpec::Mean { .. })
@@ -325,6 +331,7 @@ mod tests {
             let want = if s.kind_name() == "atp" { "vanilla" } else { s.kind_name() };
             assert_eq!(iv.kind(), want);
             assert_eq!(iv.is_trainable(), s.trainable(), "{}", s.kind_name());
+            assert_eq!(iv.uses_source(), s.uses_source(), "{}", s.kind_name());
         }
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! Adding a family = a `Family` variant, its knobs in [`Arch::from_hf`] / [`Arch::from_gguf`],
 //! and its tensor names in `model/weights.rs`.
+use super::json_keys::Keys;
 use anyhow::{bail, Result};
 use serde_json::Value;
 
@@ -100,10 +101,6 @@ pub struct Arch {
     pub final_softcap: Option<f64>,
 }
 
-fn f64_key(v: &Value, k: &str) -> Option<f64> {
-    v.get(k).and_then(Value::as_f64)
-}
-
 impl Arch {
     /// Whether layer `l` attends through the sliding window.
     pub fn is_sliding(&self, l: usize) -> bool {
@@ -112,18 +109,23 @@ impl Arch {
 
     /// Knobs from a HF `config.json` of a known family.
     pub fn from_hf(family: Family, v: &Value, num_layers: usize) -> Result<Arch> {
-        let flag = |k: &str| v.get(k).and_then(Value::as_bool) == Some(true);
-        if flag("mlp_bias") {
+        let k = Keys(v);
+        let flag = |key: &str| -> Result<bool> { Ok(k.flag(key)?.unwrap_or(false)) };
+        if flag("mlp_bias")? {
             bail!("config.json: mlp_bias = true is not supported");
         }
-        let act_key = v.get("hidden_activation").or_else(|| v.get("hidden_act")).and_then(Value::as_str);
+        let act_key = match k.text("hidden_activation")? {
+            Some(a) => Some(a),
+            None => k.text("hidden_act")?,
+        };
         let act = match act_key {
             None if family == Family::Gemma2 => Act::GeluTanh,
             None | Some("silu") => Act::Silu,
             Some("gelu_pytorch_tanh") => Act::GeluTanh,
             Some(other) => bail!("config.json: activation {other:?} is not supported (silu, gelu_pytorch_tanh)"),
         };
-        let window = v.get("sliding_window").and_then(Value::as_u64).map(|w| w as usize);
+        let window = k.uint("sliding_window")?;
+        let (use_window, max_window_layers) = (flag("use_sliding_window")?, k.uint("max_window_layers")?.unwrap_or(0));
         // Which layers slide: `layer_types` when given (transformers 5), else the family's rule.
         let sliding_layers: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
             Some(types) => {
@@ -143,10 +145,7 @@ impl Arch {
                 .map(|i| match family {
                     Family::Mistral => true,
                     // transformers: sliding from `max_window_layers` on, when enabled.
-                    Family::Qwen2 | Family::Qwen3 => {
-                        flag("use_sliding_window")
-                            && i >= v.get("max_window_layers").and_then(Value::as_u64).unwrap_or(0) as usize
-                    }
+                    Family::Qwen2 | Family::Qwen3 => use_window && i >= max_window_layers,
                     Family::Gemma2 => i % 2 == 0,
                     Family::Llama => false,
                 })
@@ -158,7 +157,7 @@ impl Arch {
         if window == Some(0) {
             bail!("config.json: sliding_window must be positive");
         }
-        let attn_bias = flag("attention_bias");
+        let attn_bias = flag("attention_bias")?;
         let mut a = Arch { family, act, sliding_window: window, sliding_layers, ..Default::default() };
         match family {
             Family::Llama | Family::Mistral => {
@@ -177,9 +176,9 @@ impl Arch {
                 a.norm_plus_one = true;
                 a.sandwich_norms = true;
                 a.embed_scale = true;
-                a.query_pre_attn_scalar = Some(f64_key(v, "query_pre_attn_scalar").unwrap_or(256.0));
-                a.attn_softcap = f64_key(v, "attn_logit_softcapping");
-                a.final_softcap = f64_key(v, "final_logit_softcapping");
+                a.query_pre_attn_scalar = Some(k.num("query_pre_attn_scalar")?.unwrap_or(256.0));
+                a.attn_softcap = k.num("attn_logit_softcapping")?;
+                a.final_softcap = k.num("final_logit_softcapping")?;
             }
         }
         if a.sliding_window.is_some() && !a.sliding_layers.iter().any(|&s| s) {

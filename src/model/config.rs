@@ -1,8 +1,12 @@
 //! LLaMA-family hyper-parameters, read from a HF `config.json` or from GGUF metadata; the
 //! per-family knobs live in [`Arch`].
 pub use super::arch::{Act, Arch, Family};
+use super::json_keys::Keys;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+
+/// More blocks than any released model has; a larger count is a corrupt or hostile file.
+pub const MAX_LAYERS: usize = 4096;
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -39,20 +43,59 @@ impl LlamaConfig {
     }
 
     /// Sanity checks shared by every loader, so a malformed file fails here with a clear message
-    /// instead of as a shape error deep inside the forward pass.
+    /// instead of as a shape error (or NaN logits, or an allocation abort) inside the forward.
+    /// Sizes are bounded well above any released model, so nothing is reserved from a bad number.
     pub fn validate(&self) -> Result<()> {
-        if self.num_layers == 0 || self.hidden_size == 0 || self.num_heads == 0 {
-            bail!("model config has zero layers, width or heads");
+        let sizes = [
+            ("vocab_size", self.vocab_size, 1 << 23),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 20),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, 4096),
+            ("num_key_value_heads", self.num_kv_heads, 4096),
+            ("head_dim", self.head_dim, 4096),
+            ("max_position_embeddings", self.max_position_embeddings, 1 << 24),
+        ];
+        for (k, v, max) in sizes {
+            if v == 0 || v > max {
+                bail!("model config: {k} = {v} must be in 1..={max}");
+            }
         }
-        if self.num_kv_heads == 0 || self.num_heads % self.num_kv_heads != 0 {
+        if self.num_heads % self.num_kv_heads != 0 {
             bail!(
-                "num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
+                "model config: num_attention_heads ({}) must be a multiple of num_key_value_heads ({})",
                 self.num_heads,
                 self.num_kv_heads
             );
         }
         if self.head_dim % 2 != 0 {
-            bail!("head_dim {} must be even for RoPE", self.head_dim);
+            bail!("model config: head_dim {} must be even for RoPE", self.head_dim);
+        }
+        let positive = |k: &str, x: f64| -> Result<()> {
+            if !x.is_finite() || x <= 0.0 {
+                bail!("model config: {k} = {x} must be a finite number > 0");
+            }
+            Ok(())
+        };
+        positive("rms_norm_eps", self.rms_norm_eps)?;
+        positive("rope_theta", self.rope_theta as f64)?;
+        if let Some(s) = &self.rope_scaling {
+            positive("rope_scaling.factor", s.factor as f64)?;
+            positive("rope_scaling.low_freq_factor", s.low_freq_factor as f64)?;
+            positive("rope_scaling.high_freq_factor", s.high_freq_factor as f64)?;
+            positive("rope_scaling.original_max_position_embeddings", s.original_max_position_embeddings as f64)?;
+            if s.high_freq_factor <= s.low_freq_factor {
+                bail!("model config: rope_scaling.high_freq_factor ({}) must exceed low_freq_factor ({})", s.high_freq_factor, s.low_freq_factor);
+            }
+        }
+        let a = &self.arch;
+        for (k, x) in [("query_pre_attn_scalar", a.query_pre_attn_scalar), ("attn_logit_softcapping", a.attn_softcap), ("final_logit_softcapping", a.final_softcap)] {
+            if let Some(x) = x {
+                positive(k, x)?;
+            }
+        }
+        if !a.sliding_layers.is_empty() && a.sliding_layers.len() != self.num_layers {
+            bail!("model config: {} layer types for {} layers", a.sliding_layers.len(), self.num_layers);
         }
         Ok(())
     }
@@ -61,61 +104,47 @@ impl LlamaConfig {
     /// transformers 5.x `rope_parameters`).
     pub fn from_hf_json(text: &str) -> Result<Self> {
         let v: Value = serde_json::from_str(text).context("config.json is not valid JSON")?;
-        let model_type = v.get("model_type").and_then(Value::as_str).unwrap_or("");
+        let k = Keys(&v);
+        let model_type = k.text("model_type")?.unwrap_or("");
         let archs: Vec<&str> = v
             .get("architectures")
             .and_then(Value::as_array)
             .map(|a| a.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
         let family = Family::from_hf(model_type, &archs)?;
-        let req = |k: &str| -> Result<usize> {
-            v.get(k)
-                .and_then(Value::as_u64)
-                .map(|x| x as usize)
-                .with_context(|| format!("config.json: missing or non-integer key `{k}`"))
-        };
-        let hidden_size = req("hidden_size")?;
-        let num_heads = req("num_attention_heads")?;
-        let num_kv_heads = v
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(num_heads);
-        let head_dim = v
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_heads);
+        let hidden_size = k.req_uint("hidden_size")?;
+        let num_heads = k.req_uint("num_attention_heads")?;
+        let num_kv_heads = k.uint("num_key_value_heads")?.unwrap_or(num_heads);
+        // 0 heads: left to `validate`, which names the key (no division by zero here).
+        let head_dim = k.uint("head_dim")?.unwrap_or(hidden_size.checked_div(num_heads).unwrap_or(0));
         // transformers 5 moved rope settings into `rope_parameters`; older files use top-level keys.
         let rope = v.get("rope_parameters").filter(|r| r.is_object());
-        let rope_theta = rope
-            .and_then(|r| r.get("rope_theta"))
-            .or_else(|| v.get("rope_theta"))
-            .and_then(Value::as_f64)
-            .unwrap_or(10000.0) as f32;
+        let rope_theta = match rope.map(|r| Keys(r).num("rope_theta")).transpose()?.flatten() {
+            Some(t) => t,
+            None => k.num("rope_theta")?.unwrap_or(10000.0),
+        } as f32;
         let scaling_obj = rope.or_else(|| v.get("rope_scaling").filter(|r| r.is_object()));
         let rope_scaling = match scaling_obj {
             None => None,
             Some(s) => {
-                let ty = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let sk = Keys(s);
+                let ty = match sk.text("rope_type")? {
+                    Some(t) => t,
+                    None => sk.text("type")?.unwrap_or("default"),
+                };
                 match ty {
                     "default" => None,
                     "llama3" => {
-                        let f = |k: &str| -> Result<f64> {
-                            s.get(k).and_then(Value::as_f64).with_context(|| {
-                                format!("config.json: llama3 rope scaling needs `{k}`")
-                            })
+                        let f = |key: &str| -> Result<f64> {
+                            sk.num(key)?.with_context(|| format!("config.json: llama3 rope scaling needs `{key}`"))
                         };
                         Some(Llama3Scaling {
                             factor: f("factor")? as f32,
                             low_freq_factor: f("low_freq_factor")? as f32,
                             high_freq_factor: f("high_freq_factor")? as f32,
-                            original_max_position_embeddings: f("original_max_position_embeddings")?
-                                as usize,
+                            original_max_position_embeddings: sk
+                                .uint("original_max_position_embeddings")?
+                                .context("config.json: llama3 rope scaling needs `original_max_position_embeddings`")?,
                         })
                     }
                     other => bail!("config.json: unsupported rope type {other:?} (supported: default, llama3)"),
@@ -127,29 +156,27 @@ impl LlamaConfig {
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).map(|x| x as u32).collect(),
             _ => vec![],
         };
-        let num_layers = req("num_hidden_layers")?;
+        let num_layers = k.req_uint("num_hidden_layers")?;
+        // Bounded before `Arch::from_hf` sizes its per-layer table by it.
+        if num_layers > MAX_LAYERS {
+            bail!("model config: num_hidden_layers = {num_layers} must be in 1..={MAX_LAYERS}");
+        }
         let arch = Arch::from_hf(family, &v, num_layers)?;
         let cfg = Self {
-            vocab_size: req("vocab_size")?,
+            vocab_size: k.req_uint("vocab_size")?,
             hidden_size,
-            intermediate_size: req("intermediate_size")?,
+            intermediate_size: k.req_uint("intermediate_size")?,
             num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6),
+            rms_norm_eps: k.num("rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                // Gemma ties by default; the others (transformers' configs) do not.
-                .unwrap_or(family == Family::Gemma2),
-            bos_token_id: v.get("bos_token_id").and_then(Value::as_u64).map(|x| x as u32),
+            max_position_embeddings: k.uint("max_position_embeddings")?.unwrap_or(2048),
+            // Gemma ties by default; the others (transformers' configs) do not.
+            tie_word_embeddings: k.flag("tie_word_embeddings")?.unwrap_or(family == Family::Gemma2),
+            bos_token_id: k.uint("bos_token_id")?.map(|x| x as u32),
             eos_token_ids,
             arch,
         };

@@ -186,7 +186,11 @@ impl Llama {
             });
         }
         let norm = norm_w(weights::FINAL_NORM, d)?;
-        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor(weights::LM_HEAD) {
+        if !cfg.tie_word_embeddings && !vb.contains_tensor(weights::LM_HEAD) {
+            // transformers would initialise a random head here; a silent tie is no better.
+            bail!("tie_word_embeddings is false but the checkpoint has no {}", weights::LM_HEAD);
+        }
+        let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
             get(&[cfg.vocab_size, d], weights::LM_HEAD)?

@@ -2,9 +2,11 @@
 //! pass with intervention sites.
 pub mod arch;
 pub mod config;
+pub mod file_checks;
 pub mod frozen;
 pub mod gemv;
 pub mod init;
+mod json_keys;
 pub mod llama;
 pub mod load;
 pub mod random;

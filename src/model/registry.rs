@@ -31,6 +31,8 @@ pub fn shipped_models() -> Vec<String> {
 
 /// Turn a `--model` argument into a path, fetching registered models when needed.
 pub fn resolve(spec: &str, verbose: bool) -> Result<PathBuf> {
+    // Every entry point: a FIFO must not block, a symlink loop must not read as "not found".
+    crate::util::check_model_path("model", spec)?;
     if let Some(s) = fetch::lookup(spec) {
         return s.ensure(verbose);
     }

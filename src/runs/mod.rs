@@ -7,6 +7,7 @@ pub mod csv;
 pub mod dirs;
 pub mod events;
 pub mod overrides;
+pub mod slurm;
 pub mod state;
 
 pub use self::csv::{read_csv, write_csv};

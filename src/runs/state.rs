@@ -36,7 +36,11 @@ fn host() -> String {
 pub fn mark_running(dir: &Path) -> Result<()> {
     let _ = std::fs::remove_file(dir.join("INCOMPLETE"));
     let _ = std::fs::remove_file(dir.join("error.txt"));
-    super::atomic::write(&dir.join("RUNNING"), format!("pid {}\nhost {}\n", std::process::id(), host()).as_bytes())
+    let mut marker = format!("pid {}\nhost {}\n", std::process::id(), host());
+    if let Some(job) = slurm_job() {
+        marker.push_str(&format!("slurm_job {job}\n"));
+    }
+    super::atomic::write(&dir.join("RUNNING"), marker.as_bytes())
         .with_context(|| format!("cannot mark {} as running", dir.display()))
 }
 
@@ -50,9 +54,19 @@ pub fn mark_incomplete(dir: &Path, why: &str) -> Result<()> {
     super::atomic::write(&dir.join("INCOMPLETE"), format!("{why}\n").as_bytes())
 }
 
+/// This process's Slurm job (an array task has its own id, kept when it is requeued).
+fn slurm_job() -> Option<String> {
+    std::env::var("SLURM_JOB_ID").ok().filter(|v| !v.is_empty())
+}
+
 /// Whether the process named in a RUNNING file is alive (same host: /proc/<pid> exists).
 fn alive(running: &str) -> bool {
     let field = |k: &str| running.lines().find_map(|l| l.strip_prefix(k)).map(|v| v.trim().to_string());
+    if field("slurm_job ").is_some_and(|j| Some(j) == slurm_job()) {
+        // Our own Slurm job wrote it before it was pre-empted or requeued, perhaps on another
+        // node: Slurm never runs two instances of one job, so that writer is gone.
+        return false;
+    }
     let (Some(pid), h) = (field("pid "), field("host ")) else { return false };
     if h.is_some_and(|h| h != host()) {
         // Another machine's run (a shared file system): trust the marker.

@@ -1,35 +1,49 @@
-//! The Model pane's quick what-if: one intervention — zero or mean ablation, or a swap from a
-//! second ("source") prompt, at a (layer, site, position); or a peft adapter (RoAd or LoRA) on the
-//! weights — whose top-k next tokens are shown beside the clean ones.
+//! The Model pane's quick what-if: one untrained intervention of the experiments' own kinds — a
+//! vanilla interchange (or magnitude/angle swap) from a second ("source") prompt, zero or mean
+//! ablation — at a (layer, site, position); or a peft adapter (RoAd or LoRA) on the weights —
+//! whose top-k next tokens are shown beside the clean ones.
 //!
 //! This file is pure state (the spec, its form, validation); the forward passes that carry it
 //! out are in [`exec`] and run in the model worker thread only.
 pub mod exec;
 
+use crate::intervene::InterventionSpec;
 use crate::model::Site;
 use ratatui::crossterm::event::{KeyCode, KeyEvent};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the what-if does: one of the experiments' own intervention kinds that needs no training
+/// (vanilla interchange from a source prompt, zero/mean ablation, magnitude/angle swaps…), built
+/// and applied by `intervene` exactly as an experiment cell would; or a peft adapter.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Kind {
-    Zero,
-    Mean,
-    Swap,
+    Site(InterventionSpec),
     Adapter,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Zero, Kind::Mean, Kind::Swap, Kind::Adapter];
-    pub fn name(self) -> &'static str {
+    /// Every untrained intervention kind (in `InterventionSpec::all`'s order), then the adapter.
+    /// AtP is left out: it estimates a whole sweep, it is no edit to try on one prompt.
+    pub fn all() -> Vec<Kind> {
+        let edit = |s: &InterventionSpec| !s.trainable() && !matches!(s, InterventionSpec::Atp { .. });
+        InterventionSpec::all().into_iter().filter(edit).map(Kind::Site).chain([Kind::Adapter]).collect()
+    }
+    /// The kind by its experiment-file name (`zero`, `vanilla`, …, or `adapter`).
+    pub fn named(name: &str) -> Option<Kind> {
+        Kind::all().into_iter().find(|k| k.name() == name)
+    }
+    pub fn name(&self) -> &'static str {
         match self {
-            Kind::Zero => "zero",
-            Kind::Mean => "mean",
-            Kind::Swap => "swap",
+            Kind::Site(s) => s.kind_name(),
             Kind::Adapter => "adapter",
         }
     }
     /// Whether layer / site / position apply (an adapter acts on every projection it carries).
-    pub fn is_site(self) -> bool {
-        self != Kind::Adapter
+    pub fn is_site(&self) -> bool {
+        *self != Kind::Adapter
+    }
+    /// Whether a source prompt is needed.
+    pub fn uses_source(&self) -> bool {
+        matches!(self, Kind::Site(s) if s.uses_source())
     }
 }
 
@@ -71,13 +85,13 @@ pub struct WhatIf {
 }
 
 impl WhatIf {
-    /// One line for titles, e.g. `swap ← "Rome" · L3 block_output @last`.
+    /// One line for titles, e.g. `vanilla ← "Rome" · L3 block_output @last`.
     pub fn label(&self) -> String {
         let at = format!("L{} {} @{}", self.layer, self.site, self.pos.label());
-        match self.kind {
-            Kind::Zero | Kind::Mean => format!("{} ablation · {at}", self.kind.name()),
-            Kind::Swap => format!("swap ← {:?} · {at}", self.source),
+        match &self.kind {
             Kind::Adapter => format!("adapter {}", self.adapter),
+            k if k.uses_source() => format!("{} ← {:?} · {at}", k.name(), self.source),
+            k => format!("{} · {at}", k.name()),
         }
     }
 }
@@ -109,7 +123,7 @@ impl Form {
     pub fn new(cur: Option<&WhatIf>) -> Form {
         match cur {
             Some(w) => Form {
-                kind: w.kind,
+                kind: w.kind.clone(),
                 site: w.site,
                 layer: w.layer.to_string(),
                 pos: w.pos.label(),
@@ -119,7 +133,7 @@ impl Form {
                 error: None,
             },
             None => Form {
-                kind: Kind::Zero,
+                kind: Kind::Site(InterventionSpec::Zero { dims: None }),
                 site: Site::BlockOutput,
                 layer: "0".into(),
                 pos: "last".into(),
@@ -136,7 +150,7 @@ impl Form {
         match FIELDS[i] {
             "kind" => true,
             "layer" | "site" | "position" => self.kind.is_site(),
-            "source" => self.kind == Kind::Swap,
+            "source" => self.kind.uses_source(),
             _ => self.kind == Kind::Adapter,
         }
     }
@@ -164,13 +178,13 @@ impl Form {
     }
 
     fn cycle(&mut self, step: isize) {
-        fn next<T: Copy + PartialEq>(all: &[T], cur: T, step: isize) -> T {
-            let i = all.iter().position(|x| *x == cur).unwrap_or(0) as isize;
-            all[(i + step).rem_euclid(all.len() as isize) as usize]
+        fn next<T: Clone + PartialEq>(all: &[T], cur: &T, step: isize) -> T {
+            let i = all.iter().position(|x| x == cur).unwrap_or(0) as isize;
+            all[(i + step).rem_euclid(all.len() as isize) as usize].clone()
         }
         match self.focus {
-            0 => self.kind = next(&Kind::ALL, self.kind, step),
-            2 => self.site = next(&Site::ALL, self.site, step),
+            0 => self.kind = next(&Kind::all(), &self.kind, step),
+            2 => self.site = next(&Site::ALL, &self.site, step),
             _ => {}
         }
     }
@@ -197,13 +211,13 @@ impl Form {
             0
         };
         let pos = if self.kind.is_site() { Pos::parse(&self.pos)? } else { Pos::Last };
-        if self.kind == Kind::Swap && self.source.trim().is_empty() {
-            return Err("swap needs a source prompt".into());
+        if self.kind.uses_source() && self.source.trim().is_empty() {
+            return Err(format!("{} needs a source prompt", self.kind.name()));
         }
         if self.kind == Kind::Adapter && self.adapter.trim().is_empty() {
             return Err("adapter needs a directory (adapter_config.json + adapter_model.safetensors)".into());
         }
-        Ok(WhatIf { kind: self.kind, layer, site: self.site, pos, source: self.source.clone(), adapter: self.adapter.trim().to_string() })
+        Ok(WhatIf { kind: self.kind.clone(), layer, site: self.site, pos, source: self.source.clone(), adapter: self.adapter.trim().to_string() })
     }
 
     pub fn key(&mut self, k: KeyEvent, layers: Option<usize>) -> FormAction {
@@ -252,7 +266,8 @@ mod tests {
     #[test]
     fn form_validates_and_skips_inactive_fields() {
         let mut f = Form::new(None);
-        assert!(matches!(f.validate(Some(30)), Ok(WhatIf { kind: Kind::Zero, layer: 0, pos: Pos::Last, .. })));
+        let w = f.validate(Some(30)).unwrap();
+        assert_eq!((w.kind.name(), w.layer, w.pos), ("zero", 0, Pos::Last));
         f.key(k(KeyCode::Tab), Some(30));
         assert_eq!(FIELDS[f.focus], "layer");
         f.key(k(KeyCode::Backspace), Some(30));
@@ -266,10 +281,12 @@ mod tests {
         f.focus = 3;
         f.key(k(KeyCode::Tab), Some(30));
         assert_eq!(FIELDS[f.focus], "kind");
-        f.key(k(KeyCode::Right), Some(30));
-        f.key(k(KeyCode::Right), Some(30));
-        assert_eq!(f.kind, Kind::Swap);
-        assert_eq!(f.error.as_deref(), Some("swap needs a source prompt"));
+        f.key(k(KeyCode::Left), Some(30));
+        assert_eq!(f.kind.name(), "vanilla");
+        assert_eq!(f.error.as_deref(), Some("vanilla needs a source prompt"));
+        // Every untrained experiment kind is offered, and nothing trainable.
+        let names: Vec<_> = Kind::all().iter().map(|k| k.name()).collect();
+        assert_eq!(names, ["vanilla", "zero", "mean", "magnitude", "angle", "adapter"]);
         assert_eq!(Pos::parse("7"), Ok(Pos::At(7)));
         assert!(Pos::parse("x").is_err());
     }

@@ -171,7 +171,9 @@ where
             })
         });
         if let (Some(f), None) = (failure, &st.first_failure) {
-            st.first_failure = Some((String::from_utf8_lossy(&input).into_owned(), f));
+            // Binary mutants are large: keep the start, enough to see which seed and where.
+            let shown: String = String::from_utf8_lossy(&input).chars().take(400).collect();
+            st.first_failure = Some((shown, f));
         }
     }
     std::panic::set_hook(hook);

@@ -1,5 +1,7 @@
 //! Small shared utilities.
 pub mod fuzz;
+pub mod nan_null;
+pub mod panics;
 pub mod paths;
 pub mod rng;
 pub mod stats;

@@ -1,5 +1,7 @@
 //! Shared test helpers: where the reference fixtures live, and models loaded once per test binary.
 #![allow(dead_code)]
+pub mod fuzzing;
+pub mod gguf;
 use candle_core::{DType, Device, Tensor};
 use road_dii::model::{load, registry, Hooks, Loaded, Site, SiteCtx};
 use std::collections::HashMap;
@@ -124,4 +126,59 @@ pub fn tiny_pairs() -> Vec<road_dii::tasks::Pair> {
         ("one two three four five six", "six five four three two one"),
     ];
     texts.iter().enumerate().map(|(i, (b, s))| Pair { base: mk(b), source: mk(s), cf_label: 7 + i as u32, answers: vec![5, 7] }).collect()
+}
+
+/// The one definition of "a merged sharded run equals the unsharded run", shared by the shard
+/// and Slurm tests: every file the unsharded run folder holds at its top level is in the merged
+/// folder with the same bytes (metrics, examples, train log, parameters, pairs, config, figures),
+/// except the wall-clock fields that differ between any two runs: `timing.csv`'s `seconds`
+/// column, and `summary.json`'s `seconds` and `run_dir` (compared as JSON without them). The
+/// merged folder has no other files at its top level (its `shards/` and `slurm/` are folders).
+pub fn assert_same_outputs(unsharded: &std::path::Path, merged: &std::path::Path) {
+    let files = |d: &std::path::Path| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .unwrap_or_else(|e| panic!("{}: {e}", d.display()))
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let names = files(unsharded);
+    assert_eq!(names, files(merged), "the merged folder {} holds other files than the unsharded run {}", merged.display(), unsharded.display());
+    for n in ["metrics.csv", "examples.csv", "train_log.csv", "params.safetensors", "config.toml", "summary.json", "timing.csv"] {
+        assert!(names.iter().any(|x| x == n), "the unsharded run has no {n}");
+    }
+    for n in &names {
+        let (a, b) = (std::fs::read(unsharded.join(n)).unwrap(), std::fs::read(merged.join(n)).unwrap());
+        match n.as_str() {
+            "timing.csv" => {
+                let drop_seconds = |t: &[u8]| -> Vec<String> {
+                    let t = String::from_utf8_lossy(t).into_owned();
+                    let header: Vec<&str> = t.lines().next().unwrap_or("").split(',').collect();
+                    let col = header.iter().position(|h| *h == "seconds").expect("timing.csv has a seconds column");
+                    t.lines().map(|l| l.split(',').enumerate().filter(|(i, _)| *i != col).map(|(_, f)| f).collect::<Vec<_>>().join(",")).collect()
+                };
+                assert_eq!(drop_seconds(&a), drop_seconds(&b), "timing.csv differs beyond its seconds column");
+            }
+            "summary.json" => {
+                let strip = |t: &[u8]| {
+                    let mut v: serde_json::Value = serde_json::from_slice(t).unwrap();
+                    let o = v.as_object_mut().unwrap();
+                    assert!(o.remove("seconds").is_some() && o.remove("run_dir").is_some(), "summary.json lacks seconds/run_dir");
+                    v
+                };
+                assert_eq!(strip(&a), strip(&b), "summary.json differs beyond seconds and run_dir");
+            }
+            _ => assert!(a == b, "{n} differs between {} and {}", unsharded.display(), merged.display()),
+        }
+    }
+}
+
+/// The only run folder under `root/<experiment>/` (an unsharded `road run` makes one).
+pub fn only_run(root: &std::path::Path, experiment: &str) -> PathBuf {
+    let runs: Vec<PathBuf> = std::fs::read_dir(root.join(experiment)).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    runs[0].clone()
 }

@@ -46,5 +46,5 @@ pub const HELP: &[(&str, &str)] = &[
     ("Space / Enter", "mark runs A and B / compare (Tab, S-Tab, arrows)"),
     ("Model", ""),
     ("i, Enter / l", "type a prompt → top-10 next tokens / reload model"),
-    ("w / c", "what-if: intervene (zero, mean, swap, adapter) / clear"),
+    ("w / c", "what-if: an experiment kind (vanilla, zero, mean, magnitude, angle) or an adapter / clear"),
 ];

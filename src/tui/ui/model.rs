@@ -153,7 +153,7 @@ fn draw_form(app: &App, form: &Form, f: &mut Frame, area: Rect) {
             };
             let hint = match (i, form.active(i)) {
                 (_, false) => "",
-                (0, _) => "  ←→ zero mean swap adapter",
+                (0, _) => "  ←→ vanilla zero mean magnitude angle adapter",
                 (3, _) => "  token index, last or all",
                 (5, _) => "  peft dir (RoAd or LoRA)",
                 _ => "",

