@@ -36,7 +36,7 @@ fn merged_shards_equal_the_unsharded_run_after_an_interrupted_shard_is_resumed()
         .spawn()
         .unwrap();
     let t0 = Instant::now();
-    while !shard0.join("cells/0.json").exists() {
+    while !shard0.join("cells/0.toml").exists() {
         assert!(t0.elapsed() < Duration::from_secs(60), "shard 0 stored no cell within 60 s");
         assert!(child.try_wait().unwrap().is_none(), "shard 0 ended before its first cell was stored");
         std::thread::sleep(Duration::from_millis(10));
@@ -47,7 +47,7 @@ fn merged_shards_equal_the_unsharded_run_after_an_interrupted_shard_is_resumed()
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("interrupted"), "{err}");
     assert!(shard0.join("INCOMPLETE").exists() && !shard0.join("RUNNING").exists());
-    assert!(!shard0.join("cells/2.json").exists(), "the cut cell must not be stored as finished");
+    assert!(!shard0.join("cells/2.toml").exists(), "the cut cell must not be stored as finished");
 
     // Shard 1 the way a Kubernetes Indexed Job runs it.
     let o = Command::new(env!("CARGO_BIN_EXE_road"))
@@ -58,7 +58,7 @@ fn merged_shards_equal_the_unsharded_run_after_an_interrupted_shard_is_resumed()
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(run.join("shards/1-of-2/cells/3.json").exists());
+    assert!(run.join("shards/1-of-2/cells/3.toml").exists());
 
     let (ok, _, err) = road_bin(&["merge-runs", run.to_str().unwrap()], Some(&split));
     assert!(!ok && err.contains("incomplete") && err.contains("--allow-incomplete"), "{err}");

@@ -278,15 +278,15 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     let (array, merge) = submit(&cluster, &spec, &out_root, &[]);
 
     // Task 1 runs cells 1 then 5: cancel it once cell 1 is stored, while cell 5 trains.
-    cluster.wait_for("task 1 to store its first cell", Duration::from_secs(90), |_| shard1.join("cells/1.json").exists());
-    assert!(!shard1.join("cells/5.json").exists(), "task 1 finished before it could be cancelled");
+    cluster.wait_for("task 1 to store its first cell", Duration::from_secs(90), |_| shard1.join("cells/1.toml").exists());
+    assert!(!shard1.join("cells/5.toml").exists(), "task 1 finished before it could be cancelled");
     let o = cluster.cmd(&need("scancel")).arg(format!("{array}_1")).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Task 2 runs cells 2 then 6: requeue it (what a pre-emption with requeue does) once cell 2
     // is stored. Slurm runs it again by itself, as the same job, and it resumes its shard.
     let shard2 = run.join("shards/2-of-4");
-    cluster.wait_for("task 2 to store its first cell", Duration::from_secs(90), |_| shard2.join("cells/2.json").exists());
-    assert!(!shard2.join("cells/6.json").exists(), "task 2 finished before it could be requeued");
+    cluster.wait_for("task 2 to store its first cell", Duration::from_secs(90), |_| shard2.join("cells/2.toml").exists());
+    assert!(!shard2.join("cells/6.toml").exists(), "task 2 finished before it could be requeued");
     let o = cluster.cmd(&need("scontrol")).args(["requeue", &format!("{array}_2")]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     cluster.wait_for("the first array (with task 2 rerun) and its merge job to leave the queue", Duration::from_secs(120), |c| {
@@ -303,7 +303,7 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     assert_eq!(cluster.state(&merge), "CANCELLED", "an afterok merge job whose task was cancelled must not run");
     // The SIGTERM stopped task 1 between steps: the folder says so, and the cut cell is not stored.
     assert!(shard1.join("INCOMPLETE").exists() && !shard1.join("RUNNING").exists());
-    assert!(!shard1.join("cells/5.json").exists() && !run.join("metrics.csv").exists());
+    assert!(!shard1.join("cells/5.toml").exists() && !run.join("metrics.csv").exists());
 
     // Resubmit task 1 alone (it sees SLURM_ARRAY_TASK_COUNT=1: the script's ROAD_SHARD_COUNT
     // keeps it shard 1/4) with a merge job after it.
