@@ -32,6 +32,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     }
 }
 
+/// CUDA devices this process can open (0 in a build without CUDA): counted by opening them, as
+/// `CUDA_VISIBLE_DEVICES` renumbers them from 0.
+pub fn cuda_device_count() -> usize {
+    if !candle_core::utils::cuda_is_available() {
+        return 0;
+    }
+    (0..64).take_while(|&i| Device::new_cuda(i).is_ok()).count()
+}
+
 fn auto_device() -> Device {
     if candle_core::utils::cuda_is_available() {
         // A CUDA build on a machine without a GPU (or driver) falls back to the CPU here, once,

@@ -117,3 +117,27 @@ fn submit_dry_run_prints_the_scripts_and_errors_name_the_flag() {
     let (ok, _, err) = submit(&["--shards", "2"], Some("/nonexistent"));
     assert!(!ok && err.contains("sbatch is not on PATH"), "{err}");
 }
+
+/// `road run FILE --procs 2`: two local worker processes, one shard each, merged — the same
+/// outputs as the unsharded run; running it again with the same `--run-id` finds every cell done.
+/// (`--gpus N` is the same pool with worker i on cuda:i; without a CUDA device it is refused.)
+#[test]
+fn a_local_worker_pool_equals_the_unsharded_run() {
+    let d = fresh_dir("road-shards", "pool");
+    let (whole, pooled) = (d.join("whole"), d.join("pooled"));
+    let (ok, _, err) = road_bin(&["run", &spec()], Some(&whole));
+    assert!(ok, "{err}");
+    let unsharded = only_run(&whole, "tiny-equality-das");
+    let (ok, out, err) = road_bin(&["run", &spec(), "--procs", "2", "--run-id", "p1"], Some(&pooled));
+    assert!(ok, "{err}");
+    assert!(out.contains("finished on 2 worker processes") && err.contains("worker 1/2 finished"), "{out}\n{err}");
+    let run = pooled.join("tiny-equality-das/p1");
+    assert_same_outputs(&unsharded, &run);
+    let (ok, _, err) = road_bin(&["run", &spec(), "--procs", "2", "--run-id", "p1"], Some(&pooled));
+    assert!(ok, "{err}");
+    assert_same_outputs(&unsharded, &run);
+    let (ok, _, err) = road_bin(&["run", &spec(), "--gpus", "2"], Some(&pooled));
+    assert!(!ok && (err.contains("no CUDA device visible") || err.contains("only")), "{err}");
+    let (ok, _, err) = road_bin(&["run", &spec(), "--procs", "0"], Some(&pooled));
+    assert!(!ok && err.contains("--procs = 0"), "{err}");
+}

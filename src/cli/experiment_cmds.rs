@@ -88,6 +88,27 @@ fn stop_on_signals(cancel: std::sync::Arc<std::sync::atomic::AtomicBool>) {
     });
 }
 
+/// `road run FILE --gpus N | --procs N`: N local worker processes, one shard each, then merged.
+pub fn run_pool(file: &Path, sets: &[String], workers: usize, gpus: bool, run_id: Option<String>) -> Result<()> {
+    if gpus {
+        let visible = crate::runtime::cuda_device_count();
+        if visible == 0 {
+            bail!("--gpus {workers}: no CUDA device visible to this build (a CUDA build: scripts/build-cuda.sh; on the CPU use --procs {workers})");
+        }
+        if workers > visible {
+            bail!("--gpus {workers}: only {visible} CUDA device(s) visible (CUDA_VISIBLE_DEVICES decides which)");
+        }
+    }
+    let spec = Spec::load(file, sets)?;
+    let run_id = run_id.unwrap_or_else(crate::experiment::local_pool::fresh_run_id);
+    crate::runs::check_name("--run-id", &run_id)?;
+    let pool = crate::experiment::local_pool::Pool { file, sets, workers, gpus, run_id: run_id.clone(), name: spec.name.clone() };
+    let t0 = std::time::Instant::now();
+    let merged = crate::experiment::local_pool::run(&pool, &mut |l| eprintln!("{l}"))?;
+    println!("{} finished on {workers} {} in {:.1}s (run id {run_id}); merged outputs in {}", spec.name, if gpus { "GPUs" } else { "worker processes" }, t0.elapsed().as_secs_f64(), merged.display());
+    Ok(())
+}
+
 pub fn run_file(file: Option<&Path>, sets: &[String], how: RunHow) -> Result<()> {
     let (spec, shard) = match (&how.resume, file) {
         (Some(dir), _) => {

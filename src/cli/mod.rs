@@ -123,6 +123,13 @@ pub enum Cmd {
         /// Pilot studies: retrain every fine-tune even if the cache has it.
         #[arg(long)]
         fresh: bool,
+        /// One worker process per GPU on this machine: worker i runs shard i of N on cuda:i,
+        /// then the shards are merged (the same command with the same --run-id resumes).
+        #[arg(long, value_name = "N", conflicts_with_all = ["shard", "resume", "procs"])]
+        gpus: Option<usize>,
+        /// N worker processes on the CPU (the cores split between them), then merged.
+        #[arg(long, value_name = "N", conflicts_with_all = ["shard", "resume"])]
+        procs: Option<usize>,
     },
     /// Guided search from an AtP experiment file: AtP screen → real patching of its top and
     /// random cells → DAS (with controls) on the cells of largest verified effect → search.csv.
@@ -309,7 +316,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Cmd::Run { file, sets, shard, run_id, resume, jobs, json, fresh } => {
+        Cmd::Run { file, sets, shard, run_id, resume, jobs, json, fresh, gpus, procs } => {
+            if let (Some(n), Some(f)) = (gpus.or(procs), file.as_deref()) {
+                return experiment_cmds::run_pool(f, &sets, n, gpus.is_some(), run_id);
+            }
             let how = experiment_cmds::RunHow { shard, run_id, resume, jobs: experiment_cmds::parse_jobs(&jobs)?, json, fresh };
             experiment_cmds::run_file(file.as_deref(), &sets, how)?
         }

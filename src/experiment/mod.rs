@@ -9,6 +9,7 @@ pub mod cells;
 pub mod controls;
 pub mod merge;
 pub mod data;
+pub mod local_pool;
 pub mod figures;
 pub mod outputs;
 pub mod runner;
