@@ -5,7 +5,7 @@
 //! matmul. LoRA rows: per-row `A`, `B` are gathered into `[b, r, in]`/`[b, out, r]` and applied
 //! with two batched matmuls. Rows without an adapter get the identity (RoAd) / zero (LoRA) slot.
 use super::{AnyAdapter, Rotation};
-use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use crate::model::{BaseLinear, LinearAdapter, LlamaConfig, Proj};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -41,6 +41,9 @@ impl MixedAdapters {
     /// Stack `adapters` (name, adapter). RoAd adapters sharing a projection must share its pairing
     /// (group_size), since `rot(h)` is computed once for the whole batch.
     pub fn new(adapters: &[(String, AnyAdapter)], cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+        if let Some((name, ad)) = adapters.iter().find(|(_, a)| !matches!(a, AnyAdapter::Road(_) | AnyAdapter::Lora(_))) {
+            bail!("adapter {name}: a {} adapter cannot share a mixed batch yet (RoAd and LoRA can)", ad.kind());
+        }
         let mut road = HashMap::new();
         let mut lora = HashMap::new();
         for l in 0..cfg.num_layers {
@@ -158,7 +161,7 @@ impl LinearAdapter for MixedAdapters {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
         self.cur.as_ref().is_some_and(|g| g.road.contains_key(&(layer, proj)) || g.lora.contains_key(&(layer, proj)))
     }
-    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor> {
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
         let Some(g) = &self.cur else { bail!("MixedAdapters: call set_rows before the forward pass") };
         let k = (layer, proj);
         let b = h.dim(0)?;
