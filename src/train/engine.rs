@@ -1,7 +1,7 @@
 //! The fine-tuning engine as a library call: `train(base, tok, &cfg, &data) -> TrainOutput`.
 //!
 //! Methods: full fine-tuning (every weight a `Var`), LoRA, RoAd (1/2/4, either pairing, optional
-//! angle-only / magnitude-only). Tasks: classification at the last prompt token (label words or a
+//! angle-only / magnitude-only), and the paper's other baselines DoRA, OFT and BOFT. Tasks: classification at the last prompt token (label words or a
 //! linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
 //! warm-up + decay, global-norm clipping, gradient accumulation, periodic dev evaluation keeping
 //! the best parameters, and resumable checkpoints (parameters + optimizer moments + step).
@@ -12,7 +12,7 @@ use super::lm;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::schedule::{Decay, Schedule};
 use crate::model::{LinearAdapter, Llama, Proj};
-use crate::adapters::{Freeze, LoraAdapter, RoadAdapter, Variant};
+use crate::adapters::{BoftAdapter, DoraAdapter, Freeze, LoraAdapter, OftAdapter, RoadAdapter, Variant};
 use crate::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::runs::{read_csv, write_csv};
@@ -27,6 +27,10 @@ pub enum MethodCfg {
     Full,
     Lora { r: usize, alpha: f64, dropout: f32, targets: Vec<Proj>, layers: Option<Vec<usize>> },
     Road { variant: Variant, group_size: usize, freeze: Freeze, targets: Vec<Proj>, layers: Option<Vec<usize>> },
+    Dora { r: usize, alpha: f64, dropout: f32, targets: Vec<Proj>, layers: Option<Vec<usize>> },
+    /// `neumann_terms: None` = the exact Cayley transform.
+    Oft { block_size: usize, neumann_terms: Option<usize>, targets: Vec<Proj>, layers: Option<Vec<usize>> },
+    Boft { block_size: usize, factors: usize, targets: Vec<Proj>, layers: Option<Vec<usize>> },
 }
 
 impl MethodCfg {
@@ -34,6 +38,9 @@ impl MethodCfg {
         match self {
             MethodCfg::Full => "full".into(),
             MethodCfg::Lora { r, .. } => format!("lora-r{r}"),
+            MethodCfg::Dora { r, .. } => format!("dora-r{r}"),
+            MethodCfg::Oft { block_size, .. } => format!("oft-b{block_size}"),
+            MethodCfg::Boft { block_size, factors, .. } => format!("boft-b{block_size}-m{factors}"),
             MethodCfg::Road { variant, freeze, .. } => {
                 let v = variant.peft_name().replace('_', "");
                 match (freeze.theta, freeze.alpha) {
@@ -100,7 +107,8 @@ impl TrainConfig {
     /// Defaults that fit a few-minute SmolLM2 run on 2 cores; the method and task must be given.
     pub fn new(method: MethodCfg, task: TaskCfg) -> Self {
         let weight_decay = match method {
-            MethodCfg::Road { .. } => 0.0, // decaying α towards 0 would shrink outputs
+            // Decaying α / magnitudes / scales towards 0 would shrink outputs (see spec.rs).
+            MethodCfg::Road { .. } | MethodCfg::Dora { .. } | MethodCfg::Oft { .. } | MethodCfg::Boft { .. } => 0.0,
             _ => 0.01,
         };
         Self {
@@ -130,6 +138,9 @@ impl TrainConfig {
 pub enum Trained {
     Road(RoadAdapter),
     Lora(LoraAdapter),
+    Dora(DoraAdapter),
+    Oft(OftAdapter),
+    Boft(BoftAdapter),
     /// Full fine-tuning: a complete model whose weights are `Var`s.
     Full(Box<Llama>),
 }
@@ -179,11 +190,7 @@ impl TrainOutput {
         }
     }
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
-        match &self.trained {
-            Trained::Road(a) => Some(a),
-            Trained::Lora(a) => Some(a),
-            Trained::Full(_) => None,
-        }
+        self.trained.adapter()
     }
     pub fn scorer(&self) -> Scorer<'_> {
         match &self.head {
@@ -197,6 +204,9 @@ impl TrainOutput {
         match &self.trained {
             Trained::Road(a) => a.save_peft(dir, base_model)?,
             Trained::Lora(a) => a.save_peft(dir, base_model)?,
+            Trained::Dora(a) => a.save_peft(dir, base_model)?,
+            Trained::Oft(a) => a.save_peft(dir, base_model)?,
+            Trained::Boft(a) => a.save_peft(dir, base_model)?,
             Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
         }
         if let Some(h) = &self.head {
@@ -205,6 +215,29 @@ impl TrainOutput {
             candle_core::safetensors::save(&map, dir.join("head.safetensors"))?;
         }
         Ok(())
+    }
+}
+
+impl Trained {
+    /// The adapter to run with the base model (`None` for full fine-tuning).
+    pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
+        match self {
+            Trained::Road(a) => Some(a),
+            Trained::Lora(a) => Some(a),
+            Trained::Dora(a) => Some(a),
+            Trained::Oft(a) => Some(a),
+            Trained::Boft(a) => Some(a),
+            Trained::Full(_) => None,
+        }
+    }
+
+    /// Turn LoRA/DoRA dropout on (training, with its own RNG) or off (`None`).
+    fn set_training(&self, rng: Option<Rng>) {
+        match self {
+            Trained::Lora(a) => a.set_training(rng),
+            Trained::Dora(a) => a.lora.set_training(rng),
+            _ => {}
+        }
     }
 }
 
@@ -270,6 +303,31 @@ fn setup(base: &Llama, cfg: &TrainConfig, rng: &mut Rng) -> Result<Setup> {
             let p = p.collect();
             (Trained::Lora(a), p)
         }
+        MethodCfg::Dora { r, alpha, dropout, targets, layers } => {
+            let a = DoraAdapter::new(base, *r, *alpha, *dropout, layers_of(layers), targets, &mut rng.fork(1))?;
+            let mut p = Vec::new();
+            for ((l, pj), x) in &a.lora.layers {
+                let k = crate::model::weights::peft_module(*l, *pj);
+                p.push((format!("{k}.lora_A.weight"), x.a.clone()));
+                p.push((format!("{k}.lora_B.weight"), x.b.clone()));
+                p.push((format!("{k}.lora_magnitude_vector"), a.magnitude[&(*l, *pj)].clone()));
+            }
+            (Trained::Dora(a), p)
+        }
+        MethodCfg::Oft { block_size, neumann_terms, targets, layers } => {
+            let a = OftAdapter::new(&base.cfg, *block_size, *neumann_terms, layers_of(layers), targets, dev)?;
+            let p = a.layers.iter().map(|((l, pj), x)| (format!("{}.oft_R.weight", crate::model::weights::peft_module(*l, *pj)), x.weight.clone())).collect();
+            (Trained::Oft(a), p)
+        }
+        MethodCfg::Boft { block_size, factors, targets, layers } => {
+            let a = BoftAdapter::new(&base.cfg, *block_size, *factors, layers_of(layers), targets, dev)?;
+            let p = a.layers.iter().flat_map(|((l, pj), x)| {
+                let k = crate::model::weights::peft_module(*l, *pj);
+                [(format!("{k}.boft_R"), x.r.clone()), (format!("{k}.boft_s"), x.s.clone())]
+            });
+            let p = p.collect();
+            (Trained::Boft(a), p)
+        }
         MethodCfg::Road { variant, group_size, freeze, targets, layers } => {
             if freeze.theta && freeze.alpha {
                 bail!("RoAd with both θ and α frozen has nothing to train");
@@ -326,11 +384,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         Trained::Full(m) => m,
         _ => base,
     };
-    let adapter: Option<&dyn LinearAdapter> = match &trained {
-        Trained::Road(a) => Some(a),
-        Trained::Lora(a) => Some(a),
-        Trained::Full(_) => None,
-    };
+    let adapter: Option<&dyn LinearAdapter> = trained.adapter();
     let scorer = match &head {
         Some(h) => Scorer::Head(h),
         None => Scorer::LabelWords(label_ids.clone()),
@@ -420,10 +474,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         let mut loss_sum = 0f64;
         for micro in 0..cfg.grad_accum {
             let idx = order.take((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size);
-            if let Trained::Lora(a) = &trained {
-                // Dropout masks are a function of (seed, step, micro) too, for exact resumes.
-                a.set_training(Some(Rng::new(cfg.seed).fork(((step * cfg.grad_accum + micro) as u64) << 8 | 3)));
-            }
+            // Dropout masks are a function of (seed, step, micro) too, for exact resumes.
+            trained.set_training(Some(Rng::new(cfg.seed).fork(((step * cfg.grad_accum + micro) as u64) << 8 | 3)));
             let loss = match data {
                 TrainData::Cls { train, .. } => {
                     let b: Vec<&ClsExample> = idx.iter().map(|&i| &train[i]).collect();
@@ -454,9 +506,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
                 Some(a) => a.iter().zip(&gs).map(|(x, y)| x + y).collect::<candle_core::Result<Vec<_>>>()?,
             });
         }
-        if let Trained::Lora(a) = &trained {
-            a.set_training(None);
-        }
+        trained.set_training(None);
         let mut grads = acc.expect("grad_accum >= 1");
         let grad_norm = match cfg.clip_norm {
             Some(c) => clip_global_norm(&mut grads, c)?,
@@ -500,9 +550,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             }
         }
     }
-    if let Trained::Lora(a) = &trained {
-        a.set_training(None); // a stop inside the micro-batch loop skipped the reset above
-    }
+    trained.set_training(None); // a stop inside the micro-batch loop skipped the reset above
     pb.finish_and_clear();
     if let Some(b) = &best {
         restore(&params, b)?;
