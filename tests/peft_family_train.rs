@@ -165,3 +165,80 @@ fn resumed_dora_training_equals_uninterrupted() {
     assert!((last(&straight) - last(&resumed)).abs() < 1e-5, "{} vs {}", last(&straight), last(&resumed));
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn specs_resolve_the_new_kinds_and_leave_other_specs_unchanged() {
+    let spec = |kind: &str, extra: &str| road_dii::train::spec::parse(&format!("name = \"x\"\n[method]\nkind = \"{kind}\"\n{extra}"), &[]);
+    let oft = spec("oft", "").unwrap();
+    assert_eq!((oft.method.block_size, oft.method.neumann_terms, oft.train.weight_decay), (Some(32), Some(5), Some(0.0)));
+    assert_eq!(oft.method_cfg().unwrap().label(), "oft-b32");
+    let exact = spec("oft", "neumann_terms = 0\nblock_size = 16\n").unwrap().method_cfg().unwrap();
+    assert!(matches!(exact, MethodCfg::Oft { block_size: 16, neumann_terms: None, .. }));
+    let boft = spec("boft", "butterfly_factor = 2\n").unwrap();
+    assert_eq!((boft.method.block_size, boft.method.butterfly_factor), (Some(4), Some(2)));
+    assert!(matches!(spec("dora", "").unwrap().method_cfg().unwrap(), MethodCfg::Dora { r: 8, .. }));
+    assert!(spec("dora", "r = 0\n").unwrap_err().to_string().contains("method.r"));
+    // LoRA's resolved TOML gains no new keys (pilot caches are keyed on it).
+    let lora = spec("lora", "").unwrap().to_toml().unwrap();
+    assert!(!lora.contains("block_size") && !lora.contains("butterfly") && !lora.contains("neumann"), "{lora}");
+    let e = spec("loreft", "").unwrap_err().to_string();
+    assert!(e.contains("dora, oft, boft"), "{e}");
+    // A block size that does not tile the model is a one-line error naming it, before training.
+    let l = tiny_a();
+    let bad = MethodCfg::Oft { block_size: 5, neumann_terms: Some(5), targets: vec![Proj::Q], layers: None };
+    let e = train::train(&l.model, &l.tok, &cfg(bad, 1, 1e-3), &TrainData::Cls { train: toy(), dev: vec![] }).err().unwrap().to_string();
+    assert!(e.contains("oft_block_size 5") && e.contains("q_proj") && !e.contains('\n'), "{e}");
+}
+
+/// Mixed batches: RoAd, LoRA, DoRA and OFT rows (and a plain row) in one batch of a family with
+/// q/k/v biases equal each row run alone; BOFT is refused with a clear error.
+#[test]
+fn mixed_batches_take_dora_and_oft_rows() {
+    use road_dii::adapters::{LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+    use road_dii::generate::{greedy_batch, greedy_with};
+    let l = common::tiny_family("hf-tiny-qwen2");
+    let m = &l.model;
+    let mut rng = Rng::new(21);
+    let t = [Proj::Q, Proj::K, Proj::V, Proj::Down];
+    let road = RoadAdapter::new_identity(&m.cfg, Variant::Road1, 8, 0..2, &t, m.device()).unwrap();
+    for x in road.layers.values() {
+        jiggle(&[x.theta.clone()], &mut rng, 0.5);
+    }
+    let lora = LoraAdapter::new(&m.cfg, 4, 8.0, 0.0, 0..2, &t, &mut rng, m.device()).unwrap();
+    jiggle(&lora.vars(), &mut rng, 0.1);
+    let dora = DoraAdapter::new(m, 2, 4.0, 0.0, 0..2, &[Proj::Q, Proj::V, Proj::Up], &mut rng).unwrap();
+    jiggle(&dora.vars(), &mut rng, 0.2);
+    let oft = OftAdapter::new(&m.cfg, 8, Some(5), 0..2, &[Proj::K, Proj::V, Proj::Down], &Device::Cpu).unwrap();
+    jiggle(&oft.vars(), &mut rng, 0.2);
+    let named = vec![
+        ("road".to_string(), AnyAdapter::Road(road)),
+        ("lora".to_string(), AnyAdapter::Lora(lora)),
+        ("dora".to_string(), AnyAdapter::Dora(dora)),
+        ("oft".to_string(), AnyAdapter::Oft(oft)),
+    ];
+    let rows: Vec<Option<usize>> = vec![Some(2), Some(3), None, Some(0), Some(1), Some(3), Some(2)];
+    let prompts: Vec<Vec<u32>> = vec![IDS[..3].to_vec(), IDS.to_vec(), IDS[1..5].to_vec(), IDS[2..].to_vec(), vec![7, 8, 9, 10, 11], vec![42, 43], IDS.to_vec()];
+    let maxes = vec![4, 3, 5, 4, 2, 5, 3];
+    let mut mixed = MixedAdapters::new(&named, m).unwrap();
+    mixed.set_rows(&rows, m.dtype()).unwrap();
+    let g = greedy_batch(m, Some(&mixed), &prompts, &maxes, &[]).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let ad: Option<&dyn LinearAdapter> = rows[i].map(|k| &named[k].1 as &dyn LinearAdapter);
+        assert_eq!(g.tokens[i], greedy_with(m, ad, p, maxes[i], &[]).unwrap().tokens, "row {i}");
+    }
+    let (ids, mask) = road_dii::train::cls::left_pad(&prompts, 0);
+    let lg = m.forward(&ids, Fwd { attention_mask: Some(&mask), adapter: Some(&mixed), logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap();
+    let plain = |p: &Vec<u32>| m.forward(&[p.clone()], Fwd { logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap().get(0).unwrap();
+    for (i, p) in prompts.iter().enumerate() {
+        let ad: Option<&dyn LinearAdapter> = rows[i].map(|k| &named[k].1 as &dyn LinearAdapter);
+        let single = m.forward(&[p.clone()], Fwd { adapter: ad, logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap().get(0).unwrap();
+        let d = max_abs_diff(&lg.get(i).unwrap(), &single);
+        assert!(d < 1e-4, "row {i}: {d}");
+        if ad.is_some() {
+            assert!(max_abs_diff(&single, &plain(p)) > 1e-3, "row {i}: its adapter must act");
+        }
+    }
+    let boft = BoftAdapter::new(&m.cfg, 4, 1, [0], &[Proj::Q], &Device::Cpu).unwrap();
+    let e = MixedAdapters::new(&[("b".to_string(), AnyAdapter::Boft(boft))], m).err().unwrap().to_string();
+    assert!(e.contains("boft adapter cannot share a mixed batch"), "{e}");
+}

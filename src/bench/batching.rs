@@ -96,8 +96,8 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
     let mut prepared = vec![];
     for &(method, n, b) in &configs {
         let mut mixed = match method {
-            "road" => Some(MixedAdapters::new(&roads[..n], &model.cfg, model.device())?),
-            "lora" => Some(MixedAdapters::new(&loras[..n], &model.cfg, model.device())?),
+            "road" => Some(MixedAdapters::new(&roads[..n], model)?),
+            "lora" => Some(MixedAdapters::new(&loras[..n], model)?),
             _ => None,
         };
         if let Some(mx) = mixed.as_mut() {

@@ -74,7 +74,7 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// A peft RoAd or LoRA adapter directory to apply (kind read from adapter_config.json).
+        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT (kind read from adapter_config.json).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -88,7 +88,7 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
-        /// A peft RoAd or LoRA adapter directory to apply.
+        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
     },
@@ -125,7 +125,7 @@ pub enum Cmd {
     },
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
-    /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
+    /// Fine-tune (full, LoRA, DoRA, OFT, BOFT or RoAd) from a TOML experiment spec.
     Finetune(train_cmds::FinetuneArgs),
     /// Accuracy of a model (+ adapter) on a classification task.
     Eval(train_cmds::EvalArgs),
