@@ -195,7 +195,7 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 16)]
         batch: usize,
     },
-    /// Mixed-adapter batching throughput: RoAd vs LoRA vs plain, over batch sizes/adapters/tokens.
+    /// Mixed-adapter batching throughput: RoAd vs LoRA vs DoRA vs OFT vs plain, over batch sizes/adapters/tokens.
     Batching {
         #[command(flatten)]
         m: ModelArgs,
