@@ -242,3 +242,17 @@ fn mixed_batches_take_dora_and_oft_rows() {
     let e = MixedAdapters::new(&[("b".to_string(), AnyAdapter::Boft(boft))], m).err().unwrap().to_string();
     assert!(e.contains("boft adapter cannot share a mixed batch"), "{e}");
 }
+
+#[test]
+fn shipped_experiment_files_for_the_family_resolve() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    for (kind, label) in [("dora", "dora-r8"), ("oft", "oft-b32"), ("boft", "boft-b4-m1")] {
+        let s = road_dii::train::spec::load(&root.join(format!("sentiment-{kind}.toml")), &[]).unwrap();
+        assert_eq!(s.method_cfg().unwrap().label(), label);
+    }
+    let p = road_dii::pilot::spec::PilotSpec::load(&root.join("pilot-family.toml"), &[]).unwrap();
+    let kinds: Vec<&str> = p.methods.iter().map(|m| m.method.kind.as_str()).collect();
+    for k in ["full", "lora", "road", "dora", "oft", "boft"] {
+        assert!(kinds.contains(&k), "pilot-family lacks {k}: {kinds:?}");
+    }
+}
