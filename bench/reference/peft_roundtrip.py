@@ -38,7 +38,7 @@ def finetune(road, kind, steps):
 
 
 def road_logits(road, model, adapter):
-    cmd = [road, "logits", "--model", model, "--prompt", PROMPT, "--top", "49152", "--json", "--adapter", adapter]
+    cmd = [road, "logits", "--model", model, "--prompt", PROMPT, "--top", "49152", "--json"] + (["--adapter", adapter] if adapter else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
@@ -83,6 +83,7 @@ def main():
     def base_loader():
         return AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32, attn_implementation="eager")
 
+    plain, _ = road_logits(args.road, args.model, None)
     todo = [tuple(a.split("=", 1)) for a in args.adapters] or [(k, None) for k in args.kinds.split(",")]
     ok_all = True
     for kind, adapter in todo:
@@ -96,6 +97,8 @@ def main():
             row.update(state)
             row["max_abs"] = float(np.max(np.abs(road - peft)))
             row["top1_same"] = bool(np.argmax(road) == np.argmax(peft))
+            # How far the adapter moves the logits at all (a parity check of a no-op proves little).
+            row["adapter_effect"] = float(np.max(np.abs(road - plain)))
             row["ok"] = state["n_missing"] == 0 and state["n_extra"] == 0 and state["n_changed"] == 0 and row["max_abs"] <= 1e-3
         except Exception as e:  # one kind failing must not hide the others' results
             row["error"] = str(e)[-500:]

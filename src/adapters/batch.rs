@@ -189,13 +189,14 @@ impl MixedAdapters {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.t.device())?;
                 let f = st.t.index_select(&idx, 0)?;
-                g.dora.insert(*k, f.unsqueeze(1)?.to_dtype(dtype)?.detach());
+                // Kept in f32 (as DoRA's own forward): bf16 would round the ≈1 factors to 1.
+                g.dora.insert(*k, f.unsqueeze(1)?.detach());
             }
         }
         for (k, st) in &self.oft {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.t.device())?;
-                g.oft.insert(*k, st.t.index_select(&idx, 0)?.to_dtype(dtype)?.contiguous()?.detach());
+                g.oft.insert(*k, st.t.index_select(&idx, 0)?.contiguous()?.detach());
             }
         }
         for (k, st) in &self.road {
@@ -235,8 +236,10 @@ impl LinearAdapter for MixedAdapters {
             bail!("MixedAdapters: batch has {xb} rows but set_rows was given {b}");
         }
         // [b, t, k·s] → [b, k, t, s] · [b, k, s, s] → back: every row its own blocks, one bmm.
-        let y = x.reshape((b, t, k, s))?.transpose(1, 2)?.contiguous()?.matmul(r)?;
-        Ok(Some(y.transpose(1, 2)?.reshape((b, t, width))?))
+        // In f32, as OFT's own forward (`orth::rotate_blocks`).
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = x32.reshape((b, t, k, s))?.transpose(1, 2)?.contiguous()?.matmul(r)?;
+        Ok(Some(y.transpose(1, 2)?.reshape((b, t, width))?.to_dtype(x.dtype())?))
     }
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
         let Some(g) = &self.cur else { bail!("MixedAdapters: call set_rows before the forward pass") };
@@ -263,13 +266,16 @@ impl LinearAdapter for MixedAdapters {
         }
         if let Some(f) = g.dora.get(&k) {
             // DoRA rows: f ⊙ (W x + s·BA x) with the bias outside the factor; f = 1 elsewhere.
+            let dt = out.dtype();
+            let o32 = out.to_dtype(DType::F32)?;
             out = match base.b {
                 Some(bias) => {
-                    let bias = bias.to_dtype(out.dtype())?;
-                    out.broadcast_sub(&bias)?.broadcast_mul(f)?.broadcast_add(&bias)?
+                    let bias = bias.to_dtype(DType::F32)?;
+                    o32.broadcast_sub(&bias)?.broadcast_mul(f)?.broadcast_add(&bias)?
                 }
-                None => out.broadcast_mul(f)?,
-            };
+                None => o32.broadcast_mul(f)?,
+            }
+            .to_dtype(dt)?;
         }
         Ok(out)
     }

@@ -131,7 +131,8 @@ impl BoftAdapter {
         let skew = ((&data - data.transpose(1, 2)?)? * 0.5)?;
         let q = orth::cayley(&skew)?.reshape((n, k, b, b))?;
         let last = x.rank() - 1;
-        let mut y = x.clone();
+        // f32 throughout (see `orth::rotate_blocks`), back to the model's dtype at the end.
+        let mut y = x.to_dtype(DType::F32)?;
         for i in (0..n).rev() {
             if let Some((inv, _)) = &layer.perms[i] {
                 y = y.index_select(inv, last)?;
@@ -141,7 +142,7 @@ impl BoftAdapter {
                 y = y.index_select(sig, last)?;
             }
         }
-        Ok(y)
+        Ok(y.to_dtype(x.dtype())?)
     }
 
     /// Merged weight `s ⊙ (W Mᵀ)` (peft's merge), or its inverse `(W'/s) M` (M orthogonal).
@@ -217,14 +218,17 @@ impl LinearAdapter for BoftAdapter {
         Ok(Some(self.rotate(layer, proj, x)?))
     }
     fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
-        let s = self.layers[&(layer, proj)].s.as_tensor().squeeze(1)?.to_dtype(h.dtype())?;
-        Ok(match base.b {
+        // The scale in f32: bf16 cannot tell 1.003 from 1 (its spacing near 1 is 2⁻⁷).
+        let s = self.layers[&(layer, proj)].s.as_tensor().squeeze(1)?;
+        let h32 = h.to_dtype(DType::F32)?;
+        let y = match base.b {
             Some(b) => {
-                let b = b.to_dtype(h.dtype())?;
-                h.broadcast_sub(&b)?.broadcast_mul(&s)?.broadcast_add(&b)?
+                let b = b.to_dtype(DType::F32)?;
+                h32.broadcast_sub(&b)?.broadcast_mul(&s)?.broadcast_add(&b)?
             }
-            None => h.broadcast_mul(&s)?,
-        })
+            None => h32.broadcast_mul(&s)?,
+        };
+        Ok(y.to_dtype(h.dtype())?)
     }
 }
 

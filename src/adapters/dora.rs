@@ -134,17 +134,22 @@ impl LinearAdapter for DoraAdapter {
         self.magnitude.contains_key(&(layer, proj))
     }
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
-        let f = self.factor(layer, proj, base.w)?.to_dtype(h.dtype())?;
-        let lr = self.lora.low_rank(layer, proj, x, h.dtype())?;
+        // In f32: the factor is ≈ 1, and bf16's spacing near 1 (2⁻⁷) would swallow its change.
+        let dt = h.dtype();
+        let f = self.factor(layer, proj, base.w)?;
+        let lr = self.lora.low_rank(layer, proj, x, dt)?.to_dtype(DType::F32)?;
+        let h = h.to_dtype(DType::F32)?;
         // The factor scales `W x + s·BA x` only; the bias (Qwen2's q/k/v) stays as it is.
-        let hb = match base.b {
-            Some(b) => h.broadcast_sub(&b.to_dtype(h.dtype())?)?,
+        let b = base.b.map(|b| b.to_dtype(DType::F32)).transpose()?;
+        let hb = match &b {
+            Some(b) => h.broadcast_sub(b)?,
             None => h,
         };
         let y = (hb + lr)?.broadcast_mul(&f)?;
-        Ok(match base.b {
-            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+        let y = match &b {
+            Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        Ok(y.to_dtype(dt)?)
     }
 }

@@ -95,7 +95,10 @@ pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
     }
     let nb = width / h;
     let rows = x.elem_count() / width.max(1);
-    let r = r.to_dtype(x.dtype())?;
+    // In f32 whatever the model's dtype (as peft casts the input to the adapter's dtype): a bf16
+    // rotation, applied at every adapted projection, drifts the logits by whole units.
+    let dt = x.dtype();
+    let (x, r) = (x.to_dtype(DType::F32)?, r.to_dtype(DType::F32)?);
     let y = if nb_r == 1 {
         x.reshape((rows * nb, h))?.matmul(&r.squeeze(0)?)?
     } else {
@@ -106,7 +109,7 @@ pub fn rotate_blocks(x: &Tensor, r: &Tensor) -> Result<Tensor> {
         let xb = x.reshape((rows, nb, h))?.transpose(0, 1)?.contiguous()?;
         xb.matmul(&r)?.transpose(0, 1)?.contiguous()?
     };
-    Ok(y.reshape(dims)?)
+    Ok(y.reshape(dims)?.to_dtype(dt)?)
 }
 
 /// The dense `[n, n]` matrix `M` with `x ↦ x · M` equal to `f` (merging input-side rotations).
