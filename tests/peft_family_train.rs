@@ -256,3 +256,21 @@ fn shipped_experiment_files_for_the_family_resolve() {
         assert!(kinds.contains(&k), "pilot-family lacks {k}: {kinds:?}");
     }
 }
+
+/// The pilot's weight-space view of DoRA: a pure magnitude change is all radial, a pure
+/// direction change (magnitudes kept at ‖W‖) all angular.
+#[test]
+fn dora_weight_view_separates_magnitude_from_direction() {
+    let m = &tiny_a().model;
+    let mut rng = Rng::new(4);
+    let a = DoraAdapter::new(m, 2, 4.0, 0.0, [0], &[Proj::Q], &mut rng).unwrap();
+    let mag = &a.magnitude[&(0, Proj::Q)];
+    let m0 = mag.as_tensor().copy().unwrap();
+    mag.set(&(&m0 * 1.1).unwrap()).unwrap();
+    let r = &road_dii::pilot::dora_weights::rows("d", &a, m).unwrap()[0];
+    assert!((r.dm_median - 0.1).abs() < 1e-5 && (r.dd_median - 1.0).abs() < 1e-6 && r.angular_share_median < 1e-6, "{r:?}");
+    mag.set(&m0).unwrap();
+    jiggle(&[a.lora.layers[&(0, Proj::Q)].b.clone()], &mut rng, 0.3);
+    let r = &road_dii::pilot::dora_weights::rows("d", &a, m).unwrap()[0];
+    assert!(r.dm_median.abs() < 1e-6 && r.dd_median < 0.999 && r.angular_share_median > 0.999, "{r:?}");
+}
