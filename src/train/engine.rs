@@ -1,8 +1,8 @@
 //! The fine-tuning engine as a library call: `train(base, tok, &cfg, &data) -> TrainOutput`.
 //!
-//! Methods: full fine-tuning (every weight a `Var`), LoRA, RoAd (1/2/4, either pairing, optional
-//! angle-only / magnitude-only), and the paper's other baselines DoRA, OFT and BOFT. Tasks: classification at the last prompt token (label words or a
-//! linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
+//! Methods (`methods.rs`): full fine-tuning (every weight a `Var`), LoRA, DoRA, OFT, BOFT, RoAd
+//! (1/2/4, either pairing, optional angle-only / magnitude-only). Tasks: classification at the
+//! last prompt token (label words or a linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
 //! warm-up + decay, global-norm clipping, gradient accumulation, periodic dev evaluation keeping
 //! the best parameters, and resumable checkpoints (parameters + optimizer moments + step).
 //! Batches are a pure function of (seed, step), so a resumed run sees exactly the same data.
@@ -11,8 +11,8 @@ use super::data::{ClsExample, LmExample};
 use super::lm;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::schedule::{Decay, Schedule};
-use crate::model::{LinearAdapter, Llama, Proj};
-use crate::adapters::{BoftAdapter, DoraAdapter, Freeze, LoraAdapter, OftAdapter, RoadAdapter, Variant};
+use crate::model::{LinearAdapter, Llama};
+pub use super::methods::{MethodCfg, Trained};
 use crate::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::runs::{read_csv, write_csv};
@@ -21,37 +21,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum MethodCfg {
-    Full,
-    Lora { r: usize, alpha: f64, dropout: f32, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-    Road { variant: Variant, group_size: usize, freeze: Freeze, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-    Dora { r: usize, alpha: f64, dropout: f32, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-    /// `neumann_terms: None` = the exact Cayley transform.
-    Oft { block_size: usize, neumann_terms: Option<usize>, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-    Boft { block_size: usize, factors: usize, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-}
-
-impl MethodCfg {
-    pub fn label(&self) -> String {
-        match self {
-            MethodCfg::Full => "full".into(),
-            MethodCfg::Lora { r, .. } => format!("lora-r{r}"),
-            MethodCfg::Dora { r, .. } => format!("dora-r{r}"),
-            MethodCfg::Oft { block_size, .. } => format!("oft-b{block_size}"),
-            MethodCfg::Boft { block_size, factors, .. } => format!("boft-b{block_size}-m{factors}"),
-            MethodCfg::Road { variant, freeze, .. } => {
-                let v = variant.peft_name().replace('_', "");
-                match (freeze.theta, freeze.alpha) {
-                    (false, true) => format!("{v}-angle"),
-                    (true, false) => format!("{v}-magnitude"),
-                    _ => v,
-                }
-            }
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskCfg {
@@ -134,17 +103,6 @@ impl TrainConfig {
     }
 }
 
-/// The trained parameters (the best dev checkpoint when evaluation ran, else the last step).
-pub enum Trained {
-    Road(RoadAdapter),
-    Lora(LoraAdapter),
-    Dora(DoraAdapter),
-    Oft(OftAdapter),
-    Boft(BoftAdapter),
-    /// Full fine-tuning: a complete model whose weights are `Var`s.
-    Full(Box<Llama>),
-}
-
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LogRow {
     pub step: usize,
@@ -218,29 +176,6 @@ impl TrainOutput {
     }
 }
 
-impl Trained {
-    /// The adapter to run with the base model (`None` for full fine-tuning).
-    pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
-        match self {
-            Trained::Road(a) => Some(a),
-            Trained::Lora(a) => Some(a),
-            Trained::Dora(a) => Some(a),
-            Trained::Oft(a) => Some(a),
-            Trained::Boft(a) => Some(a),
-            Trained::Full(_) => None,
-        }
-    }
-
-    /// Turn LoRA/DoRA dropout on (training, with its own RNG) or off (`None`).
-    fn set_training(&self, rng: Option<Rng>) {
-        match self {
-            Trained::Lora(a) => a.set_training(rng),
-            Trained::Dora(a) => a.lora.set_training(rng),
-            _ => {}
-        }
-    }
-}
-
 /// Human-readable count like the paper's tables: `0.123M (0.09%)`.
 pub fn describe_params(trainable: usize, base: usize) -> String {
     format!("{:.3}M trainable of {:.1}M ({:.3}%)", trainable as f64 / 1e6, base as f64 / 1e6, 100.0 * trainable as f64 / base as f64)
@@ -284,60 +219,8 @@ struct Setup {
 }
 
 fn setup(base: &Llama, cfg: &TrainConfig, rng: &mut Rng) -> Result<Setup> {
-    let layers_of = |l: &Option<Vec<usize>>| l.clone().unwrap_or_else(|| (0..base.cfg.num_layers).collect());
     let dev = base.device();
-    let (trained, mut params) = match &cfg.method {
-        MethodCfg::Full => {
-            let (vm, m) = base.to_varmap()?;
-            let mut p: Vec<(String, Var)> =
-                vm.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            p.sort_by(|a, b| a.0.cmp(&b.0));
-            (Trained::Full(Box::new(m)), p)
-        }
-        MethodCfg::Lora { r, alpha, dropout, targets, layers } => {
-            let a = LoraAdapter::new(&base.cfg, *r, *alpha, *dropout, layers_of(layers), targets, &mut rng.fork(1), dev)?;
-            let p = a.layers.iter().flat_map(|((l, pj), x)| {
-                let k = crate::model::weights::peft_module(*l, *pj);
-                [(format!("{k}.lora_A.weight"), x.a.clone()), (format!("{k}.lora_B.weight"), x.b.clone())]
-            });
-            let p = p.collect();
-            (Trained::Lora(a), p)
-        }
-        MethodCfg::Dora { r, alpha, dropout, targets, layers } => {
-            let a = DoraAdapter::new(base, *r, *alpha, *dropout, layers_of(layers), targets, &mut rng.fork(1))?;
-            let mut p = Vec::new();
-            for ((l, pj), x) in &a.lora.layers {
-                let k = crate::model::weights::peft_module(*l, *pj);
-                p.push((format!("{k}.lora_A.weight"), x.a.clone()));
-                p.push((format!("{k}.lora_B.weight"), x.b.clone()));
-                p.push((format!("{k}.lora_magnitude_vector"), a.magnitude[&(*l, *pj)].clone()));
-            }
-            (Trained::Dora(a), p)
-        }
-        MethodCfg::Oft { block_size, neumann_terms, targets, layers } => {
-            let a = OftAdapter::new(&base.cfg, *block_size, *neumann_terms, layers_of(layers), targets, dev)?;
-            let p = a.layers.iter().map(|((l, pj), x)| (format!("{}.oft_R.weight", crate::model::weights::peft_module(*l, *pj)), x.weight.clone())).collect();
-            (Trained::Oft(a), p)
-        }
-        MethodCfg::Boft { block_size, factors, targets, layers } => {
-            let a = BoftAdapter::new(&base.cfg, *block_size, *factors, layers_of(layers), targets, dev)?;
-            let p = a.layers.iter().flat_map(|((l, pj), x)| {
-                let k = crate::model::weights::peft_module(*l, *pj);
-                [(format!("{k}.boft_R"), x.r.clone()), (format!("{k}.boft_s"), x.s.clone())]
-            });
-            let p = p.collect();
-            (Trained::Boft(a), p)
-        }
-        MethodCfg::Road { variant, group_size, freeze, targets, layers } => {
-            if freeze.theta && freeze.alpha {
-                bail!("RoAd with both θ and α frozen has nothing to train");
-            }
-            let mut a = RoadAdapter::new_identity(&base.cfg, *variant, *group_size, layers_of(layers), targets, dev)?;
-            a.freeze = *freeze;
-            let p = a.named_trainables();
-            (Trained::Road(a), p)
-        }
-    };
+    let (trained, mut params) = super::methods::build(base, &cfg.method, rng)?;
     let head = match &cfg.task {
         TaskCfg::Classify { head: true, label_words, .. } => {
             let h = Head::new(label_words.len(), base.cfg.hidden_size, &mut rng.fork(2), dev)?;
