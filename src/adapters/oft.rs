@@ -154,6 +154,8 @@ impl OftAdapter {
         if !tensors.is_empty() {
             bail!("{}: {} adapter tensors do not match this model", dir.display(), tensors.len());
         }
+        // A config that gave `r` (blocks) instead of `oft_block_size` saves back with the size.
+        let block_size = if block_size == 0 { layers.values().next().map(|l| l.block).unwrap_or(0) } else { block_size };
         Ok(Self { block_size, neumann_terms, block_share, module_dropout, layers })
     }
 }
