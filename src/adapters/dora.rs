@@ -111,7 +111,7 @@ impl DoraAdapter {
     pub fn unmerged(&self, l: usize, p: Proj, w: &Tensor) -> Result<Tensor> {
         let n = self.merged_norms.lock().expect("dora norm lock").remove(&(l, p));
         let Some(n) = n else {
-            bail!("DoRA unmerge of layer {l} {}: this adapter was not merged into this model", p.hf_name())
+            bail!("DoRA unmerge of layer {l} {}: this adapter was not merged into this model in this process (a merged checkpoint alone does not determine the row norms to divide by)", p.hf_name())
         };
         let d = self.lora.delta(l, p)?.context("DoRA layer without LoRA factors")?;
         let f = self.magnitude[&(l, p)].as_tensor().div(&n)?;
