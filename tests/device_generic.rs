@@ -67,7 +67,7 @@ fn mixed_adapter_batches_agree_between_fast_and_generic_paths() {
         l.b.set(&rng.normal_tensor(l.b.dims(), 0.1, m.device()).unwrap()).unwrap();
     }
     let named = vec![("r".to_string(), AnyAdapter::Road(random_road(m, 3))), ("l".to_string(), AnyAdapter::Lora(lora))];
-    let mut mixed = MixedAdapters::new(&named, &m.cfg, m.device()).unwrap();
+    let mut mixed = MixedAdapters::new(&named, m).unwrap();
     mixed.set_rows(&[Some(0), None, Some(1), Some(0)], m.dtype()).unwrap();
     let prompts: Vec<Vec<u32>> = vec![IDS.to_vec(), IDS[1..].to_vec(), vec![7, 8, 9], IDS[..4].to_vec()];
     let run = || {

@@ -116,7 +116,7 @@ fn mixed_batch_rows_equal_single_runs() {
     let rows: Vec<Option<usize>> = vec![Some(0), None, Some(1), Some(2), Some(0), Some(1)];
     let prompts: Vec<Vec<u32>> = vec![IDS[..3].to_vec(), IDS.to_vec(), IDS[1..5].to_vec(), IDS[2..].to_vec(), vec![7, 8, 9, 10, 11], vec![42]];
     let maxes = vec![5, 3, 6, 4, 1, 5];
-    let mut mixed = MixedAdapters::new(&named, &m.cfg, m.device()).unwrap();
+    let mut mixed = MixedAdapters::new(&named, m).unwrap();
     mixed.set_rows(&rows, m.dtype()).unwrap();
     let g = greedy_batch(m, Some(&mixed), &prompts, &maxes, &[]).unwrap();
     for (i, p) in prompts.iter().enumerate() {

@@ -1,6 +1,6 @@
 //! RoAd as a weight adapter on linear outputs, saved and loaded in peft's format.
 use super::rotation::{Rotation, Variant};
-use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use crate::model::{BaseLinear, LinearAdapter, LlamaConfig, Proj};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use std::collections::BTreeMap;
@@ -201,7 +201,7 @@ impl LinearAdapter for RoadAdapter {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
         self.layers.contains_key(&(layer, proj))
     }
-    fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor) -> Result<Tensor> {
+    fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
         let l = &self.layers[&(layer, proj)];
         let (f, s) = l.columns_frozen(self.freeze)?;
         let (f, s) = (f.to_dtype(h.dtype())?, s.to_dtype(h.dtype())?);

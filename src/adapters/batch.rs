@@ -3,11 +3,15 @@
 //! RoAd rows: each row's `(first, second)` column vectors are gathered into `[b, 1, d]` once per
 //! batch, and `Rotation::apply` broadcasts them — two element-wise multiplies per projection, no
 //! matmul. LoRA rows: per-row `A`, `B` are gathered into `[b, r, in]`/`[b, out, r]` and applied
-//! with two batched matmuls. Rows without an adapter get the identity (RoAd) / zero (LoRA) slot.
+//! with two batched matmuls. DoRA rows use the LoRA stack plus a per-row factor `m/‖W+sBA‖`
+//! (computed once, at construction, from the base weights) on `h` without its bias. OFT rows
+//! rotate their input with per-row block stacks `[b, k, s, s]` (one batched matmul). Rows without
+//! an adapter get the identity (RoAd, OFT) / zero (LoRA) / one (DoRA) slot. BOFT cannot share a
+//! batch yet.
 use super::{AnyAdapter, Rotation};
-use crate::model::{LinearAdapter, LlamaConfig, Proj};
-use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use crate::model::{BaseLinear, LinearAdapter, Llama, Proj};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 
 /// Per-projection stacks over adapters; slot 0 is "no adapter".
@@ -24,25 +28,43 @@ struct LoraStack {
     users: Vec<bool>,
 }
 
+/// A per-slot stack `[n+1, ...]` (slot 0 = no adapter) and which slots use it.
+struct Stack {
+    t: Tensor,
+    users: Vec<bool>,
+}
+
 /// The row assignment of the current batch, gathered once.
 struct Gathered {
     road: HashMap<(usize, Proj), (Tensor, Tensor)>,
     lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
+    dora: HashMap<(usize, Proj), Tensor>,
+    oft: HashMap<(usize, Proj), Tensor>,
 }
 
 pub struct MixedAdapters {
     names: Vec<String>,
     road: HashMap<(usize, Proj), RoadStack>,
     lora: HashMap<(usize, Proj), LoraStack>,
+    /// DoRA factors `[n+1, out]` (ones for other slots).
+    dora: HashMap<(usize, Proj), Stack>,
+    /// OFT blocks `[n+1, k, s, s]` (identity for other slots).
+    oft: HashMap<(usize, Proj), Stack>,
     cur: Option<Gathered>,
 }
 
 impl MixedAdapters {
     /// Stack `adapters` (name, adapter). RoAd adapters sharing a projection must share its pairing
     /// (group_size), since `rot(h)` is computed once for the whole batch.
-    pub fn new(adapters: &[(String, AnyAdapter)], cfg: &LlamaConfig, device: &Device) -> Result<Self> {
+    pub fn new(adapters: &[(String, AnyAdapter)], model: &Llama) -> Result<Self> {
+        if let Some((name, ad)) = adapters.iter().find(|(_, a)| matches!(a, AnyAdapter::Boft(_))) {
+            bail!("adapter {name}: a {} adapter cannot share a mixed batch yet (RoAd, LoRA, DoRA and OFT can)", ad.kind());
+        }
+        let (cfg, device) = (&model.cfg, model.device());
         let mut road = HashMap::new();
         let mut lora = HashMap::new();
+        let mut dora = HashMap::new();
+        let mut oft = HashMap::new();
         for l in 0..cfg.num_layers {
             for p in Proj::ALL {
                 let (out_d, in_d) = (super::adapter::proj_out_dim(cfg, p), super::lora::proj_in_dim(cfg, p));
@@ -81,6 +103,7 @@ impl MixedAdapters {
                     .iter()
                     .filter_map(|(_, a)| match a {
                         AnyAdapter::Lora(a) if a.touches(l, p) => Some(a.r),
+                        AnyAdapter::Dora(a) if a.touches(l, p) => Some(a.lora.r),
                         _ => None,
                     })
                     .max();
@@ -89,8 +112,13 @@ impl MixedAdapters {
                     let mut b_ts = vec![Tensor::zeros((r_max, out_d), DType::F32, device)?];
                     let mut users = vec![false];
                     for (_, ad) in adapters {
-                        match ad {
-                            AnyAdapter::Lora(a) if a.touches(l, p) => {
+                        let low_rank = match ad {
+                            AnyAdapter::Lora(a) if a.touches(l, p) => Some(a),
+                            AnyAdapter::Dora(a) if a.touches(l, p) => Some(&a.lora),
+                            _ => None,
+                        };
+                        match low_rank {
+                            Some(a) => {
                                 let layer = &a.layers[&(l, p)];
                                 let at = layer.a.as_tensor().t()?.pad_with_zeros(1, 0, r_max - a.r)?;
                                 let bt = (layer.b.as_tensor().t()? * a.scaling())?.pad_with_zeros(0, 0, r_max - a.r)?;
@@ -107,9 +135,36 @@ impl MixedAdapters {
                     }
                     lora.insert((l, p), LoraStack { a_t: Tensor::stack(&a_ts, 0)?, b_t: Tensor::stack(&b_ts, 0)?, users });
                 }
+                let w = model.proj_weight(l, p);
+                let ones = Tensor::ones(out_d, DType::F32, device)?;
+                if let Some(st) = stack(adapters, &ones, |ad| match ad {
+                    AnyAdapter::Dora(a) if a.touches(l, p) => Some(a.factor(l, p, w).map(|f| f.detach())),
+                    _ => None,
+                })? {
+                    dora.insert((l, p), st);
+                }
+                // OFT rows of one projection must share a block size: the rotation is one bmm.
+                let block = adapters.iter().find_map(|(_, a)| match a {
+                    AnyAdapter::Oft(a) if a.touches(l, p) => Some(a.layers[&(l, p)].block),
+                    _ => None,
+                });
+                if let Some(bs) = block {
+                    let eye = Tensor::eye(bs, DType::F32, device)?.unsqueeze(0)?.repeat((in_d / bs, 1, 1))?;
+                    let st = stack(adapters, &eye, |ad| match ad {
+                        AnyAdapter::Oft(a) if a.touches(l, p) => Some((|| -> Result<Tensor> {
+                            if a.layers[&(l, p)].block != bs {
+                                bail!("OFT block size {} on layer {l} {} differs from another adapter's {bs} (cannot share a batch)", a.layers[&(l, p)].block, p.hf_name());
+                            }
+                            let r = a.rotation(l, p)?.detach();
+                            Ok(r.broadcast_as(eye.shape())?.contiguous()?)
+                        })()),
+                        _ => None,
+                    })?;
+                    oft.insert((l, p), st.expect("an OFT adapter touches this projection"));
+                }
             }
         }
-        Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, cur: None })
+        Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, dora, oft, cur: None })
     }
 
     /// Index of a named adapter.
@@ -129,7 +184,21 @@ impl MixedAdapters {
         let slots: Vec<u32> = rows.iter().map(|r| r.map(|i| i as u32 + 1).unwrap_or(0)).collect();
         let b = slots.len();
         let any = |users: &Vec<bool>| slots.iter().any(|&s| users[s as usize]);
-        let mut g = Gathered { road: HashMap::new(), lora: HashMap::new() };
+        let mut g = Gathered { road: HashMap::new(), lora: HashMap::new(), dora: HashMap::new(), oft: HashMap::new() };
+        for (k, st) in &self.dora {
+            if any(&st.users) {
+                let idx = Tensor::from_vec(slots.clone(), b, st.t.device())?;
+                let f = st.t.index_select(&idx, 0)?;
+                // Kept in f32 (as DoRA's own forward): bf16 would round the ≈1 factors to 1.
+                g.dora.insert(*k, f.unsqueeze(1)?.detach());
+            }
+        }
+        for (k, st) in &self.oft {
+            if any(&st.users) {
+                let idx = Tensor::from_vec(slots.clone(), b, st.t.device())?;
+                g.oft.insert(*k, st.t.index_select(&idx, 0)?.contiguous()?.detach());
+            }
+        }
         for (k, st) in &self.road {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.first.device())?;
@@ -156,9 +225,23 @@ impl MixedAdapters {
 
 impl LinearAdapter for MixedAdapters {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
-        self.cur.as_ref().is_some_and(|g| g.road.contains_key(&(layer, proj)) || g.lora.contains_key(&(layer, proj)))
+        let k = (layer, proj);
+        self.cur.as_ref().is_some_and(|g| g.road.contains_key(&k) || g.lora.contains_key(&k) || g.dora.contains_key(&k) || g.oft.contains_key(&k))
     }
-    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor> {
+    fn adapt_input(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(r) = self.cur.as_ref().and_then(|g| g.oft.get(&(layer, proj))) else { return Ok(None) };
+        let (b, k, s, _) = r.dims4()?;
+        let (xb, t, width) = x.dims3()?;
+        if xb != b {
+            bail!("MixedAdapters: batch has {xb} rows but set_rows was given {b}");
+        }
+        // [b, t, k·s] → [b, k, t, s] · [b, k, s, s] → back: every row its own blocks, one bmm.
+        // In f32, as OFT's own forward (`orth::rotate_blocks`).
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = x32.reshape((b, t, k, s))?.transpose(1, 2)?.contiguous()?.matmul(r)?;
+        Ok(Some(y.transpose(1, 2)?.reshape((b, t, width))?.to_dtype(x.dtype())?))
+    }
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
         let Some(g) = &self.cur else { bail!("MixedAdapters: call set_rows before the forward pass") };
         let k = (layer, proj);
         let b = h.dim(0)?;
@@ -181,6 +264,42 @@ impl LinearAdapter for MixedAdapters {
             let d = x.contiguous()?.matmul(a)?.matmul(bb)?;
             out = (out + d)?;
         }
+        if let Some(f) = g.dora.get(&k) {
+            // DoRA rows: f ⊙ (W x + s·BA x) with the bias outside the factor; f = 1 elsewhere.
+            let dt = out.dtype();
+            let o32 = out.to_dtype(DType::F32)?;
+            out = match base.b {
+                Some(bias) => {
+                    let bias = bias.to_dtype(DType::F32)?;
+                    o32.broadcast_sub(&bias)?.broadcast_mul(f)?.broadcast_add(&bias)?
+                }
+                None => o32.broadcast_mul(f)?,
+            }
+            .to_dtype(dt)?;
+        }
         Ok(out)
     }
+}
+
+/// Stack `[n+1, ...]` of per-adapter tensors: slot 0 and adapters `f` skips get `none`; `None`
+/// when no adapter has one.
+fn stack(adapters: &[(String, AnyAdapter)], none: &Tensor, f: impl Fn(&AnyAdapter) -> Option<Result<Tensor>>) -> Result<Option<Stack>> {
+    let mut ts = vec![none.clone()];
+    let mut users = vec![false];
+    for (name, ad) in adapters {
+        match f(ad) {
+            Some(t) => {
+                ts.push(t.with_context(|| format!("adapter {name}"))?);
+                users.push(true);
+            }
+            None => {
+                ts.push(none.clone());
+                users.push(false);
+            }
+        }
+    }
+    if !users.iter().any(|&u| u) {
+        return Ok(None);
+    }
+    Ok(Some(Stack { t: Tensor::stack(&ts, 0)?, users }))
 }

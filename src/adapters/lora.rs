@@ -1,6 +1,6 @@
 //! LoRA (`h + (α/r) · B A x`) as a `LinearAdapter`, saved and loaded in peft's format.
 use super::adapter::proj_out_dim;
-use crate::model::{LinearAdapter, LlamaConfig, Proj};
+use crate::model::{BaseLinear, LinearAdapter, LlamaConfig, Proj};
 use crate::util::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -94,24 +94,50 @@ impl LoraAdapter {
 
     pub fn save_peft(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir)?;
-        let conf = serde_json::json!({
+        super::adapter::write_peft(dir, &self.peft_config(base_model, false), &self.peft_tensors())
+    }
+
+    /// peft's `LoraConfig` for this adapter (`use_dora` marks a DoRA adapter built on it).
+    pub(crate) fn peft_config(&self, base_model: &str, use_dora: bool) -> serde_json::Value {
+        serde_json::json!({
             "peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
             "target_modules": super::adapter::target_modules(self.layers.keys()), "base_model_name_or_path": base_model, "bias": "none",
             "fan_in_fan_out": false, "inference_mode": true, "init_lora_weights": true,
-            "modules_to_save": null, "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": false,
-        });
+            "modules_to_save": null, "task_type": "CAUSAL_LM", "use_rslora": false, "use_dora": use_dora,
+        })
+    }
+
+    pub(crate) fn peft_tensors(&self) -> std::collections::HashMap<String, Tensor> {
         let mut map = std::collections::HashMap::new();
         for ((l, p), layer) in &self.layers {
             map.insert(peft_key(*l, *p, "lora_A"), layer.a.as_tensor().clone());
             map.insert(peft_key(*l, *p, "lora_B"), layer.b.as_tensor().clone());
         }
-        super::adapter::write_peft(dir, &conf, &map)
+        map
     }
 
     pub fn load_peft(dir: &Path, cfg: &LlamaConfig, device: &Device) -> Result<Self> {
-        let conf_path = dir.join("adapter_config.json");
         let conf = super::adapter::read_peft_config(dir, "LORA")?;
-        for (k, bad) in [("use_dora", true), ("use_rslora", true), ("fan_in_fan_out", true)] {
+        if conf.get("use_dora").and_then(|v| v.as_bool()) == Some(true) {
+            bail!("{}: use_dora = true is a DoRA adapter, not plain LoRA", dir.display());
+        }
+        let (me, rest) = Self::from_peft(dir, &conf, cfg, device)?;
+        if !rest.is_empty() {
+            bail!("{}: {} adapter tensors do not match this model", dir.display(), rest.len());
+        }
+        Ok(me)
+    }
+
+    /// The LoRA part of a peft `LORA` directory, and the tensors it did not use (DoRA's
+    /// magnitudes, or names of another model).
+    pub(crate) fn from_peft(
+        dir: &Path,
+        conf: &serde_json::Value,
+        cfg: &LlamaConfig,
+        device: &Device,
+    ) -> Result<(Self, std::collections::HashMap<String, Tensor>)> {
+        let conf_path = dir.join("adapter_config.json");
+        for (k, bad) in [("use_rslora", true), ("fan_in_fan_out", true)] {
             if conf.get(k).and_then(|v| v.as_bool()) == Some(bad) {
                 bail!("{}: {k} = true is not supported", conf_path.display());
             }
@@ -119,12 +145,15 @@ impl LoraAdapter {
         let r = conf.get("r").and_then(|v| v.as_u64()).context("adapter_config.json: missing `r`")? as usize;
         let alpha = conf.get("lora_alpha").and_then(|v| v.as_f64()).unwrap_or(8.0);
         let dropout = conf.get("lora_dropout").and_then(|v| v.as_f64()).unwrap_or(0.0) as f32;
-        let tensors = super::adapter::read_peft_tensors(dir, device)?;
+        let mut tensors = super::adapter::read_peft_tensors(dir, device)?;
         let mut layers = BTreeMap::new();
         for l in 0..cfg.num_layers {
             for p in Proj::ALL {
                 let (ak, bk) = (peft_key(l, p, "lora_A"), peft_key(l, p, "lora_B"));
-                let (Some(a), Some(b)) = (tensors.get(&ak), tensors.get(&bk)) else { continue };
+                if !tensors.contains_key(&ak) || !tensors.contains_key(&bk) {
+                    continue;
+                }
+                let (a, b) = (tensors.remove(&ak).expect("checked"), tensors.remove(&bk).expect("checked"));
                 let (i, o) = (proj_in_dim(cfg, p), proj_out_dim(cfg, p));
                 if a.dims() != [r, i] || b.dims() != [o, r] {
                     bail!("{}: {ak} {:?} / lora_B {:?} do not match r={r}, [{o}x{i}]", dir.display(), a.dims(), b.dims());
@@ -136,10 +165,20 @@ impl LoraAdapter {
         if layers.is_empty() {
             bail!("{}: no LoRA tensors matching this model's layers", dir.display());
         }
-        if layers.len() * 2 != tensors.len() {
-            bail!("{}: {} adapter tensors do not match this model", dir.display(), tensors.len() - layers.len() * 2);
-        }
-        Ok(Self { r, alpha, dropout, layers, train_rng: Mutex::new(None) })
+        Ok((Self { r, alpha, dropout, layers, train_rng: Mutex::new(None) }, tensors))
+    }
+
+    /// `scaling · B A dropout(x)` for one adapted projection, in `dtype` (DoRA reuses it).
+    pub(crate) fn low_rank(&self, layer: usize, proj: Proj, x: &Tensor, dtype: DType) -> Result<Tensor> {
+        let l = &self.layers[&(layer, proj)];
+        let x = match self.dropout_mask(x.dims(), x.device())? {
+            Some(m) => (x * m.to_dtype(x.dtype())?)?,
+            None => x.clone(),
+        };
+        let a = l.a.as_tensor().to_dtype(dtype)?;
+        let b = l.b.as_tensor().to_dtype(dtype)?;
+        let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+        Ok((d * self.scaling())?)
     }
 
     fn dropout_mask(&self, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
@@ -159,15 +198,8 @@ impl LinearAdapter for LoraAdapter {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
         self.layers.contains_key(&(layer, proj))
     }
-    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor> {
-        let l = &self.layers[&(layer, proj)];
-        let x = match self.dropout_mask(x.dims(), x.device())? {
-            Some(m) => (x * m.to_dtype(x.dtype())?)?,
-            None => x.clone(),
-        };
-        let a = l.a.as_tensor().to_dtype(h.dtype())?;
-        let b = l.b.as_tensor().to_dtype(h.dtype())?;
-        let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-        Ok((h + (d * self.scaling())?)?)
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
+        let d = self.low_rank(layer, proj, x, h.dtype())?;
+        Ok((h + d)?)
     }
 }

@@ -1,28 +1,27 @@
 //! Merging adapters into the base weights (zero inference overhead) and undoing it, and writing
 //! the result as a Hugging Face checkpoint.
 use super::AnyAdapter;
-use crate::model::{Llama, Proj};
+use crate::model::Llama;
 use crate::tokenizer::Tok;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use std::path::Path;
 
-/// `W ← R W`, `b ← R b` (RoAd) or `W ← W + (α/r) B A` (LoRA) for every adapted projection.
+/// Fold an adapter into the base weights: `W ← R W`, `b ← R b` (RoAd), `W ← W + (α/r) B A`
+/// (LoRA), `W ← m/‖W+sBA‖ ⊙ (W + sBA)` (DoRA), `W ← W Rᵀ` (OFT), `W ← s ⊙ W Mᵀ` (BOFT).
 pub fn merge(model: &mut Llama, ad: &AnyAdapter) -> Result<()> {
     transform(model, ad, false)
 }
 
-/// The inverse of [`merge`]: `W ← R⁻¹ W` (R is not orthogonal once α ≠ 1) or `W ← W − (α/r) B A`.
+/// The inverse of [`merge`]: `W ← R⁻¹ W` (R is not orthogonal once α ≠ 1), `W ← W − (α/r) B A`,
+/// DoRA with the norms its merge used (so only after merging this adapter), OFT with the
+/// inverse blocks (the Neumann series is only nearly orthogonal), BOFT with `Mᵀ` and `1/s`.
 pub fn unmerge(model: &mut Llama, ad: &AnyAdapter) -> Result<()> {
     transform(model, ad, true)
 }
 
 fn transform(model: &mut Llama, ad: &AnyAdapter, inverse: bool) -> Result<()> {
-    let keys: Vec<(usize, Proj)> = match ad {
-        AnyAdapter::Road(a) => a.layers.keys().copied().collect(),
-        AnyAdapter::Lora(a) => a.layers.keys().copied().collect(),
-    };
-    for (l, p) in keys {
+    for (l, p) in ad.keys() {
         let w = model.proj_weight(l, p).clone();
         let dt = w.dtype();
         // Merge in f32 so bf16 checkpoints lose precision only once, at the final cast.
@@ -40,9 +39,13 @@ fn transform(model: &mut Llama, ad: &AnyAdapter, inverse: bool) -> Result<()> {
                 let d = a.delta(l, p)?.context("LoRA layer vanished")?;
                 if inverse { (w32 - d)? } else { (w32 + d)? }
             }
+            AnyAdapter::Dora(a) => if inverse { a.unmerged(l, p, &w32)? } else { a.merged(l, p, &w32)? },
+            AnyAdapter::Oft(a) => a.merged(l, p, &w32, inverse)?,
+            AnyAdapter::Boft(a) => a.merged(l, p, &w32, inverse)?,
         };
-        model.set_proj_weight(l, p, new.to_dtype(dt)?)?;
-        // R acts on the projection's whole output, bias included (Qwen2's q/k/v): b ← R b.
+        model.set_proj_weight(l, p, new.detach().to_dtype(dt)?)?;
+        // R acts on the projection's whole output, bias included (Qwen2's q/k/v): b ← R b. The
+        // other kinds leave the bias alone, as their forward does.
         if let (AnyAdapter::Road(a), Some(b)) = (ad, model.proj_bias(l, p).cloned()) {
             let layer = &a.layers[&(l, p)];
             let (f, s) = layer.columns()?;

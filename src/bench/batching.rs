@@ -1,11 +1,11 @@
 //! `road bench batching`: throughput of mixed-adapter batches (every row may use a different
-//! adapter) for RoAd vs LoRA vs the plain model, like the RoAd paper's Figure 4. Adapters are
+//! adapter) for RoAd vs LoRA vs DoRA vs OFT vs the plain model, like the RoAd paper's Figure 4. Adapters are
 //! random (non-identity), on every projection of every layer; rows use adapter `row % n`.
 //! Every configuration is measured `repeats` times in interleaved rounds (the machine is shared:
 //! a burst of someone else's load then lands on all methods, not on one), and compared by medians.
 use crate::generate::greedy_batch;
 use crate::model::{LinearAdapter, Llama, Proj};
-use crate::adapters::{AnyAdapter, LoraAdapter, MixedAdapters, RoadAdapter, Variant};
+use crate::adapters::{AnyAdapter, DoraAdapter, LoraAdapter, MixedAdapters, OftAdapter, RoadAdapter, Variant};
 use crate::util::rng::Rng;
 use anyhow::Result;
 use plotters::prelude::*;
@@ -59,6 +59,27 @@ fn random_lora(m: &Llama, r: usize, rng: &mut Rng) -> Result<AnyAdapter> {
     Ok(AnyAdapter::Lora(a))
 }
 
+fn random_dora(m: &Llama, r: usize, rng: &mut Rng) -> Result<AnyAdapter> {
+    let a = DoraAdapter::new(m, r, 2.0 * r as f64, 0.0, 0..m.cfg.num_layers, &Proj::ALL, rng)?;
+    for l in a.lora.layers.values() {
+        l.b.set(&rng.normal_tensor(l.b.dims(), 0.01, m.device())?)?;
+    }
+    for v in a.magnitude.values() {
+        v.set(&(v.as_tensor() * (rng.normal_tensor(v.dims(), 0.01, m.device())? + 1.0)?)?)?;
+    }
+    Ok(AnyAdapter::Dora(a))
+}
+
+fn random_oft(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
+    // peft's usual block of 32 where every input width allows it (tiny test models are narrower).
+    let b = [32, 16, 8, 4, 2].into_iter().find(|&b| Proj::ALL.iter().all(|&p| crate::adapters::lora::proj_in_dim(&m.cfg, p) % b == 0)).unwrap_or(2);
+    let a = OftAdapter::new(&m.cfg, b, Some(5), 0..m.cfg.num_layers, &Proj::ALL, m.device())?;
+    for l in a.layers.values() {
+        l.weight.set(&rng.normal_tensor(l.weight.dims(), 0.01, m.device())?)?;
+    }
+    Ok(AnyAdapter::Oft(a))
+}
+
 pub struct Sweep {
     pub batches: Vec<usize>,
     pub n_adapters: Vec<usize>,
@@ -75,6 +96,8 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
     let max_n = *sw.n_adapters.iter().max().unwrap_or(&1);
     let roads: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("road{i}"), random_road(model, &mut rng)?))).collect::<Result<_>>()?;
     let loras: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("lora{i}"), random_lora(model, sw.lora_r, &mut rng)?))).collect::<Result<_>>()?;
+    let doras: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("dora{i}"), random_dora(model, sw.lora_r, &mut rng)?))).collect::<Result<_>>()?;
+    let ofts: Vec<(String, AnyAdapter)> = (0..max_n).map(|i| Ok((format!("oft{i}"), random_oft(model, &mut rng)?))).collect::<Result<_>>()?;
     let prompt = |row: usize| -> Vec<u32> { (0..sw.prompt_len).map(|i| ((row * 7919 + i * 104_729 + 17) % 40_000 + 100) as u32).collect() };
     // Configurations: (method, n_adapters, batch); the plain model once per batch size.
     let mut configs = vec![];
@@ -87,6 +110,8 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
         for n in ns {
             configs.push(("road", n, b));
             configs.push(("lora", n, b));
+            configs.push(("dora", n, b));
+            configs.push(("oft", n, b));
         }
     }
     let total = configs.len() * sw.tokens.len() * sw.repeats.max(1);
@@ -96,8 +121,10 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
     let mut prepared = vec![];
     for &(method, n, b) in &configs {
         let mut mixed = match method {
-            "road" => Some(MixedAdapters::new(&roads[..n], &model.cfg, model.device())?),
-            "lora" => Some(MixedAdapters::new(&loras[..n], &model.cfg, model.device())?),
+            "road" => Some(MixedAdapters::new(&roads[..n], model)?),
+            "lora" => Some(MixedAdapters::new(&loras[..n], model)?),
+            "dora" => Some(MixedAdapters::new(&doras[..n], model)?),
+            "oft" => Some(MixedAdapters::new(&ofts[..n], model)?),
             _ => None,
         };
         if let Some(mx) = mixed.as_mut() {
@@ -220,14 +247,16 @@ fn plot(rows: &[Row], path: &Path, tokens: usize, max_n: usize) -> Result<()> {
             .x_label_formatter(&|x| if (x - x.round()).abs() < 1e-6 { format!("{}", 2f64.powf(x.round()) as usize) } else { String::new() })
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED)] {
+        for (m, color) in [("base", BLACK), ("road", BLUE), ("lora", RED), ("dora", GREEN), ("oft", MAGENTA)] {
             let s = series(m);
             ch.draw_series(LineSeries::new(s.clone(), color.stroke_width(2)))
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .label(match m {
                     "base" => "no adapter",
                     "road" => "RoAd1 (element-wise)",
-                    _ => "LoRA r=8 (bmm)",
+                    "lora" => "LoRA r=8 (bmm)",
+                    "dora" => "DoRA (bmm + row scale)",
+                    _ => "OFT (per-row input blocks, bmm)",
                 })
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2)));
             ch.draw_series(s.iter().map(|&(x, y)| Circle::new((x, y), 3, color.filled()))).map_err(|e| anyhow::anyhow!("{e}"))?;

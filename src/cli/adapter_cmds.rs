@@ -16,7 +16,7 @@ pub struct MergeArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub m: ModelArgs,
-    /// peft RoAd or LoRA adapter directory to merge into the model's weights.
+    /// peft adapter directory (RoAd, LoRA, DoRA, OFT or BOFT) to merge into the model's weights.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Output checkpoint directory (config.json, model.safetensors, tokenizer.json); must not exist.
@@ -147,7 +147,7 @@ pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
     if reqs.is_empty() {
         bail!("{}: no requests", a.requests.display());
     }
-    let mut mixed = MixedAdapters::new(&named, &l.model.cfg, l.model.device())?;
+    let mut mixed = MixedAdapters::new(&named, &l.model)?;
     let rows = reqs.iter().map(|r| r.adapter.as_deref().map(|n| mixed.index(n)).transpose()).collect::<Result<Vec<_>>>()?;
     mixed.set_rows(&rows, l.model.dtype())?;
     let prompts = reqs.iter().map(|r| l.tok.encode(&r.prompt)).collect::<Result<Vec<_>>>()?;

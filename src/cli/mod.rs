@@ -75,7 +75,7 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// A peft RoAd or LoRA adapter directory to apply (kind read from adapter_config.json).
+        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT (kind read from adapter_config.json).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
         #[arg(long)]
@@ -89,7 +89,7 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 20)]
         max_tokens: usize,
-        /// A peft RoAd or LoRA adapter directory to apply.
+        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT.
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
     },
@@ -153,7 +153,7 @@ pub enum Cmd {
     Submit(submit_cmd::SubmitArgs),
     /// Fetch a registered dataset into the cache (sentiment).
     FetchData { name: String },
-    /// Fine-tune (full, LoRA or RoAd) from a TOML experiment spec.
+    /// Fine-tune (full, LoRA, DoRA, OFT, BOFT or RoAd) from a TOML experiment spec.
     Finetune(train_cmds::FinetuneArgs),
     /// Accuracy of a model (+ adapter) on a classification task.
     Eval(train_cmds::EvalArgs),
@@ -240,7 +240,7 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 16)]
         batch: usize,
     },
-    /// Mixed-adapter batching throughput: RoAd vs LoRA vs plain, over batch sizes/adapters/tokens.
+    /// Mixed-adapter batching throughput: RoAd vs LoRA vs DoRA vs OFT vs plain, over batch sizes/adapters/tokens.
     Batching {
         #[command(flatten)]
         m: ModelArgs,

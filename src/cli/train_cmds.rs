@@ -25,7 +25,7 @@ pub struct FinetuneArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// A peft RoAd/LoRA adapter directory (none = the plain model).
+    /// A peft adapter directory: RoAd, LoRA, DoRA, OFT or BOFT (none = the plain model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// sentiment, parity, or a .csv/.jsonl file of (text, label).

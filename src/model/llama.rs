@@ -2,7 +2,7 @@
 //! of `model/arch.rs`) with named intervention sites, padding-aware batching, a KV cache, and a
 //! differentiable mode for training. Attention and masks: `llama/attention.rs`.
 use super::config::{Act, LlamaConfig};
-use super::sites::{Hooks, LinearAdapter, Proj, Site, SiteCtx};
+use super::sites::{BaseLinear, Hooks, LinearAdapter, Proj, Site, SiteCtx};
 use super::weights::{self, Norm};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -392,10 +392,14 @@ impl Llama {
                 Ok(a)
             };
             let lin = |p: Proj, l: &Lin, xin: &Tensor| -> Result<Tensor> {
-                let h = self.lin(l, xin, differentiable)?;
                 match adapter {
-                    Some(ad) if ad.touches(li, p) => ad.adapt(li, p, xin, h),
-                    _ => Ok(h),
+                    Some(ad) if ad.touches(li, p) => {
+                        let rotated = ad.adapt_input(li, p, xin)?;
+                        let xin = rotated.as_ref().unwrap_or(xin);
+                        let h = self.lin(l, xin, differentiable)?;
+                        ad.adapt(li, p, xin, h, BaseLinear { w: &l.w, b: l.b.as_ref() })
+                    }
+                    _ => self.lin(l, xin, differentiable),
                 }
             };
             let post = |n: &Option<Tensor>, a: Tensor| -> Result<Tensor> {

@@ -17,4 +17,4 @@ pub mod weights;
 pub use config::LlamaConfig;
 pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};
 pub use load::Loaded;
-pub use sites::{Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};
+pub use sites::{BaseLinear, Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};

@@ -178,8 +178,22 @@ impl Proj {
     }
 }
 
-/// Transforms the output `h = W x` of a linear projection (RoAd: `R h`; LoRA: `h + B A x`).
+/// The frozen projection an adapter wraps, `h = x Wᵀ + b`: DoRA needs `W` (its row norms) and
+/// BOFT/DoRA rescale `h` without its bias.
+#[derive(Clone, Copy)]
+pub struct BaseLinear<'a> {
+    pub w: &'a Tensor,
+    pub b: Option<&'a Tensor>,
+}
+
+/// Transforms a linear projection: its output `h = W x` (RoAd: `R h`; LoRA: `h + B A x`; DoRA:
+/// `m/‖W+sBA‖ · (h + s B A x)`) and, for input-side adapters (OFT, BOFT), its input first.
 pub trait LinearAdapter: Send + Sync {
     fn touches(&self, layer: usize, proj: Proj) -> bool;
-    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor) -> Result<Tensor>;
+    /// `x` before the projection sees it (OFT/BOFT: `x R`); `None` leaves it unchanged.
+    fn adapt_input(&self, _layer: usize, _proj: Proj, _x: &Tensor) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+    /// `h` is the projection of `x` (after `adapt_input`); `base` the frozen weight and bias.
+    fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor>;
 }

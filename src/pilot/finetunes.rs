@@ -51,6 +51,10 @@ impl Tuned {
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_ref().map(|a| a as &dyn LinearAdapter)
     }
+    /// The saved adapter itself (its kind and parameters), `None` for full fine-tuning.
+    pub fn saved_adapter(&self) -> Option<&AnyAdapter> {
+        self.adapter.as_ref()
+    }
 }
 
 /// Per-tensor sum and sum of squares of the base weights, hashed: cheap (one pass over the

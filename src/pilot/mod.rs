@@ -1,5 +1,6 @@
 //! The RoAd paper's pilot study (METHODS.md §3) as one experiment: `road run` on a file with
 //! `kind = "pilot"`. Spec → cached fine-tunes → probes (ΔM/ΔD, heads, swap) → CSV/SVG/summary.
+pub mod dora_weights;
 pub mod figures;
 pub mod finetunes;
 pub mod run;

@@ -158,6 +158,16 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
     let layers: Vec<LayerRow> = tuned.iter().flat_map(|(l, _)| by_layer(&deltas, l, n_layers, spec.seed)).collect();
     write_csv(&run_dir.join("delta_per_example.csv"), &deltas, &DELTA_HEADER)?;
     write_csv(&run_dir.join("delta_by_layer.csv"), &layers, &LAYER_HEADER)?;
+    // DoRA's own split of each weight row into magnitude and direction.
+    let mut dora = Vec::new();
+    for (label, t) in &tuned {
+        if let Some(crate::adapters::AnyAdapter::Dora(a)) = t.saved_adapter() {
+            dora.extend(super::dora_weights::rows(label, a, base)?);
+        }
+    }
+    if !dora.is_empty() {
+        write_csv(&run_dir.join("dora_weights.csv"), &dora, &super::dora_weights::DORA_WEIGHT_HEADER)?;
+    }
     sink.send(RunEvent::StageDone { cell: spec.methods.len(), label: "ΔM / ΔD".into() });
     log(sink, format!("ΔM/ΔD over {} examples × {n_layers} blocks × {} methods in {:.0}s", probe_ex.len(), tuned.len(), ts.elapsed().as_secs_f64()));
 
@@ -248,6 +258,7 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
         layers,
         heads: head_summary,
         swap,
+        dora,
         scatter_layer,
         n_layers,
         seconds: t0.elapsed().as_secs_f64(),

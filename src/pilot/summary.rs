@@ -147,6 +147,36 @@ pub fn render(spec: &PilotSpec, r: &PilotResult) -> String {
         }
     }
 
+    let dora_methods: Vec<&str> = r.finetunes.iter().filter(|f| f.kind == "dora").map(|f| f.method.as_str()).collect();
+    if !dora_methods.is_empty() && !r.dora.is_empty() {
+        let _ = writeln!(s, "## DoRA in weight space — magnitude vector vs direction
+");
+        let _ = writeln!(s, "Per output row, `ΔM = m/‖W‖ − 1` and `ΔD = cos(W + sBA, W)` split `‖W'−W‖²/‖W‖²` as above; medians over rows, then over the adapted projections (`dora_weights.csv`). Rule: the angle dominates when the median angular share exceeds 0.5.
+");
+        let _ = writeln!(s, "| method | projections | ΔM median | mean abs ΔM | 1−ΔD median | angular share | angle changes dominate |
+|---|---|---|---|---|---|---|");
+        for m in dora_methods {
+            let rows: Vec<_> = r.dora.iter().filter(|x| x.method == m).collect();
+            let med = |f: &dyn Fn(&&super::dora_weights::DoraWeightRow) -> f64| {
+                let mut v: Vec<f64> = rows.iter().map(f).filter(|x| x.is_finite()).collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+            };
+            let share = med(&|x| x.angular_share_median);
+            let _ = writeln!(
+                s,
+                "| {m} | {} | {:+.5} | {:.5} | {:.2e} | {:.3} | {} |",
+                rows.len(),
+                med(&|x| x.dm_median),
+                med(&|x| x.dm_abs_mean),
+                1.0 - med(&|x| x.dd_median),
+                share,
+                verdict(share > 0.5)
+            );
+        }
+        let _ = writeln!(s);
+    }
+
     if !r.swap.is_empty() {
         let _ = writeln!(s, "\n## Swap probe — does the class live in the direction or the magnitude?\n");
         let _ = writeln!(s, "IIA = share of opposite-prediction pairs whose prediction follows the source after the interchange at the last token. Best block per kind:\n");

@@ -169,6 +169,8 @@ pub struct PilotResult {
     pub layers: Vec<LayerRow>,
     pub heads: Vec<DisentangleSummary>,
     pub swap: Vec<SwapRow>,
+    /// DoRA fine-tunes in weight space (empty without DoRA methods).
+    pub dora: Vec<super::dora_weights::DoraWeightRow>,
     pub scatter_layer: usize,
     pub n_layers: usize,
     pub seconds: f64,

@@ -1,8 +1,8 @@
 //! The fine-tuning engine as a library call: `train(base, tok, &cfg, &data) -> TrainOutput`.
 //!
-//! Methods: full fine-tuning (every weight a `Var`), LoRA, RoAd (1/2/4, either pairing, optional
-//! angle-only / magnitude-only). Tasks: classification at the last prompt token (label words or a
-//! linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
+//! Methods (`methods.rs`): full fine-tuning (every weight a `Var`), LoRA, DoRA, OFT, BOFT, RoAd
+//! (1/2/4, either pairing, optional angle-only / magnitude-only). Tasks: classification at the
+//! last prompt token (label words or a linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
 //! warm-up + decay, global-norm clipping, gradient accumulation, periodic dev evaluation keeping
 //! the best parameters, and resumable checkpoints (parameters + optimizer moments + step).
 //! Batches are a pure function of (seed, step), so a resumed run sees exactly the same data.
@@ -11,8 +11,8 @@ use super::data::{ClsExample, LmExample};
 use super::lm;
 use super::optim::{clip_global_norm, AdamW, AdamWConfig};
 use super::schedule::{Decay, Schedule};
-use crate::model::{LinearAdapter, Llama, Proj};
-use crate::adapters::{Freeze, LoraAdapter, RoadAdapter, Variant};
+use crate::model::{LinearAdapter, Llama};
+pub use super::methods::{MethodCfg, Trained};
 use crate::tokenizer::Tok;
 use crate::util::rng::Rng;
 use crate::runs::{read_csv, write_csv};
@@ -21,30 +21,6 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum MethodCfg {
-    Full,
-    Lora { r: usize, alpha: f64, dropout: f32, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-    Road { variant: Variant, group_size: usize, freeze: Freeze, targets: Vec<Proj>, layers: Option<Vec<usize>> },
-}
-
-impl MethodCfg {
-    pub fn label(&self) -> String {
-        match self {
-            MethodCfg::Full => "full".into(),
-            MethodCfg::Lora { r, .. } => format!("lora-r{r}"),
-            MethodCfg::Road { variant, freeze, .. } => {
-                let v = variant.peft_name().replace('_', "");
-                match (freeze.theta, freeze.alpha) {
-                    (false, true) => format!("{v}-angle"),
-                    (true, false) => format!("{v}-magnitude"),
-                    _ => v,
-                }
-            }
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskCfg {
@@ -100,7 +76,8 @@ impl TrainConfig {
     /// Defaults that fit a few-minute SmolLM2 run on 2 cores; the method and task must be given.
     pub fn new(method: MethodCfg, task: TaskCfg) -> Self {
         let weight_decay = match method {
-            MethodCfg::Road { .. } => 0.0, // decaying α towards 0 would shrink outputs
+            // Decaying α / magnitudes / scales towards 0 would shrink outputs (see spec.rs).
+            MethodCfg::Road { .. } | MethodCfg::Dora { .. } | MethodCfg::Oft { .. } | MethodCfg::Boft { .. } => 0.0,
             _ => 0.01,
         };
         Self {
@@ -124,14 +101,6 @@ impl TrainConfig {
             base_model: String::new(),
         }
     }
-}
-
-/// The trained parameters (the best dev checkpoint when evaluation ran, else the last step).
-pub enum Trained {
-    Road(RoadAdapter),
-    Lora(LoraAdapter),
-    /// Full fine-tuning: a complete model whose weights are `Var`s.
-    Full(Box<Llama>),
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -179,11 +148,7 @@ impl TrainOutput {
         }
     }
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
-        match &self.trained {
-            Trained::Road(a) => Some(a),
-            Trained::Lora(a) => Some(a),
-            Trained::Full(_) => None,
-        }
+        self.trained.adapter()
     }
     pub fn scorer(&self) -> Scorer<'_> {
         match &self.head {
@@ -197,6 +162,9 @@ impl TrainOutput {
         match &self.trained {
             Trained::Road(a) => a.save_peft(dir, base_model)?,
             Trained::Lora(a) => a.save_peft(dir, base_model)?,
+            Trained::Dora(a) => a.save_peft(dir, base_model)?,
+            Trained::Oft(a) => a.save_peft(dir, base_model)?,
+            Trained::Boft(a) => a.save_peft(dir, base_model)?,
             Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
         }
         if let Some(h) = &self.head {
@@ -251,35 +219,8 @@ struct Setup {
 }
 
 fn setup(base: &Llama, cfg: &TrainConfig, rng: &mut Rng) -> Result<Setup> {
-    let layers_of = |l: &Option<Vec<usize>>| l.clone().unwrap_or_else(|| (0..base.cfg.num_layers).collect());
     let dev = base.device();
-    let (trained, mut params) = match &cfg.method {
-        MethodCfg::Full => {
-            let (vm, m) = base.to_varmap()?;
-            let mut p: Vec<(String, Var)> =
-                vm.data().lock().map_err(|_| anyhow::anyhow!("VarMap lock"))?.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-            p.sort_by(|a, b| a.0.cmp(&b.0));
-            (Trained::Full(Box::new(m)), p)
-        }
-        MethodCfg::Lora { r, alpha, dropout, targets, layers } => {
-            let a = LoraAdapter::new(&base.cfg, *r, *alpha, *dropout, layers_of(layers), targets, &mut rng.fork(1), dev)?;
-            let p = a.layers.iter().flat_map(|((l, pj), x)| {
-                let k = crate::model::weights::peft_module(*l, *pj);
-                [(format!("{k}.lora_A.weight"), x.a.clone()), (format!("{k}.lora_B.weight"), x.b.clone())]
-            });
-            let p = p.collect();
-            (Trained::Lora(a), p)
-        }
-        MethodCfg::Road { variant, group_size, freeze, targets, layers } => {
-            if freeze.theta && freeze.alpha {
-                bail!("RoAd with both θ and α frozen has nothing to train");
-            }
-            let mut a = RoadAdapter::new_identity(&base.cfg, *variant, *group_size, layers_of(layers), targets, dev)?;
-            a.freeze = *freeze;
-            let p = a.named_trainables();
-            (Trained::Road(a), p)
-        }
-    };
+    let (trained, mut params) = super::methods::build(base, &cfg.method, rng)?;
     let head = match &cfg.task {
         TaskCfg::Classify { head: true, label_words, .. } => {
             let h = Head::new(label_words.len(), base.cfg.hidden_size, &mut rng.fork(2), dev)?;
@@ -326,11 +267,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         Trained::Full(m) => m,
         _ => base,
     };
-    let adapter: Option<&dyn LinearAdapter> = match &trained {
-        Trained::Road(a) => Some(a),
-        Trained::Lora(a) => Some(a),
-        Trained::Full(_) => None,
-    };
+    let adapter: Option<&dyn LinearAdapter> = trained.adapter();
     let scorer = match &head {
         Some(h) => Scorer::Head(h),
         None => Scorer::LabelWords(label_ids.clone()),
@@ -420,10 +357,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         let mut loss_sum = 0f64;
         for micro in 0..cfg.grad_accum {
             let idx = order.take((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size);
-            if let Trained::Lora(a) = &trained {
-                // Dropout masks are a function of (seed, step, micro) too, for exact resumes.
-                a.set_training(Some(Rng::new(cfg.seed).fork(((step * cfg.grad_accum + micro) as u64) << 8 | 3)));
-            }
+            // Dropout masks are a function of (seed, step, micro) too, for exact resumes.
+            trained.set_training(Some(Rng::new(cfg.seed).fork(((step * cfg.grad_accum + micro) as u64) << 8 | 3)));
             let loss = match data {
                 TrainData::Cls { train, .. } => {
                     let b: Vec<&ClsExample> = idx.iter().map(|&i| &train[i]).collect();
@@ -454,9 +389,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
                 Some(a) => a.iter().zip(&gs).map(|(x, y)| x + y).collect::<candle_core::Result<Vec<_>>>()?,
             });
         }
-        if let Trained::Lora(a) = &trained {
-            a.set_training(None);
-        }
+        trained.set_training(None);
         let mut grads = acc.expect("grad_accum >= 1");
         let grad_norm = match cfg.clip_norm {
             Some(c) => clip_global_norm(&mut grads, c)?,
@@ -500,9 +433,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             }
         }
     }
-    if let Trained::Lora(a) = &trained {
-        a.set_training(None); // a stop inside the micro-batch loop skipped the reset above
-    }
+    trained.set_training(None); // a stop inside the micro-batch loop skipped the reset above
     pb.finish_and_clear();
     if let Some(b) = &best {
         restore(&params, b)?;

@@ -3,6 +3,7 @@ pub mod cls;
 pub mod data;
 pub mod engine;
 pub mod lm;
+pub mod methods;
 pub mod optim;
 mod params;
 pub mod schedule;

@@ -152,7 +152,7 @@ impl Default for TaskSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MethodSpec {
-    /// "road", "lora" or "full".
+    /// "road", "lora", "dora", "oft", "boft" or "full".
     pub kind: String,
     #[serde(default = "d_targets")]
     pub targets: Vec<String>,
@@ -174,6 +174,16 @@ pub struct MethodSpec {
     pub alpha: f64,
     #[serde(default)]
     pub dropout: f32,
+    /// OFT / BOFT: the orthogonal block size (must divide every target's input width).
+    /// Filled in (OFT 32, BOFT 4) for those kinds only, so other specs' TOML is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// BOFT: butterfly factors (peft's `boft_n_butterfly_factor`; 1 = block-diagonal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub butterfly_factor: Option<usize>,
+    /// OFT: terms of peft's Cayley–Neumann series (default 5); 0 = the exact Cayley transform.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub neumann_terms: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,7 +261,22 @@ impl Spec {
             }
         }
         if self.train.weight_decay.is_none() {
-            self.train.weight_decay = Some(if self.method.kind == "road" { 0.0 } else { 0.01 });
+            // Decay pulls RoAd's α, DoRA's magnitudes and BOFT's scales towards 0 (shrinking
+            // outputs) and OFT's rotations towards I: off for those, as in peft's Trainer default.
+            let decays = matches!(self.method.kind.as_str(), "lora" | "full");
+            self.train.weight_decay = Some(if decays { 0.01 } else { 0.0 });
+        }
+        let m = &mut self.method;
+        match m.kind.as_str() {
+            "oft" => {
+                m.block_size.get_or_insert(32);
+                m.neumann_terms.get_or_insert(5);
+            }
+            "boft" => {
+                m.block_size.get_or_insert(4);
+                m.butterfly_factor.get_or_insert(1);
+            }
+            _ => {}
         }
         self.check_values()?;
         self.method_cfg()?;
@@ -281,7 +306,7 @@ impl Spec {
         finite("method.alpha", self.method.alpha)?;
         finite("data.min_confidence", self.data.min_confidence as f64)?;
         fraction("method.dropout", self.method.dropout as f64)?;
-        if self.method.kind == "lora" && self.method.r == 0 {
+        if matches!(self.method.kind.as_str(), "lora" | "dora") && self.method.r == 0 {
             bail!("method.r must be at least 1");
         }
         Ok(())
@@ -300,6 +325,12 @@ impl Spec {
         Ok(match m.kind.as_str() {
             "full" => MethodCfg::Full,
             "lora" => MethodCfg::Lora { r: m.r, alpha: m.alpha, dropout: m.dropout, targets, layers: m.layers.clone() },
+            "dora" => MethodCfg::Dora { r: m.r, alpha: m.alpha, dropout: m.dropout, targets, layers: m.layers.clone() },
+            "oft" => {
+                let terms = m.neumann_terms.unwrap_or(5);
+                MethodCfg::Oft { block_size: m.block_size.unwrap_or(32), neumann_terms: (terms > 0).then_some(terms), targets, layers: m.layers.clone() }
+            }
+            "boft" => MethodCfg::Boft { block_size: m.block_size.unwrap_or(4), factors: m.butterfly_factor.unwrap_or(1), targets, layers: m.layers.clone() },
             "road" => {
                 let freeze = match m.train.as_str() {
                     "both" => Freeze::default(),
@@ -310,7 +341,7 @@ impl Spec {
                 let variant = Variant::parse(&m.variant.to_string())?;
                 MethodCfg::Road { variant, group_size: m.group_size, freeze, targets, layers: m.layers.clone() }
             }
-            o => bail!("method.kind = {o:?}: expected road, lora or full"),
+            o => bail!("method.kind = {o:?}: expected road, lora, dora, oft, boft or full"),
         })
     }
 
