@@ -102,17 +102,11 @@ impl RoadAdapter {
         targets: &[Proj],
         device: &Device,
     ) -> Result<Self> {
-        let mut map = BTreeMap::new();
-        for l in layers {
-            if l >= cfg.num_layers {
-                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
-            }
-            for &p in targets {
-                let rot = Rotation::new(variant, group_size, proj_out_dim(cfg, p))?;
-                let (t, a) = rot.identity_params(device)?;
-                map.insert((l, p), RoadLayer { rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)? });
-            }
-        }
+        let map = super::per_target(cfg, layers, targets, |_, p| {
+            let rot = Rotation::new(variant, group_size, proj_out_dim(cfg, p))?;
+            let (t, a) = rot.identity_params(device)?;
+            Ok(RoadLayer { rot, theta: Var::from_tensor(&t)?, alpha: Var::from_tensor(&a)? })
+        })?;
         Ok(Self { variant, group_size, layers: map, freeze: Freeze::default() })
     }
 

@@ -99,19 +99,13 @@ impl BoftAdapter {
         if factors == 0 {
             bail!("boft_n_butterfly_factor must be at least 1");
         }
-        let mut map = BTreeMap::new();
-        for l in layers {
-            if l >= cfg.num_layers {
-                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
-            }
-            for &p in targets {
-                let k = check(cfg, p, block_size, factors)?;
-                let r = Tensor::zeros((factors, k, block_size, block_size), DType::F32, device)?;
-                let s = Tensor::ones((super::adapter::proj_out_dim(cfg, p), 1), DType::F32, device)?;
-                let perms = perms(super::lora::proj_in_dim(cfg, p), k, block_size, factors, device)?;
-                map.insert((l, p), BoftLayer { r: Var::from_tensor(&r)?, s: Var::from_tensor(&s)?, perms });
-            }
-        }
+        let map = super::per_target(cfg, layers, targets, |_, p| {
+            let k = check(cfg, p, block_size, factors)?;
+            let r = Tensor::zeros((factors, k, block_size, block_size), DType::F32, device)?;
+            let s = Tensor::ones((super::adapter::proj_out_dim(cfg, p), 1), DType::F32, device)?;
+            let perms = perms(super::lora::proj_in_dim(cfg, p), k, block_size, factors, device)?;
+            Ok(BoftLayer { r: Var::from_tensor(&r)?, s: Var::from_tensor(&s)?, perms })
+        })?;
         Ok(Self { block_size, factors, dropout: 0.0, layers: map })
     }
 

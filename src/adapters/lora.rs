@@ -54,18 +54,12 @@ impl LoraAdapter {
         if !(0.0..1.0).contains(&dropout) {
             bail!("LoRA dropout must be in [0, 1), got {dropout}");
         }
-        let mut map = BTreeMap::new();
-        for l in layers {
-            if l >= cfg.num_layers {
-                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
-            }
-            for &p in targets {
-                let (i, o) = (proj_in_dim(cfg, p), proj_out_dim(cfg, p));
-                let a = rng.uniform_tensor(&[r, i], 1.0 / (i as f32).sqrt(), device)?;
-                let b = Tensor::zeros((o, r), DType::F32, device)?;
-                map.insert((l, p), LoraLayer { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? });
-            }
-        }
+        let map = super::per_target(cfg, layers, targets, |_, p| {
+            let (i, o) = (proj_in_dim(cfg, p), proj_out_dim(cfg, p));
+            let a = rng.uniform_tensor(&[r, i], 1.0 / (i as f32).sqrt(), device)?;
+            let b = Tensor::zeros((o, r), DType::F32, device)?;
+            Ok(LoraLayer { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)? })
+        })?;
         Ok(Self { r, alpha, dropout, layers: map, train_rng: Mutex::new(None) })
     }
 

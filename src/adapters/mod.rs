@@ -25,3 +25,27 @@ pub use dora::DoraAdapter;
 pub use lora::LoraAdapter;
 pub use oft::OftAdapter;
 pub use rotation::{Rotation, Variant};
+
+use crate::model::{LlamaConfig, Proj};
+use std::collections::BTreeMap;
+
+/// A freshly initialised layer per (block, projection) of an adapter: `make(l, p)` for each of
+/// `targets` in each block of `layers`, a block past the model's depth refused. Every kind's
+/// constructor builds its table through this.
+pub fn per_target<V>(
+    cfg: &LlamaConfig,
+    layers: impl IntoIterator<Item = usize>,
+    targets: &[Proj],
+    mut make: impl FnMut(usize, Proj) -> anyhow::Result<V>,
+) -> anyhow::Result<BTreeMap<(usize, Proj), V>> {
+    let mut map = BTreeMap::new();
+    for l in layers {
+        if l >= cfg.num_layers {
+            anyhow::bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
+        }
+        for &p in targets {
+            map.insert((l, p), make(l, p)?);
+        }
+    }
+    Ok(map)
+}

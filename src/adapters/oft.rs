@@ -60,17 +60,11 @@ impl OftAdapter {
         targets: &[Proj],
         device: &Device,
     ) -> Result<Self> {
-        let mut map = BTreeMap::new();
-        for l in layers {
-            if l >= cfg.num_layers {
-                bail!("layer {l} out of range (model has {} layers)", cfg.num_layers);
-            }
-            for &p in targets {
-                let k = check_block(cfg, p, block_size, "oft_block_size")?;
-                let w = Tensor::zeros((k, block_size * (block_size - 1) / 2), DType::F32, device)?;
-                map.insert((l, p), OftLayer { weight: Var::from_tensor(&w)?, block: block_size });
-            }
-        }
+        let map = super::per_target(cfg, layers, targets, |_, p| {
+            let k = check_block(cfg, p, block_size, "oft_block_size")?;
+            let w = Tensor::zeros((k, block_size * (block_size - 1) / 2), DType::F32, device)?;
+            Ok(OftLayer { weight: Var::from_tensor(&w)?, block: block_size })
+        })?;
         Ok(Self { block_size, neumann_terms, block_share: false, module_dropout: 0.0, layers: map })
     }
 
