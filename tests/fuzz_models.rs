@@ -114,7 +114,6 @@ fn fuzz_hf_config_json() {
                 let cfg = LlamaConfig::from_hf_json(&text(b)).map_err(|e| e.to_string())?;
                 // With the family's weights: a config that does not fit them must be an error.
                 let m = load::hf_model(cfg, weights.clone(), DType::F32, &Device::Cpu).map_err(|e| format!("{e:#}"))?;
-                road_dii::model::file_checks::check_runs(Path::new("fuzz"), &m).map_err(|e| e.to_string())?;
                 finite_logits(&m)
             })
         })
@@ -125,7 +124,6 @@ fn load_safetensors(cfg: &str, b: &[u8]) -> Result<(), String> {
     let t = candle_core::safetensors::load_buffer(b, &Device::Cpu).map_err(|e| e.to_string())?;
     let cfg = LlamaConfig::from_hf_json(cfg).unwrap();
     let m = load::hf_model(cfg, vec![("fuzz.safetensors".into(), t)], DType::F32, &Device::Cpu).map_err(|e| format!("{e:#}"))?;
-    road_dii::model::file_checks::check_runs(Path::new("fuzz"), &m).map_err(|e| e.to_string())?;
     finite_logits(&m)
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-tool call's worth of GPU work (docs: BENCHMARKS.md, "GPU (H200)"). Runs from the
 # repo root on the GPU machine with the carried folder .gpu/ holding:
-#   road.xz (scripts/build-cuda.sh output, xz -9), bench/*.py (this folder), ref/ (reference
+#   road.xz (scripts/build-cuda.sh output, xz -9), bench/ (this folder: *.py, gpu-libs.sh), ref/ (reference
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
@@ -31,18 +31,7 @@ step() { # step NAME SECONDS CMD...: a failure or timeout is logged, never fatal
 
 # --- setup: binary, libraries, wheels ---
 if [ ! -x $W/road ] || [ $G/road.xz -nt $W/road ]; then xz -dc $G/road.xz > $W/road && chmod +x $W/road; fi
-# CUDA user-space libraries of the image (torch's wheels): cublas(Lt), curand, cudart, nvrtc.
-LIBS=$(python3 - <<'PY'
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages():
-    for pat in ("libcublasLt.so.*", "libcublas.so.*", "libcurand.so.*", "libcudart.so.*", "libnvrtc.so.*"):
-        for f in glob.glob(f"{sp}/nvidia/**/{pat}", recursive=True):
-            dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH=${LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/gpu-libs.sh"
 ROAD=$W/road
 nvidia-smi -L; echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 ldd $ROAD | grep -E "not found|cuda|cublas|curand|nvrtc"

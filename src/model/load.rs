@@ -46,7 +46,6 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
         parts.push((f, part));
     }
     let model = hf_model(cfg, parts, dtype, device).with_context(|| format!("building the model from {}", dir.display()))?;
-    file_checks::check_runs(dir, &model)?;
     let tok_path = dir.join("tokenizer.json");
     if !tok_path.exists() {
         bail!("{} has no tokenizer.json", dir.display());
@@ -56,8 +55,11 @@ pub fn load_hf_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Loaded> 
 }
 
 /// The model from a parsed config and its safetensors files' tensors (`(file, tensors)`), with
-/// the checks every HF checkpoint gets: float dtypes, finite weights, no blocks beyond the config.
+/// the checks every HF checkpoint gets: float dtypes, finite weights, no blocks beyond the config,
+/// finite logits from a check forward.
 pub fn hf_model(cfg: LlamaConfig, parts: Vec<(PathBuf, HashMap<String, Tensor>)>, dtype: DType, device: &Device) -> Result<Llama> {
+    // Errors about the whole model name the checkpoint's folder (its files' parent).
+    let source = parts.first().and_then(|(f, _)| f.parent()).map(Path::to_path_buf).unwrap_or_default();
     let mut tensors = HashMap::new();
     for (f, part) in parts {
         for (name, t) in part {
@@ -70,7 +72,9 @@ pub fn hf_model(cfg: LlamaConfig, parts: Vec<(PathBuf, HashMap<String, Tensor>)>
         }
     }
     file_checks::check_block_count(tensors.keys().cloned(), file_checks::hf_block, cfg.num_layers, "num_hidden_layers")?;
-    Llama::load(VarBuilder::from_tensors(tensors, dtype, device), cfg)
+    let model = Llama::load(VarBuilder::from_tensors(tensors, dtype, device), cfg)?;
+    file_checks::check_runs(&source, &model)?;
+    Ok(model)
 }
 
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {

@@ -6,17 +6,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 W=/tmp/road; mkdir -p $W
 xz -dc .gpu/road.xz > $W/road && chmod +x $W/road
-LIBS=$(python3 - <<'PY'
-import glob, os, site
-dirs = set()
-for sp in site.getsitepackages():
-    for pat in ("libcublasLt.so.*", "libcublas.so.*", "libcurand.so.*", "libcudart.so.*", "libnvrtc.so.*"):
-        for f in glob.glob(f"{sp}/nvidia/**/{pat}", recursive=True):
-            dirs.add(os.path.dirname(f))
-print(":".join(sorted(dirs)))
-PY
-)
-export LD_LIBRARY_PATH=${LIBS}:/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+. "$(dirname "$0")/../gpu-libs.sh"
 export CUDA_CACHE_PATH=$W/cuda-cache
 ROAD=$W/road
 nvidia-smi -L

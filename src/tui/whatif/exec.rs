@@ -63,6 +63,7 @@ pub fn logits(l: &Loaded, ids: &[u32], w: &WhatIf) -> Result<Vec<f32>> {
         false => None,
     };
     let iv = spec.build(width, 0, mean.as_ref(), dev)?;
+    let base_rows = rows(&base, &ps)?;
     let source = if spec.uses_source() {
         let src = l.tok.encode(&w.source)?;
         if src.is_empty() {
@@ -80,10 +81,10 @@ pub fn logits(l: &Loaded, ids: &[u32], w: &WhatIf) -> Result<Vec<f32>> {
         };
         rows(&acts, &ps.iter().map(|&p| from(p)).collect::<Result<Vec<_>>>()?)?
     } else {
-        rows(&base, &ps)?
+        base_rows.clone()
     };
     // The same `apply` an experiment cell runs, on the clean vectors at the chosen positions.
-    let new = iv.apply(&rows(&base, &ps)?, &source, ApplyCtx::EVAL)?;
+    let new = iv.apply(&base_rows, &source, ApplyCtx::EVAL)?;
     let with = new.reshape((1, ps.len(), width))?.to_dtype(l.model.dtype())?;
     let mut hook = Replace::at(w.layer, w.site, ps, with);
     fwd_last(l, ids, Some(&mut hook), None)
