@@ -65,16 +65,54 @@ fn rank1_das_on_smollm2_ioi_reaches_pyvene_quality_with_controls() {
 /// trains the same intervention against shuffled labels and must stay near chance.
 #[test]
 fn permuted_label_control_stays_near_chance_on_the_tiny_model() {
-    let sets = ["sites.layers=[1]", "sites.positions=[\"b\"]", "controls=[\"permuted_labels\"]", "train.steps=150"];
+    let sets = ["sites.layers=[1]", "sites.positions=[\"b\"]", "controls=[\"permuted_labels\", \"random_model\"]", "train.steps=150"];
     let (rows, dir, summary) = run_file("experiments/tiny-equality-das.toml", &sets);
-    assert!(iia(&rows, "test", "none") >= 0.95);
-    for c in ["random_subspace", "permuted_labels"] {
+    let trained = iia(&rows, "test", "none");
+    assert!(trained >= 0.95);
+    for c in ["random_subspace", "permuted_labels", "random_model"] {
         let v = iia(&rows, "test", c);
         assert!(v <= 0.7, "{c}: test IIA {v}");
     }
-    assert_eq!(summary.cells[0].controls.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), ["random_subspace", "permuted_labels"]);
+    let cell = &summary.cells[0];
+    assert_eq!(cell.controls.iter().map(|c| c.0.as_str()).collect::<Vec<_>>(), ["random_subspace", "permuted_labels", "random_model"]);
+    let best = cell.controls.iter().map(|c| c.1).fold(f64::MIN, f64::max);
+    assert!((cell.margin - (trained - best)).abs() < 1e-12, "{cell:?}");
     let log = std::fs::read_to_string(dir.join("train_log.csv")).unwrap();
-    assert!(log.lines().any(|l| l.contains(",permuted_labels,")), "the control's training is logged");
+    for c in ["permuted_labels", "random_model"] {
+        assert!(log.lines().any(|l| l.contains(&format!(",{c},"))), "the {c} control's training is logged");
+    }
+}
+
+/// The random model keeps the architecture and each matrix's scale, not its values; it is the
+/// same for the same seed, and its forward pass is finite.
+#[test]
+fn the_random_model_control_redraws_every_matrix_at_its_scale() {
+    let m = &tiny_a().model;
+    let r = road_dii::model::random::reinitialised(m, 7).unwrap();
+    let again = road_dii::model::random::reinitialised(m, 7).unwrap();
+    let (w, rw, aw) = (m.named_weights().unwrap(), r.named_weights().unwrap(), again.named_weights().unwrap());
+    assert_eq!(w.len(), rw.len());
+    for (((name, a), (rname, b)), (_, c)) in w.iter().zip(&rw).zip(&aw) {
+        assert_eq!((name, a.dims()), (rname, b.dims()));
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!((b - c).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{name}: seeded");
+        if a.rank() == 1 {
+            assert_eq!(diff, 0.0, "{name}: vectors are kept");
+            continue;
+        }
+        assert!(diff > 0.0, "{name} was redrawn");
+        let std = |t: &candle_core::Tensor| {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+        };
+        let (sa, sb) = (std(a), std(b));
+        assert!((sb / sa - 1.0).abs() < 0.1, "{name}: std {sb} vs {sa}");
+    }
+    let ids = vec![vec![1u32, 5, 9, 3]];
+    let out = r.forward(&ids, road_dii::model::Fwd::default()).unwrap();
+    let logits: Vec<f32> = out.logits.unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(logits.iter().all(|x| x.is_finite()));
 }
 
 /// Early stopping: the trainer stops once the dev loss has not improved for `patience`

@@ -178,4 +178,17 @@ fn experiment_files_report_unknown_keys_with_line_and_accept_overrides() {
     assert_eq!(s.layer_list(30).unwrap(), (8..16).collect::<Vec<_>>());
     assert!(s.layer_list(10).unwrap_err().to_string().contains("out of range"));
     assert!(Spec::load(&f, &["intervention.kind=\"nope\"".into()]).unwrap_err().to_string().contains("nope"));
+    // Switching kinds drops the file's rank (1) but keeps what the override sets, one key at a
+    // time or as a whole table (a whole table once lost its rank to the file's: silently rank 1).
+    let road = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        Spec::load(&f, &sets).unwrap().intervention.rank()
+    };
+    let table = "intervention={kind=\"road_dii\", road_selection=\"fixed\", rank=4}";
+    assert_eq!(road(&[table]), Some(4));
+    assert_eq!(road(&["intervention.kind=\"road_dii\"", "intervention.road_selection=\"fixed\"", "intervention.rank=3"]), Some(3));
+    assert_eq!(road(&["intervention={kind=\"das\", rank=8}"]), Some(8));
+    assert_eq!(road(&["intervention.rank=2"]), Some(2));
+    let v = Spec::load(&f, &["intervention.kind=\"vanilla\"".into()]).unwrap();
+    assert_eq!(v.intervention.kind_name(), "vanilla");
 }

@@ -16,6 +16,8 @@ Phases (default: all three, in order; each is resumable, results are cached unde
           Can run elsewhere (e.g. `--device cuda` on the GPU machine) given road.jsonl and the
           pairs files; --pairs-root rewrites the run-folder prefix.
   table   joins both into --csv and prints the markdown tables (per config, and means over seeds).
+  roadtable  road only (not in "all"): RoAd-DII beside DAS of several ranks, means over seeds
+          (grids a, b, g, h, i; `--csv docs/results/road-dii-vs-das.csv`).
 
 Usage (CPU, from the repo root so data/ resolves):
   /tmp/torchbench/venv/bin/python bench/reference/das_side_by_side.py --grid a \
@@ -40,6 +42,11 @@ SEEDS = [0, 1, 2]
 DAS = dict(kind="das", steps=50, batch=16, lr=1e-2)
 BOUNDLESS = dict(kind="boundless", steps=50, batch=16, lr=1e-3, boundary_lr=1e-2,
                  temperature=(50.0, 0.1), penalty=1.0)
+# RoAd-DII at the DAS budget (50 steps x batch 16): RoAd1 basis (adjacent pairs), a learned
+# sigmoid mask over the blocks' first coordinates (experiments/ioi-road-dii.toml's settings), or a
+# fixed selection of `rank` blocks. road only (pyvene has no such kind): compared with road's DAS.
+ROAD_DII = dict(kind="road_dii", steps=50, batch=16, lr=2e-2, boundary_lr=5e-2, temperature=(1.0, 0.05),
+                penalty=0.1, selection="learned")
 IOI_S = dict(task="ioi", variable="s_position", spec="experiments/ioi-das.toml")
 IOI_IO = dict(task="ioi", variable="io_name", spec="experiments/ioi-das.toml")
 CAPS = dict(task="capitals", variable="country", spec="experiments/capitals-boundless.toml")
@@ -53,6 +60,12 @@ GRIDS = {
     "e": [dict(**CAPS, **DAS, rank=1, sites=[(10, "subject_last"), (16, "last")])],
     # a name is a many-valued variable: rank 1 cannot carry it (d gives 0 on both sides)
     "f": [dict(**IOI_IO, **DAS, rank=32, sites=[(12, "IO"), (20, "last")])],
+    # RoAd-DII beside grids a/b (same sites with signal, same seeds)
+    "g": [dict(**IOI_S, **ROAD_DII, rank=None, sites=[(20, "last"), (22, "last"), (18, "S2")])],
+    "h": [dict(**IOI_S, **{**ROAD_DII, "selection": "fixed"}, rank=r, sites=[(20, "last"), (18, "S2")])
+          for r in (1, 4, 16, 64)],
+    # DAS at ranks near what RoAd-DII's learned mask ends with (grid g's road_final_dims)
+    "i": [dict(**IOI_S, **DAS, rank=r, sites=[(20, "last"), (18, "S2")]) for r in (16, 64)],
 }
 
 
@@ -70,9 +83,9 @@ def configs(grid_names, seeds):
 
 def group_key(c):
     """Configs that one road run can serve (same task, variable, kind, hyper-parameters, seed)."""
-    return json.dumps({k: c.get(k) for k in ("task", "variable", "spec", "kind", "rank", "steps", "batch",
-                                             "lr", "boundary_lr", "temperature", "penalty", "seed")},
-                      sort_keys=True)
+    keys = ["task", "variable", "spec", "kind", "rank", "steps", "batch", "lr", "boundary_lr", "temperature",
+            "penalty", "seed"] + (["selection"] if "selection" in c else [])
+    return json.dumps({k: c.get(k) for k in keys}, sort_keys=True)
 
 
 def cfg_key(c):
@@ -85,6 +98,13 @@ def road_sets(c, orthonormal=None):
          "sites.site=\"block_output\""]
     if c["kind"] == "das":
         s.append(f"intervention={{kind=\"das\", rank={c['rank']}}}")
+    elif c["kind"] == "road_dii":
+        t0, t1 = c["temperature"]
+        # key by key (binaries before the whole-table fix lost a table's `rank` to the file's)
+        s += ["intervention.kind=\"road_dii\"", "intervention.road_variant=\"road_1\"", "intervention.road_group_size=2",
+              f"intervention.road_selection=\"{c['selection']}\"", f"intervention.rank={c['rank'] or 1}",
+              f"intervention.temperature=[{t0}, {t1}]", f"intervention.penalty={c['penalty']}"]
+        s.append(f"train.boundary_lr={c['boundary_lr']}")
     else:
         t0, t1 = c["temperature"]
         s.append(f"intervention={{kind=\"boundless\", temperature=[{t0}, {t1}], penalty={c['penalty']}}}")
@@ -113,6 +133,14 @@ def read_road_run(run_dir, cells):
     with open(os.path.join(run_dir, "train_log.csv")) as f:
         log = list(csv.DictReader(f))
     summ = json.load(open(os.path.join(run_dir, "summary.json")))
+    # timing.csv: seconds since the cell's training started, per step (the time-to-quality clock)
+    clock = {}
+    tpath = os.path.join(run_dir, "timing.csv")
+    if os.path.exists(tpath):
+        with open(tpath) as f:
+            for x in csv.DictReader(f):
+                if x.get("control", "none") in ("none", ""):
+                    clock[(int(x["layer"]), x["position"], int(x["step"]))] = float(x["seconds"])
     out = {}
     for layer, pos in cells:
         r = {"road_run": run_dir, "road_run_seconds": summ.get("seconds"), "road_run_cells": len(cells)}
@@ -120,6 +148,10 @@ def read_road_run(run_dir, cells):
             if int(row["layer"]) == layer and row["position"] == pos and row.get("control", "none") in ("none", ""):
                 r[f"road_{row['split']}_iia"] = float(row["iia_vocab"])
                 r[f"road_{row['split']}_n"] = int(row["n"])
+        # the controls' test IIA beside the trained one's (random_subspace, permuted_labels, random_model)
+        r["road_controls"] = {row["control"]: float(row["iia_vocab"]) for row in rows
+                              if int(row["layer"]) == layer and row["position"] == pos and row["split"] == "test"
+                              and row.get("control", "none") not in ("none", "")}
         curve = [x for x in log if int(x["layer"]) == layer and x["position"] == pos
                  and x.get("control", "none") in ("none", "")]
         r["road_loss_curve"] = [float(x["loss"]) for x in curve]
@@ -130,8 +162,11 @@ def read_road_run(run_dir, cells):
                 r["road_train_seconds"] = float(curve[-1]["seconds"])
             if "dev_iia" in curve[0]:
                 r["road_dev_curve"] = [{"step": int(x["step"]) + 1, "dev_iia": float(x["dev_iia"]),
-                                        "seconds": float(x.get("seconds") or "nan")}
+                                        "train_seconds": clock.get((layer, pos, int(x["step"])))}
                                        for x in curve if x.get("dev_iia") not in (None, "", "NaN")]
+                r["road_train_seconds"] = clock.get((layer, pos, int(curve[-1]["step"])))
+            if curve[-1].get("subspace_dims") not in (None, "", "NaN"):
+                r["road_final_dims"] = float(curve[-1]["subspace_dims"])
             if curve[-1].get("beta") not in (None, "", "NaN"):
                 r["road_final_beta"] = float(curve[-1]["beta"])
         out[(layer, pos)] = r
@@ -177,7 +212,9 @@ def phase_road(cfgs, args):
                 os.makedirs(out_root, exist_ok=True)
                 before = set(os.path.join(out_root, name, x) for x in os.listdir(os.path.join(out_root, name))) \
                     if os.path.isdir(os.path.join(out_root, name)) else set()
-                cmd = ["nice", "-n", str(args.nice), args.road, "run", c0["spec"]]
+                if args.road_model:
+                    sets.append(f"model.name={json.dumps(args.road_model)}")
+                cmd = ["nice", "-n", str(args.nice), args.road] + args.road_global.split() + ["run", c0["spec"]]
                 for s in sets:
                     cmd += ["--set", s]
                 env = dict(os.environ, ROAD_OUT=out_root)
@@ -209,7 +246,9 @@ def phase_pyvene(cfgs, args):
     import pyvene_iia as P
     road = {r["key"]: r for r in read_jsonl(os.path.join(args.work, "road.jsonl"))}
     done = {r["key"] for r in read_jsonl(os.path.join(args.work, "pyvene.jsonl"))}
-    todo = [c for c in cfgs if cfg_key(c) not in done and f"road|{cfg_key(c)}" in road]
+    # pyvene has DAS and Boundless DAS; RoAd-DII configs are road-only
+    todo = [c for c in cfgs if cfg_key(c) not in done and f"road|{cfg_key(c)}" in road
+            and c["kind"] in ("das", "boundless")]
     if not todo:
         return
     t = time.perf_counter()
@@ -248,7 +287,8 @@ COLS = ["grid", "task", "variable", "kind", "rank", "layer", "position", "seed",
         "test_n", "train_n", "road_final_loss", "pyvene_final_loss", "road_final_loss_mean5",
         "pyvene_final_loss_mean5", "road_old_test_iia", "road_old_train_iia", "road_old_final_loss",
         "road_final_beta", "pyvene_final_beta", "road_run_seconds", "road_run_cells", "pyvene_train_seconds",
-        "pyvene_examples_per_s", "pyvene_device", "pyvene_seconds_to_final_dev_iia", "road_run",
+        "pyvene_examples_per_s", "pyvene_device", "pyvene_seconds_to_final_dev_iia", "road_train_seconds",
+        "road_seconds_to_pyvene_dev_iia", "road_final_dims", "road_run",
         "road_loss_curve", "pyvene_loss_curve", "pyvene_dev_curve"]
 
 
@@ -265,7 +305,7 @@ def phase_table(cfgs, args):
                                      "steps", "batch", "lr")}
         if r:
             for x in ("road_test_iia", "road_train_iia", "road_dev_iia", "road_final_loss", "road_final_loss_mean5",
-                      "road_final_beta", "road_run_seconds", "road_run_cells", "road_run"):
+                      "road_final_beta", "road_final_dims", "road_run_seconds", "road_run_cells", "road_run"):
                 row[x] = r.get(x)
             row["test_n"], row["train_n"] = r.get("road_test_n"), r.get("road_train_n")
             row["road_loss_curve"] = " ".join(f"{v:.3f}" for v in r.get("road_loss_curve", []))
@@ -278,6 +318,9 @@ def phase_table(cfgs, args):
                        pyvene_final_beta=p.get("final_beta"), pyvene_train_seconds=p["train_seconds"],
                        pyvene_examples_per_s=p["examples_per_s"], pyvene_device=p.get("device"),
                        pyvene_seconds_to_final_dev_iia=time_to(p["dev_curve"], p["dev_iia"], "train_seconds"),
+                       road_seconds_to_pyvene_dev_iia=time_to(r.get("road_dev_curve") if r else None, p["dev_iia"],
+                                                              "train_seconds"),
+                       road_train_seconds=r.get("road_train_seconds") if r else None,
                        pyvene_loss_curve=" ".join(f"{v:.3f}" for v in p["loss_curve"]),
                        pyvene_dev_curve=" ".join(f"{d['step']}:{d['dev_iia']:.3f}@{d['train_seconds']:.1f}s"
                                                  for d in p["dev_curve"]))
@@ -328,13 +371,51 @@ def phase_table(cfgs, args):
         print(f"\nmean Δ test IIA (road − pyvene) over {len(allpairs)} configs: {d:+.3f}")
 
 
+def phase_roadtable(cfgs, args):
+    """road-only comparison (RoAd-DII against DAS of several ranks): means over seeds per
+    (kind, selection, rank, site) of test IIA, learned subspace size, random-subspace control and
+    training seconds, from WORK/road.jsonl; CSV to --csv."""
+    road = {r["key"]: r for r in read_jsonl(os.path.join(args.work, "road.jsonl"))}
+    agg = {}
+    for c in cfgs:
+        r = road.get(f"road|{cfg_key(c)}")
+        if r:
+            agg.setdefault((c["kind"], c.get("selection", ""), c["rank"], c["layer"], c["position"]), []).append(r)
+    out = []
+    for (kind, sel, rank, layer, pos), rs in sorted(agg.items(), key=lambda kv: (kv[0][3], kv[0][4], kv[0][0], kv[0][1],
+                                                                                kv[0][2] or 0)):
+        def m(f):
+            v = [f(x) for x in rs]
+            v = [x for x in v if x is not None]
+            return statistics.mean(v) if v else None
+        out.append(dict(kind=kind, selection=sel, rank=rank or "", layer=layer, position=pos, seeds=len(rs),
+                        test_iia=m(lambda x: x.get("road_test_iia")), train_iia=m(lambda x: x.get("road_train_iia")),
+                        test_iia_min=min(x["road_test_iia"] for x in rs), test_iia_max=max(x["road_test_iia"] for x in rs),
+                        dims=m(lambda x: x.get("road_final_dims")) if kind == "road_dii" else (rank or ""),
+                        random_subspace=m(lambda x: (x.get("road_controls") or {}).get("random_subspace")),
+                        train_seconds=m(lambda x: x.get("road_train_seconds"))))
+    with open(args.csv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out[0].keys()))
+        w.writeheader()
+        w.writerows(out)
+    print("| site | kind | selection | rank / learned dims | seeds | test IIA (min–max) | train IIA | random subspace | train s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    f3 = lambda v: "–" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    for o in out:
+        print(f"| {o['position']}@L{o['layer']} | {o['kind']} | {o['selection']} | {f3(o['dims'])} | {o['seeds']} | "
+              f"{f3(o['test_iia'])} ({o['test_iia_min']:.2f}–{o['test_iia_max']:.2f}) | {f3(o['train_iia'])} | "
+              f"{f3(o['random_subspace'])} | {f3(o['train_seconds'])} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--grid", default="a", help="comma list of grids (a,b,c,d,e)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--phase", default="all", choices=["all", "road", "pyvene", "table"])
+    ap.add_argument("--phase", default="all", choices=["all", "road", "pyvene", "table", "roadtable"])
     ap.add_argument("--road", default="/tmp/h3/road", help="road binary (a copy, not target/release)")
     ap.add_argument("--road-cells", default="multi", choices=["multi", "single"])
+    ap.add_argument("--road-global", default="", help="road's global flags, e.g. '--device cuda'")
+    ap.add_argument("--road-model", default=None, help="model path for road (model.name), e.g. on the GPU machine")
     ap.add_argument("--road-old", action="store_true", help="also road with train.orthonormal=euclidean (the old optimiser)")
     ap.add_argument("--work", default="/tmp/h3/sbs")
     ap.add_argument("--csv", default=os.path.join(REPO, "docs/results/das-vs-pyvene.csv"))
@@ -353,6 +434,8 @@ def main():
         phase_pyvene(cfgs, args)
     if args.phase in ("all", "table"):
         phase_table(cfgs, args)
+    if args.phase == "roadtable":
+        phase_roadtable(cfgs, args)
 
 
 if __name__ == "__main__":

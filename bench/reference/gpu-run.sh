@@ -5,11 +5,13 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E  (P: keep model part A only; C: road's SmolLM2
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T  (P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
 #   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py; F: the committed
-#   binary's DAS timings and the shipped training experiments on cuda)   (logs and CSVs land in $OUT)
+#   binary's DAS timings and the shipped training experiments on cuda; S: issue 14's grid a, road and pyvene
+#   on cuda; T: pyvene on cuda on the CPU road runs' pairs of grids d, e, f, after P; G: RoAd-DII grids g, h, i, road
+#   on cuda, after P)   (logs and CSVs land in $OUT)
 set -u
 PHASE=${1:-B}
 G=$PWD/.gpu
@@ -113,6 +115,33 @@ for i, p in enumerate(json.load(open(ref))["prompts"]):
         print(i, dt, "rc", r.returncode, r.stderr[-300:], flush=True)
         open(f"{out}/cuda_{dt}_{i}.json", "w").write(r.stdout)
 PY
+  exit 0
+fi
+
+if [ "$PHASE" = S ]; then  # issue 14 on one lease: road (cuda) and pyvene (cuda) on the same pairs, grid a
+  # (GPU = CPU IIA: compare with the CPU run's road.jsonl; time-to-quality on one machine)
+  S=$W/sbs-a; mkdir -p $S
+  step "road grid a on cuda" 330 python3 $B/das_side_by_side.py --grid a --phase road --road $ROAD --nice 0 \
+       --road-global "--device cuda" --road-model $M --work $S
+  step "pyvene grid a on cuda" 240 python3 $B/das_side_by_side.py --grid a --phase pyvene --device cuda --model $M --work $S
+  python3 $B/das_side_by_side.py --grid a --phase table --work $S --csv $OUT/das-vs-pyvene-gpu.csv
+  cp $S/*.jsonl $S/road-commands.log $OUT/ 2>/dev/null
+  exit 0
+fi
+
+if [ "$PHASE" = G ]; then  # issue 14: RoAd-DII (learned and fixed selections) and higher-rank DAS, road on cuda
+  S=${SBS:-$W/sbs-g}; mkdir -p $S
+  step "road grids g,h,i on cuda" 560 python3 $B/das_side_by_side.py --grid ${GRIDS:-g,h,i} --phase road --road $ROAD --nice 0 \
+       --road-global "--device cuda" --road-model $M --work $S
+  cp $S/road.jsonl $OUT/road-ghi.jsonl; cp $S/road-commands.log $OUT/ 2>/dev/null
+  exit 0
+fi
+
+if [ "$PHASE" = T ]; then  # pyvene (cuda) on the CPU road runs' pairs of grids d, e, f (.gpu/sbs: road.jsonl + pairs)
+  S=$W/sbs-def; mkdir -p $S; cp $G/sbs/road.jsonl $S/
+  step "pyvene grids d,e,f on cuda" 560 python3 $B/das_side_by_side.py --grid d,e,f --phase pyvene --device cuda \
+       --model $M --work $S --pairs-root /tmp/h3/sbs/road-out=$G/sbs/road-out
+  cp $S/pyvene.jsonl $OUT/pyvene-def.jsonl
   exit 0
 fi
 

@@ -27,6 +27,8 @@ pub struct CellCtx<'a> {
     pub controls: &'a [Control],
     /// The splits with permuted counterfactual labels (the permuted-label control), or empty.
     pub permuted: &'a HashMap<Split, Vec<Pair>>,
+    /// The random-model control's model and clean runs, when the run has that control.
+    pub random_model: Option<&'a controls::RandomModel>,
 }
 
 /// One cell's rows and trained parameters.
@@ -48,6 +50,10 @@ fn train_probe(n: usize) -> Vec<usize> {
 /// Everything one evaluation of an intervention needs, for one labelling of the pairs.
 struct Evaluator<'a> {
     ctx: &'a CellCtx<'a>,
+    /// The model evaluated and trained through (the run's, or the random-model control's) and
+    /// its clean runs of the pairs.
+    model: &'a Llama,
+    clean: &'a HashMap<(Split, usize), data::Clean>,
     cell: &'a Cell,
     caches: &'a HashMap<Split, CellCache<'a>>,
     /// Pairs per split (the real ones, or the permuted-label control's).
@@ -56,7 +62,7 @@ struct Evaluator<'a> {
 
 impl Evaluator<'_> {
     fn clean(&self, split: Split) -> Vec<&data::Clean> {
-        (0..self.pairs(split).len()).map(|i| &self.ctx.prepared.clean[&(split, i)]).collect()
+        (0..self.pairs(split).len()).map(|i| &self.clean[&(split, i)]).collect()
     }
     fn pairs(&self, split: Split) -> &[Pair] {
         (self.pairs)(split)
@@ -64,7 +70,7 @@ impl Evaluator<'_> {
     fn eval(&self, split: Split, iv: &dyn Intervention, only: Option<&[usize]>) -> Result<Option<Eval>> {
         let Some(cache) = self.caches.get(&split) else { return Ok(None) };
         let clean = self.clean(split);
-        Ok(Some(cells::evaluate_on(self.ctx.model, self.cell, cache, self.pairs(split), &clean, iv, only)?))
+        Ok(Some(cells::evaluate_on(self.model, self.cell, cache, self.pairs(split), &clean, iv, only)?))
     }
     /// (dev loss, dev IIA, train IIA on the probe pairs), for the training monitor.
     fn monitor(&self, iv: &dyn Intervention) -> Result<(f64, f64, f64)> {
@@ -81,7 +87,7 @@ impl Evaluator<'_> {
         let monitor = Monitor { every: spec.train.eval_every, patience: spec.train.early_stop, eval: &eval };
         let steps = self.ctx.steps;
         cells::train(
-            self.ctx.model,
+            self.model,
             self.cell,
             &self.caches[&Split::Train],
             self.pairs(Split::Train),
@@ -97,6 +103,24 @@ impl Evaluator<'_> {
                 }
             },
         )
+    }
+    /// A control that trains: the cell's kind from the cell's seed, trained and evaluated here;
+    /// its training log rows are labelled with the control.
+    fn train_control(
+        &self,
+        build: &dyn Fn(&InterventionSpec, u64) -> Result<Box<dyn Intervention>>,
+        cell_seed: u64,
+        ci: usize,
+        c: Control,
+        log: &mut Vec<TrainRow>,
+    ) -> Result<(Vec<MetricRow>, Eval)> {
+        let mut civ = build(&self.ctx.spec.intervention, cell_seed)?;
+        let t = self.train(civ.as_mut(), cell_seed, ci, &mut |_| {})?;
+        log.extend(t.log.into_iter().map(|mut r| {
+            r.control = c.name().into();
+            r
+        }));
+        self.rows(civ.as_ref(), c.name())
     }
     /// Metric rows of `iv` on every split, labelled with `control`; the test split's Eval.
     fn rows(&self, iv: &dyn Intervention, control: &str) -> Result<(Vec<MetricRow>, Eval)> {
@@ -158,7 +182,7 @@ pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: 
     };
     let cell_seed = spec.seed.wrapping_mul(1_000_003).wrapping_add(global_idx as u64);
     let build = |s: &InterventionSpec, seed: u64| s.build(d_iv, seed, mean.as_ref(), model.device());
-    let ev = Evaluator { ctx, cell, caches: &caches, pairs: &real };
+    let ev = Evaluator { ctx, model, clean: &prepared.clean, cell, caches: &caches, pairs: &real };
     let mut iv = build(&spec.intervention, cell_seed)?;
     let mut out = CellResult {
         metrics: Vec::new(),
@@ -212,14 +236,20 @@ pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: 
                 }
                 Control::PermutedLabels => {
                     let permuted = |s: Split| -> &[Pair] { ctx.permuted.get(&s).map_or(&[], |v| v.as_slice()) };
-                    let pev = Evaluator { ctx, cell, caches: &caches, pairs: &permuted };
-                    let mut civ = build(&spec.intervention, cell_seed)?;
-                    let t = pev.train(civ.as_mut(), cell_seed, ci, &mut |_| {})?;
-                    out.train_log.extend(t.log.into_iter().map(|mut r| {
-                        r.control = c.name().into();
-                        r
-                    }));
-                    pev.rows(civ.as_ref(), c.name())?
+                    let pev = Evaluator { ctx, model, clean: &prepared.clean, cell, caches: &caches, pairs: &permuted };
+                    pev.train_control(&build, cell_seed, ci, c, &mut out.train_log)?
+                }
+                Control::RandomModel => {
+                    let rm = ctx.random_model.ok_or_else(|| anyhow::anyhow!("random_model control without its model"))?;
+                    let rcaches: HashMap<Split, CellCache> = rm
+                        .split_caches
+                        .iter()
+                        .map(|(s, sc)| Ok((*s, sc.cell(real(*s), cell.layer, cell.site, &cell.position)?)))
+                        .collect::<Result<_>>()?;
+                    // Its own closure, declared after the caches it is paired with.
+                    let pairs = |s: Split| -> &[Pair] { prepared.data.split(s) };
+                    let rev = Evaluator { ctx, model: &rm.model, clean: &rm.clean, cell, caches: &rcaches, pairs: &pairs };
+                    rev.train_control(&build, cell_seed, ci, c, &mut out.train_log)?
                 }
             };
             out.metrics.extend(rows);

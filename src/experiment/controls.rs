@@ -4,9 +4,14 @@
 //! - `random_subspace`: an untrained intervention of the same rank (on by default; cheap), and
 //! - `permuted_labels`: the same training with counterfactual labels permuted across the pairs
 //!   of each split, evaluated against the permuted labels (a control task: high IIA there means
-//!   the intervention can fit noise).
+//!   the intervention can fit noise), and
+//! - `random_model`: the same training on the same pairs in a randomly re-initialised copy of the
+//!   model ([`crate::model::random::reinitialised`]): what the method finds without learned
+//!   weights.
 //! A cell whose trained test IIA beats its best control by less than [`MIN_MARGIN`] is flagged.
+use super::data::{self, Clean, SplitCache};
 use crate::intervene::InterventionSpec;
+use crate::model::{Llama, Site};
 use crate::tasks::{Dataset, Pair, Split};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
@@ -19,6 +24,7 @@ pub const MIN_MARGIN: f64 = 0.2;
 pub enum Control {
     RandomSubspace,
     PermutedLabels,
+    RandomModel,
 }
 
 impl Control {
@@ -26,6 +32,7 @@ impl Control {
         match self {
             Control::RandomSubspace => "random_subspace",
             Control::PermutedLabels => "permuted_labels",
+            Control::RandomModel => "random_model",
         }
     }
 
@@ -33,8 +40,8 @@ impl Control {
         match s {
             "random_subspace" => Ok(Control::RandomSubspace),
             "permuted_labels" => Ok(Control::PermutedLabels),
-            "random_model" => bail!("controls: \"random_model\" is not available yet (use random_subspace, permuted_labels)"),
-            other => bail!("controls: unknown control {other:?} (random_subspace, permuted_labels)"),
+            "random_model" => Ok(Control::RandomModel),
+            other => bail!("controls: unknown control {other:?} (random_subspace, permuted_labels, random_model)"),
         }
     }
 }
@@ -92,4 +99,31 @@ pub fn permuted_splits(controls: &[Control], seed: u64, data: &Dataset) -> HashM
             (s, permuted.collect())
         })
         .collect()
+}
+
+/// Seed offset of the random-model control's weights.
+pub const RANDOM_MODEL_SEED: u64 = 0x0DE1_0C0A_7202;
+
+/// The random-model control's model and its clean runs of the run's (kept) pairs, built once
+/// per run when `controls` has it. The pairs are not re-filtered: the random model gets them
+/// wrong, and the question is whether training makes it say the counterfactual label anyway.
+pub struct RandomModel {
+    pub model: Llama,
+    pub split_caches: HashMap<Split, SplitCache>,
+    pub clean: HashMap<(Split, usize), Clean>,
+}
+
+impl RandomModel {
+    pub fn build(model: &Llama, data: &Dataset, splits: &[Split], cells: &[(usize, Site)], seed: u64) -> Result<Self> {
+        let model = crate::model::random::reinitialised(model, seed ^ RANDOM_MODEL_SEED)?;
+        let (mut split_caches, mut clean) = (HashMap::new(), HashMap::new());
+        for &s in splits {
+            let pairs = data.split(s);
+            for (i, c) in data::clean_facts(&model, pairs)?.into_iter().enumerate() {
+                clean.insert((s, i), c);
+            }
+            split_caches.insert(s, data::cache_split(&model, pairs, cells)?);
+        }
+        Ok(Self { model, split_caches, clean })
+    }
 }

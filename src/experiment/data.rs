@@ -104,6 +104,25 @@ pub fn last_logits(model: &Llama, prompts: &[&[u32]], col: Option<&mut Collector
 
 pub const EVAL_BATCH: usize = 32;
 
+/// The clean base and source runs' facts about each pair (last-position logits only).
+pub fn clean_facts(model: &Llama, pairs: &[Pair]) -> Result<Vec<Clean>> {
+    let mut facts = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(EVAL_BATCH) {
+        let prompts: Vec<&[u32]> = chunk.iter().flat_map(|p| [p.base.ids.as_slice(), p.source.ids.as_slice()]).collect();
+        let logits = last_logits(model, &prompts, None)?.to_vec2::<f32>()?;
+        for (i, p) in chunk.iter().enumerate() {
+            let (lb, ls) = (&logits[2 * i], &logits[2 * i + 1]);
+            facts.push(Clean {
+                ld_base: (lb[p.cf_label as usize] - lb[p.base.label as usize]) as f64,
+                ld_source: (ls[p.cf_label as usize] - ls[p.base.label as usize]) as f64,
+                base_correct: crate::generate::argmax(lb) == p.base.label,
+                source_correct: crate::generate::argmax(ls) == p.source.label,
+            });
+        }
+    }
+    Ok(facts)
+}
+
 pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String)) -> Result<Prepared> {
     let mut data = build_dataset(spec, tok)?;
     let mut clean = HashMap::new();
@@ -111,20 +130,7 @@ pub fn prepare(spec: &Spec, model: &Llama, tok: &Tok, log: &mut dyn FnMut(String
     let (mut right, mut total, mut test_before_filtering) = (0usize, 0usize, 0usize);
     for split in [Split::Train, Split::Dev, Split::Test] {
         let pairs = data.split(split).clone();
-        let mut facts = Vec::with_capacity(pairs.len());
-        for chunk in pairs.chunks(EVAL_BATCH) {
-            let prompts: Vec<&[u32]> = chunk.iter().flat_map(|p| [p.base.ids.as_slice(), p.source.ids.as_slice()]).collect();
-            let logits = last_logits(model, &prompts, None)?.to_vec2::<f32>()?;
-            for (i, p) in chunk.iter().enumerate() {
-                let (lb, ls) = (&logits[2 * i], &logits[2 * i + 1]);
-                facts.push(Clean {
-                    ld_base: (lb[p.cf_label as usize] - lb[p.base.label as usize]) as f64,
-                    ld_source: (ls[p.cf_label as usize] - ls[p.base.label as usize]) as f64,
-                    base_correct: crate::generate::argmax(lb) == p.base.label,
-                    source_correct: crate::generate::argmax(ls) == p.source.label,
-                });
-            }
-        }
+        let facts = clean_facts(model, &pairs)?;
         let n = pairs.len();
         let correct: usize = facts.iter().map(|c| c.base_correct as usize + c.source_correct as usize).sum();
         right += correct;

@@ -32,7 +32,7 @@ pub struct MetricRow {
     pub source_acc: f64,
     pub n: usize,
     /// `none` for the trained (or applied) intervention; else the control it is a row of:
-    /// `random_subspace`, `permuted_labels` (METHODS.md §7). Absent in older runs.
+    /// `random_subspace`, `permuted_labels`, `random_model` (METHODS.md §7). Absent in older runs.
     #[serde(default = "no_control")]
     pub control: String,
     /// The cell's training was cut off (cancelled or interrupted) before its last step: its
@@ -97,7 +97,7 @@ pub struct TrainRow {
     pub position: String,
     #[serde(default)]
     pub heads: String,
-    /// `none`, or the control whose training this is (`permuted_labels`).
+    /// `none`, or the control whose training this is (`permuted_labels`, `random_model`).
     #[serde(default = "no_control")]
     pub control: String,
     pub step: usize,

@@ -280,7 +280,25 @@ fn run_in(spec: &Spec, opts: &RunOptions, sink: &mut dyn Sink, run_dir: &std::pa
 
     let control_list = controls::of(&spec.intervention, &spec.controls)?;
     let permuted = controls::permuted_splits(&control_list, spec.seed, &prepared.data);
-    let ctx = CellCtx { spec, opts, model, tok, prepared: &prepared, split_caches: &split_caches, steps, controls: &control_list, permuted: &permuted };
+    let random_model = if control_list.contains(&controls::Control::RandomModel) {
+        sink.send(RunEvent::Log("random_model control: re-initialising the model's weights and caching its clean runs".into()));
+        let splits: Vec<Split> = split_caches.keys().copied().collect();
+        Some(controls::RandomModel::build(model, &prepared.data, &splits, &needed, spec.seed)?)
+    } else {
+        None
+    };
+    let ctx = CellCtx {
+        spec,
+        opts,
+        model,
+        tok,
+        prepared: &prepared,
+        split_caches: &split_caches,
+        steps,
+        controls: &control_list,
+        permuted: &permuted,
+        random_model: random_model.as_ref(),
+    };
     let jobs = parallel_cells(opts.jobs, cells.len(), spec, model);
     if jobs > 1 {
         sink.send(RunEvent::Log(format!("running {jobs} cells at a time")));

@@ -168,20 +168,22 @@ impl Spec {
 
     /// Parse `text` with `--set` overrides applied. An override that switches
     /// `intervention.kind` drops the file's other `[intervention]` keys (a DAS file's `rank`
-    /// means nothing to `vanilla`); keys the overrides set themselves are kept.
+    /// means nothing to `vanilla`); keys the overrides set themselves are kept, whether set one
+    /// by one (`intervention.rank=4`) or as a whole table (`intervention={kind="road_dii", rank=4}`).
     pub fn from_toml_with(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
         let mut doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         let kind_of = |d: &toml::Table| d.get("intervention").and_then(|t| t.get("kind")).and_then(|k| k.as_str()).map(str::to_string);
         let file_kind = kind_of(&doc);
-        let file_keys: Vec<String> =
-            doc.get("intervention").and_then(|t| t.as_table()).map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        // The same overrides on the file without its [intervention] keys: what they set themselves.
+        let mut bare = doc.clone();
+        if let Some(t) = bare.get_mut("intervention").and_then(|t| t.as_table_mut()) {
+            t.clear();
+        }
         crate::runs::apply_overrides(&mut doc, overrides)?;
         if kind_of(&doc) != file_kind {
-            let set_here = |k: &str| overrides.iter().any(|o| o.split_once('=').is_some_and(|(p, _)| p.trim() == format!("intervention.{k}")));
-            if let Some(t) = doc.get_mut("intervention").and_then(|t| t.as_table_mut()) {
-                for k in file_keys.iter().filter(|k| k.as_str() != "kind" && !set_here(k)) {
-                    t.remove(k);
-                }
+            crate::runs::apply_overrides(&mut bare, overrides)?;
+            if let Some(t) = bare.remove("intervention") {
+                doc.insert("intervention".into(), t);
             }
         }
         Self::from_toml(&toml::to_string(&doc)?, origin)

@@ -55,3 +55,27 @@ pub fn random_llama(cfg: &LlamaConfig, dtype: DType, device: &Device) -> Result<
     }
     Llama::load(VarBuilder::from_tensors(tensors, dtype, device), cfg.clone())
 }
+
+/// The random-model control's model (METHODS.md §7): `model`'s architecture with every weight
+/// matrix redrawn from N(0, σ²), σ the matrix's own standard deviation (so activations keep
+/// their scale and the forward stays finite in every family), from `seed`; vectors (norm gains,
+/// biases) are kept. Whatever a trained intervention finds there, it did not find in the
+/// model's learned weights.
+pub fn reinitialised(model: &Llama, seed: u64) -> Result<Llama> {
+    let mut rng = crate::util::rng::Rng::new(seed);
+    let (dtype, device) = (model.dtype(), model.device().clone());
+    let mut tensors = HashMap::new();
+    for (i, (name, w)) in model.named_weights()?.into_iter().enumerate() {
+        let t = if w.rank() >= 2 {
+            let w32 = w.to_dtype(DType::F32)?;
+            let mean = w32.mean_all()?.to_scalar::<f32>()?;
+            let mean_sq = w32.sqr()?.mean_all()?.to_scalar::<f32>()?;
+            let std = (mean_sq - mean * mean).max(0.0).sqrt();
+            rng.fork(i as u64).normal_tensor(w.dims(), std, &device)?.to_dtype(dtype)?
+        } else {
+            w
+        };
+        tensors.insert(name, t);
+    }
+    Llama::load(VarBuilder::from_tensors(tensors, dtype, &device), model.cfg.clone())
+}
