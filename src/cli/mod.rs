@@ -202,6 +202,19 @@ pub enum BenchCmd {
         #[arg(long, value_delimiter = ',', default_value = "1x32,16x32")]
         shapes: Vec<String>,
     },
+    /// The machine's measured arithmetic peak (f32 FMA with AVX-512 and AVX2, bf16 dot products
+    /// with AVX512_BF16), the denominator of the "fraction of peak" figures.
+    Peak {
+        /// Threads for the all-core figure (default: every core the process may use).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Rounds of the FMA loop per thread and repetition.
+        #[arg(long, default_value_t = 50_000_000)]
+        iters: u64,
+        /// Repetitions (best reported: the peak is what the machine can do).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+    },
     /// Activation-patching sweep (every layer x position of one IOI template): cells/s.
     Patching {
         #[command(flatten)]
@@ -332,6 +345,7 @@ pub fn run(cli: Cli) -> Result<()> {
             BenchCmd::Forward { m, reps, decode_tokens, random_config, shapes } => {
                 bench::forward::forward(&m.model, random_config.as_deref(), &shapes, reps, decode_tokens)?
             }
+            BenchCmd::Peak { threads, iters, reps } => bench::peak::peak(threads, iters, reps)?,
             BenchCmd::Patching { m, pairs, layers } => bench::dii::patching(&m.model, pairs, layers)?,
             BenchCmd::Atp { m, pairs, method, steps, patch_layers } => bench::atp::atp(&m.model, pairs, &method, steps, patch_layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::dii::das(&m.model, layer, steps, batch)?,
