@@ -5,6 +5,7 @@ pub mod atp;
 pub mod batching;
 pub mod dii;
 pub mod forward;
+pub mod gemm;
 pub mod peak;
 
 use anyhow::Result;

@@ -215,6 +215,15 @@ pub enum BenchCmd {
         #[arg(long, default_value_t = 5)]
         reps: usize,
     },
+    /// One f32 linear layer through candle's GEMM and road's CPU paths, interleaved: GFLOP/s and
+    /// the fraction of the measured peak.
+    Gemm {
+        /// Shapes as MxKxN (x [m, k], weight [n, k]), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1x576x1536,32x576x1536,32x1536x576,32x576x49152,64x576x1536,512x576x1536")]
+        shapes: Vec<String>,
+        #[arg(long, default_value_t = 20)]
+        reps: usize,
+    },
     /// Activation-patching sweep (every layer x position of one IOI template): cells/s.
     Patching {
         #[command(flatten)]
@@ -346,6 +355,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bench::forward::forward(&m.model, random_config.as_deref(), &shapes, reps, decode_tokens)?
             }
             BenchCmd::Peak { threads, iters, reps } => bench::peak::peak(threads, iters, reps)?,
+            BenchCmd::Gemm { shapes, reps } => bench::gemm::gemm(&shapes, reps)?,
             BenchCmd::Patching { m, pairs, layers } => bench::dii::patching(&m.model, pairs, layers)?,
             BenchCmd::Atp { m, pairs, method, steps, patch_layers } => bench::atp::atp(&m.model, pairs, &method, steps, patch_layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::dii::das(&m.model, layer, steps, batch)?,

@@ -6,7 +6,7 @@ use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which the gemv path wins over GEMM.
-const MAX_ROWS: usize = 4;
+pub const MAX_ROWS: usize = 4;
 
 /// `x @ wᵀ` for `x` of shape `[..., in]` with at most `MAX_ROWS` rows, or None when the fast path
 /// does not apply (non-CPU or generic ops forced, non-f32, too many rows, no AVX2/FMA); the

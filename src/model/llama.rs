@@ -493,6 +493,9 @@ impl Llama {
             if let Some(y) = super::gemv::try_linear(x, w)? {
                 return Ok(y);
             }
+            if let Some(y) = super::small_gemm::try_linear(x, w)? {
+                return Ok(y);
+            }
         } else if let Some(y) = super::frozen::try_frozen_linear(x, w)? {
             return Ok(y);
         }
