@@ -350,7 +350,7 @@ fn verified_effects_equal_a_patching_sweeps_numbers_exactly() {
 #[test]
 fn grad_drop_equals_direct_backwards_with_each_layer_detached() {
     let m = &tiny().model;
-    let pairs = equality_pairs(10, 6);
+    let pairs = equality_pairs(6, 6);
     let units = [(0, Site::Q), (0, Site::HeadOutput), (1, Site::BlockInput), (1, Site::AttnOutput), (2, Site::MlpOutput)];
     let positions: Vec<String> = ["a", "b"].iter().map(|s| s.to_string()).collect();
     let opts = AtpOptions { grad_drop: true, ..Default::default() };
@@ -360,15 +360,21 @@ fn grad_drop_equals_direct_backwards_with_each_layer_detached() {
     let n = pairs.len() as f64;
     let mut changed = 0;
     for (ci, c) in est.cells.iter().enumerate() {
-        let plain = direct(m, &pairs, c, AtpMetric::LogitDiff, None) / n;
+        let plain = direct(m, &pairs, c, AtpMetric::LogitDiff, None);
         let mut want = 0.0;
         for l in 0..3 {
-            let d = direct_dropping(m, &pairs, c, AtpMetric::LogitDiff, None, Some(l)) / n;
-            assert!(close(dropped[l][ci], d, 1e-4), "{c:?} dropping layer {l}: {} vs {d}", dropped[l][ci]);
+            let d = direct_dropping(m, &pairs, c, AtpMetric::LogitDiff, None, Some(l));
+            let got: f64 = dropped[l][ci].iter().sum();
+            assert!(close(got, d, 1e-4), "{c:?} dropping layer {l}: {got} vs {d}");
             changed += !close(d, plain, 1e-3) as usize;
-            want += d.abs();
+            // AtP*: the absolute value per pair, then the mean over pairs.
+            for i in 0..pairs.len() {
+                let one = direct_dropping(m, &pairs[i..i + 1], c, AtpMetric::LogitDiff, None, Some(l));
+                assert!(close(dropped[l][ci][i], one, 1e-4), "{c:?} pair {i} dropping layer {l}");
+                want += one.abs() / 2.0 / n;
+            }
         }
-        assert!(close(est.means()[ci], want / 2.0, 1e-4), "{c:?}");
+        assert!(close(est.means()[ci], want, 1e-4), "{c:?}: {} vs {want}", est.means()[ci]);
     }
     // Dropping a layer at or after a unit changes its gradient; before it, nothing.
     assert!(changed >= 6, "{changed}");
@@ -398,18 +404,38 @@ fn guided_search_trains_das_where_the_verified_effect_is_largest() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Makes one site's activation `a` the autograd leaf `a + z`, `z = 0` a Var: `∂m/∂z = ∂m/∂a`.
+struct Leaf {
+    layer: usize,
+    site: Site,
+    z: Option<Var>,
+    act: Option<Tensor>,
+}
+
+impl Hooks for Leaf {
+    fn wants(&self, l: usize, s: Site) -> bool {
+        (l, s) == (self.layer, self.site)
+    }
+    fn on(&mut self, _: usize, _: Site, act: &Tensor, _: SiteCtx) -> anyhow::Result<Option<Tensor>> {
+        let z = Var::zeros(act.shape(), act.dtype(), act.device())?;
+        let out = (act + z.as_tensor())?;
+        (self.z, self.act) = (Some(z), Some(act.detach()));
+        Ok(Some(out))
+    }
+}
+
 /// The QK fix written plainly: patch the cell for real (the source's projection at that
 /// position), read layer l's head outputs H' from that forward, and take
 /// `Σ_t (H'(t) − H(t)) · ∂m/∂H(t)` over the heads the cell reaches (a q/k patch changes only
 /// the attention pattern, and heads = A·V, so this is `ΔA · ∂m/∂A` with ΔA exact).
 fn qk_direct(m: &Llama, pairs: &[Pair], c: &AtpCell) -> f64 {
-    use road_dii::intervene::atp::GradHook;
     use road_dii::model::sites::HookChain;
     let (ids, mask, _) = left_pad(&pairs.iter().map(|p| p.base.ids.as_slice()).collect::<Vec<_>>());
-    let mut g = GradHook::new([(c.layer, Site::HeadOutput)]);
+    let mut g = Leaf { layer: c.layer, site: Site::HeadOutput, z: None, act: None };
     let out = m.forward(&ids, Fwd { attention_mask: Some(&mask), hooks: Some(&mut g), logits: LogitsAt::Last, differentiable: true, ..Default::default() }).unwrap();
-    let grads = g.grads(&metric_sum(out.logits.as_ref().unwrap(), pairs, AtpMetric::LogitDiff).backward().unwrap()).unwrap();
-    let (gh, h0) = (grads[&(c.layer, Site::HeadOutput)].to_vec3::<f32>().unwrap(), g.acts[&(c.layer, Site::HeadOutput)].to_vec3::<f32>().unwrap());
+    let store = metric_sum(out.logits.as_ref().unwrap(), pairs, AtpMetric::LogitDiff).backward().unwrap();
+    let gh = store.get(g.z.as_ref().unwrap().as_tensor()).unwrap().to_vec3::<f32>().unwrap();
+    let h0 = g.act.as_ref().unwrap().to_vec3::<f32>().unwrap();
     let (mut swap, ids, mask) = swap_for(m, pairs, c, Tensor::new(1f32, m.device()).unwrap(), false);
     let mut col = Collector::new([(c.layer, Site::HeadOutput)]);
     let mut chain = HookChain(vec![&mut swap, &mut col]);
