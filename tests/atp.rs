@@ -200,6 +200,48 @@ fn plain_atp_equals_a_direct_backward_on_padded_batches() {
     assert!(nz > 20, "{nz}");
 }
 
+/// The model's site pass under every other family's knobs — q/k/v bias (Qwen2), q/k norm and
+/// head_dim ≠ hidden/heads (Qwen3), sliding windows shorter than the rows (Mistral 4, Gemma 2 3),
+/// Gemma 2's sandwich norms, GeGLU and both soft-caps (also tightened, so a wrong tanh
+/// derivative could not hide): plain AtP equals the direct autograd backward on padded batches.
+/// The QK fix is exact where it applies (Qwen2) and a one-line error where it does not.
+#[test]
+fn plain_atp_equals_a_direct_backward_for_every_family() {
+    let gemma = &common::tiny_family("hf-tiny-gemma2").model;
+    let mut cfg = gemma.cfg.clone();
+    (cfg.arch.attn_softcap, cfg.arch.final_softcap) = (Some(0.5), Some(1.5));
+    let vb = candle_nn::VarBuilder::from_tensors(gemma.named_weights().unwrap().into_iter().collect(), DType::F32, &Device::Cpu);
+    let capped = Llama::load(vb, cfg).unwrap();
+    let models: Vec<(&str, &Llama)> = ["hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3", "hf-tiny-gemma2"]
+        .into_iter()
+        .map(|n| (n, &common::tiny_family(n).model))
+        .chain([("gemma2, tight caps", &capped)])
+        .collect();
+    for (name, m) in models {
+        let pairs = padded_pairs(m.cfg.vocab_size as u32, 7, 17);
+        let units: Vec<(usize, Site)> = (0..m.cfg.num_layers).flat_map(|l| ALL_SITES.into_iter().map(move |s| (l, s))).collect();
+        let nz = check_plain(m, &pairs, &units, &["x", "last"], AtpMetric::LogitDiff);
+        assert!(nz > 20, "{name}: only {nz} non-zero estimates");
+        let nz = check_plain(m, &pairs[..4], &[(0, Site::K), (1, Site::MlpOutput)], &["x"], AtpMetric::Logprob);
+        assert!(nz > 1, "{name}: {nz}");
+        let qk = AtpOptions { qk_fix: true, ..Default::default() };
+        let pos = vec!["x".to_string()];
+        match atp::estimate(m, &pairs, &[(1, Site::Q), (0, Site::K)], &pos, &[], &qk) {
+            Ok(est) => {
+                assert_eq!(name, "hf-tiny-qwen2", "the QK fix ran on {name}");
+                for (c, v) in est.cells.iter().zip(&est.per_pair) {
+                    let (got, want) = (v.iter().sum::<f64>(), qk_direct(m, &pairs, c));
+                    assert!(close(got, want, 1e-4), "{name} {c:?}: QK-fixed {got} vs exact pattern {want}");
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                assert!(name != "hf-tiny-qwen2" && e.contains("qk_fix") && !e.contains('\n'), "{name}: {e}");
+            }
+        }
+    }
+}
+
 #[test]
 fn atp_gradients_match_finite_differences_of_the_fused_forward() {
     // Guards against an op without a backward (fused rms_norm, softmax, rope): the gradient
