@@ -209,7 +209,8 @@ fn plain_atp_equals_a_direct_backward_on_padded_batches() {
 fn plain_atp_equals_a_direct_backward_for_every_family() {
     let gemma = &common::tiny_family("hf-tiny-gemma2").model;
     let mut cfg = gemma.cfg.clone();
-    (cfg.arch.attn_softcap, cfg.arch.final_softcap) = (Some(0.5), Some(1.5));
+    // Caps this tight bend the random model's small scores and logits well away from linear.
+    (cfg.arch.attn_softcap, cfg.arch.final_softcap) = (Some(0.5), Some(0.3));
     let vb = candle_nn::VarBuilder::from_tensors(gemma.named_weights().unwrap().into_iter().collect(), DType::F32, &Device::Cpu);
     let capped = Llama::load(vb, cfg).unwrap();
     let models: Vec<(&str, &Llama)> = ["hf-tiny-mistral", "hf-tiny-qwen2", "hf-tiny-qwen3", "hf-tiny-gemma2"]
