@@ -127,7 +127,6 @@ impl Llama {
 
     /// Per-row metric values and `∂m/∂last` (`[b, d]`, f32) from the final-normed last rows.
     fn last_metric(&self, last: &Tensor, metric: &LastMetric<'_>) -> Result<(Vec<f64>, Tensor)> {
-        let head = self.lm_head.to_dtype(DType::F32)?;
         let dev = &self.device;
         // Gemma 2's final soft-cap c·tanh(z/c) and its derivative 1 − tanh².
         let cap = |raw: Tensor| -> Result<(Tensor, Tensor)> {
@@ -141,13 +140,15 @@ impl Llama {
         };
         let (values, dlast) = match metric {
             LastMetric::LogitDiff { plus, minus } => {
-                let rows = |ids: &[u32]| head.index_select(&Tensor::new(ids, dev)?, 0);
+                // Two rows of the head, in f32 (not the whole head: a bf16 model's is 10⁷+ values).
+                let rows = |ids: &[u32]| self.lm_head.index_select(&Tensor::new(ids, dev)?, 0)?.to_dtype(DType::F32);
                 let (wp, wm) = (rows(plus)?, rows(minus)?);
                 let (lp, dp) = cap((last * &wp)?.sum_keepdim(D::Minus1)?)?;
                 let (lm, dm) = cap((last * &wm)?.sum_keepdim(D::Minus1)?)?;
                 ((lp - lm)?, (wp.broadcast_mul(&dp)? - wm.broadcast_mul(&dm)?)?)
             }
             LastMetric::Logprob { target } => {
+                let head = self.lm_head.to_dtype(DType::F32)?;
                 let (logits, dcap) = cap(last.matmul(&head.t()?)?)?;
                 let tgt = Tensor::new(*target, dev)?.unsqueeze(1)?;
                 let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
