@@ -64,7 +64,7 @@ def main():
         raise SystemExit("this check needs prompts of one length (one template)")
     hd = model.config.head_dim if getattr(model.config, "head_dim", None) else model.config.hidden_size // model.config.num_attention_heads
     emb = model.get_input_embeddings()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     est = {}
     for start in range(0, len(pairs), 16):
         batch = pairs[start:start + 16]
@@ -75,7 +75,7 @@ def main():
         src, base = {}, {}
         with torch.no_grad():
             hs = hooks(model, src, False)
-            model(input_ids=isrc)
+            model(input_ids=isrc, logits_to_keep=1)
             for h in hs:
                 h.remove()
         eb, es = emb(ib), emb(isrc)
@@ -85,7 +85,8 @@ def main():
             store = {}
             hs = hooks(model, store, True)
             x = (eb + al * (es - eb)).detach().requires_grad_(True)
-            logits = model(inputs_embeds=x).logits[:, -1, :]
+            # Only the last position's logits, as road computes them.
+            logits = model(inputs_embeds=x, logits_to_keep=1).logits[:, -1, :]
             ld = (logits.gather(1, cf[:, None]) - logits.gather(1, bl[:, None])).sum()
             ld.backward()
             for h in hs:
@@ -97,7 +98,7 @@ def main():
         if a.method == "ig":
             with torch.no_grad():
                 hs = hooks(model, base, False)
-                model(input_ids=ib)
+                model(input_ids=ib, logits_to_keep=1)
                 for h in hs:
                     h.remove()
         for (l, site), g in grads.items():
@@ -110,7 +111,7 @@ def main():
                 if site == "head_output":
                     for h, v in enumerate(per_head[pos]):
                         est[(l, site, str(pos), str(h))] = est.get((l, site, str(pos), str(h)), 0.0) + v
-    secs = time.perf_counter() - t0
+    secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     road = {}
     with open(os.path.join(a.run_dir, "metrics.csv")) as f:
         for r in csv.DictReader(f):
@@ -120,7 +121,7 @@ def main():
     y = np.array([est[k] for k in keys])
     worst = int(np.argmax(np.abs(x - y)))
     print(json.dumps({
-        "method": a.method, "cells_compared": len(keys), "road_cells": len(road), "torch_seconds": round(secs, 2),
+        "method": a.method, "cells_compared": len(keys), "road_cells": len(road), "torch_seconds": round(secs, 2), "torch_cpu_seconds": round(cpu, 2),
         "max_abs_diff": float(np.abs(x - y).max()), "max_abs_estimate": float(np.abs(y).max()),
         "worst_cell": list(map(str, keys[worst])), "pearson": float(np.corrcoef(x, y)[0, 1]),
     }))

@@ -28,17 +28,6 @@ pub struct Row {
     pub tokens_per_cpu_s: f64,
 }
 
-/// User + system CPU time of this process so far, from /proc/self/stat (Linux; 0 elsewhere).
-fn cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
-    // CLK_TCK is 100 on every Linux this runs on (glibc/musl x86-64 and aarch64).
-    (ticks(11) + ticks(12)) / 100.0
-}
-
 fn random_road(m: &Llama, rng: &mut Rng) -> Result<AnyAdapter> {
     // peft's default pairing where the widths allow it (tiny test models are narrower).
     let g = if Proj::ALL.iter().all(|&p| crate::adapters::adapter::proj_out_dim(&m.cfg, p) % 64 == 0) { 64 } else { 2 };
@@ -142,9 +131,9 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
             greedy_batch(model, ad, &prompts, &vec![2; b], &[])?; // warm-up (caches, allocator)
             for &t in &sw.tokens {
                 pb.set_message(format!("round {round} {method} n={n} b={b} t={t}"));
-                let c0 = cpu_secs();
+                let c0 = crate::util::cpu_secs();
                 let g = greedy_batch(model, ad, &prompts, &vec![t; b], &[])?;
-                let cpu_s = cpu_secs() - c0;
+                let cpu_s = crate::util::cpu_secs() - c0;
                 let secs = g.prefill_secs + g.decode_secs;
                 let toks = (b * t) as f64;
                 rows.push(Row {

@@ -5,8 +5,8 @@
 //! `ig` takes the gradient at `steps` points between the base's and the source's input
 //! embeddings (α = (j + ½)/steps) and averages it; `s` and `b` stay the clean runs'.
 use super::data::left_pad;
-use crate::intervene::atp::{attribution, interpolated_input, AtpMethod, AtpMetric, AtpOptions, GradHook};
-use crate::model::{Collector, Fwd, Llama, LogitsAt, Site};
+use crate::intervene::atp::{attribution, interpolated_input, AtpMethod, AtpMetric, AtpOptions};
+use crate::model::{Collector, Fwd, LastMetric, Llama, LogitsAt, Site, SitePass};
 use crate::tasks::Pair;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -39,18 +39,21 @@ pub struct Estimates {
     pub per_pair: Vec<Vec<f64>>,
     /// The metric on each clean base run (as the AtP pass computed it).
     pub base_metric: Vec<f64>,
-    /// GradDrop: `[layer][cell]`, the mean estimate with that layer's gradient dropped.
-    pub dropped: Option<Vec<Vec<f64>>>,
+    /// GradDrop: `[layer][cell][pair]`, the estimate with that layer's gradient dropped.
+    pub dropped: Option<Vec<Vec<Vec<f64>>>>,
 }
 
 impl Estimates {
-    /// Each cell's estimate: the mean over pairs, or with GradDrop `Σ_ℓ |mean_ℓ| / (L − 1)`.
+    /// Each cell's estimate: the mean over pairs, or with GradDrop (AtP*, Kramár et al. 2024)
+    /// the mean over pairs of `Σ_ℓ |estimate_ℓ| / (L − 1)`.
     pub fn means(&self) -> Vec<f64> {
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
         match &self.dropped {
-            None => self.per_pair.iter().map(|v| v.iter().sum::<f64>() / v.len().max(1) as f64).collect(),
+            None => self.per_pair.iter().map(|v| mean(v)).collect(),
             Some(d) => {
                 let norm = (d.len().max(2) - 1) as f64;
-                (0..self.cells.len()).map(|c| d.iter().map(|l| l[c].abs()).sum::<f64>() / norm).collect()
+                let n = self.base_metric.len();
+                (0..self.cells.len()).map(|c| mean(&(0..n).map(|i| d.iter().map(|l| l[c][i].abs()).sum::<f64>() / norm).collect::<Vec<_>>())).collect()
             }
         }
     }
@@ -76,9 +79,8 @@ pub fn grid(model: &Llama, units: &[(usize, Site)], positions: &[String], heads:
     Ok(cells)
 }
 
-/// The metric summed over rows (so each row's gradient is its own), from last-position logits,
-/// and its per-row values.
-fn metric(logits: &Tensor, pairs: &[&Pair], which: AtpMetric) -> Result<(Tensor, Vec<f64>)> {
+/// Per-row metric values from a clean run's last-position logits (IG's base run).
+fn metric_values(logits: &Tensor, pairs: &[&Pair], which: AtpMetric) -> Result<Vec<f64>> {
     let dev = logits.device();
     let logits = logits.to_dtype(DType::F32)?;
     let cf = Tensor::from_vec(pairs.iter().map(|p| p.cf_label).collect::<Vec<_>>(), (pairs.len(), 1), dev)?;
@@ -89,15 +91,19 @@ fn metric(logits: &Tensor, pairs: &[&Pair], which: AtpMetric) -> Result<(Tensor,
         }
         AtpMetric::Logprob => candle_nn::ops::log_softmax(&logits, D::Minus1)?.gather(&cf, 1)?,
     };
-    let values = per_row.flatten_all()?.to_vec1::<f32>()?.into_iter().map(|x| x as f64).collect();
-    Ok((per_row.sum_all()?, values))
+    Ok(per_row.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f64::from).collect())
 }
 
-/// Rows `[n, w]` of `act` (`[n, t, w]`) at one position per row.
+/// Every unit's `∂m/∂a` (f32) from a site pass.
+fn grads_of(pass: &SitePass, units: &[(usize, Site)]) -> Result<HashMap<(usize, Site), Tensor>> {
+    units.iter().map(|&(l, s)| Ok(((l, s), pass.grad(l, s)?))).collect()
+}
+
+/// Rows of `act` (`[n, t, w]`): entry j is row `j % n` at position `pos[j]`; returns `[pos.len(), w]`.
 fn rows_at(act: &Tensor, pos: &[usize]) -> Result<Tensor> {
     let (n, t, w) = act.dims3()?;
-    let idx: Vec<u32> = pos.iter().enumerate().map(|(i, &p)| (i * t + p) as u32).collect();
-    Ok(act.reshape((n * t, w))?.index_select(&Tensor::from_vec(idx, n, act.device())?, 0)?)
+    let idx: Vec<u32> = pos.iter().enumerate().map(|(j, &p)| ((j % n) * t + p) as u32).collect();
+    Ok(act.reshape((n * t, w))?.index_select(&Tensor::from_vec(idx, pos.len(), act.device())?, 0)?)
 }
 
 /// Estimate every cell of the grid on `pairs`.
@@ -106,7 +112,7 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
     let cells = grid(model, units, positions, heads)?;
     let mut per_pair = vec![vec![0f64; pairs.len()]; cells.len()];
     let mut base_metric = vec![0f64; pairs.len()];
-    let mut dropped = opts.grad_drop.then(|| vec![vec![0f64; cells.len()]; model.cfg.num_layers]);
+    let mut dropped = opts.grad_drop.then(|| vec![vec![vec![0f64; pairs.len()]; cells.len()]; model.cfg.num_layers]);
     // Each pair's index at every named position, resolved once (a bad name fails before any run).
     let mut at: HashMap<&str, (Vec<usize>, Vec<usize>)> = HashMap::new();
     for p in positions {
@@ -137,30 +143,31 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
         // The sources' clean activations at every unit.
         let mut col = Collector::new(units.iter().copied());
         model.forward(&ids_s, Fwd { attention_mask: Some(&mask_s), hooks: Some(&mut col), logits: LogitsAt::None, ..Default::default() })?;
+        let cf: Vec<u32> = batch.iter().map(|p| p.cf_label).collect();
+        let bl: Vec<u32> = batch.iter().map(|p| p.base.label).collect();
+        let lm = match opts.metric {
+            AtpMetric::LogitDiff => LastMetric::LogitDiff { plus: &cf, minus: &bl },
+            AtpMetric::Logprob => LastMetric::Logprob { target: &cf },
+        };
+        // One forward + hand-written backward per gradient point (the model's site pass).
+        let pass_at = |start: Option<Tensor>| model.site_pass(&ids_b, Fwd { attention_mask: Some(&mask_b), start: start.map(|x| (0, x)), ..Default::default() }, &lm);
         // Base activations and gradients: one pass for plain, a clean pass + one per point for ig.
-        let (base_acts, grads, m_base) = match opts.method {
+        let (base_acts, grads, m_base, plain_pass) = match opts.method {
             AtpMethod::Plain => {
-                let mut h = GradHook::new(units.iter().copied());
-                let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, ..Default::default() })?;
-                let (m, values) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
-                let g = h.grads(&m.backward()?)?;
-                (std::mem::take(&mut h.acts), g, values)
+                let pass = pass_at(None)?;
+                let acts = units.iter().map(|&(l, s)| Ok(((l, s), pass.act(l, s)?.clone()))).collect::<Result<HashMap<_, _>>>()?;
+                (acts, grads_of(&pass, units)?, pass.values.clone(), Some(pass))
             }
             AtpMethod::Ig => {
                 let mut clean = Collector::new(units.iter().copied());
                 let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut clean), logits: LogitsAt::Last, ..Default::default() })?;
-                let (_, values) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
+                let values = metric_values(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
                 // Equal lengths per pair: both sides are padded alike, so rows line up.
                 let (eb, es) = (model.embed(&ids_b)?, model.embed(&ids_s)?);
                 let alphas = opts.alphas();
                 let mut sum: HashMap<(usize, Site), Tensor> = HashMap::new();
                 for &a in &alphas {
-                    let x = interpolated_input(&eb, &es, a)?;
-                    let mut h = GradHook::new(units.iter().copied());
-                    let fwd = Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, start: Some((0, x)), ..Default::default() };
-                    let out = model.forward(&ids_b, fwd)?;
-                    let (m, _) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
-                    for (k, g) in h.grads(&m.backward()?)? {
+                    for (k, g) in grads_of(&pass_at(Some(interpolated_input(&eb, &es, a)?))?, units)? {
                         let acc = match sum.remove(&k) {
                             Some(s) => (s + g)?,
                             None => g,
@@ -170,17 +177,14 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
                 }
                 let k = alphas.len() as f64;
                 let g = sum.into_iter().map(|(u, s)| Ok((u, (s / k)?))).collect::<Result<HashMap<_, _>>>()?;
-                (clean.acts, g, values)
+                (clean.acts, g, values, None)
             }
         };
         for (k, &i) in idx.iter().enumerate() {
             base_metric[i] = m_base[k];
         }
-        let values = |grads: &HashMap<(usize, Site), Tensor>| -> Result<Vec<Vec<f64>>> {
-            let side = Side { idx: &idx, offs_b: &offs_b, offs_s: &offs_s, source: &col.acts, base: &base_acts, grads };
-            cell_values(&cells, &at, &side, hd)
-        };
-        let mut vals = values(&grads)?;
+        let side = Side { idx: &idx, offs_b: &offs_b, offs_s: &offs_s, source: &col.acts, base: &base_acts, grads: &grads };
+        let mut vals = cell_values(&cells, &at, &side, hd)?;
         if opts.qk_fix {
             let pos_of = |c: &AtpCell| -> (Vec<usize>, Vec<usize>) {
                 let (pb, ps) = &at[c.position.as_str()];
@@ -193,19 +197,26 @@ pub fn estimate(model: &Llama, pairs: &[Pair], units: &[(usize, Site)], position
                 }
             }
         }
+        if let (Some(d), Some(pass)) = (dropped.as_mut(), plain_pass.as_ref()) {
+            for (l, per_cell) in d.iter_mut().enumerate() {
+                // Above layer l the gradient is the plain one: only cells at layers ≤ l change.
+                let mut g = grads.clone();
+                g.extend(model.dropped_grads(pass, l, units)?);
+                let (low, at_low): (Vec<usize>, Vec<AtpCell>) = cells.iter().enumerate().filter(|(_, c)| c.layer <= l).map(|(ci, c)| (ci, c.clone())).unzip();
+                let mut new = vals.clone();
+                for (ci, v) in low.into_iter().zip(cell_values(&at_low, &at, &Side { grads: &g, ..side }, hd)?) {
+                    new[ci] = v;
+                }
+                for (ci, v) in new.into_iter().enumerate() {
+                    for (k, &i) in idx.iter().enumerate() {
+                        per_cell[ci][i] = v[k];
+                    }
+                }
+            }
+        }
         for (ci, v) in vals.into_iter().enumerate() {
             for (k, &i) in idx.iter().enumerate() {
                 per_pair[ci][i] = v[k];
-            }
-        }
-        if let Some(d) = dropped.as_mut() {
-            for (l, acc) in d.iter_mut().enumerate() {
-                let mut h = GradHook::dropping(units.iter().copied(), l);
-                let out = model.forward(&ids_b, Fwd { attention_mask: Some(&mask_b), hooks: Some(&mut h), logits: LogitsAt::Last, differentiable: true, ..Default::default() })?;
-                let (m, _) = metric(out.logits.as_ref().expect("requested logits"), &batch, opts.metric)?;
-                for (ci, v) in values(&h.grads(&m.backward()?)?)?.into_iter().enumerate() {
-                    acc[ci] += v.iter().sum::<f64>() / pairs.len() as f64;
-                }
             }
         }
     }
@@ -222,32 +233,41 @@ struct Side<'a> {
     grads: &'a HashMap<(usize, Site), Tensor>,
 }
 
-/// `[cell][row]` estimates of one batch: per unit and position the rows are gathered once, then
-/// the whole vector's and every head's sums come from them.
+/// `[cell][row]` estimates of one batch: per unit the rows of all its positions are gathered
+/// once, then the whole vector's and every head's sums come from them.
 fn cell_values(cells: &[AtpCell], at: &HashMap<&str, (Vec<usize>, Vec<usize>)>, sd: &Side<'_>, hd: usize) -> Result<Vec<Vec<f64>>> {
+    let n = sd.idx.len();
     let mut out = vec![Vec::new(); cells.len()];
     let mut ci = 0;
     while ci < cells.len() {
-        let c = &cells[ci];
-        let (u, pos) = ((c.layer, c.site), c.position.as_str());
-        let (pb, ps) = &at[pos];
-        let rb: Vec<usize> = sd.idx.iter().enumerate().map(|(k, &i)| sd.offs_b[k] + pb[i]).collect();
-        let rs: Vec<usize> = sd.idx.iter().enumerate().map(|(k, &i)| sd.offs_s[k] + ps[i]).collect();
+        // A unit's cells are consecutive in the grid, each position's together.
+        let u = (cells[ci].layer, cells[ci].site);
+        let end = ci + cells[ci..].iter().take_while(|c| (c.layer, c.site) == u).count();
+        let mut positions: Vec<&str> = cells[ci..end].iter().map(|c| c.position.as_str()).collect();
+        positions.dedup();
+        let (mut rb, mut rs) = (Vec::with_capacity(n * positions.len()), Vec::with_capacity(n * positions.len()));
+        for p in &positions {
+            let (pb, ps) = &at[p];
+            for (k, &i) in sd.idx.iter().enumerate() {
+                rb.push(sd.offs_b[k] + pb[i]);
+                rs.push(sd.offs_s[k] + ps[i]);
+            }
+        }
         let s = rows_at(&sd.source[&u].to_dtype(DType::F32)?, &rs)?;
         let b = rows_at(&sd.base[&u].to_dtype(DType::F32)?, &rb)?;
         let g = rows_at(&sd.grads[&u], &rb)?;
         let whole = attribution(&s, &b, &g, s.dim(1)?)?.to_vec2::<f32>()?;
-        let per_head = if c.site.is_headed() { Some(attribution(&s, &b, &g, hd)?.to_vec2::<f32>()?) } else { None };
-        // This unit-position's cells are consecutive in the grid.
-        while ci < cells.len() && (cells[ci].layer, cells[ci].site) == u && cells[ci].position == pos {
-            out[ci] = (0..sd.idx.len())
-                .map(|k| match (cells[ci].head, &per_head) {
-                    (Some(h), Some(ph)) => ph[k][h] as f64,
-                    _ => whole[k][0] as f64,
+        let per_head = if u.1.is_headed() { Some(attribution(&s, &b, &g, hd)?.to_vec2::<f32>()?) } else { None };
+        for c in ci..end {
+            let pi = positions.iter().position(|&p| p == cells[c].position).expect("listed above");
+            out[c] = (0..n)
+                .map(|k| match (cells[c].head, &per_head) {
+                    (Some(h), Some(ph)) => ph[pi * n + k][h] as f64,
+                    _ => whole[pi * n + k][0] as f64,
                 })
                 .collect();
-            ci += 1;
         }
+        ci = end;
     }
     Ok(out)
 }

@@ -1,14 +1,10 @@
-//! Attribution patching (AtP; METHODS.md §6): the options of `kind = "atp"`, and the one
-//! activation "replacement" it makes — every requested (layer, site) activation `a` becomes
-//! `a + z` with `z` a zero `Var`, so one backward of the metric yields `∂m/∂a = ∂m/∂z` at every
-//! site at once (candle keeps gradients only for variables, and `a + 0` leaves the forward
-//! unchanged). The first-order estimate of patching unit u is `(s_u − b_u) · ∂m/∂a_u`.
-use crate::model::{Hooks, Site, SiteCtx};
+//! Attribution patching (AtP; METHODS.md §6): the options of `kind = "atp"`, IG's interpolated
+//! input, and the per-unit sum of the first-order estimate `(s_u − b_u) · ∂m/∂a_u`. The gradients
+//! at every site come from the model's site pass (`Llama::site_pass`: one forward, one
+//! hand-written backward).
 use anyhow::{bail, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 
 /// Where the gradient is taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -52,10 +48,11 @@ pub struct AtpOptions {
     /// (0 = no verification).
     #[serde(default)]
     pub verify_top: usize,
-    /// AtP*'s GradDrop (Kramár et al. 2024): one more backward per layer ℓ with the gradient
-    /// through ℓ's residual contributions (attn_output, mlp_output) dropped; a cell's estimate
-    /// becomes `Σ_ℓ |estimate_ℓ| / (L − 1)`, a magnitude that exposes effects whose paths
-    /// cancel in the total gradient. Plain method only.
+    /// AtP*'s GradDrop (Kramár et al. 2024): per layer ℓ, the gradient with ℓ's residual
+    /// contributions (attn_output, mlp_output) passing none (walked back from ℓ down, reusing the
+    /// plain pass above it); a cell's estimate becomes the mean over pairs of
+    /// `Σ_ℓ |estimate_ℓ| / (L − 1)`, a magnitude that exposes effects whose paths cancel in the
+    /// total gradient. Plain method only.
     #[serde(default)]
     pub grad_drop: bool,
     /// AtP*'s QK fix: q and k cells get the exactly recomputed attention pattern, linearised
@@ -102,67 +99,6 @@ impl AtpOptions {
             (_, _, true) => "plain+qk",
             _ => "plain",
         }
-    }
-}
-
-/// Makes every wanted (layer, site) activation a differentiable leaf: `a + z`, `z = 0` a Var.
-/// After `metric.backward()`, [`GradHook::grads`] gives `∂m/∂a` (f32, `[b, t, w]`) per unit,
-/// and `acts` holds the activations it saw.
-pub struct GradHook {
-    wanted: Vec<(usize, Site)>,
-    /// GradDrop: this layer's attn_output and mlp_output pass their value on but no gradient.
-    drop: Option<usize>,
-    zeros: HashMap<(usize, Site), Var>,
-    pub acts: HashMap<(usize, Site), Tensor>,
-}
-
-impl GradHook {
-    pub fn new(wanted: impl IntoIterator<Item = (usize, Site)>) -> Self {
-        Self { wanted: wanted.into_iter().collect(), drop: None, zeros: HashMap::new(), acts: HashMap::new() }
-    }
-
-    /// The same, with the gradient through `layer`'s residual contributions dropped.
-    pub fn dropping(wanted: impl IntoIterator<Item = (usize, Site)>, layer: usize) -> Self {
-        Self { drop: Some(layer), ..Self::new(wanted) }
-    }
-
-    fn drops(&self, layer: usize, site: Site) -> bool {
-        self.drop == Some(layer) && matches!(site, Site::AttnOutput | Site::MlpOutput)
-    }
-
-    /// `∂m/∂a` of every unit the forward passed, from the metric's gradient store. A unit the
-    /// metric does not depend on gets zeros (candle stores nothing for it).
-    pub fn grads(&self, store: &GradStore) -> Result<HashMap<(usize, Site), Tensor>> {
-        let mut out = HashMap::new();
-        for (k, z) in &self.zeros {
-            let g = match store.get(z.as_tensor()) {
-                Some(g) => g.to_dtype(DType::F32)?,
-                None => z.as_tensor().zeros_like()?.to_dtype(DType::F32)?,
-            };
-            out.insert(*k, g);
-        }
-        if out.len() != self.wanted.len() {
-            bail!("the forward pass reached {} of the {} requested sites", out.len(), self.wanted.len());
-        }
-        Ok(out)
-    }
-}
-
-impl Hooks for GradHook {
-    fn wants(&self, layer: usize, site: Site) -> bool {
-        self.wanted.contains(&(layer, site)) || self.drops(layer, site)
-    }
-    fn on(&mut self, layer: usize, site: Site, act: &Tensor, _: SiteCtx) -> Result<Option<Tensor>> {
-        // Same value, no gradient behind it: units upstream of it see only the other paths.
-        let act = &if self.drops(layer, site) { act.detach() } else { act.clone() };
-        if !self.wanted.contains(&(layer, site)) {
-            return Ok(Some(act.clone()));
-        }
-        let z = Var::zeros(act.shape(), act.dtype(), act.device())?;
-        let out = (act + z.as_tensor())?;
-        self.acts.insert((layer, site), act.detach());
-        self.zeros.insert((layer, site), z);
-        Ok(Some(out))
     }
 }
 

@@ -9,10 +9,12 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 mod attention;
+mod site_grads;
 mod tail;
 mod tail_cuda;
 
 use attention::{last_rows, Attn, Prepared};
+pub use site_grads::{LastMetric, SitePass};
 
 /// Which positions get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

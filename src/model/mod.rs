@@ -16,6 +16,6 @@ pub mod sites;
 pub mod weights;
 
 pub use config::LlamaConfig;
-pub use llama::{Fwd, FwdOut, KvCache, Llama, LogitsAt};
+pub use llama::{Fwd, FwdOut, KvCache, LastMetric, Llama, LogitsAt, SitePass};
 pub use load::Loaded;
 pub use sites::{BaseLinear, Collector, Hooks, LinearAdapter, Proj, Site, SiteCtx};

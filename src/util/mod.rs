@@ -15,3 +15,14 @@ pub fn mem_available_bytes() -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+/// User + system CPU time of this process so far, from /proc/self/stat (Linux; 0 elsewhere).
+pub fn cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|x| x.parse::<f64>().ok()).unwrap_or(0.0);
+    // CLK_TCK is 100 on every Linux this runs on (glibc/musl x86-64 and aarch64).
+    (ticks(11) + ticks(12)) / 100.0
+}

@@ -13,17 +13,39 @@ use super::{last_rows, Act, Attn, Block, Fwd, Llama, Prepared};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, D};
 
-/// What one block's backward needs from its forward.
-struct Saved {
-    x: Tensor,
-    attn: Attn,
+/// What one block's backward needs from its forward, and the block's site activations
+/// (`[b, t, w]`; `site_grads.rs` reads them).
+pub(super) struct Saved {
+    pub x: Tensor,
+    /// The q, k, v projection outputs (the `q`, `k`, `v` sites: before q/k norm and RoPE).
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub attn: Attn,
     /// o_proj's output, when a post-attention norm follows it (Gemma 2).
     o: Option<Tensor>,
-    h: Tensor,
+    /// What attention and the MLP add to the residual stream (after Gemma's post-norms).
+    pub attn_out: Tensor,
+    pub mlp_out: Tensor,
+    pub h: Tensor,
     gate: Tensor,
     up: Tensor,
     /// down_proj's output, when a post-MLP norm follows it (Gemma 2).
     down: Option<Tensor>,
+    /// The block's output.
+    pub y: Tensor,
+}
+
+/// `dL/d·` inside one block given `dL/dy`: of its input `x`, of the residual stream between
+/// attention and MLP `h` (= of `attn_out`), of the heads (o_proj's input) and of the q, k, v
+/// projection outputs, each `[b, t, w]`.
+pub(super) struct BlockGrads {
+    pub dx: Tensor,
+    pub dh: Tensor,
+    pub dheads: Tensor,
+    pub dq: Tensor,
+    pub dk: Tensor,
+    pub dv: Tensor,
 }
 
 /// `dL/dx` of `y = x @ wᵀ` given `dL/dy`.
@@ -100,13 +122,13 @@ impl Llama {
         let dhidden = Tensor::zeros((p.b * p.t, d), self.dtype, &self.device)?.index_add(&idx, &dlast, 0)?.reshape((p.b, p.t, d))?;
         let mut dx = self.rms_bwd(&x, &self.norm, &dhidden)?;
         for (li, s) in (from..n).zip(&saved).rev() {
-            dx = self.block_bwd(&self.blocks[li], s, &dx, &p, &neg_sin)?;
+            dx = self.block_bwd(&self.blocks[li], s, &dx, &p, &neg_sin)?.dx;
         }
         Ok((loss, dx))
     }
 
     /// One block forward (fused inference kernels), keeping what [`Self::block_bwd`] needs.
-    fn block_saved(&self, blk: &Block, x: &Tensor, p: &Prepared, prefix: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Saved)> {
+    pub(super) fn block_saved(&self, blk: &Block, x: &Tensor, p: &Prepared, prefix: Option<&(Tensor, Tensor)>) -> Result<(Tensor, Saved)> {
         let hn = self.rms(x, &blk.ln1, false)?;
         let (q, k, v) = (self.lin(&blk.q, &hn, false)?, self.lin(&blk.k, &hn, false)?, self.lin(&blk.v, &hn, false)?);
         let attn = self.attention(blk, &q, &k, &v, p, prefix, false)?;
@@ -115,7 +137,7 @@ impl Llama {
             Some(w) => (self.rms(&o, w, false)?, Some(o)),
             None => (o, None),
         };
-        let h = (x + attn_out)?;
+        let h = (x + &attn_out)?;
         let hn = self.rms(&h, &blk.ln2, false)?;
         let gate = self.lin(&blk.gate, &hn, false)?;
         let up = self.lin(&blk.up, &hn, false)?;
@@ -124,8 +146,8 @@ impl Llama {
             Some(w) => (self.rms(&dn, w, false)?, Some(dn)),
             None => (dn, None),
         };
-        let y = (&h + mlp_out)?;
-        Ok((y, Saved { x: x.clone(), attn, o, h, gate, up, down }))
+        let y = (&h + &mlp_out)?;
+        Ok((y.clone(), Saved { x: x.clone(), q, k, v, attn, o, attn_out, mlp_out, h, gate, up, down, y }))
     }
 
     /// `(dL/dgate, dL/dup)` of `act(gate) · up` given `dL/dm`.
@@ -157,8 +179,8 @@ impl Llama {
         }
     }
 
-    /// `dL/dx` of one block given `dL/dy`.
-    fn block_bwd(&self, blk: &Block, s: &Saved, dy: &Tensor, p: &Prepared, neg_sin: &Tensor) -> Result<Tensor> {
+    /// `dL/dx` of one block given `dL/dy`, with the gradients inside it.
+    pub(super) fn block_bwd(&self, blk: &Block, s: &Saved, dy: &Tensor, p: &Prepared, neg_sin: &Tensor) -> Result<BlockGrads> {
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         let rep = nh / nkv;
@@ -211,12 +233,13 @@ impl Llama {
         let dk = flat(dk, nkv)?;
         let dv = flat(dv, nkv)?;
         let dxn = ((linear_bwd(&dq, blk.q.weight())? + linear_bwd(&dk, blk.k.weight())?)? + linear_bwd(&dv, blk.v.weight())?)?;
-        Ok((dh + self.rms_bwd(&s.x, &blk.ln1, &dxn)?)?)
+        let dx = (&dh + self.rms_bwd(&s.x, &blk.ln1, &dxn)?)?;
+        Ok(BlockGrads { dx, dh, dheads, dq, dk, dv })
     }
 
     /// `dL/dx` of `y = x / rms(x) · w` given `dL/dy`:
     /// `r · (dy·w − x · r² · mean(dy·w·x))` with `r = 1 / sqrt(mean(x²) + eps)`.
-    fn rms_bwd(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    pub(super) fn rms_bwd(&self, x: &Tensor, w: &Tensor, dy: &Tensor) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         if let Some(dx) = tail_cuda::rms_bwd(x, w, dy, eps)? {
             return Ok(dx);
