@@ -11,9 +11,10 @@ use anyhow::Result;
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-/// Row counts this path takes: above the gemv's, up to where the general GEMM's packing pays.
+/// Row counts this path takes: above the gemv's, up to where gemm's AVX-512 kernels (x86-v4) catch up
+/// (equal at 64 rows on SmolLM2's shapes: `road bench gemm`).
 pub const MIN_ROWS: usize = super::gemv::MAX_ROWS + 1;
-pub const MAX_ROWS: usize = 64;
+pub const MAX_ROWS: usize = 48;
 
 /// Output features per parallel task.
 const CHUNK: usize = 64;
