@@ -24,7 +24,13 @@ impl CustomOp1 for FrozenLinear {
             candle_core::bail!("frozen-linear: input width {in_d} vs weight [{out_d}, {w_in}]");
         }
         let x = Tensor::from_slice(xs, (xs.len() / in_d.max(1), in_d), &Device::Cpu)?;
-        let y = x.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        // Few rows (a training batch's last positions): the AVX-512 small GEMM where it applies.
+        let small = super::small_gemm::try_linear(&x, &self.w).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let y = match small {
+            Some(y) => y,
+            None => x.matmul(&self.w.t()?)?,
+        };
+        let y = y.flatten_all()?.to_vec1::<f32>()?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = out_d;
         Ok((CpuStorage::F32(y), Shape::from(shape)))
