@@ -4,6 +4,7 @@ use crate::fetch;
 use crate::adapters::AnyAdapter;
 use crate::train::cls::{self, Head, Scorer};
 use crate::train::data::{self, ClsExample};
+use crate::train::reft::LoreftSet;
 use crate::train::{run, spec};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -25,7 +26,7 @@ pub struct FinetuneArgs {
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// A peft adapter directory: RoAd, LoRA, DoRA, OFT or BOFT (none = the plain model).
+    /// A peft adapter directory (RoAd, LoRA, DoRA, OFT or BOFT) or a LoReFT one (none = the plain model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// sentiment, parity, or a .csv/.jsonl file of (text, label).
@@ -120,9 +121,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let m = ModelArgs { model: model_spec, ..a.m.clone() };
     let l = m.load()?;
+    let reft = match &adapter_dir {
+        Some(d) if LoreftSet::is_reft_dir(d) => Some(LoreftSet::load(d, &l.model.cfg, l.model.device())?),
+        _ => None,
+    };
     let adapter = match &adapter_dir {
-        Some(d) => Some(AnyAdapter::load(d, &l.model.cfg, l.model.device())?),
-        None => None,
+        Some(d) if reft.is_none() => Some(AnyAdapter::load(d, &l.model.cfg, l.model.device())?),
+        _ => None,
     };
     let head_path = a.adapter.as_ref().map(|d| d.join("head.safetensors")).filter(|p| p.exists());
     let head = match &head_path {
@@ -139,6 +144,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let pb = indicatif::ProgressBar::new(ex.len() as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len}  ETA {eta}").expect("static template"));
+    let mut hf = reft.as_ref().map(|s| s.eval_hooks(&l.tok, &template, a.max_len));
     let t0 = std::time::Instant::now();
     let r = cls::evaluate(
         &l.model,
@@ -149,12 +155,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         &scorer,
         a.max_len,
         a.batch,
-        None,
+        hf.as_mut().map(|f| f as &mut dyn FnMut(&[ClsExample]) -> Result<Box<dyn crate::model::Hooks>>),
         Some(&pb),
     )?;
     pb.finish_and_clear();
     let what = match (&a.adapter, &adapter) {
         (Some(d), Some(ad)) => format!("{} adapter {}", ad.kind(), d.display()),
+        (Some(d), None) if reft.is_some() => format!("loreft interventions {}", d.display()),
         (Some(d), None) => format!("fine-tuned model {}", d.display()),
         _ => "no adapter".into(),
     };

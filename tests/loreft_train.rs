@@ -1,0 +1,194 @@
+//! LoReFT fine-tuning on the tiny HF LLaMA: autograd's gradients of R, W and b against finite
+//! differences of the plain (inference) forward, left padding, the engine (loss falls, R stays
+//! orthonormal, resume), and save → load giving the same logits.
+mod common;
+use candle_core::{Device, Tensor, Var};
+use common::{max_abs_diff, tiny_a};
+use road_dii::intervene::orth::orthonormality_error;
+use road_dii::model::{Fwd, Hooks, Llama, LogitsAt};
+use road_dii::train::data::ClsExample;
+use road_dii::train::reft::{positions, LoreftSet};
+use road_dii::train::{self, cls, MethodCfg, TaskCfg, TrainConfig, TrainData, Trained};
+use road_dii::util::rng::Rng;
+
+const IDS: [u32; 6] = [504, 3575, 282, 4649, 314, 1010];
+const TARGET: u32 = 1234;
+const TEMPLATE: &str = "Review: {text}. Verdict:";
+
+fn logits(m: &Llama, set: &LoreftSet, rows: &[Vec<u32>], differentiable: bool) -> Tensor {
+    let (ids, mask) = cls::left_pad(rows, 0);
+    let padded = mask.iter().any(|r| r.contains(&0));
+    let mut h = set.hook(rows.iter().map(|r| r.len()).collect());
+    let f = Fwd {
+        hooks: Some(&mut h as &mut dyn Hooks),
+        attention_mask: if padded { Some(&mask) } else { None },
+        logits: LogitsAt::Last,
+        differentiable,
+        ..Default::default()
+    };
+    m.forward(&ids, f).unwrap().logits.unwrap()
+}
+
+fn loss(m: &Llama, set: &LoreftSet, differentiable: bool) -> Tensor {
+    let t = Tensor::new(&[TARGET], &Device::Cpu).unwrap();
+    candle_nn::loss::cross_entropy(&logits(m, set, &[IDS.to_vec()], differentiable), &t).unwrap()
+}
+
+/// Central differences at the entry of largest gradient and one other entry of `v`.
+fn check_fd(m: &Llama, set: &LoreftSet, v: &Var, g: &Tensor, what: &str) {
+    let flat = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gmax = flat.iter().fold(0f32, |a, &x| a.max(x.abs()));
+    assert!(gmax > 1e-6, "{what}: zero gradient (not wired into the loss?)");
+    let imax = flat.iter().position(|&x| x.abs() == gmax).unwrap();
+    let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for i in [imax, flat.len() / 3] {
+        let eps = 1e-2f32;
+        let at = |d: f32| {
+            let mut x = base.clone();
+            x[i] += d;
+            v.set(&Tensor::from_vec(x, v.dims(), &Device::Cpu).unwrap()).unwrap();
+            loss(m, set, false).to_scalar::<f32>().unwrap()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap()).unwrap();
+        assert!((fd - flat[i]).abs() <= 0.03 * gmax + 1e-4, "{what}[{i}]: autograd {} vs finite difference {fd} (max |g| {gmax})", flat[i]);
+    }
+}
+
+#[test]
+fn gradients_of_r_w_b_match_finite_differences() {
+    let m = &tiny_a().model;
+    let mut rng = Rng::new(5);
+    let set = LoreftSet::new(&m.cfg, 2, 1, 2, &(0..m.cfg.num_layers).collect::<Vec<_>>(), false, &mut rng, &Device::Cpu).unwrap();
+    assert_eq!(set.units.len(), 2 * m.cfg.num_layers, "first and last positions get their own intervention per layer");
+    // A non-zero b, so W h + b − R h is generic.
+    for (_, v) in set.named_vars().iter().filter(|(n, _)| n.ends_with(".bias")) {
+        v.set(&rng.normal_tensor(v.dims(), 0.3, &Device::Cpu).unwrap()).unwrap();
+    }
+    let grads = loss(m, &set, true).backward().unwrap();
+    let last = m.cfg.num_layers - 1;
+    for (name, v) in set.named_vars() {
+        let g = grads.get(&v).unwrap_or_else(|| panic!("{name}: no gradient"));
+        if name.starts_with(&format!("layer_{last}_")) && name.contains("#0") {
+            // The first token's state after the last block never reaches the last token's logits.
+            assert_eq!(g.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{name}");
+            continue;
+        }
+        check_fd(m, &set, &v, g, &name);
+    }
+    // The Riemannian step keeps a non-zero part of R's gradient.
+    let mut gs: Vec<Tensor> = set.named_vars().iter().map(|(_, v)| grads.get(v).unwrap().clone()).collect();
+    set.project_grads(&set.named_vars(), &mut gs).unwrap();
+    assert!(gs[0].abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() > 1e-6);
+}
+
+#[test]
+fn positions_follow_pyreft_and_survive_left_padding() {
+    assert_eq!(positions(10, 3, 3), (vec![0, 1, 2], vec![7, 8, 9]));
+    // pyreft caps each side at len/2 (the rest are pad slots, which change nothing).
+    assert_eq!(positions(3, 3, 3), (vec![0], vec![2]));
+    let m = &tiny_a().model;
+    let set = LoreftSet::new(&m.cfg, 3, 1, 1, &[0, 1], false, &mut Rng::new(1), &Device::Cpu).unwrap();
+    let alone = logits(m, &set, &[IDS[..4].to_vec()], false);
+    let batch = logits(m, &set, &[IDS.to_vec(), IDS[..4].to_vec()], false);
+    assert!(max_abs_diff(&alone, &batch.get(1).unwrap().unsqueeze(0).unwrap()) < 1e-4, "padding moved the intervened positions");
+    let none = m.forward(&[IDS[..4].to_vec()], Fwd { logits: LogitsAt::Last, ..Default::default() }).unwrap().logits.unwrap();
+    assert!(max_abs_diff(&alone, &none) > 1e-3, "the interventions changed nothing");
+}
+
+fn toy() -> Vec<ClsExample> {
+    let words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"];
+    words.iter().flat_map(|w| [ClsExample { text: format!("{w} is good"), label: 0 }, ClsExample { text: format!("{w} is bad"), label: 1 }]).collect()
+}
+
+fn cfg(steps: usize, lr: f64) -> TrainConfig {
+    let task = TaskCfg::Classify { template: TEMPLATE.into(), label_words: vec![" yes".into(), " no".into()], head: false };
+    let method = MethodCfg::Loreft { rank: 2, first_n: 1, last_n: 1, share_weights: false, layers: None };
+    let mut c = TrainConfig::new(method, task);
+    c.steps = steps;
+    c.batch_size = 8;
+    c.lr = lr;
+    c.eval_every = 0;
+    c.progress = false;
+    c.decay = road_dii::train::schedule::Decay::Constant;
+    c.warmup_ratio = 0.0;
+    c
+}
+
+fn dev_loss(l: &road_dii::model::Loaded, set: &LoreftSet) -> f64 {
+    let mut hf = set.eval_hooks(&l.tok, TEMPLATE, 64);
+    let labels = cls::label_token_ids(&l.tok, &[" yes".into(), " no".into()]).unwrap();
+    cls::evaluate(&l.model, None, &l.tok, &toy(), TEMPLATE, &cls::Scorer::LabelWords(labels), 64, 16, Some(&mut hf), None).unwrap().loss
+}
+
+#[test]
+fn engine_trains_saves_and_reloads_loreft() {
+    let l = tiny_a();
+    let data = TrainData::Cls { train: toy(), dev: toy() };
+    let untrained = train::train(&l.model, &l.tok, &cfg(1, 1e-12), &data).unwrap();
+    let before = dev_loss(l, untrained.trained.reft().unwrap());
+    let out = train::train(&l.model, &l.tok, &cfg(25, 2e-2), &data).unwrap();
+    let Trained::Loreft(set) = &out.trained else { panic!("not a LoReFT result") };
+    let after = dev_loss(l, set);
+    assert!(after < before * 0.8, "dev loss {before} -> {after}");
+    assert_eq!(out.trainable_params, l.model.cfg.num_layers * 2 * (2 * 2 * l.model.cfg.hidden_size + 2));
+    for u in &set.units {
+        let e = orthonormality_error(u.int.r.as_tensor()).unwrap();
+        assert!(e < 1e-4, "layer {} R drifted off the manifold: {e}", u.layer);
+    }
+    let dir = std::env::temp_dir().join(format!("road-loreft-train-{}", std::process::id()));
+    out.save(&dir, &l.tok, "tiny").unwrap();
+    assert!(LoreftSet::is_reft_dir(&dir));
+    let back = LoreftSet::load(&dir, &l.model.cfg, &Device::Cpu).unwrap();
+    assert_eq!((back.first_n, back.last_n, back.rank, back.num_params()), (1, 1, 2, out.trainable_params));
+    let rows = vec![IDS.to_vec(), IDS[..3].to_vec()];
+    assert_eq!(max_abs_diff(&logits(&l.model, set, &rows, false), &logits(&l.model, &back, &rows, false)), 0.0, "reload changed the logits");
+    let bad = LoreftSet::load(&dir, &road_dii::model::LlamaConfig { hidden_size: 8, ..l.model.cfg.clone() }, &Device::Cpu).err().unwrap().to_string();
+    assert!(bad.contains("hidden size"), "{bad}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn resumed_loreft_training_equals_uninterrupted() {
+    let l = tiny_a();
+    let data = TrainData::Cls { train: toy(), dev: toy() };
+    let run = |dir: &std::path::Path, steps: usize, resume: bool| {
+        let mut c = cfg(steps, 2e-2);
+        c.eval_every = 2;
+        c.out_dir = Some(dir.to_path_buf());
+        c.resume = resume;
+        train::train(&l.model, &l.tok, &c, &data).unwrap()
+    };
+    let base = std::env::temp_dir().join(format!("road-loreft-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let straight = run(&base.join("a"), 6, false);
+    run(&base.join("b"), 4, false);
+    let resumed = run(&base.join("b"), 6, true);
+    let last = |o: &train::TrainOutput| o.log.last().unwrap().loss;
+    assert_eq!(resumed.log.len(), 6);
+    assert!((last(&straight) - last(&resumed)).abs() < 1e-5, "{} vs {}", last(&straight), last(&resumed));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn loreft_specs_resolve_and_refuse_what_they_cannot_do() {
+    let spec = |extra: &str| road_dii::train::spec::parse(&format!("name = \"x\"\n[method]\nkind = \"loreft\"\nr = 4\n{extra}"), &[]);
+    let s = spec("").unwrap();
+    assert_eq!((s.method.positions.as_deref(), s.method.share_weights, s.train.weight_decay), (Some("f1+l1"), Some(false), Some(0.0)));
+    assert_eq!(s.method_cfg().unwrap().label(), "loreft-r4-f1l1");
+    assert_eq!(road_dii::train::spec::parse_positions("f3+l5").unwrap(), (3, 5));
+    assert_eq!(road_dii::train::spec::parse_positions("l2").unwrap(), (0, 2));
+    let e = spec("positions = \"x3\"").err().unwrap().to_string();
+    assert!(e.contains("f<N>+l<M>"), "{e}");
+    let e = spec("positions = \"f0+l0\"").err().unwrap().to_string();
+    assert!(e.contains("no positions"), "{e}");
+    let l = tiny_a();
+    let mut c = cfg(1, 1e-3);
+    c.task = TaskCfg::CausalLm;
+    let lm = TrainData::Lm { train: vec![road_dii::train::data::LmExample { prompt: "a".into(), completion: " b".into() }], dev: vec![] };
+    let e = train::train(&l.model, &l.tok, &c, &lm).err().unwrap().to_string();
+    assert!(e.contains("classification tasks only"), "{e}");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let s = road_dii::train::spec::load(&root.join("sentiment-loreft.toml"), &[]).unwrap();
+    assert!(matches!(s.method_cfg().unwrap(), MethodCfg::Loreft { .. }));
+}
