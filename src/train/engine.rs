@@ -389,7 +389,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             for (name, v) in &params {
                 // A trainable parameter without a gradient means it is not wired into the loss.
                 let g = grads.get(v).with_context(|| format!("trainable parameter {name} received no gradient"))?;
-                gs.push(g.clone());
+                // Detached: a leaf's gradient from candle still references the forward graph, which
+                // AdamW's moments would otherwise keep alive step after step.
+                gs.push(g.detach());
             }
             acc = Some(match acc {
                 None => gs,
