@@ -117,7 +117,7 @@ impl LoreftSet {
     pub fn project_grads(&self, params: &[(String, Var)], grads: &mut [Tensor]) -> Result<()> {
         for ((name, v), g) in params.iter().zip(grads.iter_mut()) {
             if name.ends_with(".rotate_layer") {
-                *g = orth::tangent_projection(g, v.as_tensor())?;
+                *g = orth::tangent_projection(g, v.as_tensor())?.detach();
             }
         }
         Ok(())
@@ -128,9 +128,10 @@ impl LoreftSet {
         self.units.iter().try_for_each(|u| orth::retract(&u.int.r))
     }
 
-    /// The hooks for a batch of left-padded prompts of these (unpadded) lengths.
+    /// The hooks for a batch of prompts of these (unpadded) lengths, left-padded to the longest.
     pub fn hook(&self, lens: Vec<usize>) -> ReftHook {
-        ReftHook { set: self.clone(), lens }
+        let width = lens.iter().copied().max().unwrap_or(0);
+        ReftHook { set: self.clone(), lens, width }
     }
 
     /// Per-batch hooks for [`super::cls::evaluate`]: the prompts' lengths as it encodes them.
@@ -142,11 +143,14 @@ impl LoreftSet {
     }
 }
 
-/// Applies every unit of a [`LoreftSet`] at its layer's `block_output`, on the prompt pass only
-/// (a decoding step with a KV cache, `pos_offset > 0`, is left alone, as in pyreft).
+/// Applies every unit of a [`LoreftSet`] at its layer's `block_output`, at the prompt positions
+/// a call covers: columns are absolute (`pos_offset` + column, in the left-padded batch), so a
+/// prompt split over KV-cache calls is intervened on once per position, and generated tokens
+/// (beyond the prompt) are left alone, as in pyreft.
 pub struct ReftHook {
     set: LoreftSet,
     lens: Vec<usize>,
+    width: usize,
 }
 
 impl Hooks for ReftHook {
@@ -154,10 +158,11 @@ impl Hooks for ReftHook {
         site == Site::BlockOutput && self.set.units.iter().any(|u| u.layer == layer)
     }
     fn on(&mut self, layer: usize, _: Site, act: &Tensor, ctx: SiteCtx) -> Result<Option<Tensor>> {
-        if ctx.pos_offset != 0 {
+        let (b, t, _) = act.dims3()?;
+        let o = ctx.pos_offset;
+        if o >= self.width {
             return Ok(None);
         }
-        let (b, t, _) = act.dims3()?;
         if b != self.lens.len() {
             bail!("LoReFT hook has {} prompt lengths for a batch of {b}", self.lens.len());
         }
@@ -166,18 +171,15 @@ impl Hooks for ReftHook {
         for u in self.set.units.iter().filter(|u| u.layer == layer) {
             let mut mask = vec![0f32; b * t];
             for (i, &len) in self.lens.iter().enumerate() {
-                if len > t {
-                    bail!("prompt of {len} tokens in a batch of width {t}");
-                }
                 let (first, last) = positions(len, self.set.first_n, self.set.last_n);
-                let pad = t - len; // left padding
+                let pad = self.width - len; // left padding
                 let chosen: Vec<usize> = match u.side {
                     Side::First => first,
                     Side::Last => last,
                     Side::Both => first.into_iter().chain(last).collect(),
                 };
-                for p in chosen {
-                    mask[i * t + pad + p] = 1.0;
+                for c in chosen.into_iter().map(|p| pad + p).filter(|&c| (o..o + t).contains(&c)) {
+                    mask[i * t + c - o] = 1.0;
                 }
             }
             let mask = Tensor::from_vec(mask, (b, t, 1), act.device())?;
