@@ -20,6 +20,11 @@ pub struct FinetuneArgs {
     /// Continue an interrupted run from its directory (uses its config.toml).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// Write the spec's train/dev/test examples, the prompt template and label words as JSONL
+    /// (`{"split", "text", "label"}` rows after one `{"template", "label_words"}` row) and exit
+    /// without training, so a reference script trains on exactly the same data.
+    #[arg(long, value_name = "FILE")]
+    pub write_split: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -63,7 +68,26 @@ pub fn fetch_data(name: &str) -> Result<()> {
 }
 
 pub fn finetune(a: &FinetuneArgs) -> Result<()> {
+    if let Some(out) = &a.write_split {
+        let Some(p) = &a.spec else { bail!("--write-split needs a spec file") };
+        return write_split(&spec::load(p, &a.set)?, out);
+    }
     run::run_finetune(a.spec.as_deref(), &a.set, a.resume.as_deref())?;
+    Ok(())
+}
+
+fn write_split(s: &spec::Spec, out: &Path) -> Result<()> {
+    use std::io::Write;
+    let d = s.cls_data(false)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?);
+    writeln!(f, "{}", serde_json::json!({"template": s.task.template, "label_words": s.task.label_words, "max_len": s.train.max_len}))?;
+    for (name, rows) in [("train", &d.train), ("dev", &d.dev), ("test", &d.test)] {
+        for e in rows.iter() {
+            writeln!(f, "{}", serde_json::json!({"split": name, "text": e.text, "label": e.label}))?;
+        }
+    }
+    f.flush()?;
+    eprintln!("{}: {} train, {} dev, {} test", out.display(), d.train.len(), d.dev.len(), d.test.len());
     Ok(())
 }
 
