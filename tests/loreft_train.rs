@@ -192,3 +192,42 @@ fn loreft_specs_resolve_and_refuse_what_they_cannot_do() {
     let s = road_dii::train::spec::load(&root.join("sentiment-loreft.toml"), &[]).unwrap();
     assert!(matches!(s.method_cfg().unwrap(), MethodCfg::Loreft { .. }));
 }
+
+/// The pilot's probes with LoReFT's hooks: the swap probe's split forward (prefix with a KV cache,
+/// then the last token) scores the base as one whole-prompt pass does, a whole-vector swap at the
+/// last block gives the source's scores, and the collected states honour left padding.
+#[test]
+fn pilot_probes_run_loreft_hooks_like_the_plain_forward() {
+    use road_dii::probe;
+    let m = &tiny_a().model;
+    let set = LoreftSet::new(&m.cfg, 3, 1, 1, &(0..m.cfg.num_layers).collect::<Vec<_>>(), false, &mut Rng::new(8), &Device::Cpu).unwrap();
+    let hooks = |lens: &[usize]| Box::new(set.hook(lens.to_vec())) as Box<dyn Hooks>;
+    let scorer = cls::Scorer::LabelWords(vec![TARGET, 77]);
+    let (base, source) = (IDS.to_vec(), vec![9u32, 88, 707, 31, 5]);
+    let ps = probe::pair_scores_with(m, None, Some(&hooks), &scorer, &base, &source).unwrap();
+    let whole = |ids: &[u32]| {
+        let mut h = set.hook(vec![ids.len()]);
+        cls::class_logits(m, None, Some(&mut h), &[ids.to_vec()], &scorer, false).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+    };
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-4);
+    assert!(close(&ps.base, &whole(&base)), "split forward {:?} vs whole {:?}", ps.base, whole(&base));
+    assert!(close(&ps.source, &whole(&source)));
+    assert!(close(&ps.swapped[m.cfg.num_layers - 1][0], &ps.source), "a whole swap at the last block is the source");
+    let plain = probe::pair_scores(m, None, &scorer, &base, &source).unwrap();
+    assert!(!close(&plain.base, &ps.base), "the hooks changed nothing");
+    let prompts = vec![base.clone(), source.clone()];
+    let both = probe::last_token_states_with(m, None, Some(&hooks), &prompts, 2, None).unwrap();
+    let alone = probe::last_token_states_with(m, None, Some(&hooks), &prompts[1..], 1, None).unwrap();
+    for (b, a) in both.iter().zip(&alone) {
+        assert!(max_abs_diff(&b.get(1).unwrap(), &a.get(0).unwrap()) < 1e-4, "padding moved the states");
+    }
+}
+
+#[test]
+fn the_pilot_family_study_includes_loreft() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments");
+    let p = road_dii::pilot::spec::PilotSpec::load(&root.join("pilot-family.toml"), &[]).unwrap();
+    let m = p.methods.iter().find(|m| m.method.kind == "loreft").expect("a loreft method");
+    assert!(matches!(p.finetune_spec(m).unwrap().method_cfg().unwrap(), MethodCfg::Loreft { rank: 4, first_n: 1, last_n: 1, .. }));
+    assert!(p.swap.models.contains(&m.label));
+}
