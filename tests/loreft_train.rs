@@ -36,23 +36,7 @@ fn loss(m: &Llama, set: &LoreftSet, differentiable: bool) -> Tensor {
 
 /// Central differences at the entry of largest gradient and one other entry of `v`.
 fn check_fd(m: &Llama, set: &LoreftSet, v: &Var, g: &Tensor, what: &str) {
-    let flat = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let gmax = flat.iter().fold(0f32, |a, &x| a.max(x.abs()));
-    assert!(gmax > 1e-6, "{what}: zero gradient (not wired into the loss?)");
-    let imax = flat.iter().position(|&x| x.abs() == gmax).unwrap();
-    let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for i in [imax, flat.len() / 3] {
-        let eps = 1e-2f32;
-        let at = |d: f32| {
-            let mut x = base.clone();
-            x[i] += d;
-            v.set(&Tensor::from_vec(x, v.dims(), &Device::Cpu).unwrap()).unwrap();
-            loss(m, set, false).to_scalar::<f32>().unwrap()
-        };
-        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-        v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap()).unwrap();
-        assert!((fd - flat[i]).abs() <= 0.03 * gmax + 1e-4, "{what}[{i}]: autograd {} vs finite difference {fd} (max |g| {gmax})", flat[i]);
-    }
+    common::assert_grad_matches_fd(v, g, what, || loss(m, set, false).to_scalar::<f32>().unwrap());
 }
 
 #[test]
@@ -97,8 +81,7 @@ fn positions_follow_pyreft_and_survive_left_padding() {
 }
 
 fn toy() -> Vec<ClsExample> {
-    let words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"];
-    words.iter().flat_map(|w| [ClsExample { text: format!("{w} is good"), label: 0 }, ClsExample { text: format!("{w} is bad"), label: 1 }]).collect()
+    common::toy_cls()
 }
 
 fn cfg(steps: usize, lr: f64) -> TrainConfig {
@@ -159,15 +142,7 @@ fn resumed_loreft_training_equals_uninterrupted() {
         c.resume = resume;
         train::train(&l.model, &l.tok, &c, &data).unwrap()
     };
-    let base = std::env::temp_dir().join(format!("road-loreft-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let straight = run(&base.join("a"), 6, false);
-    run(&base.join("b"), 4, false);
-    let resumed = run(&base.join("b"), 6, true);
-    let last = |o: &train::TrainOutput| o.log.last().unwrap().loss;
-    assert_eq!(resumed.log.len(), 6);
-    assert!((last(&straight) - last(&resumed)).abs() < 1e-5, "{} vs {}", last(&straight), last(&resumed));
-    let _ = std::fs::remove_dir_all(&base);
+    common::assert_resume_matches("loreft", run);
 }
 
 #[test]

@@ -26,7 +26,7 @@ import time
 import tomllib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pyreft_sentiment import load_split  # noqa: E402
+from pyreft_sentiment import apply_sets, load_split  # noqa: E402
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -66,15 +66,7 @@ def main():
     spec_path = f"experiments/sentiment-{args.kind}.toml"
     spec = tomllib.load(open(spec_path, "rb"))
     m, t = spec["method"], spec["train"]
-    for s in args.set:
-        k, v = s.split("=", 1)
-        sec, _, key = k.partition(".")
-        if sec in ("train", "method"):
-            try:
-                val = tomllib.loads(f"v = {v}")["v"]
-            except tomllib.TOMLDecodeError:
-                val = v
-            (t if sec == "train" else m)[key] = val
+    apply_sets(m, t, args.set)
     head, split = load_split(args.road, spec_path, [f"seed={args.seed}"] + args.set)
     mdir, mfile = os.path.split(os.path.abspath(os.path.expanduser(args.model)))
     base = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32, attn_implementation="eager")

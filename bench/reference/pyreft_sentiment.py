@@ -49,6 +49,19 @@ def load_split(road, spec, sets):
     return head, split
 
 
+def apply_sets(method, train, sets):
+    """The `--set section.key=value` overrides road applied, on the spec's method and train tables."""
+    for s in sets:
+        k, v = s.split("=", 1)
+        sec, _, key = k.partition(".")
+        if sec in ("train", "method"):
+            try:
+                val = tomllib.loads(f"v = {v}")["v"]
+            except tomllib.TOMLDecodeError:
+                val = v
+            (train if sec == "train" else method)[key] = val
+
+
 def read_spec(spec):
     return tomllib.load(open(spec, "rb"))
 
@@ -116,15 +129,7 @@ def train_mode(args, model, tok):
     sets = [f"seed={args.seed}"] + args.set
     head, split = load_split(args.road, args.spec, sets)
     m, t = spec["method"], spec["train"]
-    for s in args.set:  # the same overrides road applied (train.* and method.* keys)
-        k, v = s.split("=", 1)
-        sec, _, key = k.partition(".")
-        if sec in ("train", "method"):
-            try:
-                val = tomllib.loads(f"v = {v}")["v"]
-            except tomllib.TOMLDecodeError:
-                val = v
-            (t if sec == "train" else m)[key] = val
+    apply_sets(m, t, args.set)
     rank, share = m.get("r", 8), m.get("share_weights", False)
     pos = m.get("positions", "f1+l1")
     first_n = int(pos.split("+")[0].lstrip("f")) if "f" in pos else 0
