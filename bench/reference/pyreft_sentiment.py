@@ -149,7 +149,8 @@ def train_mode(args, model, tok):
     sched = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
-    best, best_state, best_step, train_secs, evals = -1.0, None, 0, 0.0, []
+    best, best_state, best_step, train_secs, evals, per_step = -1.0, None, 0, 0.0, [], []
+    eval_every = t.get("eval_every", 16)
     for step in range(steps):
         t0 = time.perf_counter()
         rm.train()
@@ -161,8 +162,9 @@ def train_mode(args, model, tok):
         torch.nn.utils.clip_grad_norm_(params, t.get("clip_norm", 1.0))
         opt.step()
         sched.step()
-        train_secs += time.perf_counter() - t0
-        if (step + 1) % t.get("eval_every", 16) == 0 or step + 1 == steps:
+        per_step.append(time.perf_counter() - t0)
+        train_secs += per_step[-1]
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
             rm.eval()
             acc, dl = evaluate(rm, split["dev"], t.get("eval_batch", 16), **kw)
             evals.append({"step": step + 1, "dev_acc": acc, "dev_loss": dl, "train_loss": loss.item()})
@@ -180,7 +182,8 @@ def train_mode(args, model, tok):
         "trainable_params": n_params, "trainable_pct": 100.0 * n_params / sum(p.numel() for p in model.parameters()),
         "steps": steps, "batch": bs, "lr": lr, "best_step": best_step, "dev_accuracy": best,
         "test_accuracy": test_acc, "test_loss": test_loss, "test_n": len(split["test"]),
-        "train_secs": round(train_secs, 1), "threads": args.threads,
+        "train_secs": round(train_secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 2),
+        "threads": args.threads,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "evals": evals,
     }), flush=True)
 
