@@ -27,24 +27,7 @@ fn jiggle(vars: &[Var], rng: &mut Rng, scale: f32) {
 /// Central differences of the non-differentiable forward at the entry of largest gradient and at
 /// one other entry of `v`, against autograd's gradient `g`.
 fn check_fd(m: &Llama, ad: &dyn LinearAdapter, v: &Var, g: &Tensor, what: &str) {
-    let flat = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let gmax = flat.iter().fold(0f32, |a, &x| a.max(x.abs()));
-    assert!(gmax > 1e-6, "{what}: zero gradient (not wired into the loss?)");
-    let imax = flat.iter().position(|&x| x.abs() == gmax).unwrap();
-    let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    for i in [imax, flat.len() / 3] {
-        let eps = 1e-2f32;
-        let at = |d: f32| {
-            let mut x = base.clone();
-            x[i] += d;
-            v.set(&Tensor::from_vec(x, v.dims(), &Device::Cpu).unwrap()).unwrap();
-            loss(m, ad, false).to_scalar::<f32>().unwrap()
-        };
-        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
-        v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap()).unwrap();
-        let err = (fd - flat[i]).abs();
-        assert!(err <= 0.03 * gmax + 1e-4, "{what}[{i}]: autograd {} vs finite difference {fd} (max |g| {gmax})", flat[i]);
-    }
+    common::assert_grad_matches_fd(v, g, what, || loss(m, ad, false).to_scalar::<f32>().unwrap());
 }
 
 #[test]
@@ -94,8 +77,7 @@ fn gradients_of_dora_oft_boft_match_finite_differences() {
 }
 
 fn toy() -> Vec<ClsExample> {
-    let words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"];
-    words.iter().flat_map(|w| [ClsExample { text: format!("{w} is good"), label: 0 }, ClsExample { text: format!("{w} is bad"), label: 1 }]).collect()
+    common::toy_cls()
 }
 
 fn cfg(method: MethodCfg, steps: usize, lr: f64) -> TrainConfig {
@@ -155,15 +137,7 @@ fn resumed_dora_training_equals_uninterrupted() {
         c.resume = resume;
         train::train(&l.model, &l.tok, &c, &data).unwrap()
     };
-    let base = std::env::temp_dir().join(format!("road-family-resume-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let straight = run(&base.join("a"), 6, false);
-    run(&base.join("b"), 4, false);
-    let resumed = run(&base.join("b"), 6, true);
-    let last = |o: &train::TrainOutput| o.log.last().unwrap().loss;
-    assert_eq!(resumed.log.len(), 6);
-    assert!((last(&straight) - last(&resumed)).abs() < 1e-5, "{} vs {}", last(&straight), last(&resumed));
-    let _ = std::fs::remove_dir_all(&base);
+    common::assert_resume_matches("family-dora", run);
 }
 
 #[test]
@@ -180,9 +154,9 @@ fn specs_resolve_the_new_kinds_and_leave_other_specs_unchanged() {
     assert!(spec("dora", "r = 0\n").unwrap_err().to_string().contains("method.r"));
     // LoRA's resolved TOML gains no new keys (pilot caches are keyed on it).
     let lora = spec("lora", "").unwrap().to_toml().unwrap();
-    assert!(!lora.contains("block_size") && !lora.contains("butterfly") && !lora.contains("neumann"), "{lora}");
-    let e = spec("loreft", "").unwrap_err().to_string();
-    assert!(e.contains("dora, oft, boft"), "{e}");
+    assert!(!lora.contains("block_size") && !lora.contains("butterfly") && !lora.contains("neumann") && !lora.contains("positions") && !lora.contains("share_weights"), "{lora}");
+    let e = spec("vera", "").unwrap_err().to_string();
+    assert!(e.contains("dora, oft, boft, loreft"), "{e}");
     // A block size that does not tile the model is a one-line error naming it, before training.
     let l = tiny_a();
     let bad = MethodCfg::Oft { block_size: 5, neumann_terms: Some(5), targets: vec![Proj::Q], layers: None };

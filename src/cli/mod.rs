@@ -75,7 +75,7 @@ pub enum Cmd {
         prompt: String,
         #[arg(long, default_value_t = 10)]
         top: usize,
-        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT (kind read from adapter_config.json).
+        /// A peft adapter directory to apply: RoAd, LoRA, DoRA, OFT or BOFT (kind read from adapter_config.json), or a LoReFT one (reft_config.json).
         #[arg(long)]
         adapter: Option<std::path::PathBuf>,
         #[arg(long)]

@@ -3,6 +3,7 @@ use super::ModelArgs;
 use crate::generate::top_k;
 use crate::model::{Fwd, LinearAdapter, LogitsAt, Site};
 use crate::adapters::AnyAdapter;
+use crate::train::reft::LoreftSet;
 use std::path::Path;
 use anyhow::Result;
 use candle_core::DType;
@@ -73,11 +74,19 @@ fn knobs(a: &crate::model::config::Arch) -> String {
 
 pub fn logits(m: &ModelArgs, adapter: Option<&Path>, prompt: &str, top: usize, json: bool) -> Result<()> {
     let l = m.load()?;
-    let ad = adapter.map(|d| AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
+    // A LoReFT directory (reft_config.json) runs as hooks at its prompt positions; else a peft adapter.
+    let reft = adapter.filter(|d| LoreftSet::is_reft_dir(d)).map(|d| LoreftSet::load(d, &l.model.cfg, l.model.device())).transpose()?;
+    let ad = adapter.filter(|_| reft.is_none()).map(|d| AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
     let ids = l.tok.encode(prompt)?;
+    let mut hook = reft.as_ref().map(|s| s.hook(vec![ids.len()]));
     let out = l.model.forward(
         &[ids.clone()],
-        Fwd { logits: LogitsAt::Last, adapter: ad.as_ref().map(|a| a as &dyn LinearAdapter), ..Default::default() },
+        Fwd {
+            logits: LogitsAt::Last,
+            adapter: ad.as_ref().map(|a| a as &dyn LinearAdapter),
+            hooks: hook.as_mut().map(|h| h as &mut dyn crate::model::Hooks),
+            ..Default::default()
+        },
     )?;
     let v = out.logits.expect("requested logits").get(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let maxv = v.iter().cloned().fold(f32::NEG_INFINITY, f32::max);

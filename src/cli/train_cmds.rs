@@ -4,6 +4,7 @@ use crate::fetch;
 use crate::adapters::AnyAdapter;
 use crate::train::cls::{self, Head, Scorer};
 use crate::train::data::{self, ClsExample};
+use crate::train::reft::LoreftSet;
 use crate::train::{run, spec};
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -19,13 +20,18 @@ pub struct FinetuneArgs {
     /// Continue an interrupted run from its directory (uses its config.toml).
     #[arg(long, value_name = "RUN_DIR")]
     pub resume: Option<PathBuf>,
+    /// Write the spec's train/dev/test examples, the prompt template and label words as JSONL
+    /// (`{"split", "text", "label"}` rows after one `{"template", "label_words"}` row) and exit
+    /// without training, so a reference script trains on exactly the same data.
+    #[arg(long, value_name = "FILE")]
+    pub write_split: Option<PathBuf>,
 }
 
 #[derive(Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// A peft adapter directory: RoAd, LoRA, DoRA, OFT or BOFT (none = the plain model).
+    /// A peft adapter directory (RoAd, LoRA, DoRA, OFT or BOFT) or a LoReFT one (none = the plain model).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// sentiment, parity, or a .csv/.jsonl file of (text, label).
@@ -62,7 +68,26 @@ pub fn fetch_data(name: &str) -> Result<()> {
 }
 
 pub fn finetune(a: &FinetuneArgs) -> Result<()> {
+    if let Some(out) = &a.write_split {
+        let Some(p) = &a.spec else { bail!("--write-split needs a spec file") };
+        return write_split(&spec::load(p, &a.set)?, out);
+    }
     run::run_finetune(a.spec.as_deref(), &a.set, a.resume.as_deref())?;
+    Ok(())
+}
+
+fn write_split(s: &spec::Spec, out: &Path) -> Result<()> {
+    use std::io::Write;
+    let d = s.cls_data(false)?;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?);
+    writeln!(f, "{}", serde_json::json!({"template": s.task.template, "label_words": s.task.label_words, "max_len": s.train.max_len}))?;
+    for (name, rows) in [("train", &d.train), ("dev", &d.dev), ("test", &d.test)] {
+        for e in rows.iter() {
+            writeln!(f, "{}", serde_json::json!({"split": name, "text": e.text, "label": e.label}))?;
+        }
+    }
+    f.flush()?;
+    eprintln!("{}: {} train, {} dev, {} test", out.display(), d.train.len(), d.dev.len(), d.test.len());
     Ok(())
 }
 
@@ -120,9 +145,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let m = ModelArgs { model: model_spec, ..a.m.clone() };
     let l = m.load()?;
+    let reft = match &adapter_dir {
+        Some(d) if LoreftSet::is_reft_dir(d) => Some(LoreftSet::load(d, &l.model.cfg, l.model.device())?),
+        _ => None,
+    };
     let adapter = match &adapter_dir {
-        Some(d) => Some(AnyAdapter::load(d, &l.model.cfg, l.model.device())?),
-        None => None,
+        Some(d) if reft.is_none() => Some(AnyAdapter::load(d, &l.model.cfg, l.model.device())?),
+        _ => None,
     };
     let head_path = a.adapter.as_ref().map(|d| d.join("head.safetensors")).filter(|p| p.exists());
     let head = match &head_path {
@@ -139,6 +168,7 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
     };
     let pb = indicatif::ProgressBar::new(ex.len() as u64);
     pb.set_style(indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len}  ETA {eta}").expect("static template"));
+    let mut hf = reft.as_ref().map(|s| s.eval_hooks(&l.tok, &template, a.max_len));
     let t0 = std::time::Instant::now();
     let r = cls::evaluate(
         &l.model,
@@ -149,12 +179,13 @@ pub fn eval(a: &EvalArgs) -> Result<()> {
         &scorer,
         a.max_len,
         a.batch,
-        None,
+        hf.as_mut().map(|f| f as &mut dyn FnMut(&[ClsExample]) -> Result<Box<dyn crate::model::Hooks>>),
         Some(&pb),
     )?;
     pb.finish_and_clear();
     let what = match (&a.adapter, &adapter) {
         (Some(d), Some(ad)) => format!("{} adapter {}", ad.kind(), d.display()),
+        (Some(d), None) if reft.is_some() => format!("loreft interventions {}", d.display()),
         (Some(d), None) => format!("fine-tuned model {}", d.display()),
         _ => "no adapter".into(),
     };

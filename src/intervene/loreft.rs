@@ -5,10 +5,13 @@ use crate::util::rng::Rng;
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 
+/// The three trainable tensors: `r` `[rank, d]` (orthonormal rows), `w` `[rank, d]`, `bias` `[rank]`.
+/// Cloning shares the variables (candle `Var`s are reference-counted).
+#[derive(Clone)]
 pub struct LoReft {
-    r: Var,
-    w: Var,
-    bias: Var,
+    pub r: Var,
+    pub w: Var,
+    pub bias: Var,
 }
 
 impl LoReft {
@@ -24,15 +27,31 @@ impl LoReft {
     }
 }
 
+impl LoReft {
+    /// From saved tensors (`r` and `w` `[rank, d]`, `bias` `[rank]`).
+    pub fn from_tensors(r: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (k, d) = r.dims2()?;
+        if w.dims() != [k, d] || bias.dims() != [k] {
+            anyhow::bail!("LoReFT shapes differ: rotation {:?}, weight {:?}, bias {:?}", r.dims(), w.dims(), bias.dims());
+        }
+        Ok(Self { r: Var::from_tensor(r)?, w: Var::from_tensor(w)?, bias: Var::from_tensor(bias)? })
+    }
+
+    /// `Φ(h) − h = Rᵀ(W h + b − R h)` for `h` `[..., d]` (any leading dims), in `h`'s dtype.
+    pub fn delta(&self, h: &Tensor) -> Result<Tensor> {
+        let r = self.r.as_tensor();
+        let target = h.broadcast_matmul(&self.w.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?;
+        let cur = h.broadcast_matmul(&r.t()?)?;
+        Ok((target - cur)?.broadcast_matmul(r)?)
+    }
+}
+
 impl Intervention for LoReft {
     fn kind(&self) -> &'static str {
         "loreft"
     }
     fn apply(&self, base: &Tensor, _source: &Tensor, _: ApplyCtx) -> Result<Tensor> {
-        let r = self.r.as_tensor();
-        let target = base.matmul(&self.w.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())?;
-        let cur = base.matmul(&r.t()?)?;
-        Ok((base + (target - cur)?.matmul(r)?)?)
+        Ok((base + self.delta(base)?)?)
     }
     fn params(&self) -> Vec<Param> {
         vec![

@@ -8,6 +8,7 @@ use crate::runs::short_hash;
 use crate::model::{load, LinearAdapter, Llama};
 use crate::adapters::AnyAdapter;
 use crate::tokenizer::Tok;
+use crate::train::reft::LoreftSet;
 use crate::train::run::{finetune_and_test, Summary};
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
@@ -42,6 +43,7 @@ pub struct Tuned {
     pub record: FtRecord,
     full: Option<Llama>,
     adapter: Option<AnyAdapter>,
+    reft: Option<LoreftSet>,
 }
 
 impl Tuned {
@@ -50,6 +52,10 @@ impl Tuned {
     }
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
         self.adapter.as_ref().map(|a| a as &dyn LinearAdapter)
+    }
+    /// LoReFT's interventions as per-call hooks for prompts of these lengths (`None` otherwise).
+    pub fn hooks(&self) -> Option<impl Fn(&[usize]) -> Box<dyn crate::model::Hooks> + '_> {
+        self.reft.as_ref().map(|s| move |lens: &[usize]| Box::new(s.hook(lens.to_vec())) as Box<dyn crate::model::Hooks>)
     }
     /// The saved adapter itself (its kind and parameters), `None` for full fine-tuning.
     pub fn saved_adapter(&self) -> Option<&AnyAdapter> {
@@ -133,10 +139,10 @@ pub fn obtain(spec: &PilotSpec, m: &PilotMethod, base: &Llama, base_fingerprint:
         .with_context(|| format!("{} is damaged; re-run with --fresh", record_path.display()))?;
     record.cached = cached;
     let saved = dir.join("adapter");
-    let (full, adapter) = if ft.method.kind == "full" {
-        (Some(load::load_hf_dir(&saved, DType::F32, base.device())?.model), None)
-    } else {
-        (None, Some(AnyAdapter::load(&saved, &base.cfg, base.device())?))
+    let (full, adapter, reft) = match ft.method.kind.as_str() {
+        "full" => (Some(load::load_hf_dir(&saved, DType::F32, base.device())?.model), None, None),
+        "loreft" => (None, None, Some(LoreftSet::load(&saved, &base.cfg, base.device())?)),
+        _ => (None, Some(AnyAdapter::load(&saved, &base.cfg, base.device())?), None),
     };
-    Ok(Tuned { record, full, adapter })
+    Ok(Tuned { record, full, adapter, reft })
 }

@@ -146,7 +146,9 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
     let states0: Vec<Vec<Vec<f32>>> = pretrained_states.iter().map(rows).collect::<Result<_>>()?;
     let mut deltas: Vec<DeltaRow> = Vec::new();
     for (label, t) in &tuned {
-        let st = probe::last_token_states(t.model(base), t.adapter(), &probe_prompts, spec.probe.batch, Some(&pb))?;
+        let hooks = t.hooks();
+        let tuning = hooks.as_ref().map(|f| f as probe::PromptHooks);
+        let st = probe::last_token_states_with(t.model(base), t.adapter(), tuning, &probe_prompts, spec.probe.batch, Some(&pb))?;
         for (layer, s) in st.iter().enumerate() {
             for (example, x) in rows(s)?.iter().enumerate() {
                 let (dm, dd) = probe::delta(x, &states0[layer][example]);
@@ -229,11 +231,14 @@ fn study(spec: &PilotSpec, opts: &PilotOptions, sink: &mut dyn Sink, run_dir: &s
     let mut swap: Vec<SwapRow> = Vec::new();
     let pb = bar(pairs.len() * spec.swap.models.len(), "swap probe");
     for name in &spec.swap.models {
-        let (model, adapter): (&Llama, Option<&dyn LinearAdapter>) = match tuned.iter().find(|(l, _)| l == name) {
-            Some((_, t)) => (t.model(base), t.adapter()),
+        let found = tuned.iter().find(|(l, _)| l == name).map(|(_, t)| t);
+        let (model, adapter): (&Llama, Option<&dyn LinearAdapter>) = match found {
+            Some(t) => (t.model(base), t.adapter()),
             None => (base, None),
         };
-        for c in probe::swap_probe(model, adapter, &scorer, &pairs, Some(&pb))? {
+        let hooks = found.and_then(|t| t.hooks());
+        let tuning = hooks.as_ref().map(|f| f as probe::PromptHooks);
+        for c in probe::swap_probe_with(model, adapter, tuning, &scorer, &pairs, Some(&pb))? {
             swap.push(SwapRow {
                 model: name.clone(),
                 layer: c.layer,

@@ -9,5 +9,9 @@ pub mod swap;
 
 pub use delta::{delta, Stats};
 pub use heads::{fit_head, HeadFit, HeadKind, HeadTrain, ProbeHead};
-pub use states::last_token_states;
-pub use swap::{pair_scores, swap_probe, PairScores, SwapCounts};
+pub use states::{last_token_states, last_token_states_with};
+pub use swap::{pair_scores, pair_scores_with, swap_probe, swap_probe_with, PairScores, SwapCounts};
+
+/// Hooks a fine-tune needs on every forward (LoReFT's interventions) for one call's prompts of
+/// these unpadded lengths (left-padded to the longest). Weight adapters need none.
+pub type PromptHooks<'a> = &'a dyn Fn(&[usize]) -> Box<dyn crate::model::Hooks>;

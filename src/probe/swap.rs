@@ -6,7 +6,9 @@
 use crate::intervene::norm_swap::NormSwap;
 use crate::intervene::{ApplyCtx, Intervention};
 use crate::intervene::replace::Replace;
-use crate::model::{Collector, Fwd, KvCache, LinearAdapter, Llama, LogitsAt, Site};
+use super::PromptHooks;
+use crate::model::sites::HookChain;
+use crate::model::{Collector, Fwd, Hooks, KvCache, LinearAdapter, Llama, LogitsAt, Site};
 use crate::train::cls::{score_hidden, Scorer};
 use anyhow::{bail, Result};
 use candle_core::Tensor;
@@ -42,6 +44,17 @@ pub struct PairScores {
 }
 
 pub fn pair_scores(model: &Llama, adapter: Option<&dyn LinearAdapter>, scorer: &Scorer, base: &[u32], source: &[u32]) -> Result<PairScores> {
+    pair_scores_with(model, adapter, None, scorer, base, source)
+}
+
+/// The fine-tune's own hooks (LoReFT) for `n` copies of a prompt of `len` tokens, chained before `then`.
+fn chained<'a>(tuning: Option<PromptHooks>, len: usize, n: usize, then: &'a mut dyn Hooks) -> (Option<Box<dyn Hooks>>, &'a mut dyn Hooks) {
+    (tuning.map(|f| f(&vec![len; n])), then)
+}
+
+/// [`pair_scores`] with a fine-tune's own hooks (LoReFT): they act on every forward (the split
+/// prefix / last-token calls see the prompt's absolute positions) before the collectors and the swap.
+pub fn pair_scores_with(model: &Llama, adapter: Option<&dyn LinearAdapter>, tuning: Option<PromptHooks>, scorer: &Scorer, base: &[u32], source: &[u32]) -> Result<PairScores> {
     let n_layers = model.cfg.num_layers;
     let (mag, ang) = (NormSwap::magnitude(), NormSwap::angle());
     let every = |s: Site| (0..n_layers).map(move |l| (l, s));
@@ -52,14 +65,22 @@ pub fn pair_scores(model: &Llama, adapter: Option<&dyn LinearAdapter>, scorer: &
     // Base: keys/values of tokens before the last, then the last token with its block I/O.
     let mut kv = KvCache::new(n_layers);
     if t > 1 {
-        model.forward(&[base[..t - 1].to_vec()], Fwd { cache: Some(&mut kv), adapter, logits: LogitsAt::None, ..Default::default() })?;
+        let mut own = tuning.map(|f| f(&[t]));
+        let hooks = own.as_mut().map(|h| h.as_mut() as &mut dyn Hooks);
+        model.forward(&[base[..t - 1].to_vec()], Fwd { cache: Some(&mut kv), hooks, adapter, logits: LogitsAt::None, ..Default::default() })?;
     }
     let last = vec![base[t - 1]];
     let mut col = Collector::new(every(Site::BlockInput).chain(every(Site::BlockOutput)));
-    let clean = model.forward(&[last.clone()], Fwd { cache: Some(&mut kv.clone()), hooks: Some(&mut col), adapter, logits: LogitsAt::None, ..Default::default() })?;
+    let (mut own, c) = chained(tuning, t, 1, &mut col);
+    let mut chain = HookChain(own.iter_mut().map(|h| h.as_mut() as &mut dyn Hooks).chain([c]).collect());
+    let clean = model.forward(&[last.clone()], Fwd { cache: Some(&mut kv.clone()), hooks: Some(&mut chain), adapter, logits: LogitsAt::None, ..Default::default() })?;
+    drop(chain);
     let base_scores = score_hidden(model, &last_col(&clean.hidden)?, scorer)?.squeeze(0)?.to_vec1::<f32>()?;
     let mut scol = Collector::new(every(Site::BlockOutput));
-    let src = model.forward(&[source.to_vec()], Fwd { hooks: Some(&mut scol), adapter, logits: LogitsAt::None, ..Default::default() })?;
+    let (mut own, c) = chained(tuning, source.len(), 1, &mut scol);
+    let mut chain = HookChain(own.iter_mut().map(|h| h.as_mut() as &mut dyn Hooks).chain([c]).collect());
+    let src = model.forward(&[source.to_vec()], Fwd { hooks: Some(&mut chain), adapter, logits: LogitsAt::None, ..Default::default() })?;
+    drop(chain);
     let source_scores = score_hidden(model, &last_col(&src.hidden)?, scorer)?.squeeze(0)?.to_vec1::<f32>()?;
     let mut swapped = Vec::with_capacity(n_layers);
     for l in 0..n_layers {
@@ -77,10 +98,14 @@ pub fn pair_scores(model: &Llama, adapter: Option<&dyn LinearAdapter>, scorer: &
         let x0 = last_col(col.get(l, Site::BlockInput).expect("collected"))?.unsqueeze(1)?;
         let x0 = Tensor::cat(&[&x0, &x0, &x0], 0)?;
         let mut hook = Replace::whole(l, Site::BlockOutput, with);
+        // The fine-tune's hooks first: at block l the swap then overrides their output.
+        let (mut own, h) = chained(tuning, t, 3, &mut hook);
+        let mut chain = HookChain(own.iter_mut().map(|x| x.as_mut() as &mut dyn Hooks).chain([h]).collect());
         let out = model.forward(
             &vec![last.clone(); 3],
-            Fwd { cache: if t > 1 { Some(&mut kv3) } else { None }, hooks: Some(&mut hook), adapter, logits: LogitsAt::None, start: Some((l, x0)), ..Default::default() },
+            Fwd { cache: if t > 1 { Some(&mut kv3) } else { None }, hooks: Some(&mut chain), adapter, logits: LogitsAt::None, start: Some((l, x0)), ..Default::default() },
         )?;
+        drop(chain);
         swapped.push(score_hidden(model, &last_col(&out.hidden)?, scorer)?.to_vec2::<f32>()?);
     }
     Ok(PairScores { base: base_scores, source: source_scores, swapped })
@@ -98,11 +123,23 @@ pub fn swap_probe(
     pairs: &[(Vec<u32>, Vec<u32>)],
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<SwapCounts>> {
+    swap_probe_with(model, adapter, None, scorer, pairs, progress)
+}
+
+/// [`swap_probe`] with a fine-tune's own hooks (LoReFT).
+pub fn swap_probe_with(
+    model: &Llama,
+    adapter: Option<&dyn LinearAdapter>,
+    tuning: Option<PromptHooks>,
+    scorer: &Scorer,
+    pairs: &[(Vec<u32>, Vec<u32>)],
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<Vec<SwapCounts>> {
     let n_layers = model.cfg.num_layers;
     let mut counts: Vec<SwapCounts> =
         (0..n_layers).flat_map(|layer| KINDS.iter().map(move |&kind| SwapCounts { layer, kind, ..Default::default() })).collect();
     for (base, source) in pairs {
-        let ps = pair_scores(model, adapter, scorer, base, source)?;
+        let ps = pair_scores_with(model, adapter, tuning, scorer, base, source)?;
         let (base_pred, source_pred) = (argmax(&ps.base), argmax(&ps.source));
         let differ = base_pred != source_pred;
         for (l, per_kind) in ps.swapped.iter().enumerate() {

@@ -1,7 +1,7 @@
 //! The fine-tuning engine as a library call: `train(base, tok, &cfg, &data) -> TrainOutput`.
 //!
 //! Methods (`methods.rs`): full fine-tuning (every weight a `Var`), LoRA, DoRA, OFT, BOFT, RoAd
-//! (1/2/4, either pairing, optional angle-only / magnitude-only). Tasks: classification at the
+//! (1/2/4, either pairing, optional angle-only / magnitude-only), LoReFT (`reft.rs`, hooks). Tasks: classification at the
 //! last prompt token (label words or a linear head) and causal-LM on prompt/completion pairs. AdamW with explicit weight decay,
 //! warm-up + decay, global-norm clipping, gradient accumulation, periodic dev evaluation keeping
 //! the best parameters, and resumable checkpoints (parameters + optimizer moments + step).
@@ -77,7 +77,7 @@ impl TrainConfig {
     pub fn new(method: MethodCfg, task: TaskCfg) -> Self {
         let weight_decay = match method {
             // Decaying α / magnitudes / scales towards 0 would shrink outputs (see spec.rs).
-            MethodCfg::Road { .. } | MethodCfg::Dora { .. } | MethodCfg::Oft { .. } | MethodCfg::Boft { .. } => 0.0,
+            MethodCfg::Road { .. } | MethodCfg::Dora { .. } | MethodCfg::Oft { .. } | MethodCfg::Boft { .. } | MethodCfg::Loreft { .. } => 0.0,
             _ => 0.01,
         };
         Self {
@@ -165,6 +165,7 @@ impl TrainOutput {
             Trained::Dora(a) => a.save_peft(dir, base_model)?,
             Trained::Oft(a) => a.save_peft(dir, base_model)?,
             Trained::Boft(a) => a.save_peft(dir, base_model)?,
+            Trained::Loreft(s) => s.save(dir, base_model)?,
             Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
         }
         if let Some(h) = &self.head {
@@ -256,6 +257,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             }
             (cls::label_token_ids(tok, label_words)?, template.clone())
         }
+        (TaskCfg::CausalLm, TrainData::Lm { .. }) if matches!(cfg.method, MethodCfg::Loreft { .. }) => {
+            bail!("LoReFT fine-tuning supports classification tasks only (its prompt positions are the classified text's)")
+        }
         (TaskCfg::CausalLm, TrainData::Lm { .. }) => (vec![], String::new()),
         _ => bail!("task and data kinds differ (classification needs (text, label) data; causal LM needs prompt/completion pairs)"),
     };
@@ -313,7 +317,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     let evaluate = |step: usize| -> Result<(EvalRow, f64)> {
         match data {
             TrainData::Cls { dev, .. } => {
-                let m: ClsMetrics = cls::evaluate(model, adapter, tok, dev, &template, &scorer, cfg.max_len, cfg.eval_batch, None, None)?;
+                let mut hf = trained.reft().map(|s| s.eval_hooks(tok, &template, cfg.max_len));
+                let hf = hf.as_mut().map(|f| f as &mut dyn FnMut(&[ClsExample]) -> Result<Box<dyn crate::model::Hooks>>);
+                let m: ClsMetrics = cls::evaluate(model, adapter, tok, dev, &template, &scorer, cfg.max_len, cfg.eval_batch, hf, None)?;
                 Ok((EvalRow { step, split: "dev".into(), n: m.n, loss: m.loss, accuracy: m.accuracy }, m.accuracy))
             }
             TrainData::Lm { dev, .. } => {
@@ -363,7 +369,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
                 TrainData::Cls { train, .. } => {
                     let b: Vec<&ClsExample> = idx.iter().map(|&i| &train[i]).collect();
                     let prompts = b.iter().map(|e| cls::encode_prompt(tok, &template, &e.text, cfg.max_len)).collect::<Result<Vec<_>>>()?;
-                    let logits = cls::class_logits(model, adapter, None, &prompts, &scorer, true)?;
+                    let mut hooks = trained.prompt_hooks(&prompts);
+                    let logits = cls::class_logits(model, adapter, hooks.as_mut().map(|h| h as &mut dyn crate::model::Hooks), &prompts, &scorer, true)?;
                     cls::cross_entropy(&logits, &b.iter().map(|e| e.label).collect::<Vec<_>>())?
                 }
                 TrainData::Lm { train, .. } => {
@@ -382,7 +389,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
             for (name, v) in &params {
                 // A trainable parameter without a gradient means it is not wired into the loss.
                 let g = grads.get(v).with_context(|| format!("trainable parameter {name} received no gradient"))?;
-                gs.push(g.clone());
+                // Detached: a leaf's gradient from candle still references the forward graph, which
+                // AdamW's moments would otherwise keep alive step after step.
+                gs.push(g.detach());
             }
             acc = Some(match acc {
                 None => gs,
@@ -391,6 +400,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         }
         trained.set_training(None);
         let mut grads = acc.expect("grad_accum >= 1");
+        trained.project_grads(&params, &mut grads)?;
         let grad_norm = match cfg.clip_norm {
             Some(c) => clip_global_norm(&mut grads, c)?,
             None => super::optim::global_norm(&grads)?,
@@ -401,6 +411,7 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         }
         last_good.keep(&params, step)?;
         opt.apply(&grads, lr)?;
+        trained.after_step()?;
         let loss = loss_sum / cfg.grad_accum as f64;
         log.push(LogRow { step: step + 1, lr, loss, grad_norm, elapsed_s: prev_elapsed + t0.elapsed().as_secs_f64() });
         pb.set_message(format!("loss {loss:.4}"));

@@ -1,7 +1,8 @@
 //! What each fine-tuning method trains: its configuration (`MethodCfg`), the trained result
-//! (`Trained`) and the named trainable `Var`s the engine's optimizer and checkpoints see.
+//! (`Trained`; LoReFT's in [`super::reft`]) and the named trainable `Var`s the engine's optimizer and checkpoints see.
 use crate::adapters::{BoftAdapter, DoraAdapter, Freeze, LoraAdapter, OftAdapter, RoadAdapter, Variant};
 use crate::model::{LinearAdapter, Llama, Proj};
+use super::reft::{LoreftSet, ReftHook};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::Var;
@@ -15,6 +16,8 @@ pub enum MethodCfg {
     /// `neumann_terms: None` = the exact Cayley transform.
     Oft { block_size: usize, neumann_terms: Option<usize>, targets: Vec<Proj>, layers: Option<Vec<usize>> },
     Boft { block_size: usize, factors: usize, targets: Vec<Proj>, layers: Option<Vec<usize>> },
+    /// pyreft's LoReFT at `block_output` of `layers` (default all), first/last prompt positions.
+    Loreft { rank: usize, first_n: usize, last_n: usize, share_weights: bool, layers: Option<Vec<usize>> },
 }
 
 impl MethodCfg {
@@ -25,6 +28,7 @@ impl MethodCfg {
             MethodCfg::Dora { r, .. } => format!("dora-r{r}"),
             MethodCfg::Oft { block_size, .. } => format!("oft-b{block_size}"),
             MethodCfg::Boft { block_size, factors, .. } => format!("boft-b{block_size}-m{factors}"),
+            MethodCfg::Loreft { rank, first_n, last_n, .. } => format!("loreft-r{rank}-f{first_n}l{last_n}"),
             MethodCfg::Road { variant, freeze, .. } => {
                 let v = variant.peft_name().replace('_', "");
                 match (freeze.theta, freeze.alpha) {
@@ -44,6 +48,8 @@ pub enum Trained {
     Dora(DoraAdapter),
     Oft(OftAdapter),
     Boft(BoftAdapter),
+    /// LoReFT: hooks on the residual stream, no weight adapter.
+    Loreft(LoreftSet),
     /// Full fine-tuning: a complete model whose weights are `Var`s.
     Full(Box<Llama>),
 }
@@ -57,8 +63,30 @@ impl Trained {
             Trained::Dora(a) => Some(a),
             Trained::Oft(a) => Some(a),
             Trained::Boft(a) => Some(a),
-            Trained::Full(_) => None,
+            Trained::Full(_) | Trained::Loreft(_) => None,
         }
+    }
+
+    pub fn reft(&self) -> Option<&LoreftSet> {
+        match self {
+            Trained::Loreft(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// LoReFT's hooks for a batch of left-padded prompts of these lengths (`None` for the others).
+    pub fn prompt_hooks(&self, prompts: &[Vec<u32>]) -> Option<ReftHook> {
+        self.reft().map(|s| s.hook(prompts.iter().map(|p| p.len()).collect()))
+    }
+
+    /// LoReFT: R's gradients onto the Stiefel tangent space (before clipping and AdamW).
+    pub(super) fn project_grads(&self, params: &[(String, Var)], grads: &mut [candle_core::Tensor]) -> Result<()> {
+        self.reft().map_or(Ok(()), |s| s.project_grads(params, grads))
+    }
+
+    /// LoReFT: R back onto orthonormal rows after the optimizer step.
+    pub(super) fn after_step(&self) -> Result<()> {
+        self.reft().map_or(Ok(()), |s| s.retract())
     }
 
     /// Turn LoRA/DoRA dropout on (training, with its own RNG) or off (`None`).
@@ -117,6 +145,11 @@ pub(super) fn build(base: &Llama, method: &MethodCfg, rng: &mut Rng) -> Result<(
             });
             let p = p.collect();
             (Trained::Boft(a), p)
+        }
+        MethodCfg::Loreft { rank, first_n, last_n, share_weights, layers } => {
+            let s = LoreftSet::new(&base.cfg, *rank, *first_n, *last_n, &layers_of(layers), *share_weights, &mut rng.fork(4), dev)?;
+            let p = s.named_vars();
+            (Trained::Loreft(s), p)
         }
         MethodCfg::Road { variant, group_size, freeze, targets, layers } => {
             if freeze.theta && freeze.alpha {

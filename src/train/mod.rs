@@ -6,6 +6,7 @@ pub mod lm;
 pub mod methods;
 pub mod optim;
 mod params;
+pub mod reft;
 pub mod schedule;
 pub mod run;
 pub mod spec;

@@ -93,7 +93,9 @@ pub fn finetune_and_test(spec: &Spec, model: &Llama, tok: &Tok, dir: &Path, resu
         (Some(test), engine::TaskCfg::Classify { template, .. }) => {
             let pb = indicatif::ProgressBar::new(test.len() as u64);
             pb.set_style(indicatif::ProgressStyle::with_template("test  {bar:30} {pos}/{len}  ETA {eta}").expect("static template"));
-            let m = cls::evaluate(out.model(model), out.adapter(), tok, test, template, &out.scorer(), cfg.max_len, cfg.eval_batch, None, Some(&pb))?;
+            let mut hf = out.trained.reft().map(|s| s.eval_hooks(tok, template, cfg.max_len));
+            let hf = hf.as_mut().map(|f| f as &mut dyn FnMut(&[super::data::ClsExample]) -> Result<Box<dyn crate::model::Hooks>>);
+            let m = cls::evaluate(out.model(model), out.adapter(), tok, test, template, &out.scorer(), cfg.max_len, cfg.eval_batch, hf, Some(&pb))?;
             pb.finish_and_clear();
             evals.push(EvalRow { step: out.best_step, split: "test".into(), n: m.n, loss: m.loss, accuracy: m.accuracy });
             let mut w = csv::Writer::from_path(dir.join("metrics.csv")).context("writing metrics.csv")?;

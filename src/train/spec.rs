@@ -152,7 +152,7 @@ impl Default for TaskSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MethodSpec {
-    /// "road", "lora", "dora", "oft", "boft" or "full".
+    /// "road", "lora", "dora", "oft", "boft", "loreft" or "full".
     pub kind: String,
     #[serde(default = "d_targets")]
     pub targets: Vec<String>,
@@ -184,6 +184,31 @@ pub struct MethodSpec {
     /// OFT: terms of peft's Cayley–Neumann series (default 5); 0 = the exact Cayley transform.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub neumann_terms: Option<usize>,
+    /// LoReFT: pyreft's position string, `f<N>+l<M>` (first N, last M prompt tokens; default
+    /// "f1+l1"); the rank is `r`, the layers `layers`, the site each block's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<String>,
+    /// LoReFT: one intervention per layer for the first and the last positions (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share_weights: Option<bool>,
+}
+
+/// pyreft's `parse_positions`: "f1+l1", "f3", "l2" → (first_n, last_n).
+pub fn parse_positions(s: &str) -> Result<(usize, usize)> {
+    let (mut f, mut l) = (0, 0);
+    for part in s.split('+') {
+        let p = part.trim();
+        let n = |x: &str| x.parse::<usize>().map_err(|_| anyhow::anyhow!("method.positions {s:?}: expected f<N>+l<M> (e.g. \"f1+l1\")"));
+        match (p.strip_prefix('f'), p.strip_prefix('l')) {
+            (Some(x), _) => f = n(x)?,
+            (_, Some(x)) => l = n(x)?,
+            _ => bail!("method.positions {s:?}: expected f<N>+l<M> (e.g. \"f1+l1\")"),
+        }
+    }
+    if f + l == 0 {
+        bail!("method.positions {s:?} selects no positions");
+    }
+    Ok((f, l))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -276,6 +301,10 @@ impl Spec {
                 m.block_size.get_or_insert(4);
                 m.butterfly_factor.get_or_insert(1);
             }
+            "loreft" => {
+                m.positions.get_or_insert_with(|| "f1+l1".into());
+                m.share_weights.get_or_insert(false);
+            }
             _ => {}
         }
         self.check_values()?;
@@ -306,7 +335,7 @@ impl Spec {
         finite("method.alpha", self.method.alpha)?;
         finite("data.min_confidence", self.data.min_confidence as f64)?;
         fraction("method.dropout", self.method.dropout as f64)?;
-        if matches!(self.method.kind.as_str(), "lora" | "dora") && self.method.r == 0 {
+        if matches!(self.method.kind.as_str(), "lora" | "dora" | "loreft") && self.method.r == 0 {
             bail!("method.r must be at least 1");
         }
         Ok(())
@@ -331,6 +360,10 @@ impl Spec {
                 MethodCfg::Oft { block_size: m.block_size.unwrap_or(32), neumann_terms: (terms > 0).then_some(terms), targets, layers: m.layers.clone() }
             }
             "boft" => MethodCfg::Boft { block_size: m.block_size.unwrap_or(4), factors: m.butterfly_factor.unwrap_or(1), targets, layers: m.layers.clone() },
+            "loreft" => {
+                let (first_n, last_n) = parse_positions(m.positions.as_deref().unwrap_or("f1+l1"))?;
+                MethodCfg::Loreft { rank: m.r, first_n, last_n, share_weights: m.share_weights.unwrap_or(false), layers: m.layers.clone() }
+            }
             "road" => {
                 let freeze = match m.train.as_str() {
                     "both" => Freeze::default(),
@@ -341,7 +374,7 @@ impl Spec {
                 let variant = Variant::parse(&m.variant.to_string())?;
                 MethodCfg::Road { variant, group_size: m.group_size, freeze, targets, layers: m.layers.clone() }
             }
-            o => bail!("method.kind = {o:?}: expected road, lora, dora, oft, boft or full"),
+            o => bail!("method.kind = {o:?}: expected road, lora, dora, oft, boft, loreft or full"),
         })
     }
 

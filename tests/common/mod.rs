@@ -182,3 +182,46 @@ pub fn only_run(root: &std::path::Path, experiment: &str) -> PathBuf {
     assert_eq!(runs.len(), 1, "{runs:?}");
     runs[0].clone()
 }
+
+/// Sixteen "<word> is good/bad" examples, labels 0/1: the fine-tuning tests' toy task.
+pub fn toy_cls() -> Vec<road_dii::train::data::ClsExample> {
+    use road_dii::train::data::ClsExample;
+    let words = ["apple", "river", "stone", "cloud", "green", "music", "paper", "light"];
+    words.iter().flat_map(|w| [ClsExample { text: format!("{w} is good"), label: 0 }, ClsExample { text: format!("{w} is bad"), label: 1 }]).collect()
+}
+
+/// The one definition of "a resumed fine-tune equals an uninterrupted one": `run(dir, steps,
+/// resume)` trains 6 steps straight, then 4 and a resume to 6; the last logged losses agree.
+pub fn assert_resume_matches(tag: &str, run: impl Fn(&std::path::Path, usize, bool) -> road_dii::train::TrainOutput) {
+    let base = std::env::temp_dir().join(format!("road-{tag}-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let straight = run(&base.join("a"), 6, false);
+    run(&base.join("b"), 4, false);
+    let resumed = run(&base.join("b"), 6, true);
+    let last = |o: &road_dii::train::TrainOutput| o.log.last().unwrap().loss;
+    assert_eq!(resumed.log.len(), 6);
+    assert!((last(&straight) - last(&resumed)).abs() < 1e-5, "{tag}: {} vs {}", last(&straight), last(&resumed));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Central differences of `loss` (the plain, non-differentiable forward) at the entry of largest
+/// gradient and at one other entry of `v`, against autograd's gradient `g` (3% of max |g|).
+pub fn assert_grad_matches_fd(v: &candle_core::Var, g: &Tensor, what: &str, loss: impl Fn() -> f32) {
+    let flat = g.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let gmax = flat.iter().fold(0f32, |a, &x| a.max(x.abs()));
+    assert!(gmax > 1e-6, "{what}: zero gradient (not wired into the loss?)");
+    let imax = flat.iter().position(|&x| x.abs() == gmax).unwrap();
+    let base = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for i in [imax, flat.len() / 3] {
+        let eps = 1e-2f32;
+        let at = |d: f32| {
+            let mut x = base.clone();
+            x[i] += d;
+            v.set(&Tensor::from_vec(x, v.dims(), &Device::Cpu).unwrap()).unwrap();
+            loss()
+        };
+        let fd = (at(eps) - at(-eps)) / (2.0 * eps);
+        v.set(&Tensor::from_vec(base.clone(), v.dims(), &Device::Cpu).unwrap()).unwrap();
+        assert!((fd - flat[i]).abs() <= 0.03 * gmax + 1e-4, "{what}[{i}]: autograd {} vs finite difference {fd} (max |g| {gmax})", flat[i]);
+    }
+}

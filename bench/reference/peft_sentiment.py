@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""peft 0.21.2 fine-tuning on the same sentiment split and protocol as
+`road finetune experiments/sentiment-<kind>.toml` (issue 21's efficiency table), one kind per call.
+
+Kinds and their peft configs (mirroring the spec files): lora (LoraConfig r, alpha, dropout),
+dora (the same with use_dora=True), oft (OFTConfig oft_block_size, Cayley–Neumann terms), boft
+(BOFTConfig boft_block_size, boft_n_butterfly_factor), road1/road4 (RoadConfig variant,
+group_size), all on the spec's target projections of every layer. The protocol is road's and
+pyreft_sentiment.py's: `road finetune SPEC --write-split` gives the exact examples; loss =
+cross-entropy over the label words' logits at the last prompt token; left padding with position
+ids counting real tokens; AdamW (the spec's weight decay), warm-up + linear decay, clip 1.0,
+dev evaluation every `eval_every` steps keeping the best, then test accuracy (skipped with
+`--no-test`, for timing-only runs). Batch order and init draws are torch's, not road's.
+Prints one JSON line: trainable params, test accuracy, training seconds (the loop only, and per
+step), peak RSS of the process.
+
+Usage: python bench/reference/peft_sentiment.py --road target/release/road --model GGUF --kind lora
+       [--seed 0] [--threads 2] [--set train.steps=4 ...] [--no-test]
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import tomllib
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pyreft_sentiment import apply_sets, load_split  # noqa: E402
+
+PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def peft_config(kind, m):
+    from peft import BOFTConfig, LoraConfig, OFTConfig, RoadConfig
+    targets = [PROJ[t] for t in m.get("targets", list(PROJ))]
+    if kind in ("lora", "dora"):
+        return LoraConfig(r=m.get("r", 8), lora_alpha=m.get("alpha", 16.0), lora_dropout=m.get("dropout", 0.0),
+                          target_modules=targets, use_dora=kind == "dora")
+    if kind == "oft":
+        terms = m.get("neumann_terms", 5)
+        return OFTConfig(oft_block_size=m.get("block_size", 32), r=0, target_modules=targets,
+                         use_cayley_neumann=terms > 0, num_cayley_neumann_terms=max(terms, 1))
+    if kind == "boft":
+        return BOFTConfig(boft_block_size=m.get("block_size", 4), boft_n_butterfly_factor=m.get("butterfly_factor", 1), target_modules=targets)
+    if kind == "road":
+        return RoadConfig(variant=f"road_{m.get('variant', 1)}", group_size=m.get("group_size", 64), target_modules=targets)
+    raise ValueError(f"unknown kind {kind}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--road", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--kind", required=True, help="lora, dora, oft, boft, road1 or road4 (experiments/sentiment-<kind>.toml)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--no-test", action="store_true")
+    args = ap.parse_args()
+    import torch
+    import transformers
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.set_num_threads(args.threads)
+    spec_path = f"experiments/sentiment-{args.kind}.toml"
+    spec = tomllib.load(open(spec_path, "rb"))
+    m, t = spec["method"], spec["train"]
+    apply_sets(m, t, args.set)
+    head, split = load_split(args.road, spec_path, [f"seed={args.seed}"] + args.set)
+    mdir, mfile = os.path.split(os.path.abspath(os.path.expanduser(args.model)))
+    base = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32, attn_implementation="eager")
+    tok = AutoTokenizer.from_pretrained(mdir, gguf_file=mfile)
+    n_base = sum(p.numel() for p in base.parameters())
+    torch.manual_seed(args.seed)
+    model = get_peft_model(base, peft_config(m["kind"], m))
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in head["label_words"]]
+
+    def logits(texts):
+        enc = [tok(head["template"].replace("{text}", s), add_special_tokens=False)["input_ids"][-head["max_len"]:] for s in texts]
+        w = max(len(x) for x in enc)
+        ids = torch.tensor([[0] * (w - len(x)) + x for x in enc])
+        mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in enc])
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, label_ids]
+
+    def evaluate(rows, bs):
+        model.eval()
+        correct = n = 0
+        with torch.no_grad():
+            for i in range(0, len(rows), bs):
+                ch = rows[i:i + bs]
+                correct += (logits([x for x, _ in ch]).argmax(-1) == torch.tensor([l for _, l in ch])).sum().item()
+                n += len(ch)
+        return correct / n
+
+    steps, bs, lr = t["steps"], t["batch_size"], float(t["lr"])
+    wd = float(t.get("weight_decay", 0.01 if m["kind"] in ("lora",) else 0.0))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
+    sched = transformers.get_linear_schedule_with_warmup(opt, round(t.get("warmup_ratio", 0.1) * steps), steps)
+    g = torch.Generator().manual_seed(args.seed)
+    order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
+    best, best_state, best_step, secs, per_step = -1.0, None, 0, 0.0, []
+    eval_every = t.get("eval_every", 16)
+    for step in range(steps):
+        t0 = time.perf_counter()
+        model.train()
+        ch = [split["train"][i] for i in order[step * bs:(step + 1) * bs].tolist()]
+        loss = torch.nn.functional.cross_entropy(logits([x for x, _ in ch]), torch.tensor([l for _, l in ch]))
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.get("clip_norm", 1.0))
+        opt.step()
+        sched.step()
+        per_step.append(time.perf_counter() - t0)
+        secs += per_step[-1]
+        if not args.no_test and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+            acc = evaluate(split["dev"], t.get("eval_batch", 16))
+            print(json.dumps({"step": step + 1, "dev_acc": acc, "train_loss": loss.item()}), file=sys.stderr, flush=True)
+            if acc > best:
+                best, best_step = acc, step + 1
+                best_state = [p.detach().clone() for p in params]
+    test = None
+    if not args.no_test:
+        with torch.no_grad():
+            for p, b in zip(params, best_state):
+                p.copy_(b)
+        test = evaluate(split["test"], t.get("eval_batch", 16))
+    print(json.dumps({
+        "impl": "peft 0.21.2", "kind": args.kind, "seed": args.seed, "trainable_params": n_params,
+        "trainable_pct": 100.0 * n_params / n_base, "steps": steps, "batch": bs, "lr": lr,
+        "best_step": best_step, "dev_accuracy": best if best >= 0 else None, "test_accuracy": test,
+        "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 2),
+        "threads": args.threads, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
