@@ -20,33 +20,25 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
             return Ok(None);
         }
-        let (out_d, in_d) = w.dims2()?;
-        let rows = x.elem_count() / in_d;
-        if rows == 0 || rows > MAX_ROWS || !w.is_contiguous() {
-            return Ok(None);
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (st, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*st else { return Ok(None) };
-        let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out_d * in_d];
-        // Parallel over blocks of output features; each block serves every row, so each weight
-        // row is read from memory once. Results go straight into one `[out, rows]` buffer (no
-        // per-block allocations: the lm_head alone has 768 blocks per decode step).
-        const CHUNK: usize = 64;
-        let mut yt = vec![0f32; out_d * rows];
-        yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, part)| {
-            let lo = c * CHUNK;
-            for (k, out) in part.chunks_mut(rows).enumerate() {
-                let wr = &ws[(lo + k) * in_d..(lo + k + 1) * in_d];
-                for (r, o) in out.iter_mut().enumerate() {
-                    // SAFETY: AVX2 and FMA were detected above.
-                    *o = unsafe { dot_avx2(wr, &xs[r * in_d..(r + 1) * in_d]) };
+        return cpu_linear(x, w, |rows| rows <= MAX_ROWS, |xs, ws, rows, in_d, out_d| {
+            // Parallel over blocks of output features; each block serves every row, so each weight
+            // row is read from memory once. Results go straight into one `[out, rows]` buffer (no
+            // per-block allocations: the lm_head alone has 768 blocks per decode step).
+            const CHUNK: usize = 64;
+            let mut yt = vec![0f32; out_d * rows];
+            yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, part)| {
+                let lo = c * CHUNK;
+                for (k, out) in part.chunks_mut(rows).enumerate() {
+                    let wr = &ws[(lo + k) * in_d..(lo + k + 1) * in_d];
+                    for (r, o) in out.iter_mut().enumerate() {
+                        // SAFETY: AVX2 and FMA were detected above.
+                        *o = unsafe { dot_avx2(wr, &xs[r * in_d..(r + 1) * in_d]) };
+                    }
                 }
+            });
+            if rows == 1 {
+                return yt;
             }
-        });
-        let y = if rows == 1 {
-            yt
-        } else {
             let mut y = vec![0f32; rows * out_d];
             for (o, vals) in yt.chunks(rows).enumerate() {
                 for (r, v) in vals.iter().enumerate() {
@@ -54,14 +46,36 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
                 }
             }
             y
-        };
-        drop(st);
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("x has a last dim") = out_d;
-        return Ok(Some(Tensor::from_vec(y, shape, x.device())?));
+        });
     }
     #[allow(unreachable_code)]
     Ok(None)
+}
+
+/// The frame road's CPU linear kernels share (this gemv, `small_gemm`): for a contiguous f32
+/// weight `[out, in]` and `x` `[..., in]` whose row count `rows_ok` accepts, `kernel(xs, ws, rows,
+/// in, out)` returns `[rows, out]` values, given back shaped like `x` with last dim `out`; None
+/// when the frame does not apply (the caller then uses candle's matmul).
+pub(super) fn cpu_linear(
+    x: &Tensor,
+    w: &Tensor,
+    rows_ok: impl Fn(usize) -> bool,
+    kernel: impl FnOnce(&[f32], &[f32], usize, usize, usize) -> Vec<f32>,
+) -> Result<Option<Tensor>> {
+    let (out_d, in_d) = w.dims2()?;
+    let rows = x.elem_count() / in_d.max(1);
+    if rows == 0 || !rows_ok(rows) || !w.is_contiguous() {
+        return Ok(None);
+    }
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let (st, layout) = w.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else { return Ok(None) };
+    let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out_d * in_d];
+    let y = kernel(&xs, ws, rows, in_d, out_d);
+    drop(st);
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("x has a last dim") = out_d;
+    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -8,7 +8,7 @@
 //! accumulators — 8 loads per 16 FMAs — and reduces each accumulator once at the end. Each weight
 //! row is read from memory once, as in the decode gemv.
 use anyhow::Result;
-use candle_core::{DType, Storage, Tensor};
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Row counts this path takes: above the gemv's, up to where gemm's AVX-512 kernels (x86-v4) catch up
@@ -30,27 +30,17 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         if !enabled() {
             return Ok(None);
         }
-        let (out_d, in_d) = w.dims2()?;
-        let rows = x.elem_count() / in_d.max(1);
-        if !(MIN_ROWS..=MAX_ROWS).contains(&rows) || !w.is_contiguous() {
-            return Ok(None);
-        }
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let (st, layout) = w.storage_and_layout();
-        let Storage::Cpu(cpu) = &*st else { return Ok(None) };
-        let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out_d * in_d];
-        let mut y = vec![0f32; rows * out_d];
-        let out = SharedOut(y.as_mut_ptr());
-        (0..out_d.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
-            let out = &out;
-            let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(out_d));
-            // SAFETY: AVX-512F was detected; every task writes only the columns lo..hi of y.
-            unsafe { chunk(&xs, ws, rows, in_d, out_d, lo, hi, out.0) };
+        return super::gemv::cpu_linear(x, w, |rows| (MIN_ROWS..=MAX_ROWS).contains(&rows), |xs, ws, rows, in_d, out_d| {
+            let mut y = vec![0f32; rows * out_d];
+            let out = SharedOut(y.as_mut_ptr());
+            (0..out_d.div_ceil(CHUNK)).into_par_iter().for_each(|c| {
+                let out = &out;
+                let (lo, hi) = (c * CHUNK, ((c + 1) * CHUNK).min(out_d));
+                // SAFETY: AVX-512F was detected; every task writes only the columns lo..hi of y.
+                unsafe { chunk(xs, ws, rows, in_d, out_d, lo, hi, out.0) };
+            });
+            y
         });
-        drop(st);
-        let mut shape = x.dims().to_vec();
-        *shape.last_mut().expect("x has a last dim") = out_d;
-        return Ok(Some(Tensor::from_vec(y, shape, x.device())?));
     }
     #[allow(unreachable_code)]
     Ok(None)
