@@ -3,7 +3,7 @@
 //! GEMM for m ≤ 64), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
 //! fraction of the machine's measured FMA peak (`road bench peak`).
 use super::median;
-use crate::model::{gemv, small_gemm};
+use crate::model::gemv;
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -27,12 +27,7 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
         let (m, k, n) = parse(s)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let road = |x: &Tensor| -> Result<Option<Tensor>> {
-            Ok(match gemv::try_linear(x, &w)? {
-                Some(y) => Some(y),
-                None => small_gemm::try_linear(x, &w)?,
-            })
-        };
+        let road = |x: &Tensor| gemv::fast_linear(x, &w);
         let has_road = road(&x)?.is_some();
         let (mut tc, mut tr) = (Vec::new(), Vec::new());
         for _ in 0..reps.max(1) + 1 {

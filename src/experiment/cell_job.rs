@@ -158,16 +158,20 @@ impl Evaluator<'_> {
     }
 }
 
+/// One cell's view of a model's per-split clean caches (the run's model, or the random model's).
+fn cell_caches<'a>(split_caches: &'a HashMap<Split, data::SplitCache>, prepared: &Prepared, cell: &Cell) -> Result<HashMap<Split, CellCache<'a>>> {
+    split_caches
+        .iter()
+        .map(|(s, sc)| Ok((*s, sc.cell(prepared.data.split(*s), cell.layer, cell.site, &cell.position)?)))
+        .collect()
+}
+
 /// Train (if the kind learns) and evaluate one cell on every split, then its controls.
 pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: &mut dyn FnMut(RunEvent)) -> Result<CellResult> {
     let (spec, model, prepared) = (ctx.spec, ctx.model, ctx.prepared);
     emit(RunEvent::CellStarted { cell: ci, label: cell.label() });
     let real = |s: Split| -> &[Pair] { prepared.data.split(s) };
-    let caches: HashMap<Split, CellCache> = ctx
-        .split_caches
-        .iter()
-        .map(|(s, sc)| Ok((*s, sc.cell(real(*s), cell.layer, cell.site, &cell.position)?)))
-        .collect::<Result<_>>()?;
+    let caches = cell_caches(ctx.split_caches, prepared, cell)?;
     let width = caches[&Split::Test].source_vec[0].dim(0)?;
     let d_iv = cell.cols.as_ref().map(|c| c.dim(0)).transpose()?.unwrap_or(width);
     let mean = match caches.get(&Split::Train) {
@@ -241,12 +245,9 @@ pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: 
                 }
                 Control::RandomModel => {
                     let rm = ctx.random_model.ok_or_else(|| anyhow::anyhow!("random_model control without its model"))?;
-                    let rcaches: HashMap<Split, CellCache> = rm
-                        .split_caches
-                        .iter()
-                        .map(|(s, sc)| Ok((*s, sc.cell(real(*s), cell.layer, cell.site, &cell.position)?)))
-                        .collect::<Result<_>>()?;
-                    // Its own closure, declared after the caches it is paired with.
+                    let rcaches = cell_caches(&rm.split_caches, prepared, cell)?;
+                    // Its own closure, declared after the caches it is paired with (Evaluator ties
+                    // both to one lifetime, so `real`, declared before them, cannot serve).
                     let pairs = |s: Split| -> &[Pair] { prepared.data.split(s) };
                     let rev = Evaluator { ctx, model: &rm.model, clean: &rm.clean, cell, caches: &rcaches, pairs: &pairs };
                     rev.train_control(&build, cell_seed, ci, c, &mut out.train_log)?

@@ -5,6 +5,15 @@ use anyhow::Result;
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
+/// road's own CPU path for `x @ wᵀ` (inference): this gemv for ≤ `MAX_ROWS` rows, then the
+/// AVX-512 small GEMM; None when neither applies (the caller uses candle's matmul).
+pub fn fast_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    match try_linear(x, w)? {
+        Some(y) => Ok(Some(y)),
+        None => super::small_gemm::try_linear(x, w),
+    }
+}
+
 /// Rows up to which the gemv path wins over GEMM.
 pub const MAX_ROWS: usize = 4;
 
@@ -12,9 +21,6 @@ pub const MAX_ROWS: usize = 4;
 /// does not apply (non-CPU or generic ops forced, non-f32, too many rows, no AVX2/FMA); the
 /// caller then uses the device-generic matmul.
 pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return Ok(None);
-    }
     #[cfg(target_arch = "x86_64")]
     {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
@@ -52,27 +58,34 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
-/// The frame road's CPU linear kernels share (this gemv, `small_gemm`): for a contiguous f32
-/// weight `[out, in]` and `x` `[..., in]` whose row count `rows_ok` accepts, `kernel(xs, ws, rows,
-/// in, out)` returns `[rows, out]` values, given back shaped like `x` with last dim `out`; None
-/// when the frame does not apply (the caller then uses candle's matmul).
+/// The frame road's CPU linear kernels share (this gemv, `small_gemm`): on the CPU fast path, for
+/// f32 `x` `[..., in]` whose row count `rows_ok` accepts and a contiguous f32 weight `[out, in]`,
+/// `kernel(xs, ws, rows, in, out)` (both read in place) returns `[rows, out]` values, given back
+/// shaped like `x` with last dim `out`; None when the frame does not apply (the caller then uses
+/// candle's matmul).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(super) fn cpu_linear(
     x: &Tensor,
     w: &Tensor,
     rows_ok: impl Fn(usize) -> bool,
     kernel: impl FnOnce(&[f32], &[f32], usize, usize, usize) -> Vec<f32>,
 ) -> Result<Option<Tensor>> {
+    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return Ok(None);
+    }
     let (out_d, in_d) = w.dims2()?;
     let rows = x.elem_count() / in_d.max(1);
     if rows == 0 || !rows_ok(rows) || !w.is_contiguous() {
         return Ok(None);
     }
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let (st, layout) = w.storage_and_layout();
-    let Storage::Cpu(cpu) = &*st else { return Ok(None) };
-    let ws = &cpu.as_slice::<f32>()?[layout.start_offset()..layout.start_offset() + out_d * in_d];
-    let y = kernel(&xs, ws, rows, in_d, out_d);
-    drop(st);
+    let xc = x.contiguous()?;
+    let (xst, xl) = xc.storage_and_layout();
+    let (wst, wl) = w.storage_and_layout();
+    let (Storage::Cpu(xcpu), Storage::Cpu(wcpu)) = (&*xst, &*wst) else { return Ok(None) };
+    let xs = &xcpu.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + rows * in_d];
+    let ws = &wcpu.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out_d * in_d];
+    let y = kernel(xs, ws, rows, in_d, out_d);
+    drop((xst, wst));
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has a last dim") = out_d;
     Ok(Some(Tensor::from_vec(y, shape, x.device())?))

@@ -492,10 +492,7 @@ impl Llama {
     /// `x @ wᵀ`, through the decode fast path when it applies (inference only).
     fn linear(&self, w: &Tensor, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if !differentiable {
-            if let Some(y) = super::gemv::try_linear(x, w)? {
-                return Ok(y);
-            }
-            if let Some(y) = super::small_gemm::try_linear(x, w)? {
+            if let Some(y) = super::gemv::fast_linear(x, w)? {
                 return Ok(y);
             }
         } else if let Some(y) = super::frozen::try_frozen_linear(x, w)? {

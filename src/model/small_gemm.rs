@@ -8,7 +8,7 @@
 //! accumulators — 8 loads per 16 FMAs — and reduces each accumulator once at the end. Each weight
 //! row is read from memory once, as in the decode gemv.
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 /// Row counts this path takes: above the gemv's, up to where gemm's AVX-512 kernels (x86-v4) catch up
@@ -22,9 +22,6 @@ const CHUNK: usize = 64;
 /// `x @ wᵀ` for `x` `[..., in]` with `MIN_ROWS..=MAX_ROWS` rows, or None when the path does not
 /// apply (not the CPU fast path, not f32, other row counts, no AVX-512, non-contiguous weight).
 pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return Ok(None);
-    }
     #[cfg(target_arch = "x86_64")]
     {
         if !enabled() {
