@@ -1,9 +1,11 @@
 //! `road bench gemm`: one linear layer `y = x · wᵀ` (`x` `[m, k]`, `w` `[n, k]`, f32) through
-//! candle's GEMM and through road's own CPU paths (the decode gemv for m ≤ 4, the AVX-512 small
-//! GEMM for m ≤ 64), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
+//! candle's GEMM and through the path road's forward takes (the decode gemv for m ≤ 4, else the
+//! AVX-512 GEMM against the weight packed once, packed outside the timing as the model packs it
+//! once per weight), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
 //! fraction of the machine's measured FMA peak (`road bench peak`).
 use super::median;
 use crate::model::gemv;
+use crate::model::packed_gemm::{self, PackSlot};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use std::time::Instant;
@@ -27,7 +29,17 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
         let (m, k, n) = parse(s)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        let road = |x: &Tensor| gemv::fast_linear(x, &w);
+        let slot = PackSlot::default();
+        let packed = slot.get(&w);
+        let road = |x: &Tensor| -> Result<Option<Tensor>> {
+            if let Some(y) = gemv::try_linear(x, &w)? {
+                return Ok(Some(y));
+            }
+            match &packed {
+                Some(p) => packed_gemm::try_linear(x, p),
+                None => Ok(None),
+            }
+        };
         let has_road = road(&x)?.is_some();
         let (mut tc, mut tr) = (Vec::new(), Vec::new());
         for _ in 0..reps.max(1) + 1 {

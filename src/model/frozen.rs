@@ -1,10 +1,12 @@
 //! `x @ Wᵀ` for a *frozen* weight in differentiable mode. candle's matmul backward always computes
 //! the weight gradient too (an extra matmul per projection, thrown away when W is not trained);
 //! this op's backward returns only `dL/dx = g @ W`, roughly halving backward cost for RoAd/LoRA.
+use super::packed_gemm::{PackSlot, Packed};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 struct FrozenLinear {
     w: Tensor, // [out, in], f32, CPU
+    packed: Option<std::sync::Arc<Packed>>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -24,9 +26,12 @@ impl CustomOp1 for FrozenLinear {
             candle_core::bail!("frozen-linear: input width {in_d} vs weight [{out_d}, {w_in}]");
         }
         let x = Tensor::from_slice(xs, (xs.len() / in_d.max(1), in_d), &Device::Cpu)?;
-        // Few rows (a training batch's last positions): the AVX-512 small GEMM where it applies.
-        let small = super::small_gemm::try_linear(&x, &self.w).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
-        let y = match small {
+        // The packed AVX-512 GEMM where it applies.
+        let fast = match &self.packed {
+            Some(p) => super::packed_gemm::try_linear(&x, p).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?,
+            None => None,
+        };
+        let y = match fast {
             Some(y) => y,
             None => x.matmul(&self.w.t()?)?,
         };
@@ -44,7 +49,7 @@ impl CustomOp1 for FrozenLinear {
 /// `x @ Wᵀ` with a gradient for `x` only, when it applies (f32 on CPU, W not a trained `Var`).
 /// Elsewhere (CUDA, or generic ops forced) the caller uses candle's matmul, whose backward also
 /// computes the unused weight gradient: correct, just more work.
-pub fn try_frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+pub fn try_frozen_linear(x: &Tensor, w: &Tensor, pack: &PackSlot) -> candle_core::Result<Option<Tensor>> {
     if w.is_variable() || !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Ok(None);
     }
@@ -52,5 +57,5 @@ pub fn try_frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<T
     if !x.track_op() {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone() })?))
+    Ok(Some(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone(), packed: pack.get(w) })?))
 }

@@ -5,15 +5,6 @@ use anyhow::Result;
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
-/// road's own CPU path for `x @ wᵀ` (inference): this gemv for ≤ `MAX_ROWS` rows, then the
-/// AVX-512 small GEMM; None when neither applies (the caller uses candle's matmul).
-pub fn fast_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    match try_linear(x, w)? {
-        Some(y) => Ok(Some(y)),
-        None => super::small_gemm::try_linear(x, w),
-    }
-}
-
 /// Rows up to which the gemv path wins over GEMM.
 pub const MAX_ROWS: usize = 4;
 
@@ -58,13 +49,13 @@ pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
-/// The frame road's CPU linear kernels share (this gemv, `small_gemm`): on the CPU fast path, for
+/// The gemv's frame: on the CPU fast path, for
 /// f32 `x` `[..., in]` whose row count `rows_ok` accepts and a contiguous f32 weight `[out, in]`,
 /// `kernel(xs, ws, rows, in, out)` (both read in place) returns `[rows, out]` values, given back
 /// shaped like `x` with last dim `out`; None when the frame does not apply (the caller then uses
 /// candle's matmul).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(super) fn cpu_linear(
+fn cpu_linear(
     x: &Tensor,
     w: &Tensor,
     rows_ok: impl Fn(usize) -> bool,

@@ -2,6 +2,7 @@
 //! of `model/arch.rs`) with named intervention sites, padding-aware batching, a KV cache, and a
 //! differentiable mode for training. Attention and masks: `llama/attention.rs`.
 use super::config::{Act, LlamaConfig};
+use super::packed_gemm::PackSlot;
 use super::sites::{BaseLinear, Hooks, LinearAdapter, Proj, Site, SiteCtx};
 use super::weights::{self, Norm};
 use anyhow::{bail, Context, Result};
@@ -93,6 +94,8 @@ pub struct FwdOut {
 struct Lin {
     w: Tensor,
     b: Option<Tensor>,
+    /// The weight's packed copy for the CPU GEMM, made on first use.
+    pack: PackSlot,
 }
 
 impl Lin {
@@ -134,6 +137,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: Tensor,
+    lm_head_pack: PackSlot,
     inv_freq: Vec<f32>,
     device: Device,
     dtype: DType,
@@ -161,7 +165,7 @@ impl Llama {
         let lin = |l: usize, p: Proj, out_d: usize, in_d: usize, bias: bool| -> Result<Lin> {
             let w = get(&[out_d, in_d], &weights::proj_weight(l, p))?;
             let b = if bias { Some(get(&[out_d], &weights::proj_bias(l, p))?) } else { None };
-            Ok(Lin { w, b })
+            Ok(Lin { w, b, pack: PackSlot::default() })
         };
         let embed = get(&[cfg.vocab_size, d], weights::EMBED)?;
         let f = arch.family;
@@ -214,6 +218,7 @@ impl Llama {
             blocks,
             norm,
             lm_head,
+            lm_head_pack: PackSlot::default(),
         })
     }
 
@@ -286,6 +291,7 @@ impl Llama {
             bail!("weight shape {:?} does not match {:?}", w.dims(), slot.w.dims());
         }
         slot.w = w;
+        slot.pack = PackSlot::default();
         Ok(())
     }
 
@@ -439,14 +445,14 @@ impl Llama {
         let hidden = self.rms(&x, &self.norm, differentiable)?;
         let logits = match logits {
             LogitsAt::None => None,
-            LogitsAt::All => Some(self.cap_logits(hidden.broadcast_matmul(&self.lm_head.t()?)?)?),
+            LogitsAt::All => Some(self.cap_logits(self.head(&hidden, differentiable)?)?),
             LogitsAt::Last => {
                 // Last real token per row (right padding leaves trailing zeros in the mask).
                 // One gather over the flattened `[b·t, d]` rows (not b slices + a stack: on a GPU
                 // each slice is a kernel launch, every decode step).
                 let idx = last_rows(&p.mask_rows, past, t, &self.device)?;
                 let last = hidden.reshape((b * t, self.cfg.hidden_size))?.index_select(&idx, 0)?;
-                Some(self.cap_logits(self.linear(&self.lm_head, &last, differentiable)?)?)
+                Some(self.cap_logits(self.head(&last, differentiable)?)?)
             }
         };
         Ok(FwdOut { logits, hidden })
@@ -482,20 +488,32 @@ impl Llama {
 
     /// A projection with its bias, if any.
     fn lin(&self, l: &Lin, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let y = self.linear(&l.w, x, differentiable)?;
+        let y = self.linear(&l.w, &l.pack, x, differentiable)?;
         match &l.b {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
     }
 
-    /// `x @ wᵀ`, through the decode fast path when it applies (inference only).
-    fn linear(&self, w: &Tensor, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+    /// `x @ lm_headᵀ`: the logits before any soft-capping.
+    fn head(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
+        self.linear(&self.lm_head, &self.lm_head_pack, x, differentiable)
+    }
+
+    /// `x @ wᵀ`. Inference on the CPU: the decode gemv for a few rows, else the packed GEMM
+    /// (`pack` holds w's packed copy). Differentiable with a frozen w: an op whose backward
+    /// skips the weight gradient. Elsewhere candle's matmul.
+    fn linear(&self, w: &Tensor, pack: &PackSlot, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if !differentiable {
-            if let Some(y) = super::gemv::fast_linear(x, w)? {
+            if let Some(y) = super::gemv::try_linear(x, w)? {
                 return Ok(y);
             }
-        } else if let Some(y) = super::frozen::try_frozen_linear(x, w)? {
+            if let Some(p) = pack.get(w) {
+                if let Some(y) = super::packed_gemm::try_linear(x, &p)? {
+                    return Ok(y);
+                }
+            }
+        } else if let Some(y) = super::frozen::try_frozen_linear(x, w, pack)? {
             return Ok(y);
         }
         // One GEMM over all rows: a `[b, t, in]` batch as `[b·t, in]`. broadcast_matmul would

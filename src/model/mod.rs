@@ -5,7 +5,7 @@ pub mod config;
 pub mod file_checks;
 pub mod frozen;
 pub mod gemv;
-pub mod small_gemm;
+pub mod packed_gemm;
 pub mod init;
 mod json_keys;
 pub mod llama;

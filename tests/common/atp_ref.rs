@@ -167,10 +167,10 @@ pub fn check_plain(m: &Llama, pairs: &[Pair], units: &[(usize, Site)], positions
     for (c, v) in est.cells.iter().zip(&est.per_pair) {
         let got: f64 = v.iter().sum();
         let want = direct(m, pairs, c, which, None);
-        // 2e-4: the estimate's forward runs road's AVX-512 small GEMM on these few-row batches,
-        // the reference's candle's GEMM, whose own f32 error is ~5× larger (max |err| 7.9e-5 vs
-        // 1.5e-5 against f64 at 32×576×300); through the tiny model's layers that is 1.2e-4 at
-        // one cell. With one GEMM on both sides (ROAD_SMALL_GEMM=0) they agree to 1e-4.
+        // 2e-4: the estimate's forward runs road's packed AVX-512 GEMM, the reference's candle's
+        // GEMM (differentiable), whose f32 summation order differs; through the tiny model's
+        // layers that was 1.2e-4 at one cell. With one GEMM on both sides (ROAD_PACKED_GEMM=0)
+        // they agree to 1e-4.
         assert!(close(got, want, 2e-4), "{c:?}: AtP {got} vs direct backward {want}");
         nonzero += (want.abs() > 1e-3) as usize;
     }

@@ -99,7 +99,7 @@ impl Llama {
         let idx = last_rows(&p.mask_rows, p.past, p.t, &self.device)?;
         let hidden = self.rms(&x, &self.norm, false)?;
         let last = hidden.reshape((p.b * p.t, d))?.index_select(&idx, 0)?;
-        let raw = self.linear(&self.lm_head, &last, false)?.to_dtype(DType::F32)?;
+        let raw = self.head(&last, false)?.to_dtype(DType::F32)?;
         // Gemma 2's final soft-cap c·tanh(z/c): dz = dlogits · (1 − tanh²).
         let (logits, cap_tanh) = match self.cfg.arch.final_softcap {
             Some(c) => {

@@ -1,0 +1,293 @@
+//! Inference-only AVX-512 GEMM against a weight packed once: `y = x · wᵀ` for a frozen `[n, k]`
+//! weight, every row count.
+//!
+//! Why a packed copy: in its checkpoint layout a weight row runs along `k`, so a kernel that reads
+//! it in place computes dot products and pays a horizontal reduction per output (the earlier
+//! small GEMM reached 25–39% of peak), while a general GEMM repacks the weight on every call
+//! (gemm's packing is ~8% of a 512-row prefill). Packed once into panels of `NR` = 32 output
+//! features laid out `[k][32]`, every step of the inner loop is two aligned vector loads of the
+//! panel, one broadcast per row of `x` (read in place) and two FMAs per row into a 12 × 32 block
+//! of zmm accumulators: 24 FMAs per 14 loads, so the FMA pipes set the pace. The copy costs the
+//! weight's size once more in memory; `ROAD_PACKED_GEMM=0` turns the path off.
+use candle_core::{DType, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+/// Output features per panel (two zmm).
+const NR: usize = 32;
+/// Rows of `x` per register block (24 accumulators + 2 panel vectors + a broadcast ≤ 32 zmm).
+const MR: usize = 12;
+/// Rows of `x` per cache block: a task runs this many rows across all of its panels before the
+/// next rows, so a panel is reused from L1/L2 and the row block from L2.
+const MC: usize = 96;
+/// Inner-dimension block: a panel slice (KC × 32 floats, 24 KiB) and a row block's x slice stay in L1
+/// while every row block of the task runs through them; partial sums accumulate in y.
+const KC: usize = 192;
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([f32; 16]);
+
+/// A `[n, k]` f32 weight in panels of `NR` features: element `(o, kk)` at
+/// `(o / NR) · k · NR + kk · NR + o % NR`, the last panel zero-padded.
+pub struct Packed {
+    n: usize,
+    k: usize,
+    lines: Vec<Line>,
+}
+
+impl Packed {
+    /// Pack a row-major `[n, k]` weight (parallel over panels).
+    pub fn pack(ws: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(ws.len(), n * k, "weight length");
+        let panels = n.div_ceil(NR);
+        let mut lines = vec![Line([0.0; 16]); panels * k * (NR / 16)];
+        lines.par_chunks_mut(k * NR / 16).enumerate().for_each(|(p, panel)| {
+            let flat: &mut [f32] = bytemuck_lines(panel);
+            for j in 0..NR.min(n - p * NR) {
+                let row = &ws[(p * NR + j) * k..(p * NR + j + 1) * k];
+                for (kk, v) in row.iter().enumerate() {
+                    flat[kk * NR + j] = *v;
+                }
+            }
+        });
+        Self { n, k, lines }
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// `y [m, n] = x [m, k] · wᵀ`, parallel over groups of panels.
+    pub fn matmul(&self, xs: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        assert_eq!(xs.len(), m * k, "input length");
+        // Not zero-filled (that matters for the all-position logits, 100 MB at 16×32 on
+        // SmolLM2): the first inner-dimension block's tiles store all m × n values, and the
+        // length is set once they have.
+        let mut y: Vec<f32> = Vec::with_capacity(m * n);
+        let panels = n.div_ceil(NR);
+        // One row block: nothing to keep in L1 across blocks, so each panel streams whole.
+        let kc_max = if m <= MR { k } else { KC };
+        // Enough tasks to balance the pool, few enough that each keeps its row blocks busy.
+        let threads = rayon::current_num_threads().max(1);
+        let group = panels.div_ceil(threads * 4).max(1);
+        let out = SharedOut(y.as_mut_ptr());
+        let flat: &[f32] = bytemuck_lines_ref(&self.lines);
+        (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
+            let out = &out;
+            let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
+            let mut r0 = 0;
+            while r0 < m {
+                let r1 = (r0 + MC).min(m);
+                let mut k0 = 0;
+                while k0 < k {
+                    let kc = kc_max.min(k - k0);
+                    for p in p0..p1 {
+                        let cols = NR.min(n - p * NR);
+                        let bp = flat[p * k * NR + k0 * NR..].as_ptr();
+                        // The slice the task needs next (the next panel at this k block, or the
+                        // first panel at the next one), prefetched by this slice's row blocks
+                        // a line per inner step: from L3/DRAM it arrives while they compute.
+                        let next = if p + 1 < p1 {
+                            Some((p + 1, k0, kc))
+                        } else if k0 + kc < k {
+                            Some((p0, k0 + kc, kc_max.min(k - k0 - kc)))
+                        } else {
+                            None
+                        };
+                        let (next_ptr, next_lines) = match next {
+                            Some((np, nk0, nkc)) => (flat[np * k * NR + nk0 * NR..].as_ptr(), nkc * NR / 16),
+                            None => (bp, 0),
+                        };
+                        let mut r = r0;
+                        let mut done_lines = 0;
+                        while r < r1 {
+                            let rows = MR.min(r1 - r);
+                            // SAFETY: AVX-512F was detected by the caller (`enabled`); the block
+                            // writes rows r..r+rows, columns p·NR..p·NR+cols of y, which no other
+                            // task writes; x and the panel are read within their lengths.
+                            unsafe {
+                                let (x, yp) = (xs.as_ptr().add(r * k + k0), out.0.add(r * n + p * NR));
+                                let lines = next_lines.saturating_sub(done_lines).min(kc);
+                                let pf = next_ptr.add(done_lines.min(next_lines) * 16);
+                                tile_dispatch(rows, x, k, kc, bp, yp, n, cols, k0 > 0, pf, lines);
+                            }
+                            r += rows;
+                            done_lines += kc;
+                        }
+                    }
+                    k0 += kc;
+                }
+                r0 = r1;
+            }
+        });
+        // SAFETY: all m·n elements were written above (capacity m·n).
+        unsafe { y.set_len(m * n) };
+        y
+    }
+}
+
+fn bytemuck_lines(l: &mut [Line]) -> &mut [f32] {
+    // SAFETY: Line is 16 f32 with no padding (repr(C)).
+    unsafe { std::slice::from_raw_parts_mut(l.as_mut_ptr() as *mut f32, l.len() * 16) }
+}
+
+fn bytemuck_lines_ref(l: &[Line]) -> &[f32] {
+    // SAFETY: as above.
+    unsafe { std::slice::from_raw_parts(l.as_ptr() as *const f32, l.len() * 16) }
+}
+
+/// The output buffer, shared by tasks that write disjoint columns.
+struct SharedOut(*mut f32);
+unsafe impl Sync for SharedOut {}
+
+/// AVX-512F present, and not turned off (`ROAD_PACKED_GEMM=0`, for comparisons).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        let has = is_x86_feature_detected!("avx512f");
+        #[cfg(not(target_arch = "x86_64"))]
+        let has = false;
+        has && std::env::var("ROAD_PACKED_GEMM").map_or(true, |v| v != "0")
+    })
+}
+
+/// A weight's packed copy, made on first use and kept beside the weight (a slot per weight; a
+/// replaced weight gets a fresh slot).
+#[derive(Default)]
+pub struct PackSlot(OnceLock<Option<Arc<Packed>>>);
+
+impl PackSlot {
+    /// The packed copy of `w` (f32, contiguous, on the CPU), or None where the path does not apply.
+    pub fn get(&self, w: &Tensor) -> Option<Arc<Packed>> {
+        if !enabled() || w.dtype() != DType::F32 || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+            return None;
+        }
+        self.0
+            .get_or_init(|| {
+                let (n, k) = w.dims2().ok()?;
+                let (st, l) = w.storage_and_layout();
+                let Storage::Cpu(cpu) = &*st else { return None };
+                let ws = &cpu.as_slice::<f32>().ok()?[l.start_offset()..l.start_offset() + n * k];
+                Some(Arc::new(Packed::pack(ws, n, k)))
+            })
+            .clone()
+    }
+}
+
+/// `x @ wᵀ` through a packed weight for `x` f32 `[..., k]` on the CPU fast path; None when it
+/// does not apply (the caller then uses another path).
+pub fn try_linear(x: &Tensor, packed: &Packed) -> anyhow::Result<Option<Tensor>> {
+    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (n, k) = packed.dims();
+    if x.dims().last() != Some(&k) {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / k.max(1);
+    let xc = x.contiguous()?;
+    let y = {
+        let (st, l) = xc.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else { return Ok(None) };
+        let xs = &cpu.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * k];
+        packed.matmul(xs, rows)
+    };
+    let mut shape = x.dims().to_vec();
+    *shape.last_mut().expect("x has a last dim") = n;
+    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch(rows: usize, x: *const f32, ldx: usize, k: usize, bp: *const f32, y: *mut f32, ldy: usize, cols: usize, acc: bool, pf: *const f32, pf_lines: usize) {
+    match rows {
+        12 => tile::<12>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        11 => tile::<11>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        10 => tile::<10>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        9 => tile::<9>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        8 => tile::<8>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        7 => tile::<7>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        6 => tile::<6>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        5 => tile::<5>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        4 => tile::<4>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        3 => tile::<3>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        2 => tile::<2>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+        _ => tile::<1>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile_dispatch(_: usize, _: *const f32, _: usize, _: usize, _: *const f32, _: *mut f32, _: usize, _: usize, _: bool, _: *const f32, _: usize) {
+    unreachable!("the packed GEMM is x86-64 only (`enabled` is false elsewhere)")
+}
+
+/// `R` rows of x (row stride `ldx`) against `k` steps of one panel, into `R × cols` outputs of y
+/// (row stride `ldy`; `cols < 32` only on the last, padded panel), added to y's values when
+/// `accumulate` (the later inner-dimension blocks).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile<const R: usize>(x: *const f32, ldx: usize, k: usize, bp: *const f32, y: *mut f32, ldy: usize, cols: usize, accumulate: bool, pf: *const f32, pf_lines: usize) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for kk in 0..k {
+        if kk < pf_lines {
+            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 16) as *const i8);
+        }
+        let b0 = _mm512_load_ps(bp.add(kk * NR));
+        let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xv = _mm512_set1_ps(*x.add(r * ldx + kk));
+            a[0] = _mm512_fmadd_ps(xv, b0, a[0]);
+            a[1] = _mm512_fmadd_ps(xv, b1, a[1]);
+        }
+    }
+    let (m0, m1): (__mmask16, __mmask16) = if cols >= NR {
+        (0xffff, 0xffff)
+    } else if cols >= 16 {
+        (0xffff, ((1u32 << (cols - 16)) - 1) as u16)
+    } else {
+        (((1u32 << cols) - 1) as u16, 0)
+    };
+    for (r, a) in acc.iter_mut().enumerate() {
+        let yr = y.add(r * ldy);
+        if accumulate {
+            a[0] = _mm512_add_ps(a[0], _mm512_maskz_loadu_ps(m0, yr));
+            a[1] = _mm512_add_ps(a[1], _mm512_maskz_loadu_ps(m1, yr.add(16)));
+        }
+        _mm512_mask_storeu_ps(yr, m0, a[0]);
+        _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// Equal to candle's matmul at every row-block remainder, a ragged last panel (n not a
+    /// multiple of 32, and under 16), row counts beyond one cache block, and odd inner sizes.
+    #[test]
+    fn packed_gemm_equals_matmul() {
+        if !enabled() {
+            return; // no AVX-512 here: the path is never taken
+        }
+        let dev = Device::Cpu;
+        for (n, k) in [(130, 70), (64, 64), (5, 17), (200, 1)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            let slot = PackSlot::default();
+            let p = slot.get(&w).unwrap();
+            for rows in [1, 2, 5, 11, 12, 13, 32, 97, 200] {
+                let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
+                let fast = try_linear(&x, &p).unwrap().unwrap();
+                let slow = x.reshape((rows, k)).unwrap().matmul(&w.t().unwrap()).unwrap().reshape((1, rows, n)).unwrap();
+                let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-4, "{n}x{k}, rows {rows}: max diff {d}");
+            }
+        }
+    }
+}
