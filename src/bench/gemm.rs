@@ -1,7 +1,7 @@
 //! `road bench gemm`: one linear layer `y = x · wᵀ` (`x` `[m, k]`, `w` `[n, k]`, f32) through
-//! candle's GEMM and through the path road's forward takes (the decode gemv for m ≤ 4, else the
-//! AVX-512 GEMM against the weight packed once, packed outside the timing as the model packs it
-//! once per weight), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
+//! candle's GEMM and through the path road's forward takes (the AVX-512 GEMM against the weight
+//! packed once, packed outside the timing as the model packs it once per weight; without AVX-512
+//! the AVX2 decode gemv for m ≤ 4), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
 //! fraction of the machine's measured FMA peak (`road bench peak`).
 use super::median;
 use crate::model::gemv;
@@ -32,12 +32,9 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
         let slot = PackSlot::default();
         let packed = slot.get(&w);
         let road = |x: &Tensor| -> Result<Option<Tensor>> {
-            if let Some(y) = gemv::try_linear(x, &w)? {
-                return Ok(Some(y));
-            }
             match &packed {
                 Some(p) => packed_gemm::try_linear(x, p),
-                None => Ok(None),
+                None => gemv::try_linear(x, &w),
             }
         };
         let has_road = road(&x)?.is_some();

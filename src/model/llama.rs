@@ -500,18 +500,18 @@ impl Llama {
         self.linear(&self.lm_head, &self.lm_head_pack, x, differentiable)
     }
 
-    /// `x @ wᵀ`. Inference on the CPU: the decode gemv for a few rows, else the packed GEMM
-    /// (`pack` holds w's packed copy). Differentiable with a frozen w: an op whose backward
-    /// skips the weight gradient. Elsewhere candle's matmul.
+    /// `x @ wᵀ`. Inference on the CPU: the AVX-512 GEMM against w's packed copy (in `pack`), or
+    /// on machines without AVX-512 the AVX2 gemv for a few rows (decode). Differentiable with a
+    /// frozen w: an op whose backward skips the weight gradient. Elsewhere candle's matmul.
     fn linear(&self, w: &Tensor, pack: &PackSlot, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if !differentiable {
-            if let Some(y) = super::gemv::try_linear(x, w)? {
-                return Ok(y);
-            }
             if let Some(p) = pack.get(w) {
                 if let Some(y) = super::packed_gemm::try_linear(x, &p)? {
                     return Ok(y);
                 }
+            }
+            if let Some(y) = super::gemv::try_linear(x, w)? {
+                return Ok(y);
             }
         } else if let Some(y) = super::frozen::try_frozen_linear(x, w, pack)? {
             return Ok(y);
