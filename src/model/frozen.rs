@@ -1,12 +1,12 @@
 //! `x @ Wᵀ` for a *frozen* weight in differentiable mode. candle's matmul backward always computes
 //! the weight gradient too (an extra matmul per projection, thrown away when W is not trained);
 //! this op's backward returns only `dL/dx = g @ W`, roughly halving backward cost for RoAd/LoRA.
-use super::packed_gemm::{PackSlot, Packed};
+use super::packed_gemm::{PackSlot, PackedWeight};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 struct FrozenLinear {
     w: Tensor, // [out, in], f32, CPU
-    packed: Option<std::sync::Arc<Packed>>,
+    packed: Option<std::sync::Arc<PackedWeight>>,
 }
 
 impl CustomOp1 for FrozenLinear {

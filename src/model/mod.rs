@@ -1,5 +1,6 @@
 //! The LLaMA-family model: config and per-family knobs, tensor names, loaders, and the forward
 //! pass with intervention sites.
+pub mod amx_gemm;
 pub mod arch;
 pub mod config;
 pub mod file_checks;

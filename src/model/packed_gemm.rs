@@ -154,15 +154,27 @@ pub fn enabled() -> bool {
     })
 }
 
+/// A frozen weight's packed copy: f32 for the AVX-512 GEMM here, bf16 for the AMX one.
+pub enum PackedWeight {
+    F32(Packed),
+    Bf16(super::amx_gemm::PackedBf16),
+}
+
 /// A weight's packed copy, made on first use and kept beside the weight (a slot per weight; a
 /// replaced weight gets a fresh slot).
 #[derive(Default)]
-pub struct PackSlot(OnceLock<Option<Arc<Packed>>>);
+pub struct PackSlot(OnceLock<Option<Arc<PackedWeight>>>);
 
 impl PackSlot {
-    /// The packed copy of `w` (f32, contiguous, on the CPU), or None where the path does not apply.
-    pub fn get(&self, w: &Tensor) -> Option<Arc<Packed>> {
-        if !enabled() || w.dtype() != DType::F32 || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+    /// The packed copy of `w` (contiguous, on the CPU; f32 with AVX-512, bf16 with AMX), or None
+    /// where no packed path applies.
+    pub fn get(&self, w: &Tensor) -> Option<Arc<PackedWeight>> {
+        let usable = match w.dtype() {
+            DType::F32 => enabled(),
+            DType::BF16 => super::amx_gemm::available(),
+            _ => false,
+        };
+        if !usable || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
             return None;
         }
         self.0
@@ -170,34 +182,48 @@ impl PackSlot {
                 let (n, k) = w.dims2().ok()?;
                 let (st, l) = w.storage_and_layout();
                 let Storage::Cpu(cpu) = &*st else { return None };
-                let ws = &cpu.as_slice::<f32>().ok()?[l.start_offset()..l.start_offset() + n * k];
-                Some(Arc::new(Packed::pack(ws, n, k)))
+                let range = l.start_offset()..l.start_offset() + n * k;
+                Some(Arc::new(match w.dtype() {
+                    DType::F32 => PackedWeight::F32(Packed::pack(&cpu.as_slice::<f32>().ok()?[range], n, k)),
+                    _ => {
+                        let ws = &cpu.as_slice::<half::bf16>().ok()?[range];
+                        // SAFETY: bf16 is a transparent u16.
+                        let bits = unsafe { std::slice::from_raw_parts(ws.as_ptr() as *const u16, ws.len()) };
+                        PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(bits, n, k))
+                    }
+                }))
             })
             .clone()
     }
 }
 
-/// `x @ wᵀ` through a packed weight for `x` f32 `[..., k]` on the CPU fast path; None when it
-/// does not apply (the caller then uses another path).
-pub fn try_linear(x: &Tensor, packed: &Packed) -> anyhow::Result<Option<Tensor>> {
-    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 {
-        return Ok(None);
-    }
-    let (n, k) = packed.dims();
-    if x.dims().last() != Some(&k) {
+/// `x @ wᵀ` through a packed weight for `x` `[..., k]` of the packed copy's dtype on the CPU fast
+/// path; None when it does not apply (the caller then uses another path).
+pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Tensor>> {
+    let (dtype, (n, k)) = match packed {
+        PackedWeight::F32(p) => (DType::F32, p.dims()),
+        PackedWeight::Bf16(p) => (DType::BF16, p.dims()),
+    };
+    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != dtype || x.dims().last() != Some(&k) {
         return Ok(None);
     }
     let rows = x.elem_count() / k.max(1);
     let xc = x.contiguous()?;
-    let y = {
-        let (st, l) = xc.storage_and_layout();
-        let Storage::Cpu(cpu) = &*st else { return Ok(None) };
-        let xs = &cpu.as_slice::<f32>()?[l.start_offset()..l.start_offset() + rows * k];
-        packed.matmul(xs, rows)
-    };
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has a last dim") = n;
-    Ok(Some(Tensor::from_vec(y, shape, x.device())?))
+    let (st, l) = xc.storage_and_layout();
+    let Storage::Cpu(cpu) = &*st else { return Ok(None) };
+    let range = l.start_offset()..l.start_offset() + rows * k;
+    let y = match packed {
+        PackedWeight::F32(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<f32>()?[range], rows), shape, x.device())?,
+        PackedWeight::Bf16(p) => {
+            let xs = &cpu.as_slice::<half::bf16>()?[range];
+            // SAFETY: bf16 is a transparent u16.
+            let bits = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u16, xs.len()) };
+            Tensor::from_vec(p.matmul(bits, rows), shape, x.device())?
+        }
+    };
+    Ok(Some(y))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -281,6 +307,7 @@ mod tests {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let slot = PackSlot::default();
             let p = slot.get(&w).unwrap();
+            assert!(matches!(*p, PackedWeight::F32(_)));
             for rows in [1, 2, 5, 11, 12, 13, 32, 97, 200] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
                 let fast = try_linear(&x, &p).unwrap().unwrap();
