@@ -431,13 +431,13 @@ impl Llama {
             // attn_output / mlp_output are what the sublayer adds to the residual stream (after
             // Gemma's post-norms).
             let attn = site(Site::AttnOutput, post(&blk.post_attn, lin(Proj::O, &blk.o, &heads)?)?)?;
-            x = site(Site::ResidMid, (x + attn)?)?;
+            x = site(Site::ResidMid, self.add(&x, &attn, differentiable)?)?;
             let hn = self.rms(&x, &blk.ln2, differentiable)?;
             let g = lin(Proj::Gate, &blk.gate, &hn)?;
             let u = lin(Proj::Up, &blk.up, &hn)?;
-            let m = (self.act(&g)? * u)?;
+            let m = self.act_mul(&g, &u, differentiable)?;
             let mlp = site(Site::MlpOutput, post(&blk.post_mlp, lin(Proj::Down, &blk.down, &m)?)?)?;
-            x = site(Site::BlockOutput, (x + mlp)?)?;
+            x = site(Site::BlockOutput, self.add(&x, &mlp, differentiable)?)?;
         }
         if stop_early {
             return Ok(FwdOut { logits: None, hidden: x });
@@ -484,6 +484,26 @@ impl Llama {
             // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
             Act::GeluTanh => g.gelu()?,
         })
+    }
+
+    /// The MLP's `act(gate) · up`: one fused pass on the CPU in inference (SiLU families).
+    fn act_mul(&self, g: &Tensor, u: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if !differentiable && self.cfg.arch.act == Act::Silu {
+            if let Some(m) = super::cpu_ops::silu_mul(g, u)? {
+                return Ok(m);
+            }
+        }
+        Ok((self.act(g)? * u)?)
+    }
+
+    /// A residual add: one AVX-512 pass on the CPU in inference (candle's bf16 add is slow).
+    fn add(&self, a: &Tensor, b: &Tensor, differentiable: bool) -> Result<Tensor> {
+        if !differentiable {
+            if let Some(s) = super::cpu_ops::add(a, b)? {
+                return Ok(s);
+            }
+        }
+        Ok((a + b)?)
     }
 
     /// A projection with its bias, if any.

@@ -3,6 +3,7 @@
 pub mod amx_gemm;
 pub mod arch;
 pub mod config;
+pub mod cpu_ops;
 pub mod file_checks;
 pub mod frozen;
 pub mod gemv;
