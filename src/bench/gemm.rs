@@ -1,4 +1,5 @@
-//! `road bench gemm`: one linear layer `y = x · wᵀ` (`x` `[m, k]`, `w` `[n, k]`, f32) through
+//! `road bench gemm`: one linear layer `y = x · wᵀ` (`x` `[m, k]`, `w` `[n, k]`, f32, or bf16 with
+//! `--dtype bf16`: candle's bf16 matmul against the AMX path) through
 //! candle's GEMM and through the path road's forward takes (the AVX-512 GEMM against the weight
 //! packed once, packed outside the timing as the model packs it once per weight; without AVX-512
 //! the AVX2 decode gemv for m ≤ 4), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
@@ -20,6 +21,7 @@ fn parse(s: &str) -> Result<(usize, usize, usize)> {
 
 pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
     let dev = Device::Cpu;
+    let dtype = crate::runtime::dtype_for("f32")?;
     let peak = super::peak::peaks(None, 20_000_000, 3);
     let best = |name: &str| peak.iter().filter(|p| p.kernel.starts_with(name)).filter_map(|p| p.gflops).fold(0f64, f64::max);
     let (p512, p256) = (best("f32 FMA, AVX-512"), best("f32 FMA, AVX2"));
@@ -27,14 +29,15 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
     println!("{:>14}  {:>16}  {:>16}  {:>7}", "m x k x n", "candle GFLOP/s", "road GFLOP/s", "ratio");
     for s in shapes {
         let (m, k, n) = parse(s)?;
-        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
         let slot = PackSlot::default();
         let packed = slot.get(&w);
         let road = |x: &Tensor| -> Result<Option<Tensor>> {
             match &packed {
                 Some(p) => packed_gemm::try_linear(x, p),
-                None => gemv::try_linear(x, &w),
+                None if dtype == candle_core::DType::F32 => gemv::try_linear(x, &w),
+                None => Ok(None),
             }
         };
         let has_road = road(&x)?.is_some();
@@ -59,6 +62,6 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
             println!("{s:>14}  {gc:>8.1}{:<8}  {:>16}", pct(gc), "(GEMM)");
         }
     }
-    println!("(percentages: of the AVX-512 f32 peak)");
+    println!("(percentages: of the AVX-512 f32 peak; {dtype:?} operands)");
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Inference-only AVX-512 element-wise ops of the forward on the CPU: the residual add and the
-//! MLP's `silu(gate) · up`, for contiguous same-shape f32 or bf16 tensors.
+//! Inference-only AVX-512 element-wise ops of the forward on the CPU: the residual add, the MLP's
+//! `silu(gate) · up` and RMSNorm, for contiguous f32 or bf16 tensors, and f32 ↔ bf16 conversion
+//! (a bf16 model's attention runs in f32).
 //!
 //! Why: candle's bf16 add converts through 8-lane helpers and took 29% of a bf16 16×32 prefill
 //! once the GEMMs ran on AMX; its silu calls a scalar `expf` per element, and `silu(g) · u` is
@@ -31,6 +32,142 @@ pub fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Option<Tensor>> {
 pub fn silu_mul(g: &Tensor, u: &Tensor) -> candle_core::Result<Option<Tensor>> {
     binary(g, u, Op::SiluMul)
 }
+
+/// `t` converted between f32 and bf16 (nearest even), or None where the fast path does not apply.
+pub fn convert(t: &Tensor, to: DType) -> candle_core::Result<Option<Tensor>> {
+    let from = t.dtype();
+    if !enabled() || !crate::runtime::cpu_fast_path(t.device()) || !t.is_contiguous() || from == to {
+        return Ok(None);
+    }
+    let n = t.elem_count();
+    let (st, l) = t.storage_and_layout();
+    let Storage::Cpu(c) = &*st else { return Ok(None) };
+    let range = l.start_offset()..l.start_offset() + n;
+    let out = match (from, to) {
+        (DType::BF16, DType::F32) => {
+            let x = &c.as_slice::<bf16>()?[range];
+            let mut o = vec![0f32; n];
+            o.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+                // SAFETY: AVX-512F was detected (`enabled`).
+                unsafe { widen_all(x, o) }
+            });
+            Tensor::from_vec(o, t.dims(), t.device())?
+        }
+        (DType::F32, DType::BF16) => {
+            let x = &c.as_slice::<f32>()?[range];
+            let mut o = vec![bf16::ZERO; n];
+            o.par_chunks_mut(CHUNK).zip(x.par_chunks(CHUNK)).for_each(|(o, x)| {
+                // SAFETY: AVX-512F/BF16/VL were detected (`enabled`).
+                unsafe { narrow_all(x, o) }
+            });
+            Tensor::from_vec(o, t.dims(), t.device())?
+        }
+        _ => return Ok(None),
+    };
+    Ok(Some(out))
+}
+
+/// RMSNorm over the last dim, `x / √(mean(x²) + eps) · w`, computed in f32 (bf16 rounded once at
+/// the end), or None where the fast path does not apply (the caller uses candle's fused op).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Option<Tensor>> {
+    let d = w.elem_count();
+    if !enabled()
+        || !crate::runtime::cpu_fast_path(x.device())
+        || x.dtype() != w.dtype()
+        || !matches!(x.dtype(), DType::F32 | DType::BF16)
+        || x.dims().last() != Some(&d)
+        || w.rank() != 1
+        || !x.is_contiguous()
+        || !w.is_contiguous()
+        || d == 0
+    {
+        return Ok(None);
+    }
+    let n = x.elem_count();
+    let (sx, lx) = x.storage_and_layout();
+    let (sw, lw) = w.storage_and_layout();
+    let (Storage::Cpu(cx), Storage::Cpu(cw)) = (&*sx, &*sw) else { return Ok(None) };
+    let (rx, rw) = (lx.start_offset()..lx.start_offset() + n, lw.start_offset()..lw.start_offset() + d);
+    // Rows per task: about CHUNK elements.
+    let rows = (CHUNK / d).max(1);
+    let out = match x.dtype() {
+        DType::F32 => {
+            let (xs, ws) = (&cx.as_slice::<f32>()?[rx], &cw.as_slice::<f32>()?[rw]);
+            let mut o = vec![0f32; n];
+            o.par_chunks_mut(rows * d).zip(xs.par_chunks(rows * d)).for_each(|(o, xs)| {
+                for (o, xr) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    let s = (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt().recip();
+                    for ((o, v), g) in o.iter_mut().zip(xr).zip(ws) {
+                        *o = v * s * g;
+                    }
+                }
+            });
+            Tensor::from_vec(o, x.dims(), x.device())?
+        }
+        _ => {
+            let (xs, ws) = (&cx.as_slice::<bf16>()?[rx], &cw.as_slice::<bf16>()?[rw]);
+            let wf: Vec<f32> = ws.iter().map(|v| v.to_f32()).collect();
+            let mut o = vec![bf16::ZERO; n];
+            o.par_chunks_mut(rows * d).zip(xs.par_chunks(rows * d)).for_each(|(o, xs)| {
+                let mut row = vec![0f32; d];
+                for (o, xr) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                    // SAFETY: AVX-512F/BF16/VL were detected (`enabled`).
+                    unsafe { widen_all(xr, &mut row) };
+                    let s = (row.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt().recip();
+                    for (v, g) in row.iter_mut().zip(&wf) {
+                        *v = *v * s * g;
+                    }
+                    // SAFETY: as above.
+                    unsafe { narrow_all(&row, o) };
+                }
+            });
+            Tensor::from_vec(o, x.dims(), x.device())?
+        }
+    };
+    Ok(Some(out))
+}
+
+/// `convert`, falling back to candle's `to_dtype`.
+pub fn to_dtype(t: &Tensor, to: DType) -> candle_core::Result<Tensor> {
+    match convert(t, to)? {
+        Some(c) => Ok(c),
+        None => t.to_dtype(to),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_all(x: &[bf16], o: &mut [f32]) {
+    let n = o.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        _mm512_storeu_ps(o.as_mut_ptr().add(i), widen(x.as_ptr().add(i)));
+        i += 16;
+    }
+    for j in i..n {
+        o[j] = x[j].to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
+unsafe fn narrow_all(x: &[f32], o: &mut [bf16]) {
+    let n = o.len();
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
+        _mm256_storeu_si256(o.as_mut_ptr().add(i) as *mut __m256i, std::mem::transmute(v));
+        i += 16;
+    }
+    for j in i..n {
+        o[j] = bf16::from_f32(x[j]);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn widen_all(_: &[bf16], _: &mut [f32]) {}
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn narrow_all(_: &[f32], _: &mut [bf16]) {}
 
 #[derive(Clone, Copy)]
 enum Op {
@@ -172,7 +309,8 @@ mod tests {
     use candle_core::Device;
 
     /// Both ops, both dtypes, against candle's ops on values spanning silu's saturation (±100)
-    /// and a ragged tail; f32 within 1e-6 relative, bf16 within one bf16 rounding.
+    /// and a ragged tail; f32 within 1e-6 relative, bf16 within one bf16 rounding; conversions
+    /// bit-equal to candle's.
     #[test]
     fn cpu_ops_equal_candles() {
         if !enabled() {
@@ -187,6 +325,16 @@ mod tests {
                 (add(&a, &b).unwrap().unwrap(), (&a + &b).unwrap()),
                 (silu_mul(&a, &b).unwrap().unwrap(), (candle_nn::ops::silu(&a.to_dtype(DType::F32).unwrap()).unwrap() * b.to_dtype(DType::F32).unwrap()).unwrap()),
             ];
+            let w = Tensor::randn(1f32, 0.1, 1001, &dev).unwrap().to_dtype(dt).unwrap();
+            let rms = rms_norm(&a, &w, 1e-5).unwrap().unwrap().to_dtype(DType::F32).unwrap();
+            let want = candle_nn::ops::rms_norm_slow(&a.to_dtype(DType::F32).unwrap(), &w.to_dtype(DType::F32).unwrap(), 1e-5).unwrap();
+            let tol = if dt == DType::F32 { 1e-5 } else { 8e-3 };
+            let excess = ((&rms - &want).unwrap().abs().unwrap() - (want.abs().unwrap() * tol).unwrap()).unwrap();
+            assert!(excess.max_all().unwrap().to_scalar::<f32>().unwrap() <= 1e-6, "{dt:?} rms_norm");
+            let other = if dt == DType::F32 { DType::BF16 } else { DType::F32 };
+            let conv = (convert(&a, other).unwrap().unwrap(), a.to_dtype(other).unwrap());
+            let diff = (conv.0.to_dtype(DType::F32).unwrap() - conv.1.to_dtype(DType::F32).unwrap()).unwrap();
+            assert_eq!(diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0, "{dt:?} → {other:?} equals candle's rounding");
             for (i, (fast, want)) in cases.iter().enumerate() {
                 let (f, w) = (fast.to_dtype(DType::F32).unwrap(), want.to_dtype(DType::F32).unwrap());
                 let err = ((&f - &w).unwrap().abs().unwrap() - (w.abs().unwrap() * if dt == DType::F32 { 1e-6 } else { 8e-3 }).unwrap()).unwrap();
