@@ -99,8 +99,11 @@ fn atp_gradients_match_finite_differences_of_the_fused_forward() {
         // an f32 forward can resolve suffice where the trained model's metric bends sharply.
         let (f1, f2) = (finite_difference(m, &pairs, c, 2e-3), finite_difference(m, &pairs, c, 1e-3));
         let fd = (4.0 * f2 - f1) / 3.0;
-        // f32 rounding of a metric summed over 12 pairs, divided by a 1e-3 step: ~1e-2 absolute.
-        assert!((got - fd).abs() <= 2e-2 * fd.abs() + 1e-2, "{c:?}: AtP {got} vs finite difference {fd}");
+        // f32 rounding of a metric summed over 12 pairs, divided by a 1e-3 step: ~1e-2 absolute,
+        // plus the finite difference's own uncertainty at this cell, measured as the spread of
+        // its two step sizes (large only where rounding dominates: cells with ~zero gradient).
+        let spread = (f1 - f2).abs();
+        assert!((got - fd).abs() <= 2e-2 * fd.abs() + 1e-2 + spread, "{c:?}: AtP {got} vs finite difference {fd} (steps: {f1}, {f2})");
         checked += (fd.abs() > 0.5) as usize;
     }
     assert!(checked >= 10, "only {checked} cells with a clear gradient");

@@ -26,7 +26,16 @@ fn fast_paths_decline_when_generic_ops_are_forced() {
         assert!(road_dii::model::gemv::try_linear(&x, &w).unwrap().is_none());
         assert!(road_dii::adapters::fused::try_fused(&x, &f, &f, 8).unwrap().is_none());
         let xv = candle_core::Var::from_tensor(&x).unwrap();
-        assert!(road_dii::model::frozen::try_frozen_linear(xv.as_tensor(), &w).unwrap().is_none());
+        let slot = road_dii::model::packed_gemm::PackSlot::default();
+        assert!(road_dii::model::frozen::try_frozen_linear(xv.as_tensor(), &w, &slot).unwrap().is_none());
+        if let Some(p) = slot.get(&w) {
+            assert!(road_dii::model::packed_gemm::try_linear(&x, &p).unwrap().is_none());
+        }
+        use road_dii::model::cpu_ops;
+        assert!(cpu_ops::add(&x, &x).unwrap().is_none());
+        assert!(cpu_ops::silu_mul(&x, &x).unwrap().is_none());
+        assert!(cpu_ops::rms_norm(&x, &f, 1e-5).unwrap().is_none());
+        assert!(cpu_ops::convert(&x, candle_core::DType::BF16).unwrap().is_none());
     });
     // ...and the flag is scoped: outside, the CPU fast path is back (where AVX2 exists).
     assert!(road_dii::runtime::cpu_fast_path(&dev));

@@ -1,12 +1,16 @@
 //! `x @ Wᵀ` for a *frozen* weight in differentiable mode. candle's matmul backward always computes
 //! the weight gradient too (an extra matmul per projection, thrown away when W is not trained);
 //! this op's backward returns only `dL/dx = g @ W`, roughly halving backward cost for RoAd/LoRA.
+//! Both directions run the packed AVX-512 GEMM where it applies (the backward against W's packed
+//! transpose).
 use super::packed_gemm::{PackSlot, PackedWeight};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 struct FrozenLinear {
     w: Tensor, // [out, in], f32, CPU
     packed: Option<std::sync::Arc<PackedWeight>>,
+    /// Wᵀ packed, for the backward.
+    packed_t: Option<std::sync::Arc<PackedWeight>>,
 }
 
 impl CustomOp1 for FrozenLinear {
@@ -42,6 +46,12 @@ impl CustomOp1 for FrozenLinear {
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if let Some(pt) = &self.packed_t {
+            let fast = super::packed_gemm::try_linear(grad, pt).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+            if let Some(dx) = fast {
+                return Ok(Some(dx));
+            }
+        }
         Ok(Some(grad.broadcast_matmul(&self.w)?))
     }
 }
@@ -57,5 +67,5 @@ pub fn try_frozen_linear(x: &Tensor, w: &Tensor, pack: &PackSlot) -> candle_core
     if !x.track_op() {
         return Ok(None);
     }
-    Ok(Some(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone(), packed: pack.get(w) })?))
+    Ok(Some(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone(), packed: pack.get(w), packed_t: pack.get_transposed(w) })?))
 }

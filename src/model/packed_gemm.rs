@@ -40,14 +40,25 @@ impl Packed {
     /// Pack a row-major `[n, k]` weight (parallel over panels).
     pub fn pack(ws: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(ws.len(), n * k, "weight length");
+        Self::pack_with(n, k, |o, i| ws[o * k + i])
+    }
+
+    /// Pack the transpose of a row-major `[n, k]` weight: the `[k, n]` operand of `g · W` (the
+    /// input gradient of `x · Wᵀ`).
+    pub fn pack_transposed(ws: &[f32], n: usize, k: usize) -> Self {
+        assert_eq!(ws.len(), n * k, "weight length");
+        Self::pack_with(k, n, |o, i| ws[i * k + o])
+    }
+
+    /// Pack the `[n, k]` operand whose element `(o, i)` is `at(o, i)`.
+    fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = n.div_ceil(NR);
         let mut lines = vec![Line([0.0; 16]); panels * k * (NR / 16)];
         lines.par_chunks_mut(k * NR / 16).enumerate().for_each(|(p, panel)| {
             let flat: &mut [f32] = bytemuck_lines(panel);
-            for j in 0..NR.min(n - p * NR) {
-                let row = &ws[(p * NR + j) * k..(p * NR + j + 1) * k];
-                for (kk, v) in row.iter().enumerate() {
-                    flat[kk * NR + j] = *v;
+            for kk in 0..k {
+                for j in 0..NR.min(n - p * NR) {
+                    flat[kk * NR + j] = at(p * NR + j, kk);
                 }
             }
         });
@@ -160,10 +171,14 @@ pub enum PackedWeight {
     Bf16(super::amx_gemm::PackedBf16),
 }
 
-/// A weight's packed copy, made on first use and kept beside the weight (a slot per weight; a
-/// replaced weight gets a fresh slot).
+/// A weight's packed copies, made on first use and kept beside the weight (a slot per weight; a
+/// replaced weight gets a fresh slot): the weight itself for `x · Wᵀ`, and (f32 training with the
+/// weight frozen) its transpose for the backward's `g · W`.
 #[derive(Default)]
-pub struct PackSlot(OnceLock<Option<Arc<PackedWeight>>>);
+pub struct PackSlot {
+    w: OnceLock<Option<Arc<PackedWeight>>>,
+    wt: OnceLock<Option<Arc<PackedWeight>>>,
+}
 
 impl PackSlot {
     /// The packed copy of `w` (contiguous, on the CPU; f32 with AVX-512, bf16 with AMX), or None
@@ -177,7 +192,7 @@ impl PackSlot {
         if !usable || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
             return None;
         }
-        self.0
+        self.w
             .get_or_init(|| {
                 let (n, k) = w.dims2().ok()?;
                 let (st, l) = w.storage_and_layout();
@@ -192,6 +207,25 @@ impl PackSlot {
                         PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(bits, n, k))
                     }
                 }))
+            })
+            .clone()
+    }
+}
+
+impl PackSlot {
+    /// The packed transpose of an f32 `w` (the backward's `g · W` as `g · (Wᵀ)ᵀ`), or None where
+    /// the path does not apply.
+    pub fn get_transposed(&self, w: &Tensor) -> Option<Arc<PackedWeight>> {
+        if !enabled() || w.dtype() != DType::F32 || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+            return None;
+        }
+        self.wt
+            .get_or_init(|| {
+                let (n, k) = w.dims2().ok()?;
+                let (st, l) = w.storage_and_layout();
+                let Storage::Cpu(cpu) = &*st else { return None };
+                let ws = &cpu.as_slice::<f32>().ok()?[l.start_offset()..l.start_offset() + n * k];
+                Some(Arc::new(PackedWeight::F32(Packed::pack_transposed(ws, n, k))))
             })
             .clone()
     }
@@ -296,7 +330,8 @@ mod tests {
     use candle_core::Device;
 
     /// Equal to candle's matmul at every row-block remainder, a ragged last panel (n not a
-    /// multiple of 32, and under 16), row counts beyond one cache block, and odd inner sizes.
+    /// multiple of 32, and under 16), row counts beyond one cache block, and odd inner sizes;
+    /// the transposed copy likewise for `g · W`.
     #[test]
     fn packed_gemm_equals_matmul() {
         if !enabled() {
@@ -314,6 +349,13 @@ mod tests {
                 let slow = x.reshape((rows, k)).unwrap().matmul(&w.t().unwrap()).unwrap().reshape((1, rows, n)).unwrap();
                 let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 assert!(d < 1e-4, "{n}x{k}, rows {rows}: max diff {d}");
+                // The transposed copy: g [rows, n] · W.
+                let g = Tensor::randn(0f32, 1.0, (rows, n), &dev).unwrap();
+                let pt = slot.get_transposed(&w).unwrap();
+                let fast = try_linear(&g, &pt).unwrap().unwrap();
+                let slow = g.matmul(&w).unwrap();
+                let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(d < 1e-4, "transposed {n}x{k}, rows {rows}: max diff {d}");
             }
         }
     }
