@@ -91,19 +91,22 @@ impl Packed {
             let mut r0 = 0;
             while r0 < m {
                 let r1 = (r0 + MC).min(m);
-                let mut k0 = 0;
-                while k0 < k {
-                    let kc = kc_max.min(k - k0);
-                    for p in p0..p1 {
-                        let cols = NR.min(n - p * NR);
+                // Panel by panel, its k blocks in turn: a block of y (MC rows × 32) stays in L1/L2
+                // while its partial sums accumulate (k blocks outermost re-read and re-wrote all
+                // of y per block: 0.85–0.91× candle's GEMM on a 49152-wide lm_head at 512 rows).
+                for p in p0..p1 {
+                    let cols = NR.min(n - p * NR);
+                    let mut k0 = 0;
+                    while k0 < k {
+                        let kc = kc_max.min(k - k0);
                         let bp = flat[p * k * NR + k0 * NR..].as_ptr();
-                        // The slice the task needs next (the next panel at this k block, or the
-                        // first panel at the next one), prefetched by this slice's row blocks
-                        // a line per inner step: from L3/DRAM it arrives while they compute.
-                        let next = if p + 1 < p1 {
-                            Some((p + 1, k0, kc))
-                        } else if k0 + kc < k {
-                            Some((p0, k0 + kc, kc_max.min(k - k0 - kc)))
+                        // The slice the task needs next (this panel's next k block, or the next
+                        // panel's first), prefetched by this slice's row blocks a line per inner
+                        // step: from L3/DRAM it arrives while they compute.
+                        let next = if k0 + kc < k {
+                            Some((p, k0 + kc, kc_max.min(k - k0 - kc)))
+                        } else if p + 1 < p1 {
+                            Some((p + 1, 0, kc_max.min(k)))
                         } else {
                             None
                         };
@@ -127,8 +130,8 @@ impl Packed {
                             r += rows;
                             done_lines += kc;
                         }
+                        k0 += kc;
                     }
-                    k0 += kc;
                 }
                 r0 = r1;
             }
