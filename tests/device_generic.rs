@@ -1,5 +1,6 @@
-//! The GPU runs only device-generic candle ops; the CPU adds fast paths (AVX2 gemv, the fused
-//! RoAd op, the frozen-weight matmul op). With the fast paths forced off
+//! The GPU runs only device-generic candle ops; the CPU adds fast paths (the packed AVX-512 and
+//! AMX GEMMs, the AVX2 gemv, the element-wise ops of `model/cpu_ops.rs`, the fused RoAd op, the
+//! frozen-weight matmul op). With the fast paths forced off
 //! (`runtime::with_generic_ops`), the CPU runs exactly what a CUDA device runs: these tests check
 //! that every workload goes through, and equals the fast path, that way.
 mod common;

@@ -192,46 +192,49 @@ impl PackSlot {
             DType::BF16 => super::amx_gemm::available(),
             _ => false,
         };
-        if !usable || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+        if !usable {
             return None;
         }
-        self.w
-            .get_or_init(|| {
-                let (n, k) = w.dims2().ok()?;
-                let (st, l) = w.storage_and_layout();
-                let Storage::Cpu(cpu) = &*st else { return None };
-                let range = l.start_offset()..l.start_offset() + n * k;
-                Some(Arc::new(match w.dtype() {
-                    DType::F32 => PackedWeight::F32(Packed::pack(&cpu.as_slice::<f32>().ok()?[range], n, k)),
-                    _ => {
-                        let ws = &cpu.as_slice::<half::bf16>().ok()?[range];
-                        // SAFETY: bf16 is a transparent u16.
-                        let bits = unsafe { std::slice::from_raw_parts(ws.as_ptr() as *const u16, ws.len()) };
-                        PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(bits, n, k))
-                    }
-                }))
+        once(&self.w, w, |cpu, range, n, k| {
+            Some(match w.dtype() {
+                DType::F32 => PackedWeight::F32(Packed::pack(&cpu.as_slice::<f32>().ok()?[range], n, k)),
+                _ => {
+                    let ws = &cpu.as_slice::<half::bf16>().ok()?[range];
+                    // SAFETY: bf16 is a transparent u16.
+                    let bits = unsafe { std::slice::from_raw_parts(ws.as_ptr() as *const u16, ws.len()) };
+                    PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(bits, n, k))
+                }
             })
-            .clone()
+        })
     }
-}
 
-impl PackSlot {
     /// The packed transpose of an f32 `w` (the backward's `g · W` as `g · (Wᵀ)ᵀ`), or None where
     /// the path does not apply.
     pub fn get_transposed(&self, w: &Tensor) -> Option<Arc<PackedWeight>> {
-        if !enabled() || w.dtype() != DType::F32 || !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+        if !enabled() || w.dtype() != DType::F32 {
             return None;
         }
-        self.wt
-            .get_or_init(|| {
-                let (n, k) = w.dims2().ok()?;
-                let (st, l) = w.storage_and_layout();
-                let Storage::Cpu(cpu) = &*st else { return None };
-                let ws = &cpu.as_slice::<f32>().ok()?[l.start_offset()..l.start_offset() + n * k];
-                Some(Arc::new(PackedWeight::F32(Packed::pack_transposed(ws, n, k))))
-            })
-            .clone()
+        once(&self.wt, w, |cpu, range, n, k| Some(PackedWeight::F32(Packed::pack_transposed(&cpu.as_slice::<f32>().ok()?[range], n, k))))
     }
+}
+
+/// `slot`'s value, made on first use by `pack(storage, w's element range, n, k)` from a
+/// contiguous `[n, k]` CPU weight; None (cached) where `w` is not one.
+fn once(
+    slot: &OnceLock<Option<Arc<PackedWeight>>>,
+    w: &Tensor,
+    pack: impl FnOnce(&candle_core::CpuStorage, std::ops::Range<usize>, usize, usize) -> Option<PackedWeight>,
+) -> Option<Arc<PackedWeight>> {
+    if !w.is_contiguous() || !matches!(w.device(), candle_core::Device::Cpu) {
+        return None;
+    }
+    slot.get_or_init(|| {
+        let (n, k) = w.dims2().ok()?;
+        let (st, l) = w.storage_and_layout();
+        let Storage::Cpu(cpu) = &*st else { return None };
+        pack(cpu, l.start_offset()..l.start_offset() + n * k, n, k).map(Arc::new)
+    })
+    .clone()
 }
 
 /// `x @ wᵀ` through a packed weight for `x` `[..., k]` of the packed copy's dtype on the CPU fast
