@@ -21,6 +21,10 @@ const SPEC: &str = "experiments/tiny-equality-das.toml";
 /// 2 layers x 4 positions = 8 cells, 2 per shard (task 1 runs cells 1 and 5): enough to kill a
 /// task between its cells and see one kept and one redone.
 const POSITIONS: &str = "sites.positions=[\"a\",\"b\",\"c\",\"d\"]";
+/// Cells long enough that a task's second cell is still training when the test acts on its
+/// first (at the file's 300 steps, faster kernels let task 2 finish both cells while task 1 was
+/// being cancelled).
+const STEPS: &str = "train.steps=1200";
 const NODE: &str = "road-test-node";
 
 fn root() -> PathBuf {
@@ -249,7 +253,7 @@ fn field(out: &str, key: &str) -> String {
 /// `road submit` of the test's sweep (run id `sweep`): (array job id, merge job id).
 fn submit(cluster: &Cluster, spec: &str, out_root: &Path, extra: &[&str]) -> (String, String) {
     let mut cmd = cluster.cmd(Path::new(env!("CARGO_BIN_EXE_road")));
-    cmd.args(["submit", spec, "--set", POSITIONS, "--shards", "4", "--run-id", "sweep", "--time", "5:00"]).args(extra);
+    cmd.args(["submit", spec, "--set", POSITIONS, "--set", STEPS, "--shards", "4", "--run-id", "sweep", "--time", "5:00"]).args(extra);
     let o = cmd.env("ROAD_OUT", out_root).current_dir(root()).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(o.status.success(), "road submit: {}\n{}", String::from_utf8_lossy(&o.stderr), cluster.logs());
@@ -266,7 +270,7 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     // The reference: the same spec, unsharded.
     let spec = root().join(SPEC).display().to_string();
     let whole = dir.join("whole");
-    let o = Command::new(env!("CARGO_BIN_EXE_road")).args(["run", &spec, "--set", POSITIONS]).env("ROAD_OUT", &whole).current_dir(root()).output().unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_road")).args(["run", &spec, "--set", POSITIONS, "--set", STEPS]).env("ROAD_OUT", &whole).current_dir(root()).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let unsharded = only_run(&whole, "tiny-equality-das");
     let t_unsharded = t_start.elapsed() - t_up;
