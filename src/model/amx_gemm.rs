@@ -35,8 +35,9 @@ pub struct PackedBf16 {
 }
 
 impl PackedBf16 {
-    /// Pack a row-major `[n, k]` bf16 weight (bit patterns), parallel over panels.
-    pub fn pack(ws: &[u16], n: usize, k: usize) -> Self {
+    /// Pack a row-major `[n, k]` bf16 weight, parallel over panels. (Crate-internal: the GEMM
+    /// needs AMX, which `PackSlot` checks before it packs.)
+    pub(super) fn pack(ws: &[bf16], n: usize, k: usize) -> Self {
         assert_eq!(ws.len(), n * k, "weight length");
         let steps = k.div_ceil(KB);
         let panels = n.div_ceil(NR);
@@ -56,7 +57,7 @@ impl PackedBf16 {
                             for h in 0..2 {
                                 let kk = s * KB + 2 * i + h;
                                 if kk < k {
-                                    line[2 * j + h] = ws[o * k + kk];
+                                    line[2 * j + h] = ws[o * k + kk].to_bits();
                                 }
                             }
                         }
@@ -71,8 +72,8 @@ impl PackedBf16 {
         (self.n, self.k)
     }
 
-    /// `y [m, n] = x [m, k] · wᵀ` in bf16 (bit patterns), f32 accumulation, rounded to nearest even.
-    pub fn matmul(&self, xs: &[u16], m: usize) -> Vec<bf16> {
+    /// `y [m, n] = x [m, k] · wᵀ` in bf16, f32 accumulation, rounded to nearest even.
+    pub(super) fn matmul(&self, xs: &[bf16], m: usize) -> Vec<bf16> {
         let (n, k) = (self.n, self.k);
         assert_eq!(xs.len(), m * k, "input length");
         let kp = self.steps * KB;
@@ -80,7 +81,7 @@ impl PackedBf16 {
         // steps; the rest is copied, zero-padded, into a block-aligned buffer.
         let direct = if k == kp { m / MB * MB } else { 0 };
         let rest = m - direct;
-        let mut pad = vec![0u16; rest.div_ceil(MB) * MB * kp];
+        let mut pad = vec![bf16::ZERO; rest.div_ceil(MB) * MB * kp];
         for r in 0..rest {
             pad[r * kp..r * kp + k].copy_from_slice(&xs[(direct + r) * k..(direct + r + 1) * k]);
         }
@@ -114,8 +115,11 @@ impl PackedBf16 {
                     unsafe { block(a, lda, b, self.steps, rows > 16, c.as_mut_ptr()) };
                     for i in 0..rows {
                         // SAFETY: rows r.., columns p·32..+cols of y belong to this task alone;
-                        // AVX512_BF16 was detected with AMX.
-                        unsafe { store_row(&c[i * NR..(i + 1) * NR], out.0.add((r + i) * n + p * NR), cols) };
+                        // AVX512_BF16/VL were detected with AMX (`available`).
+                        unsafe {
+                            let dst = std::slice::from_raw_parts_mut(out.0.add((r + i) * n + p * NR), cols);
+                            super::cpu_ops::narrow_all(&c[i * NR..i * NR + cols], dst);
+                        }
                     }
                     r += rows;
                 }
@@ -128,27 +132,6 @@ impl PackedBf16 {
         y
     }
 }
-
-/// One output row of a block: `cols` f32 rounded to bf16 (nearest even, as `bf16::from_f32`
-/// for finite values) at `dst`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-unsafe fn store_row(c: &[f32], dst: *mut bf16, cols: usize) {
-    use std::arch::x86_64::{__m256bh, __m256i, _mm256_storeu_si256, _mm512_cvtneps_pbh, _mm512_loadu_ps};
-    if cols == NR {
-        let lo = _mm512_cvtneps_pbh(_mm512_loadu_ps(c.as_ptr()));
-        let hi = _mm512_cvtneps_pbh(_mm512_loadu_ps(c.as_ptr().add(16)));
-        _mm256_storeu_si256(dst as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(lo));
-        _mm256_storeu_si256(dst.add(16) as *mut __m256i, std::mem::transmute::<__m256bh, __m256i>(hi));
-    } else {
-        for (j, v) in c[..cols].iter().enumerate() {
-            *dst.add(j) = bf16::from_f32(*v);
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn store_row(_: &[f32], _: *mut bf16, _: usize) {}
 
 /// The output buffer, shared by tasks that write disjoint columns.
 struct SharedOut(*mut bf16);
@@ -294,10 +277,10 @@ mod tests {
         };
         for (n, k) in [(40, 64), (33, 70), (5, 17), (64, 576)] {
             let w: Vec<bf16> = (0..n * k).map(|_| rnd()).collect();
-            let p = PackedBf16::pack(&w.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), n, k);
+            let p = PackedBf16::pack(&w, n, k);
             for m in [1, 16, 17, 32, 33, 70] {
                 let x: Vec<bf16> = (0..m * k).map(|_| rnd()).collect();
-                let y = p.matmul(&x.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), m);
+                let y = p.matmul(&x, m);
                 for r in 0..m {
                     for o in 0..n {
                         let want: f64 = (0..k).map(|i| x[r * k + i].to_f64() * w[o * k + i].to_f64()).sum();

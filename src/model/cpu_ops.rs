@@ -149,9 +149,10 @@ unsafe fn widen_all(x: &[bf16], o: &mut [f32]) {
     }
 }
 
+/// `x` rounded to bf16 (nearest even) into `o` (same length); also the AMX GEMM's output rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16,avx512vl")]
-unsafe fn narrow_all(x: &[f32], o: &mut [bf16]) {
+pub(super) unsafe fn narrow_all(x: &[f32], o: &mut [bf16]) {
     let n = o.len();
     let mut i = 0;
     while i + 16 <= n {
@@ -167,7 +168,7 @@ unsafe fn narrow_all(x: &[f32], o: &mut [bf16]) {
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn widen_all(_: &[bf16], _: &mut [f32]) {}
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn narrow_all(_: &[f32], _: &mut [bf16]) {}
+pub(super) unsafe fn narrow_all(_: &[f32], _: &mut [bf16]) {}
 
 #[derive(Clone, Copy)]
 enum Op {

@@ -29,17 +29,12 @@ impl CustomOp1 for FrozenLinear {
         if w_in != in_d {
             candle_core::bail!("frozen-linear: input width {in_d} vs weight [{out_d}, {w_in}]");
         }
-        let x = Tensor::from_slice(xs, (xs.len() / in_d.max(1), in_d), &Device::Cpu)?;
-        // The packed AVX-512 GEMM where it applies.
-        let fast = match &self.packed {
-            Some(p) => super::packed_gemm::try_linear(&x, p).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?,
-            None => None,
+        let rows = xs.len() / in_d.max(1);
+        // The packed AVX-512 GEMM where it applies, on the input in place.
+        let y = match self.packed.as_deref() {
+            Some(PackedWeight::F32(p)) if p.dims() == (out_d, in_d) => p.matmul(xs, rows),
+            _ => Tensor::from_slice(xs, (rows, in_d), &Device::Cpu)?.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
         };
-        let y = match fast {
-            Some(y) => y,
-            None => x.matmul(&self.w.t()?)?,
-        };
-        let y = y.flatten_all()?.to_vec1::<f32>()?;
         let mut shape = dims.to_vec();
         *shape.last_mut().expect("rank >= 1") = out_d;
         Ok((CpuStorage::F32(y), Shape::from(shape)))

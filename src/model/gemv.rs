@@ -7,80 +7,70 @@ use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Rows up to which the gemv path wins over GEMM.
-pub const MAX_ROWS: usize = 4;
+const MAX_ROWS: usize = 4;
 
 /// `x @ wᵀ` for `x` of shape `[..., in]` with at most `MAX_ROWS` rows, or None when the fast path
 /// does not apply (non-CPU or generic ops forced, non-f32, too many rows, no AVX2/FMA); the
 /// caller then uses the device-generic matmul.
 pub fn try_linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(target_arch = "x86_64")]
-    {
-        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
-            return Ok(None);
-        }
-        return cpu_linear(x, w, |rows| rows <= MAX_ROWS, |xs, ws, rows, in_d, out_d| {
-            // Parallel over blocks of output features; each block serves every row, so each weight
-            // row is read from memory once. Results go straight into one `[out, rows]` buffer (no
-            // per-block allocations: the lm_head alone has 768 blocks per decode step).
-            const CHUNK: usize = 64;
-            let mut yt = vec![0f32; out_d * rows];
-            yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, part)| {
-                let lo = c * CHUNK;
-                for (k, out) in part.chunks_mut(rows).enumerate() {
-                    let wr = &ws[(lo + k) * in_d..(lo + k + 1) * in_d];
-                    for (r, o) in out.iter_mut().enumerate() {
-                        // SAFETY: AVX2 and FMA were detected above.
-                        *o = unsafe { dot_avx2(wr, &xs[r * in_d..(r + 1) * in_d]) };
-                    }
-                }
-            });
-            if rows == 1 {
-                return yt;
-            }
-            let mut y = vec![0f32; rows * out_d];
-            for (o, vals) in yt.chunks(rows).enumerate() {
-                for (r, v) in vals.iter().enumerate() {
-                    y[r * out_d + o] = *v;
-                }
-            }
-            y
-        });
-    }
-    #[allow(unreachable_code)]
-    Ok(None)
-}
-
-/// The gemv's frame: on the CPU fast path, for
-/// f32 `x` `[..., in]` whose row count `rows_ok` accepts and a contiguous f32 weight `[out, in]`,
-/// `kernel(xs, ws, rows, in, out)` (both read in place) returns `[rows, out]` values, given back
-/// shaped like `x` with last dim `out`; None when the frame does not apply (the caller then uses
-/// candle's matmul).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn cpu_linear(
-    x: &Tensor,
-    w: &Tensor,
-    rows_ok: impl Fn(usize) -> bool,
-    kernel: impl FnOnce(&[f32], &[f32], usize, usize, usize) -> Vec<f32>,
-) -> Result<Option<Tensor>> {
-    if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    let has = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    let has = false;
+    if !has || !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
         return Ok(None);
     }
     let (out_d, in_d) = w.dims2()?;
     let rows = x.elem_count() / in_d.max(1);
-    if rows == 0 || !rows_ok(rows) || !w.is_contiguous() {
+    if rows == 0 || rows > MAX_ROWS || !w.is_contiguous() {
         return Ok(None);
     }
     let xc = x.contiguous()?;
-    let (xst, xl) = xc.storage_and_layout();
-    let (wst, wl) = w.storage_and_layout();
-    let (Storage::Cpu(xcpu), Storage::Cpu(wcpu)) = (&*xst, &*wst) else { return Ok(None) };
-    let xs = &xcpu.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + rows * in_d];
-    let ws = &wcpu.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out_d * in_d];
-    let y = kernel(xs, ws, rows, in_d, out_d);
-    drop((xst, wst));
+    let y = {
+        let (xst, xl) = xc.storage_and_layout();
+        let (wst, wl) = w.storage_and_layout();
+        let (Storage::Cpu(xcpu), Storage::Cpu(wcpu)) = (&*xst, &*wst) else { return Ok(None) };
+        let xs = &xcpu.as_slice::<f32>()?[xl.start_offset()..xl.start_offset() + rows * in_d];
+        let ws = &wcpu.as_slice::<f32>()?[wl.start_offset()..wl.start_offset() + out_d * in_d];
+        gemv(xs, ws, rows, in_d, out_d)
+    };
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has a last dim") = out_d;
     Ok(Some(Tensor::from_vec(y, shape, x.device())?))
+}
+
+/// `[rows, out]` values of `x · wᵀ` (both read in place), parallel over blocks of output
+/// features; each block serves every row, so each weight row is read from memory once. Results
+/// go straight into one `[out, rows]` buffer (no per-block allocations: the lm_head alone has 768
+/// blocks per decode step).
+fn gemv(xs: &[f32], ws: &[f32], rows: usize, in_d: usize, out_d: usize) -> Vec<f32> {
+    const CHUNK: usize = 64;
+    let mut yt = vec![0f32; out_d * rows];
+    yt.par_chunks_mut(CHUNK * rows).enumerate().for_each(|(c, part)| {
+        let lo = c * CHUNK;
+        for (k, out) in part.chunks_mut(rows).enumerate() {
+            let wr = &ws[(lo + k) * in_d..(lo + k + 1) * in_d];
+            for (r, o) in out.iter_mut().enumerate() {
+                // SAFETY: AVX2 and FMA were detected (`try_linear`, the only caller).
+                *o = unsafe { dot_avx2(wr, &xs[r * in_d..(r + 1) * in_d]) };
+            }
+        }
+    });
+    if rows == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; rows * out_d];
+    for (o, vals) in yt.chunks(rows).enumerate() {
+        for (r, v) in vals.iter().enumerate() {
+            y[r * out_d + o] = *v;
+        }
+    }
+    y
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn dot_avx2(_: &[f32], _: &[f32]) -> f32 {
+    unreachable!("the gemv is x86-64 only (`try_linear` declines elsewhere)")
 }
 
 #[cfg(target_arch = "x86_64")]

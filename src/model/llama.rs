@@ -381,8 +381,10 @@ impl Llama {
             None => (0, self.embed_ids(ids, b, t)?),
         };
         let ctx = SiteCtx { pos_offset: past };
-        // A bf16 model's inference attention runs in f32 on the CPU (`attention_upcast`).
-        let p32 = if !differentiable && self.dtype == DType::BF16 && crate::runtime::cpu_fast_path(&self.device) {
+        // A bf16 model's inference attention runs in f32 on the CPU (`attention_upcast`); not
+        // with Qwen3's per-head norms, whose bf16 weights would meet f32 queries.
+        let upcast = !differentiable && self.dtype == DType::BF16 && !self.cfg.arch.qk_norm;
+        let p32 = if upcast && crate::runtime::cpu_fast_path(&self.device) {
             Some(p.to_f32()?)
         } else {
             None
@@ -429,8 +431,7 @@ impl Llama {
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[li]);
             let prefix = layer_cache.as_deref().and_then(Option::as_ref);
-            // (Qwen3's per-head norms have bf16 weights: those layers stay in bf16.)
-            let (ak, av, heads) = match p32.as_ref().filter(|_| blk.q_norm.is_none()) {
+            let (ak, av, heads) = match &p32 {
                 Some(p32) => self.attention_upcast(blk, &q, &k, &v, p32, prefix)?,
                 None => {
                     let a = self.attention(blk, &q, &k, &v, &p, prefix, differentiable)?;

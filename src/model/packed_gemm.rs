@@ -20,8 +20,8 @@ const MR: usize = 12;
 /// Rows of `x` per cache block: a task runs this many rows across all of its panels before the
 /// next rows, so a panel is reused from L1/L2 and the row block from L2.
 const MC: usize = 96;
-/// Inner-dimension block: a panel slice (KC × 32 floats, 24 KiB) and a row block's x slice stay in L1
-/// while every row block of the task runs through them; partial sums accumulate in y.
+/// Inner-dimension block: a panel slice (KC × 32 floats, 24 KiB) stays in L1 while every register
+/// block of the row block runs through it; partial sums accumulate in y.
 const KC: usize = 192;
 
 #[repr(C, align(64))]
@@ -37,15 +37,17 @@ pub struct Packed {
 }
 
 impl Packed {
-    /// Pack a row-major `[n, k]` weight (parallel over panels).
-    pub fn pack(ws: &[f32], n: usize, k: usize) -> Self {
+    /// Pack a row-major `[n, k]` weight (parallel over panels). (Crate-internal, as
+    /// `pack_transposed` and `matmul`: the GEMM needs AVX-512, which `PackSlot` checks before it
+    /// packs.)
+    fn pack(ws: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(ws.len(), n * k, "weight length");
         Self::pack_with(n, k, |o, i| ws[o * k + i])
     }
 
     /// Pack the transpose of a row-major `[n, k]` weight: the `[k, n]` operand of `g · W` (the
     /// input gradient of `x · Wᵀ`).
-    pub fn pack_transposed(ws: &[f32], n: usize, k: usize) -> Self {
+    fn pack_transposed(ws: &[f32], n: usize, k: usize) -> Self {
         assert_eq!(ws.len(), n * k, "weight length");
         Self::pack_with(k, n, |o, i| ws[i * k + o])
     }
@@ -70,7 +72,7 @@ impl Packed {
     }
 
     /// `y [m, n] = x [m, k] · wᵀ`, parallel over groups of panels.
-    pub fn matmul(&self, xs: &[f32], m: usize) -> Vec<f32> {
+    pub(super) fn matmul(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(xs.len(), m * k, "input length");
         // Not zero-filled (that matters for the all-position logits, 100 MB at 16×32 on
@@ -198,12 +200,7 @@ impl PackSlot {
         once(&self.w, w, |cpu, range, n, k| {
             Some(match w.dtype() {
                 DType::F32 => PackedWeight::F32(Packed::pack(&cpu.as_slice::<f32>().ok()?[range], n, k)),
-                _ => {
-                    let ws = &cpu.as_slice::<half::bf16>().ok()?[range];
-                    // SAFETY: bf16 is a transparent u16.
-                    let bits = unsafe { std::slice::from_raw_parts(ws.as_ptr() as *const u16, ws.len()) };
-                    PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(bits, n, k))
-                }
+                _ => PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(&cpu.as_slice::<half::bf16>().ok()?[range], n, k)),
             })
         })
     }
@@ -256,12 +253,7 @@ pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Te
     let range = l.start_offset()..l.start_offset() + rows * k;
     let y = match packed {
         PackedWeight::F32(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<f32>()?[range], rows), shape, x.device())?,
-        PackedWeight::Bf16(p) => {
-            let xs = &cpu.as_slice::<half::bf16>()?[range];
-            // SAFETY: bf16 is a transparent u16.
-            let bits = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const u16, xs.len()) };
-            Tensor::from_vec(p.matmul(bits, rows), shape, x.device())?
-        }
+        PackedWeight::Bf16(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<half::bf16>()?[range], rows), shape, x.device())?,
     };
     Ok(Some(y))
 }
