@@ -1,5 +1,5 @@
 //! Greedy decoding with the KV cache.
-use crate::model::{Fwd, KvCache, LinearAdapter, Llama, LogitsAt};
+use crate::model::{Fwd, Hooks, KvCache, LinearAdapter, Llama, LogitsAt};
 use anyhow::Result;
 
 pub struct Generated {
@@ -42,11 +42,24 @@ pub fn greedy_with(
     max_tokens: usize,
     eos: &[u32],
 ) -> Result<Generated> {
+    greedy_hooked(model, adapter, None, prompt, max_tokens, eos)
+}
+
+/// [`greedy_with`] with hooks on every forward pass too (LoReFT interventions: they see each
+/// call's position offset, so they act on the prompt's positions and leave generated ones alone).
+pub fn greedy_hooked(
+    model: &Llama,
+    adapter: Option<&dyn LinearAdapter>,
+    mut hooks: Option<&mut dyn Hooks>,
+    prompt: &[u32],
+    max_tokens: usize,
+    eos: &[u32],
+) -> Result<Generated> {
     let mut cache = KvCache::new(model.cfg.num_layers);
     let t0 = std::time::Instant::now();
     let out = model.forward(
         &[prompt.to_vec()],
-        Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+        Fwd { cache: Some(&mut cache), adapter, hooks: hooks.as_deref_mut().map(|h| h as &mut dyn Hooks), logits: LogitsAt::Last, ..Default::default() },
     )?;
     let mut next = argmax_rows(&out.logits.expect("requested logits"))?[0];
     let prefill_secs = t0.elapsed().as_secs_f64();
@@ -63,7 +76,7 @@ pub fn greedy_with(
         }
         let out = model.forward(
             &[vec![next]],
-            Fwd { cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+            Fwd { cache: Some(&mut cache), adapter, hooks: hooks.as_deref_mut().map(|h| h as &mut dyn Hooks), logits: LogitsAt::Last, ..Default::default() },
         )?;
         next = argmax_rows(&out.logits.expect("requested logits"))?[0];
     }
@@ -121,6 +134,19 @@ pub fn greedy_batch(
     max_tokens: &[usize],
     eos: &[u32],
 ) -> Result<BatchGenerated> {
+    greedy_batch_hooked(model, adapter, None, prompts, max_tokens, eos)
+}
+
+/// [`greedy_batch`] with hooks on every forward pass (per-row LoReFT interventions in a mixed
+/// batch; the prompts are left-padded to the longest, as the hooks expect).
+pub fn greedy_batch_hooked(
+    model: &Llama,
+    adapter: Option<&dyn LinearAdapter>,
+    mut hooks: Option<&mut dyn Hooks>,
+    prompts: &[Vec<u32>],
+    max_tokens: &[usize],
+    eos: &[u32],
+) -> Result<BatchGenerated> {
     let b = prompts.len();
     if b == 0 || max_tokens.len() != b {
         anyhow::bail!("greedy_batch: need one max_tokens per prompt and at least one prompt");
@@ -140,7 +166,7 @@ pub fn greedy_batch(
     let t0 = std::time::Instant::now();
     let out = model.forward(
         &ids,
-        Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+        Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, hooks: hooks.as_deref_mut().map(|h| h as &mut dyn Hooks), logits: LogitsAt::Last, ..Default::default() },
     )?;
     let lg = out.logits.expect("requested logits");
     let mut next: Vec<u32> = argmax_rows(&lg)?;
@@ -167,7 +193,7 @@ pub fn greedy_batch(
         let step_ids: Vec<Vec<u32>> = next.iter().map(|&n| vec![n]).collect();
         let out = model.forward(
             &step_ids,
-            Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, logits: LogitsAt::Last, ..Default::default() },
+            Fwd { attention_mask: Some(&mask), cache: Some(&mut cache), adapter, hooks: hooks.as_deref_mut().map(|h| h as &mut dyn Hooks), logits: LogitsAt::Last, ..Default::default() },
         )?;
         let lg = out.logits.expect("requested logits");
         next = argmax_rows(&lg)?;

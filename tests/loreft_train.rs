@@ -206,3 +206,48 @@ fn the_pilot_family_study_includes_loreft() {
     assert!(matches!(p.finetune_spec(m).unwrap().method_cfg().unwrap(), MethodCfg::Loreft { rank: 4, first_n: 1, last_n: 1, .. }));
     assert!(p.swap.models.contains(&m.label));
 }
+
+/// Generation with LoReFT: greedy decoding intervenes on the prompt's positions only, and in a
+/// mixed batch (`road serve-batch`: two LoReFT sets, a RoAd adapter and plain rows, left-padded)
+/// every row generates what it generates alone.
+#[test]
+fn loreft_rows_generate_in_mixed_batches_as_alone() {
+    use road_dii::adapters::{AnyAdapter, MixedAdapters, RoadAdapter, Variant};
+    use road_dii::generate::{greedy_batch_hooked, greedy_hooked};
+    use road_dii::model::{LinearAdapter, Proj};
+    use road_dii::train::reft::ReftHook;
+    let m = &tiny_a().model;
+    let all: Vec<usize> = (0..m.cfg.num_layers).collect();
+    let mut rng = Rng::new(17);
+    let sets: Vec<LoreftSet> = (0..2).map(|i| LoreftSet::new(&m.cfg, 3, 1 + i, 1, &all, false, &mut rng, &Device::Cpu).unwrap()).collect();
+    for s in &sets {
+        for (_, v) in s.named_vars().iter().filter(|(n, _)| n.ends_with(".bias")) {
+            v.set(&rng.normal_tensor(v.dims(), 2.0, &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let road = RoadAdapter::new_identity(&m.cfg, Variant::Road1, 8, 0..2, &[Proj::Q, Proj::Up], m.device()).unwrap();
+    for x in road.layers.values() {
+        x.theta.set(&rng.normal_tensor(x.theta.dims(), 0.5, &Device::Cpu).unwrap()).unwrap();
+    }
+    let named = vec![("road".to_string(), AnyAdapter::Road(road))];
+    // Per row: (LoReFT set, peft adapter).
+    let who: Vec<(Option<usize>, Option<usize>)> = vec![(Some(0), None), (None, Some(0)), (Some(1), None), (None, None), (Some(0), None)];
+    let prompts: Vec<Vec<u32>> = vec![IDS.to_vec(), IDS[..3].to_vec(), IDS[1..].to_vec(), IDS[..4].to_vec(), vec![7, 8, 9]];
+    let maxes = vec![5, 4, 5, 3, 6];
+    let mut mixed = MixedAdapters::new(&named, m).unwrap();
+    mixed.set_rows(&who.iter().map(|w| w.1).collect::<Vec<_>>(), m.dtype()).unwrap();
+    let mut hook = ReftHook::mixed(sets.clone(), who.iter().map(|w| w.0).collect(), prompts.iter().map(Vec::len).collect());
+    let g = greedy_batch_hooked(m, Some(&mixed), Some(&mut hook), &prompts, &maxes, &[]).unwrap();
+    let mut changed = 0;
+    for (i, p) in prompts.iter().enumerate() {
+        let ad = who[i].1.map(|k| &named[k].1 as &dyn LinearAdapter);
+        let mut h = who[i].0.map(|s| sets[s].hook(vec![p.len()]));
+        let alone = greedy_hooked(m, ad, h.as_mut().map(|h| h as &mut dyn Hooks), p, maxes[i], &[]).unwrap().tokens;
+        assert_eq!(g.tokens[i], alone, "row {i}");
+        let plain = greedy_hooked(m, None, None, p, maxes[i], &[]).unwrap().tokens;
+        if who[i].0.is_some() && plain != alone {
+            changed += 1;
+        }
+    }
+    assert!(changed >= 2, "the LoReFT sets must change what their rows generate ({changed} of 3 did)");
+}

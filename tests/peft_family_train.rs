@@ -164,10 +164,10 @@ fn specs_resolve_the_new_kinds_and_leave_other_specs_unchanged() {
     assert!(e.contains("oft_block_size 5") && e.contains("q_proj") && !e.contains('\n'), "{e}");
 }
 
-/// Mixed batches: RoAd, LoRA, DoRA and OFT rows (and a plain row) in one batch of a family with
-/// q/k/v biases equal each row run alone; BOFT is refused with a clear error.
+/// Mixed batches: RoAd, LoRA, DoRA, OFT and BOFT rows (one and two butterfly factors; a plain
+/// row too) in one batch of a family with q/k/v biases equal each row run alone.
 #[test]
-fn mixed_batches_take_dora_and_oft_rows() {
+fn mixed_batches_take_dora_oft_and_boft_rows() {
     use road_dii::adapters::{LoraAdapter, MixedAdapters, RoadAdapter, Variant};
     use road_dii::generate::{greedy_batch, greedy_with};
     let l = common::tiny_family("hf-tiny-qwen2");
@@ -184,15 +184,35 @@ fn mixed_batches_take_dora_and_oft_rows() {
     jiggle(&dora.vars(), &mut rng, 0.2);
     let oft = OftAdapter::new(&m.cfg, 8, Some(5), 0..2, &[Proj::K, Proj::V, Proj::Down], &Device::Cpu).unwrap();
     jiggle(&oft.vars(), &mut rng, 0.2);
+    // BOFT: one factor on OFT's projections (both input rotations on one projection), two
+    // factors (permuted blocks) elsewhere.
+    let boft1 = BoftAdapter::new(&m.cfg, 4, 1, 0..2, &[Proj::K, Proj::V, Proj::Gate], &Device::Cpu).unwrap();
+    let boft2 = BoftAdapter::new(&m.cfg, 4, 2, 0..2, &[Proj::Q, Proj::Up, Proj::Down], &Device::Cpu).unwrap();
+    for b in [&boft1, &boft2] {
+        jiggle(&b.vars(), &mut rng, 0.3);
+    }
     let named = vec![
         ("road".to_string(), AnyAdapter::Road(road)),
         ("lora".to_string(), AnyAdapter::Lora(lora)),
         ("dora".to_string(), AnyAdapter::Dora(dora)),
         ("oft".to_string(), AnyAdapter::Oft(oft)),
+        ("boft1".to_string(), AnyAdapter::Boft(boft1)),
+        ("boft2".to_string(), AnyAdapter::Boft(boft2)),
     ];
-    let rows: Vec<Option<usize>> = vec![Some(2), Some(3), None, Some(0), Some(1), Some(3), Some(2)];
-    let prompts: Vec<Vec<u32>> = vec![IDS[..3].to_vec(), IDS.to_vec(), IDS[1..5].to_vec(), IDS[2..].to_vec(), vec![7, 8, 9, 10, 11], vec![42, 43], IDS.to_vec()];
-    let maxes = vec![4, 3, 5, 4, 2, 5, 3];
+    let rows: Vec<Option<usize>> = vec![Some(2), Some(3), None, Some(5), Some(0), Some(1), Some(4), Some(3), Some(2), Some(5)];
+    let prompts: Vec<Vec<u32>> = vec![
+        IDS[..3].to_vec(),
+        IDS.to_vec(),
+        IDS[1..5].to_vec(),
+        vec![99, 100, 101],
+        IDS[2..].to_vec(),
+        vec![7, 8, 9, 10, 11],
+        vec![5, 6, 7, 8],
+        vec![42, 43],
+        IDS.to_vec(),
+        IDS[..4].to_vec(),
+    ];
+    let maxes = vec![4, 3, 5, 3, 4, 2, 4, 5, 3, 2];
     let mut mixed = MixedAdapters::new(&named, m).unwrap();
     mixed.set_rows(&rows, m.dtype()).unwrap();
     let g = greedy_batch(m, Some(&mixed), &prompts, &maxes, &[]).unwrap();
@@ -212,9 +232,6 @@ fn mixed_batches_take_dora_and_oft_rows() {
             assert!(max_abs_diff(&single, &plain(p)) > 1e-3, "row {i}: its adapter must act");
         }
     }
-    let boft = BoftAdapter::new(&m.cfg, 4, 1, [0], &[Proj::Q], &Device::Cpu).unwrap();
-    let e = MixedAdapters::new(&[("b".to_string(), AnyAdapter::Boft(boft))], m).err().unwrap().to_string();
-    assert!(e.contains("boft adapter cannot share a mixed batch"), "{e}");
 }
 
 #[test]

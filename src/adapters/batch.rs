@@ -6,8 +6,11 @@
 //! with two batched matmuls. DoRA rows use the LoRA stack plus a per-row factor `m/‖W+sBA‖`
 //! (computed once, at construction, from the base weights) on `h` without its bias. OFT rows
 //! rotate their input with per-row block stacks `[b, k, s, s]` (one batched matmul). Rows without
-//! an adapter get the identity (RoAd, OFT) / zero (LoRA) / one (DoRA) slot. BOFT cannot share a
-//! batch yet.
+//! an adapter get the identity (RoAd, OFT) / zero (LoRA) / one (DoRA) slot. BOFT rows: the rows of
+//! each BOFT adapter are gathered and rotated by that adapter's own butterfly product (any number
+//! of factors, so any `boft_n_butterfly_factor`), then put back in place; BOFT's output scale `s`
+//! shares DoRA's per-row factor stack (both scale `h` without its bias).
+use super::boft::BoftRotation;
 use super::{AnyAdapter, Rotation};
 use crate::model::{BaseLinear, LinearAdapter, Llama, Proj};
 use anyhow::{bail, Context, Result};
@@ -40,14 +43,25 @@ struct Gathered {
     lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
     dora: HashMap<(usize, Proj), Tensor>,
     oft: HashMap<(usize, Proj), Tensor>,
+    boft: HashMap<(usize, Proj), BoftRows>,
+}
+
+/// One projection's BOFT rows in the current batch: per adapter slot, the rows using it; the
+/// other rows; and the gather that puts `[other rows, slot 1's rows, …]` back in batch order.
+struct BoftRows {
+    groups: Vec<(usize, Tensor)>,
+    rest: Option<Tensor>,
+    order: Tensor,
 }
 
 pub struct MixedAdapters {
     names: Vec<String>,
     road: HashMap<(usize, Proj), RoadStack>,
     lora: HashMap<(usize, Proj), LoraStack>,
-    /// DoRA factors `[n+1, out]` (ones for other slots).
+    /// DoRA factors and BOFT scales `[n+1, out]` (ones for other slots).
     dora: HashMap<(usize, Proj), Stack>,
+    /// BOFT input rotations per slot (None: not a BOFT adapter on this projection).
+    boft: HashMap<(usize, Proj), Vec<Option<BoftRotation>>>,
     /// OFT blocks `[n+1, k, s, s]` (identity for other slots).
     oft: HashMap<(usize, Proj), Stack>,
     cur: Option<Gathered>,
@@ -57,14 +71,12 @@ impl MixedAdapters {
     /// Stack `adapters` (name, adapter). RoAd adapters sharing a projection must share its pairing
     /// (group_size), since `rot(h)` is computed once for the whole batch.
     pub fn new(adapters: &[(String, AnyAdapter)], model: &Llama) -> Result<Self> {
-        if let Some((name, ad)) = adapters.iter().find(|(_, a)| matches!(a, AnyAdapter::Boft(_))) {
-            bail!("adapter {name}: a {} adapter cannot share a mixed batch yet (RoAd, LoRA, DoRA and OFT can)", ad.kind());
-        }
         let (cfg, device) = (&model.cfg, model.device());
         let mut road = HashMap::new();
         let mut lora = HashMap::new();
         let mut dora = HashMap::new();
         let mut oft = HashMap::new();
+        let mut boft = HashMap::new();
         for l in 0..cfg.num_layers {
             for p in Proj::ALL {
                 let (out_d, in_d) = (super::adapter::proj_out_dim(cfg, p), super::lora::proj_in_dim(cfg, p));
@@ -139,9 +151,20 @@ impl MixedAdapters {
                 let ones = Tensor::ones(out_d, DType::F32, device)?;
                 if let Some(st) = stack(adapters, &ones, |ad| match ad {
                     AnyAdapter::Dora(a) if a.touches(l, p) => Some(a.factor(l, p, w).map(|f| f.detach())),
+                    AnyAdapter::Boft(a) if a.touches(l, p) => Some(a.layers[&(l, p)].s.as_tensor().squeeze(1).map(|s| s.detach()).map_err(Into::into)),
                     _ => None,
                 })? {
                     dora.insert((l, p), st);
+                }
+                let mut rots = vec![None];
+                for (name, ad) in adapters {
+                    rots.push(match ad {
+                        AnyAdapter::Boft(a) if a.touches(l, p) => Some(a.rotation(l, p).with_context(|| format!("adapter {name}"))?.detach()),
+                        _ => None,
+                    });
+                }
+                if rots.iter().any(Option::is_some) {
+                    boft.insert((l, p), rots);
                 }
                 // OFT rows of one projection must share a block size: the rotation is one bmm.
                 let block = adapters.iter().find_map(|(_, a)| match a {
@@ -164,7 +187,7 @@ impl MixedAdapters {
                 }
             }
         }
-        Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, dora, oft, cur: None })
+        Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, dora, oft, boft, cur: None })
     }
 
     /// Index of a named adapter.
@@ -184,7 +207,12 @@ impl MixedAdapters {
         let slots: Vec<u32> = rows.iter().map(|r| r.map(|i| i as u32 + 1).unwrap_or(0)).collect();
         let b = slots.len();
         let any = |users: &Vec<bool>| slots.iter().any(|&s| users[s as usize]);
-        let mut g = Gathered { road: HashMap::new(), lora: HashMap::new(), dora: HashMap::new(), oft: HashMap::new() };
+        let mut g = Gathered { road: HashMap::new(), lora: HashMap::new(), dora: HashMap::new(), oft: HashMap::new(), boft: HashMap::new() };
+        for (k, rots) in &self.boft {
+            if let Some(rows) = boft_rows(&slots, rots, self.names.len())? {
+                g.boft.insert(*k, rows);
+            }
+        }
         for (k, st) in &self.dora {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.t.device())?;
@@ -226,20 +254,34 @@ impl MixedAdapters {
 impl LinearAdapter for MixedAdapters {
     fn touches(&self, layer: usize, proj: Proj) -> bool {
         let k = (layer, proj);
-        self.cur.as_ref().is_some_and(|g| g.road.contains_key(&k) || g.lora.contains_key(&k) || g.dora.contains_key(&k) || g.oft.contains_key(&k))
+        self.cur.as_ref().is_some_and(|g| {
+            g.road.contains_key(&k) || g.lora.contains_key(&k) || g.dora.contains_key(&k) || g.oft.contains_key(&k) || g.boft.contains_key(&k)
+        })
     }
     fn adapt_input(&self, layer: usize, proj: Proj, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(r) = self.cur.as_ref().and_then(|g| g.oft.get(&(layer, proj))) else { return Ok(None) };
-        let (b, k, s, _) = r.dims4()?;
-        let (xb, t, width) = x.dims3()?;
-        if xb != b {
-            bail!("MixedAdapters: batch has {xb} rows but set_rows was given {b}");
+        let Some(g) = &self.cur else { return Ok(None) };
+        let k = (layer, proj);
+        let y = match g.oft.get(&k) {
+            Some(r) => Some(oft_rows(x, r)?),
+            None => None,
+        };
+        let Some(rows) = g.boft.get(&k) else { return Ok(y) };
+        // BOFT rows (their OFT slot is the identity): each adapter's rows through its own
+        // rotation, the rest as they are, then back in batch order.
+        let x = y.as_ref().unwrap_or(x);
+        if x.dim(0)? != rows.order.dim(0)? {
+            bail!("MixedAdapters: batch has {} rows but set_rows was given {}", x.dim(0)?, rows.order.dim(0)?);
         }
-        // [b, t, k·s] → [b, k, t, s] · [b, k, s, s] → back: every row its own blocks, one bmm.
-        // In f32, as OFT's own forward (`orth::rotate_blocks`).
-        let x32 = x.to_dtype(DType::F32)?;
-        let y = x32.reshape((b, t, k, s))?.transpose(1, 2)?.contiguous()?.matmul(r)?;
-        Ok(Some(y.transpose(1, 2)?.reshape((b, t, width))?.to_dtype(x.dtype())?))
+        let rots = &self.boft[&k];
+        let mut pieces = Vec::with_capacity(rows.groups.len() + 1);
+        if let Some(rest) = &rows.rest {
+            pieces.push(x.index_select(rest, 0)?);
+        }
+        for (slot, idx) in &rows.groups {
+            let rot = rots[*slot].as_ref().expect("a group's slot has a rotation");
+            pieces.push(rot.apply(&x.index_select(idx, 0)?)?);
+        }
+        Ok(Some(Tensor::cat(&pieces, 0)?.index_select(&rows.order, 0)?))
     }
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
         let Some(g) = &self.cur else { bail!("MixedAdapters: call set_rows before the forward pass") };
@@ -279,6 +321,46 @@ impl LinearAdapter for MixedAdapters {
         }
         Ok(out)
     }
+}
+
+/// OFT rows: `[b, t, k·s] → [b, k, t, s] · [b, k, s, s] →` back; every row its own blocks, one
+/// bmm, in f32 as OFT's own forward (`orth::rotate_blocks`).
+fn oft_rows(x: &Tensor, r: &Tensor) -> Result<Tensor> {
+    let (b, k, s, _) = r.dims4()?;
+    let (xb, t, width) = x.dims3()?;
+    if xb != b {
+        bail!("MixedAdapters: batch has {xb} rows but set_rows was given {b}");
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let y = x32.reshape((b, t, k, s))?.transpose(1, 2)?.contiguous()?.matmul(r)?;
+    Ok(y.transpose(1, 2)?.reshape((b, t, width))?.to_dtype(x.dtype())?)
+}
+
+/// The BOFT row groups of one projection for rows assigned `slots`; None when no row uses a BOFT
+/// adapter there.
+fn boft_rows(slots: &[u32], rots: &[Option<BoftRotation>], n_adapters: usize) -> Result<Option<BoftRows>> {
+    let uses = |s: u32| rots[s as usize].is_some();
+    if !slots.iter().any(|&s| uses(s)) {
+        return Ok(None);
+    }
+    let device = rots.iter().flatten().next().expect("a rotation").q.device().clone();
+    let idx = |rows: &[u32]| Tensor::from_vec(rows.to_vec(), rows.len(), &device);
+    let rest: Vec<u32> = (0..slots.len() as u32).filter(|&r| !uses(slots[r as usize])).collect();
+    let mut cat_order = rest.clone();
+    let mut groups = Vec::new();
+    for slot in 1..=n_adapters as u32 {
+        let rows: Vec<u32> = (0..slots.len() as u32).filter(|&r| slots[r as usize] == slot && uses(slot)).collect();
+        if !rows.is_empty() {
+            cat_order.extend(&rows);
+            groups.push((slot as usize, idx(&rows)?));
+        }
+    }
+    let mut order = vec![0u32; slots.len()];
+    for (i, &r) in cat_order.iter().enumerate() {
+        order[r as usize] = i as u32;
+    }
+    let rest = if rest.is_empty() { None } else { Some(idx(&rest)?) };
+    Ok(Some(BoftRows { groups, rest, order: idx(&order)? }))
 }
 
 /// Stack `[n+1, ...]` of per-adapter tensors: slot 0 and adapters `f` skips get `none`; `None`

@@ -119,26 +119,50 @@ impl BoftAdapter {
 
     /// `x · M_{N−1} ⋯ M_0` (the input rotation of one projection).
     pub fn rotate(&self, l: usize, p: Proj, x: &Tensor) -> Result<Tensor> {
+        self.rotation(l, p)?.apply(x)
+    }
+
+    /// One projection's rotation: its Cayley blocks and permutations, which a mixed batch keeps
+    /// (detached) to rotate the rows that use this adapter.
+    pub fn rotation(&self, l: usize, p: Proj) -> Result<BoftRotation> {
         let layer = &self.layers[&(l, p)];
         let (n, k, b, _) = layer.r.as_tensor().dims4()?;
         let data = layer.r.as_tensor().reshape((n * k, b, b))?;
         let skew = ((&data - data.transpose(1, 2)?)? * 0.5)?;
-        let q = orth::cayley(&skew)?.reshape((n, k, b, b))?;
+        Ok(BoftRotation { q: orth::cayley(&skew)?.reshape((n, k, b, b))?, perms: layer.perms.clone() })
+    }
+}
+
+/// `x ↦ x · M_{N−1} ⋯ M_0` for one projection: Cayley blocks `q` `[N, k, b, b]` and the factors'
+/// permutations.
+pub struct BoftRotation {
+    pub q: Tensor,
+    perms: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl BoftRotation {
+    pub fn detach(self) -> Self {
+        Self { q: self.q.detach(), perms: self.perms }
+    }
+
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let last = x.rank() - 1;
         // f32 throughout (see `orth::rotate_blocks`), back to the model's dtype at the end.
         let mut y = x.to_dtype(DType::F32)?;
-        for i in (0..n).rev() {
-            if let Some((inv, _)) = &layer.perms[i] {
+        for i in (0..self.q.dim(0)?).rev() {
+            if let Some((inv, _)) = &self.perms[i] {
                 y = y.index_select(inv, last)?;
             }
-            y = orth::rotate_blocks(&y, &q.get(i)?)?;
-            if let Some((_, sig)) = &layer.perms[i] {
+            y = orth::rotate_blocks(&y, &self.q.get(i)?)?;
+            if let Some((_, sig)) = &self.perms[i] {
                 y = y.index_select(sig, last)?;
             }
         }
         Ok(y.to_dtype(x.dtype())?)
     }
+}
 
+impl BoftAdapter {
     /// Merged weight `s ⊙ (W Mᵀ)` (peft's merge), or its inverse `(W'/s) M` (M orthogonal).
     pub fn merged(&self, l: usize, p: Proj, w: &Tensor, inverse: bool) -> Result<Tensor> {
         let layer = &self.layers[&(l, p)];

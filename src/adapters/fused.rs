@@ -7,6 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor};
 #[cfg(test)]
 use candle_core::Device;
+use crate::model::train_ops::add_into;
 use rayon::prelude::*;
 
 /// Below this many elements a pass runs on the calling thread: a decode step's `[8, 1, 1536]`
@@ -50,14 +51,12 @@ struct RoadOp {
     rows_per_col: usize,
 }
 
-#[inline]
-fn partner(j: usize, g: usize) -> (usize, f32) {
-    let i = j % g;
-    if i < g / 2 {
-        (j + g / 2, -1.0)
-    } else {
-        (j - g / 2, 1.0)
-    }
+/// `t`'s f32 data (made contiguous first), handed to `f`, read in place.
+fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
+    let t = t.contiguous()?;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(c) = &*st else { candle_core::bail!("road-fused: CPU tensors only") };
+    f(slice(c, l)?)
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
@@ -92,42 +91,45 @@ impl CustomOp3 for RoadOp {
             candle_core::bail!("road-fused: per-row columns are inference-only (no backward)");
         }
         let d = f.elem_count();
-        let g = self.g;
-        let hv = h.flatten_all()?.to_vec1::<f32>()?;
-        let gv = gz.flatten_all()?.to_vec1::<f32>()?;
-        let fv = f.to_vec1::<f32>()?;
-        let sv = s.to_vec1::<f32>()?;
-        // dh_k = g_k f_k + g_{p(k)} s_{p(k)} sign(p(k));  df_j = Σ g_j h_j;  ds_j = Σ g_j sign(j) h_{p(j)}.
-        let mut dh = vec![0f32; hv.len()];
-        dh.par_chunks_mut(d).zip(gv.par_chunks(d)).for_each(|(dr, gr)| {
-            for k in 0..d {
-                let (p, _) = partner(k, g);
-                let (_, sgp) = partner(p, g);
-                dr[k] = gr[k] * fv[k] + gr[p] * sv[p] * sgp;
-            }
-        });
-        let (df, ds) = hv
-            .par_chunks(d)
-            .zip(gv.par_chunks(d))
-            .fold(
-                || (vec![0f32; d], vec![0f32; d]),
-                |(mut df, mut ds), (hr, gr)| {
-                    for j in 0..d {
-                        let (p, sg) = partner(j, g);
-                        df[j] += gr[j] * hr[j];
-                        ds[j] += gr[j] * sg * hr[p];
-                    }
-                    (df, ds)
-                },
-            )
-            .reduce(
-                || (vec![0f32; d], vec![0f32; d]),
-                |(mut a, mut b), (c, e)| {
-                    a.iter_mut().zip(&c).for_each(|(x, y)| *x += y);
-                    b.iter_mut().zip(&e).for_each(|(x, y)| *x += y);
-                    (a, b)
-                },
-            );
+        let half = self.g / 2;
+        // Group by group (no per-element partner lookup), reading the saved input and incoming
+        // gradient in place. With i < g/2 in a group and j = i + g/2 (z_i = f_i h_i − s_i h_j,
+        // z_j = f_j h_j + s_j h_i): dh_i = g_i f_i + g_j s_j, dh_j = g_j f_j − g_i s_i;
+        // df_k = Σ g_k h_k; ds_i = −Σ g_i h_j, ds_j = Σ g_j h_i.
+        let rows = (PAR_MIN / d.max(1)).max(1);
+        let mut dh = vec![0f32; h.elem_count()];
+        let (df, ds) = with_f32(h, |hv| {
+            with_f32(gz, |gv| {
+                with_f32(f, |fv| {
+                    with_f32(s, |sv| {
+                        Ok(dh
+                            .par_chunks_mut(rows * d)
+                            .zip(hv.par_chunks(rows * d).zip(gv.par_chunks(rows * d)))
+                            .map(|(dh, (hc, gc))| {
+                                let (mut df, mut ds) = (vec![0f32; d], vec![0f32; d]);
+                                for ((dr, hr), gr) in dh.chunks_mut(d).zip(hc.chunks(d)).zip(gc.chunks(d)) {
+                                    for gb in (0..d).step_by(2 * half) {
+                                        for i in gb..gb + half {
+                                            let j = i + half;
+                                            dr[i] = gr[i] * fv[i] + gr[j] * sv[j];
+                                            dr[j] = gr[j] * fv[j] - gr[i] * sv[i];
+                                            df[i] += gr[i] * hr[i];
+                                            df[j] += gr[j] * hr[j];
+                                            ds[i] -= gr[i] * hr[j];
+                                            ds[j] += gr[j] * hr[i];
+                                        }
+                                    }
+                                }
+                                (df, ds)
+                            })
+                            // Partials per fixed chunk, summed in order: reproducible runs.
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .fold((Vec::new(), Vec::new()), |(a, b), (c, e)| (add_into(a, c), add_into(b, e))))
+                    })
+                })
+            })
+        })?;
         let dev = h.device();
         Ok((
             Some(Tensor::from_vec(dh, h.shape(), dev)?),

@@ -1,6 +1,7 @@
 //! `road merge` and `road serve-batch`.
 use super::ModelArgs;
-use crate::generate::greedy_batch;
+use crate::generate::greedy_batch_hooked;
+use crate::train::reft::{LoreftSet, ReftHook};
 use crate::model::LinearAdapter;
 use crate::adapters::{merge, AnyAdapter, MixedAdapters};
 use anyhow::{bail, Context, Result};
@@ -109,7 +110,8 @@ fn merge_adapter(m: &ModelArgs, adapter: &Path, out: &Path, unmerge: bool) -> Re
 pub struct ServeBatchArgs {
     #[command(flatten)]
     pub m: ModelArgs,
-    /// name=DIR pairs, comma-separated (e.g. a=runs/x/adapter,b=runs/y/adapter).
+    /// name=DIR pairs, comma-separated (e.g. a=runs/x/adapter,b=runs/y/adapter): peft adapters of
+    /// any kind, or LoReFT directories (reft_config.json), each row its own.
     #[arg(long, value_delimiter = ',')]
     pub adapters: Vec<String>,
     /// JSONL, one request a line: {"adapter": NAME or null, "prompt": TEXT, "max_tokens": N}.
@@ -133,10 +135,19 @@ fn default_max() -> usize {
 
 pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
     let l = a.m.load()?;
-    let mut named = Vec::new();
+    // peft adapters share the weight path (MixedAdapters); LoReFT directories the per-row hooks.
+    let (mut named, mut refts) = (Vec::new(), Vec::new());
     for spec in &a.adapters {
         let (name, dir) = spec.split_once('=').with_context(|| format!("--adapters entry {spec:?} is not NAME=DIR"))?;
-        named.push((name.to_string(), AnyAdapter::load(std::path::Path::new(dir), &l.model.cfg, l.model.device()).with_context(|| format!("adapter {name}"))?));
+        if named.iter().any(|(n, _)| n == name) || refts.iter().any(|(n, _)| n == name) {
+            bail!("--adapters: the name {name:?} is given twice");
+        }
+        let dir = std::path::Path::new(dir);
+        if LoreftSet::is_reft_dir(dir) {
+            refts.push((name.to_string(), LoreftSet::load(dir, &l.model.cfg, l.model.device()).with_context(|| format!("adapter {name}"))?));
+        } else {
+            named.push((name.to_string(), AnyAdapter::load(dir, &l.model.cfg, l.model.device()).with_context(|| format!("adapter {name}"))?));
+        }
     }
     let text = std::fs::read_to_string(&a.requests).with_context(|| format!("cannot read {}", a.requests.display()))?;
     let mut reqs = Vec::new();
@@ -148,19 +159,38 @@ pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
         bail!("{}: no requests", a.requests.display());
     }
     let mut mixed = MixedAdapters::new(&named, &l.model)?;
-    let rows = reqs.iter().map(|r| r.adapter.as_deref().map(|n| mixed.index(n)).transpose()).collect::<Result<Vec<_>>>()?;
+    let reft_row = |r: &Request| r.adapter.as_deref().and_then(|n| refts.iter().position(|(m, _)| m == n));
+    let rows = reqs
+        .iter()
+        .map(|r| match r.adapter.as_deref() {
+            Some(_) if reft_row(r).is_some() => Ok(None),
+            Some(n) => match named.iter().position(|(m, _)| m == n) {
+                Some(i) => Ok(Some(i)),
+                None => {
+                    let all: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).chain(refts.iter().map(|(n, _)| n.as_str())).collect();
+                    bail!("request adapter {n:?} is not among --adapters ({})", all.join(", "))
+                }
+            },
+            None => Ok(None),
+        })
+        .collect::<Result<Vec<_>>>()?;
     mixed.set_rows(&rows, l.model.dtype())?;
     let prompts = reqs.iter().map(|r| l.tok.encode(&r.prompt)).collect::<Result<Vec<_>>>()?;
+    let mut hook = (!refts.is_empty()).then(|| {
+        let sets = refts.iter().map(|(_, s)| s.clone()).collect();
+        ReftHook::mixed(sets, reqs.iter().map(reft_row).collect(), prompts.iter().map(Vec::len).collect())
+    });
     for (i, (r, p)) in reqs.iter().zip(&prompts).enumerate() {
         crate::generate::check_max_tokens(&l.model, p.len(), r.max_tokens, &format!("{}: request {} max_tokens", a.requests.display(), i + 1))?;
     }
     let maxes: Vec<usize> = reqs.iter().map(|r| r.max_tokens).collect();
-    let g = greedy_batch(&l.model, Some(&mixed as &dyn LinearAdapter), &prompts, &maxes, &l.tok.eos)?;
+    let hooks = hook.as_mut().map(|h| h as &mut dyn crate::model::Hooks);
+    let g = greedy_batch_hooked(&l.model, Some(&mixed as &dyn LinearAdapter), hooks, &prompts, &maxes, &l.tok.eos)?;
     for (r, toks) in reqs.iter().zip(&g.tokens) {
         let v = serde_json::json!({"adapter": r.adapter, "prompt": r.prompt, "completion": l.tok.decode(toks)?, "tokens": toks});
         println!("{}", serde_json::to_string(&v)?);
     }
     let n: usize = g.tokens.iter().map(|t| t.len()).sum();
-    eprintln!("[{} rows in one batch, {} adapters; {n} tokens generated in {:.2}s]", reqs.len(), named.len(), g.prefill_secs + g.decode_secs);
+    eprintln!("[{} rows in one batch, {} adapters; {n} tokens generated in {:.2}s]", reqs.len(), named.len() + refts.len(), g.prefill_secs + g.decode_secs);
     Ok(())
 }

@@ -9,7 +9,7 @@ mod submit_cmd;
 
 use crate::bench;
 use crate::fetch;
-use crate::generate::greedy_with;
+use crate::train::reft::LoreftSet;
 use crate::model::{load, registry};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device};
@@ -323,10 +323,20 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate { m, prompt, max_tokens, adapter } => {
             let l = m.load()?;
-            let ad = adapter.as_deref().map(|d| crate::adapters::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
+            // A LoReFT directory (reft_config.json) runs as hooks at its prompt positions; else a peft adapter.
+            let reft = adapter.as_deref().filter(|d| LoreftSet::is_reft_dir(d)).map(|d| LoreftSet::load(d, &l.model.cfg, l.model.device())).transpose()?;
+            let ad = adapter.as_deref().filter(|_| reft.is_none()).map(|d| crate::adapters::AnyAdapter::load(d, &l.model.cfg, l.model.device())).transpose()?;
             let ids = l.tok.encode(&prompt)?;
             crate::generate::check_max_tokens(&l.model, ids.len(), max_tokens, "--max-tokens")?;
-            let g = greedy_with(&l.model, ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter), &ids, max_tokens, &l.tok.eos)?;
+            let mut hook = reft.as_ref().map(|s| s.hook(vec![ids.len()]));
+            let g = crate::generate::greedy_hooked(
+                &l.model,
+                ad.as_ref().map(|a| a as &dyn crate::model::LinearAdapter),
+                hook.as_mut().map(|h| h as &mut dyn crate::model::Hooks),
+                &ids,
+                max_tokens,
+                &l.tok.eos,
+            )?;
             println!("{}{}", prompt, l.tok.decode(&g.tokens)?);
             let n = g.tokens.len().saturating_sub(1);
             if n > 0 {

@@ -215,6 +215,37 @@ fn binary(a: &Tensor, b: &Tensor, op: Op) -> candle_core::Result<Option<Tensor>>
     Ok(Some(out))
 }
 
+/// `σ(x) = 1 / (1 + e^-x)` into `out` (same length): 16 lanes at a time through this file's
+/// `exp` where AVX-512 is there, else scalar `expf`. For the training ops' SiLU and its backward.
+pub(crate) fn sigmoid_into(x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if enabled() {
+        // SAFETY: AVX-512F was detected (`enabled`).
+        unsafe { sigmoid_kernel(x, out) };
+        return;
+    }
+    for (o, v) in out.iter_mut().zip(x) {
+        *o = 1.0 / (1.0 + (-v).exp());
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn sigmoid_kernel(x: &[f32], o: &mut [f32]) {
+    let n = o.len().min(x.len());
+    let one = _mm512_set1_ps(1.0);
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm512_loadu_ps(x.as_ptr().add(i));
+        let e = exp(_mm512_sub_ps(_mm512_set1_ps(0.0), v));
+        _mm512_storeu_ps(o.as_mut_ptr().add(i), _mm512_div_ps(one, _mm512_add_ps(one, e)));
+        i += 16;
+    }
+    for j in i..n {
+        o[j] = 1.0 / (1.0 + (-x[j]).exp());
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::{
     __m256i, __m512, _mm256_loadu_si256, _mm256_storeu_si256, _mm512_add_ps, _mm512_cvtepu16_epi32, _mm512_cvtneps_pbh,

@@ -500,10 +500,12 @@ impl Llama {
         })
     }
 
-    /// The MLP's `act(gate) · up`: one fused pass on the CPU in inference (SiLU families).
+    /// The MLP's `act(gate) · up`: one fused pass on the CPU (SiLU families; in training with its
+    /// own backward).
     fn act_mul(&self, g: &Tensor, u: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if !differentiable && self.cfg.arch.act == Act::Silu {
-            if let Some(m) = super::cpu_ops::silu_mul(g, u)? {
+        if self.cfg.arch.act == Act::Silu {
+            let fused = if differentiable { super::train_ops::try_silu_mul(g, u)? } else { super::cpu_ops::silu_mul(g, u)? };
+            if let Some(m) = fused {
                 return Ok(m);
             }
         }
@@ -565,6 +567,9 @@ impl Llama {
     fn rms(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps as f32;
         if differentiable {
+            if let Some(y) = super::train_ops::try_rms_norm(x, w, eps)? {
+                return Ok(y);
+            }
             return Ok(candle_nn::ops::rms_norm_slow(x, w, eps)?);
         }
         // candle's fused norm runs bf16 per element through half's conversions (5% of a bf16

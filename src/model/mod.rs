@@ -15,6 +15,7 @@ pub mod load;
 pub mod random;
 pub mod registry;
 pub mod sites;
+pub mod train_ops;
 pub mod weights;
 
 pub use config::LlamaConfig;

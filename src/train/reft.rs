@@ -130,8 +130,8 @@ impl LoreftSet {
 
     /// The hooks for a batch of prompts of these (unpadded) lengths, left-padded to the longest.
     pub fn hook(&self, lens: Vec<usize>) -> ReftHook {
-        let width = lens.iter().copied().max().unwrap_or(0);
-        ReftHook { set: self.clone(), lens, width }
+        let rows = vec![Some(0); lens.len()];
+        ReftHook::mixed(vec![self.clone()], rows, lens)
     }
 
     /// Per-batch hooks for [`super::cls::evaluate`]: the prompts' lengths as it encodes them.
@@ -146,16 +146,27 @@ impl LoreftSet {
 /// Applies every unit of a [`LoreftSet`] at its layer's `block_output`, at the prompt positions
 /// a call covers: columns are absolute (`pos_offset` + column, in the left-padded batch), so a
 /// prompt split over KV-cache calls is intervened on once per position, and generated tokens
-/// (beyond the prompt) are left alone, as in pyreft.
+/// (beyond the prompt) are left alone, as in pyreft. Each row has its own set (or none): a mixed
+/// batch of `road serve-batch`.
 pub struct ReftHook {
-    set: LoreftSet,
+    sets: Vec<LoreftSet>,
+    /// Per batch row: the index of its set in `sets`, or None.
+    rows: Vec<Option<usize>>,
     lens: Vec<usize>,
     width: usize,
 }
 
+impl ReftHook {
+    /// Row `i` (prompt length `lens[i]`) gets `sets[rows[i]]`, or no intervention.
+    pub fn mixed(sets: Vec<LoreftSet>, rows: Vec<Option<usize>>, lens: Vec<usize>) -> Self {
+        let width = lens.iter().copied().max().unwrap_or(0);
+        Self { sets, rows, lens, width }
+    }
+}
+
 impl Hooks for ReftHook {
     fn wants(&self, layer: usize, site: Site) -> bool {
-        site == Site::BlockOutput && self.set.units.iter().any(|u| u.layer == layer)
+        site == Site::BlockOutput && self.sets.iter().any(|s| s.units.iter().any(|u| u.layer == layer))
     }
     fn on(&mut self, layer: usize, _: Site, act: &Tensor, ctx: SiteCtx) -> Result<Option<Tensor>> {
         let (b, t, _) = act.dims3()?;
@@ -163,15 +174,16 @@ impl Hooks for ReftHook {
         if o >= self.width {
             return Ok(None);
         }
-        if b != self.lens.len() {
+        if b != self.lens.len() || b != self.rows.len() {
             bail!("LoReFT hook has {} prompt lengths for a batch of {b}", self.lens.len());
         }
         let h = act.to_dtype(DType::F32)?;
         let mut out = h.clone();
-        for u in self.set.units.iter().filter(|u| u.layer == layer) {
+        for (si, set) in self.sets.iter().enumerate() {
+        for u in set.units.iter().filter(|u| u.layer == layer) {
             let mut mask = vec![0f32; b * t];
-            for (i, &len) in self.lens.iter().enumerate() {
-                let (first, last) = positions(len, self.set.first_n, self.set.last_n);
+            for (i, &len) in self.lens.iter().enumerate().filter(|&(i, _)| self.rows[i] == Some(si)) {
+                let (first, last) = positions(len, set.first_n, set.last_n);
                 let pad = self.width - len; // left padding
                 let chosen: Vec<usize> = match u.side {
                     Side::First => first,
@@ -182,8 +194,12 @@ impl Hooks for ReftHook {
                     mask[i * t + c - o] = 1.0;
                 }
             }
+            if mask.iter().all(|&m| m == 0.0) {
+                continue;
+            }
             let mask = Tensor::from_vec(mask, (b, t, 1), act.device())?;
             out = (out + u.int.delta(&h)?.broadcast_mul(&mask)?)?;
+        }
         }
         Ok(Some(out.to_dtype(act.dtype())?))
     }

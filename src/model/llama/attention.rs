@@ -215,6 +215,13 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = self.attn_scale();
+        if differentiable && self.cfg.arch.attn_softcap.is_none() && crate::runtime::cpu_fast_path(q.device()) {
+            // Training on the CPU: scale, mask and softmax as one node with its own backward.
+            let raw = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+            let probs = super::super::train_ops::masked_softmax(&raw, scale, p.mask_for(blk))?.reshape((b, nkv, rep * t, s))?;
+            let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            return Ok(Attn { q_pre, k_pre, qg, k, v, capped_tanh: None, probs, heads });
+        }
         let scores = if crate::runtime::cpu_fast_path(q.device()) {
             (qg.matmul(&k.t()?)? * scale)?
         } else {
@@ -309,11 +316,14 @@ pub(super) struct Rope {
 
 impl Rope {
     /// RoPE on `[b, heads, t, head_dim]`. Inference uses candle's fused kernel (CPU and CUDA:
-    /// one launch instead of ~6 per call); training composes differentiable primitives, since
-    /// the fused op has no backward.
+    /// one launch instead of ~6 per call); training uses `train_ops`' RoPE with its backward on the
+    /// CPU, elsewhere composes differentiable primitives (candle's fused op has no backward).
     pub fn apply(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if !differentiable {
             return Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?);
+        }
+        if let Some(y) = super::super::train_ops::try_rope(x, &self.cos, &self.sin)? {
+            return Ok(y);
         }
         let hd = x.dim(D::Minus1)?;
         let cos = Tensor::cat(&[&self.cos, &self.cos], D::Minus1)?.unsqueeze(1)?;
