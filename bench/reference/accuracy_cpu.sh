@@ -7,7 +7,8 @@
 #
 # Usage (repository root): bench/reference/accuracy_cpu.sh ROAD GGUF OUT_DIR "SEEDS" [KINDS...]
 #   e.g. bench/reference/accuracy_cpu.sh /tmp/road ~/.cache/road-dii/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/acc "0 1 2"
-#   REF=0 skips the references (road only); rows already in OUT_DIR/rows.tsv are not re-run.
+#   SIDES=road or SIDES=ref runs one side only (default both); rows already in OUT_DIR/rows.tsv
+#   are not re-run (so a killed call resumes), and the summary averages whatever each side has.
 # Writes OUT_DIR/<kind>.s<seed>.{road,ref}.out and appends one TSV row per (method, seed) to
 # OUT_DIR/rows.tsv:  kind  seed  road_test_acc  road_dev_acc  ref_impl  ref_test_acc  ref_dev_acc
 # then prints mean ± s.d. (sample, n−1) per method and side.
@@ -23,12 +24,14 @@ for k in $KINDS; do
   for s in $SEEDS; do
     if grep -q "^$k	$s	" "$OUT/rows.tsv"; then continue; fi # done in an earlier (killed) call
     name=acc-$k-s$s
-    "$ROAD" finetune "experiments/sentiment-$k.toml" --set name=$name --set seed=$s >"$OUT/$k.s$s.road.out" 2>&1
-    sum=$(ls -td notebooks-out/$name/*/ | head -1)summary.json
-    road_test=$(tr -d '\n ' <"$sum" | sed -n 's/.*"test":{[^}]*"accuracy":\([0-9.]*\).*/\1/p')
-    road_dev=$(field dev_accuracy "$sum")
-    impl=- ref_test=- ref_dev=-
-    if [ "${REF:-1}" != 0 ]; then
+    road_test=- road_dev=- impl=- ref_test=- ref_dev=-
+    if [ "${SIDES:-both}" != ref ]; then
+      "$ROAD" finetune "experiments/sentiment-$k.toml" --set name=$name --set seed=$s >"$OUT/$k.s$s.road.out" 2>&1
+      sum=$(ls -td notebooks-out/$name/*/ | head -1)summary.json
+      road_test=$(tr -d '\n ' <"$sum" | sed -n 's/.*"test":{[^}]*"accuracy":\([0-9.]*\).*/\1/p')
+      road_dev=$(field dev_accuracy "$sum")
+    fi
+    if [ "${SIDES:-both}" != road ]; then
       if [ "$k" = loreft ]; then
         ref=(bench/reference/pyreft_sentiment.py); impl="pyreft 0.1.0"
       else
@@ -41,7 +44,7 @@ for k in $KINDS; do
   done
 done
 awk -F'\t' '
-  function stat(sum, sq, n) { m = sum / n; return sprintf("%.3f ± %.3f (n=%d)", m, n > 1 ? sqrt((sq - n * m * m) / (n - 1)) : 0, n) }
-  { r[$1] += $3; r2[$1] += $3 * $3; rn[$1]++; if ($6 ~ /^[0-9.]+$/) { f[$1] += $6; f2[$1] += $6 * $6; fn[$1]++; impl[$1] = $5 } }
-  END { printf "kind\troad test acc\treference test acc\n"; for (k in r) printf "%s\t%s\t%s\n", k, stat(r[k], r2[k], rn[k]), fn[k] ? impl[k] " " stat(f[k], f2[k], fn[k]) : "-" }
+  function stat(sum, sq, n) { m = sum / n; v = n > 1 ? (sq - n * m * m) / (n - 1) : 0; return sprintf("%.3f ± %.3f (n=%d)", m, v > 0 ? sqrt(v) : 0, n) }
+  { seen[$1] = 1; if ($3 ~ /^[0-9.]+$/) { r[$1] += $3; r2[$1] += $3 * $3; rn[$1]++ }; if ($6 ~ /^[0-9.]+$/) { f[$1] += $6; f2[$1] += $6 * $6; fn[$1]++; impl[$1] = $5 } }
+  END { printf "kind\troad test acc\treference test acc\n"; for (k in seen) printf "%s\t%s\t%s\n", k, rn[k] ? stat(r[k], r2[k], rn[k]) : "-", fn[k] ? impl[k] " " stat(f[k], f2[k], fn[k]) : "-" }
 ' "$OUT/rows.tsv"

@@ -183,7 +183,8 @@ impl LoraAdapter {
         let Some(rng) = g.as_mut() else { return Ok(None) };
         let keep = 1.0 - self.dropout;
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| if (rng.uniform() as f32) < keep { 1.0 / keep } else { 0.0 }).collect();
+        let mut v = vec![0f32; n];
+        rng.fill_uniform(&mut v, |u| if (u as f32) < keep { 1.0 / keep } else { 0.0 });
         Ok(Some(Tensor::from_vec(v, shape, device)?))
     }
 }

@@ -3,12 +3,15 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rng(u64);
 
+/// splitmix64's increment.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 impl Rng {
     pub fn new(seed: u64) -> Self {
         Self(seed ^ 0x9E37_79B9_7F4A_7C15)
     }
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
@@ -36,6 +39,21 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
         &v[self.below(v.len())]
     }
+    /// `out[i] = f(u_i)` for the next `out.len()` uniforms `u_i`, in parallel: splitmix64's i-th
+    /// output depends only on the state and i, so this equals drawing them one by one (and leaves
+    /// the same state) at a fraction of the time. LoRA dropout draws one per activation element
+    /// per projection per step: drawn one by one, a fifth of a LoRA fine-tuning step.
+    pub fn fill_uniform<T: Send>(&mut self, out: &mut [T], f: impl Fn(f64) -> T + Sync) {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let s0 = self.0;
+        out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
+            for (j, o) in chunk.iter_mut().enumerate() {
+                *o = f(Rng(s0.wrapping_add(((c * CHUNK + j) as u64).wrapping_mul(GAMMA))).uniform());
+            }
+        });
+        self.0 = s0.wrapping_add((out.len() as u64).wrapping_mul(GAMMA));
+    }
     /// A child stream, so adding draws in one place does not shift another's.
     pub fn fork(&mut self, tag: u64) -> Rng {
         Rng::new(self.next_u64() ^ tag.wrapping_mul(0xD6E8_FEB8_6659_FD93))
@@ -59,6 +77,15 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::Rng;
+    #[test]
+    fn parallel_fill_equals_drawing_one_by_one() {
+        let (mut a, mut b) = (Rng::new(9), Rng::new(9));
+        let mut v = vec![0f64; 40_000];
+        a.fill_uniform(&mut v, |u| u);
+        assert!(v.iter().all(|&x| x == b.uniform()));
+        assert_eq!(a.next_u64(), b.next_u64(), "the same state afterwards");
+    }
+
     #[test]
     fn same_seed_same_stream_and_uniform_in_range() {
         let (mut a, mut b) = (Rng::new(7), Rng::new(7));
