@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, InplaceOp3, Layout, Shape, Tensor};
 #[cfg(test)]
 use candle_core::Device;
-use crate::model::train_ops::add_into;
+use crate::model::train_ops::{add_into, with_data};
 use rayon::prelude::*;
 
 /// Below this many elements a pass runs on the calling thread: a decode step's `[8, 1, 1536]`
@@ -51,14 +51,6 @@ struct RoadOp {
     rows_per_col: usize,
 }
 
-/// `t`'s f32 data (made contiguous first), handed to `f`, read in place.
-fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> candle_core::Result<R>) -> candle_core::Result<R> {
-    let t = t.contiguous()?;
-    let (st, l) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(c) = &*st else { candle_core::bail!("road-fused: CPU tensors only") };
-    f(slice(c, l)?)
-}
-
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [f32]> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("road-fused: non-contiguous input".into()))?;
     Ok(&s.as_slice::<f32>()?[a..b])
@@ -98,10 +90,10 @@ impl CustomOp3 for RoadOp {
         // df_k = Σ g_k h_k; ds_i = −Σ g_i h_j, ds_j = Σ g_j h_i.
         let rows = (PAR_MIN / d.max(1)).max(1);
         let mut dh = vec![0f32; h.elem_count()];
-        let (df, ds) = with_f32(h, |hv| {
-            with_f32(gz, |gv| {
-                with_f32(f, |fv| {
-                    with_f32(s, |sv| {
+        let (df, ds) = with_data(h, |hv| {
+            with_data(gz, |gv| {
+                with_data(f, |fv| {
+                    with_data(s, |sv| {
                         Ok(dh
                             .par_chunks_mut(rows * d)
                             .zip(hv.par_chunks(rows * d).zip(gv.par_chunks(rows * d)))

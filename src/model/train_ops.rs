@@ -26,9 +26,9 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     Ok(&s.as_slice::<f32>()?[a..b])
 }
 
-/// `t`'s f32 data (made contiguous first), handed to `f`: the backward passes read their saved
-/// inputs and the incoming gradient in place instead of copying them out.
-fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+/// `t`'s f32 data (made contiguous first), handed to `f`: the backward passes (here and RoAd's)
+/// read their saved inputs and the incoming gradient in place instead of copying them out.
+pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     let t = t.contiguous()?;
     let (st, l) = t.storage_and_layout();
     let Storage::Cpu(c) = &*st else { bail!("train-ops: CPU tensors only") };
