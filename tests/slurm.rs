@@ -281,18 +281,28 @@ fn submit_cancel_resubmit_and_merge_on_a_real_slurm_equals_the_unsharded_run() {
     let t0 = Instant::now();
     let (array, merge) = submit(&cluster, &spec, &out_root, &[]);
 
-    // Task 1 runs cells 1 then 5: cancel it once cell 1 is stored, while cell 5 trains.
-    cluster.wait_for("task 1 to store its first cell", Duration::from_secs(90), |_| shard1.join("cells/1.toml").exists());
-    assert!(!shard1.join("cells/5.toml").exists(), "task 1 finished before it could be cancelled");
-    let o = cluster.cmd(&need("scancel")).arg(format!("{array}_1")).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    // Task 2 runs cells 2 then 6: requeue it (what a pre-emption with requeue does) once cell 2
-    // is stored. Slurm runs it again by itself, as the same job, and it resumes its shard.
+    // Task 1 runs cells 1 then 5: cancel it once cell 1 is stored, while cell 5 trains. Task 2
+    // runs cells 2 then 6: requeue it (what a pre-emption with requeue does) once cell 2 is
+    // stored; Slurm runs it again by itself, as the same job, and it resumes its shard. The tasks
+    // run side by side, so both are watched in one loop and each is acted on as soon as its first
+    // cell lands (waiting for task 1 first let task 2 finish both cells on a loaded machine).
     let shard2 = run.join("shards/2-of-4");
-    cluster.wait_for("task 2 to store its first cell", Duration::from_secs(90), |_| shard2.join("cells/2.toml").exists());
-    assert!(!shard2.join("cells/6.toml").exists(), "task 2 finished before it could be requeued");
-    let o = cluster.cmd(&need("scontrol")).args(["requeue", &format!("{array}_2")]).output().unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (cancelled, requeued) = (std::cell::Cell::new(false), std::cell::Cell::new(false));
+    cluster.wait_for("tasks 1 and 2 to store their first cells", Duration::from_secs(120), |c| {
+        if !cancelled.get() && shard1.join("cells/1.toml").exists() {
+            assert!(!shard1.join("cells/5.toml").exists(), "task 1 finished before it could be cancelled");
+            let o = c.cmd(&need("scancel")).arg(format!("{array}_1")).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            cancelled.set(true);
+        }
+        if !requeued.get() && shard2.join("cells/2.toml").exists() {
+            assert!(!shard2.join("cells/6.toml").exists(), "task 2 finished before it could be requeued");
+            let o = c.cmd(&need("scontrol")).args(["requeue", &format!("{array}_2")]).output().unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            requeued.set(true);
+        }
+        cancelled.get() && requeued.get()
+    });
     cluster.wait_for("the first array (with task 2 rerun) and its merge job to leave the queue", Duration::from_secs(120), |c| {
         !c.queued(&array) && !c.queued(&merge)
     });
