@@ -190,14 +190,6 @@ impl MixedAdapters {
         Ok(Self { names: adapters.iter().map(|(n, _)| n.clone()).collect(), road, lora, dora, oft, boft, cur: None })
     }
 
-    /// Index of a named adapter.
-    pub fn index(&self, name: &str) -> Result<usize> {
-        match self.names.iter().position(|n| n == name) {
-            Some(i) => Ok(i),
-            None => bail!("unknown adapter {name:?}; loaded: {}", self.names.join(", ")),
-        }
-    }
-
     /// Assign an adapter (index into the list given to `new`, or None) to each row of the next
     /// batch, and gather the per-row parameters once for the whole generation.
     pub fn set_rows(&mut self, rows: &[Option<usize>], dtype: DType) -> Result<()> {
@@ -209,7 +201,7 @@ impl MixedAdapters {
         let any = |users: &Vec<bool>| slots.iter().any(|&s| users[s as usize]);
         let mut g = Gathered { road: HashMap::new(), lora: HashMap::new(), dora: HashMap::new(), oft: HashMap::new(), boft: HashMap::new() };
         for (k, rots) in &self.boft {
-            if let Some(rows) = boft_rows(&slots, rots, self.names.len())? {
+            if let Some(rows) = boft_rows(&slots, rots)? {
                 g.boft.insert(*k, rows);
             }
         }
@@ -338,7 +330,7 @@ fn oft_rows(x: &Tensor, r: &Tensor) -> Result<Tensor> {
 
 /// The BOFT row groups of one projection for rows assigned `slots`; None when no row uses a BOFT
 /// adapter there.
-fn boft_rows(slots: &[u32], rots: &[Option<BoftRotation>], n_adapters: usize) -> Result<Option<BoftRows>> {
+fn boft_rows(slots: &[u32], rots: &[Option<BoftRotation>]) -> Result<Option<BoftRows>> {
     let uses = |s: u32| rots[s as usize].is_some();
     if !slots.iter().any(|&s| uses(s)) {
         return Ok(None);
@@ -348,7 +340,7 @@ fn boft_rows(slots: &[u32], rots: &[Option<BoftRotation>], n_adapters: usize) ->
     let rest: Vec<u32> = (0..slots.len() as u32).filter(|&r| !uses(slots[r as usize])).collect();
     let mut cat_order = rest.clone();
     let mut groups = Vec::new();
-    for slot in 1..=n_adapters as u32 {
+    for slot in 1..rots.len() as u32 {
         let rows: Vec<u32> = (0..slots.len() as u32).filter(|&r| slots[r as usize] == slot && uses(slot)).collect();
         if !rows.is_empty() {
             cat_order.extend(&rows);

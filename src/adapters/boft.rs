@@ -131,38 +131,7 @@ impl BoftAdapter {
         let skew = ((&data - data.transpose(1, 2)?)? * 0.5)?;
         Ok(BoftRotation { q: orth::cayley(&skew)?.reshape((n, k, b, b))?, perms: layer.perms.clone() })
     }
-}
 
-/// `x ↦ x · M_{N−1} ⋯ M_0` for one projection: Cayley blocks `q` `[N, k, b, b]` and the factors'
-/// permutations.
-pub struct BoftRotation {
-    pub q: Tensor,
-    perms: Vec<Option<(Tensor, Tensor)>>,
-}
-
-impl BoftRotation {
-    pub fn detach(self) -> Self {
-        Self { q: self.q.detach(), perms: self.perms }
-    }
-
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let last = x.rank() - 1;
-        // f32 throughout (see `orth::rotate_blocks`), back to the model's dtype at the end.
-        let mut y = x.to_dtype(DType::F32)?;
-        for i in (0..self.q.dim(0)?).rev() {
-            if let Some((inv, _)) = &self.perms[i] {
-                y = y.index_select(inv, last)?;
-            }
-            y = orth::rotate_blocks(&y, &self.q.get(i)?)?;
-            if let Some((_, sig)) = &self.perms[i] {
-                y = y.index_select(sig, last)?;
-            }
-        }
-        Ok(y.to_dtype(x.dtype())?)
-    }
-}
-
-impl BoftAdapter {
     /// Merged weight `s ⊙ (W Mᵀ)` (peft's merge), or its inverse `(W'/s) M` (M orthogonal).
     pub fn merged(&self, l: usize, p: Proj, w: &Tensor, inverse: bool) -> Result<Tensor> {
         let layer = &self.layers[&(l, p)];
@@ -225,6 +194,35 @@ impl BoftAdapter {
             bail!("{}: {} adapter tensors do not match this model", dir.display(), tensors.len());
         }
         Ok(Self { block_size, factors, dropout, layers })
+    }
+}
+
+/// `x ↦ x · M_{N−1} ⋯ M_0` for one projection: Cayley blocks `q` `[N, k, b, b]` and the factors'
+/// permutations.
+pub struct BoftRotation {
+    pub q: Tensor,
+    perms: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl BoftRotation {
+    pub fn detach(self) -> Self {
+        Self { q: self.q.detach(), perms: self.perms }
+    }
+
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let last = x.rank() - 1;
+        // f32 throughout (see `orth::rotate_blocks`), back to the model's dtype at the end.
+        let mut y = x.to_dtype(DType::F32)?;
+        for i in (0..self.q.dim(0)?).rev() {
+            if let Some((inv, _)) = &self.perms[i] {
+                y = y.index_select(inv, last)?;
+            }
+            y = orth::rotate_blocks(&y, &self.q.get(i)?)?;
+            if let Some((_, sig)) = &self.perms[i] {
+                y = y.index_select(sig, last)?;
+            }
+        }
+        Ok(y.to_dtype(x.dtype())?)
     }
 }
 

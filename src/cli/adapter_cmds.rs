@@ -163,15 +163,12 @@ pub fn serve_batch(a: &ServeBatchArgs) -> Result<()> {
     let rows = reqs
         .iter()
         .map(|r| match r.adapter.as_deref() {
-            Some(_) if reft_row(r).is_some() => Ok(None),
-            Some(n) => match named.iter().position(|(m, _)| m == n) {
-                Some(i) => Ok(Some(i)),
-                None => {
-                    let all: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).chain(refts.iter().map(|(n, _)| n.as_str())).collect();
-                    bail!("request adapter {n:?} is not among --adapters ({})", all.join(", "))
-                }
-            },
             None => Ok(None),
+            Some(_) if reft_row(r).is_some() => Ok(None),
+            Some(n) => named.iter().position(|(m, _)| m == n).map(Some).with_context(|| {
+                let all: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).chain(refts.iter().map(|(n, _)| n.as_str())).collect();
+                format!("request adapter {n:?} is not among --adapters ({})", all.join(", "))
+            }),
         })
         .collect::<Result<Vec<_>>>()?;
     mixed.set_rows(&rows, l.model.dtype())?;

@@ -180,26 +180,26 @@ impl Hooks for ReftHook {
         let h = act.to_dtype(DType::F32)?;
         let mut out = h.clone();
         for (si, set) in self.sets.iter().enumerate() {
-        for u in set.units.iter().filter(|u| u.layer == layer) {
-            let mut mask = vec![0f32; b * t];
-            for (i, &len) in self.lens.iter().enumerate().filter(|&(i, _)| self.rows[i] == Some(si)) {
-                let (first, last) = positions(len, set.first_n, set.last_n);
-                let pad = self.width - len; // left padding
-                let chosen: Vec<usize> = match u.side {
-                    Side::First => first,
-                    Side::Last => last,
-                    Side::Both => first.into_iter().chain(last).collect(),
-                };
-                for c in chosen.into_iter().map(|p| pad + p).filter(|&c| (o..o + t).contains(&c)) {
-                    mask[i * t + c - o] = 1.0;
+            for u in set.units.iter().filter(|u| u.layer == layer) {
+                let mut mask = vec![0f32; b * t];
+                for (i, &len) in self.lens.iter().enumerate().filter(|&(i, _)| self.rows[i] == Some(si)) {
+                    let (first, last) = positions(len, set.first_n, set.last_n);
+                    let pad = self.width - len; // left padding
+                    let chosen: Vec<usize> = match u.side {
+                        Side::First => first,
+                        Side::Last => last,
+                        Side::Both => first.into_iter().chain(last).collect(),
+                    };
+                    for c in chosen.into_iter().map(|p| pad + p).filter(|&c| (o..o + t).contains(&c)) {
+                        mask[i * t + c - o] = 1.0;
+                    }
                 }
+                if mask.iter().all(|&m| m == 0.0) {
+                    continue;
+                }
+                let mask = Tensor::from_vec(mask, (b, t, 1), act.device())?;
+                out = (out + u.int.delta(&h)?.broadcast_mul(&mask)?)?;
             }
-            if mask.iter().all(|&m| m == 0.0) {
-                continue;
-            }
-            let mask = Tensor::from_vec(mask, (b, t, 1), act.device())?;
-            out = (out + u.int.delta(&h)?.broadcast_mul(&mask)?)?;
-        }
         }
         Ok(Some(out.to_dtype(act.dtype())?))
     }
