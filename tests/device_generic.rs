@@ -121,7 +121,10 @@ fn finetuning_agrees_between_fast_and_generic_paths() {
     let l = tiny_a();
     let (data, base_cfg) = toy();
     let lora = MethodCfg::Lora { r: 4, alpha: 8.0, dropout: 0.0, targets: vec![Proj::Q, Proj::V, Proj::Down], layers: None };
-    for method in [base_cfg.method.clone(), lora, MethodCfg::Full] {
+    // With dropout: the fused CPU op (model::low_rank) must draw the composed path's masks.
+    let lora_drop = MethodCfg::Lora { r: 4, alpha: 8.0, dropout: 0.2, targets: Proj::ALL.to_vec(), layers: None };
+    let dora_drop = MethodCfg::Dora { r: 4, alpha: 8.0, dropout: 0.2, targets: Proj::ALL.to_vec(), layers: None };
+    for method in [base_cfg.method.clone(), lora, lora_drop, dora_drop, MethodCfg::Full] {
         let mut c = base_cfg.clone();
         c.method = method.clone();
         if matches!(method, MethodCfg::Full) {

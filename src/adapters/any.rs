@@ -89,4 +89,7 @@ impl LinearAdapter for AnyAdapter {
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor> {
         each!(self, a => a.adapt(layer, proj, x, h, base))
     }
+    fn fused(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
+        each!(self, a => a.fused(layer, proj, x, base, differentiable))
+    }
 }

@@ -58,8 +58,31 @@ impl DoraAdapter {
 
     /// `‖W + s·BA‖` per output row, detached, `[out]` f32.
     pub fn norms(&self, l: usize, p: Proj, w: &Tensor) -> Result<Tensor> {
+        if w.dtype() == DType::F32 && crate::runtime::cpu_fast_path(w.device()) {
+            return self.norms_expanded(l, p, w);
+        }
         let d = self.lora.delta(l, p)?.context("DoRA layer without LoRA factors")?;
         row_norms(w, Some(&d.detach()))
+    }
+
+    /// The same norms without materialising `W + s·BA` (`[out, in]`, every projection, every
+    /// step): `‖w_o + s·b_o A‖² = ‖w_o‖² + 2s·b_o·(A w_o) + s²·b_o (A Aᵀ) b_oᵀ`, i.e. one pass
+    /// over W and its `[out, r]` product with Aᵀ. On a DoRA training step on the CPU the
+    /// materialised sum and its square were more passes over the weights than the forward.
+    fn norms_expanded(&self, l: usize, p: Proj, w: &Tensor) -> Result<Tensor> {
+        let lay = self.lora.layers.get(&(l, p)).context("DoRA layer without LoRA factors")?;
+        let (a, b) = (lay.a.as_tensor().detach(), lay.b.as_tensor().detach());
+        let s = self.lora.scaling();
+        let w = w.detach().contiguous()?;
+        let (out, inn) = w.dims2()?;
+        let sq: Vec<f32> = crate::model::train_ops::with_data(&w, |v| {
+            use rayon::prelude::*;
+            Ok(v.par_chunks(inn).map(|r| r.iter().map(|x| x * x).sum()).collect())
+        })?;
+        let cross = (&b * w.matmul(&a.t()?)?)?.sum(1)?;
+        let quad = (b.matmul(&a.matmul(&a.t()?)?)? * &b)?.sum(1)?;
+        let n2 = ((Tensor::from_vec(sq, out, w.device())? + (cross * (2.0 * s))?)? + (quad * (s * s))?)?;
+        Ok(n2.relu()?.sqrt()?)
     }
 
     /// `m / ‖W + s·BA‖`, `[out]` (the per-row factor DoRA applies to `W + s·BA`).
@@ -151,5 +174,42 @@ impl LinearAdapter for DoraAdapter {
             None => y,
         };
         Ok(y.to_dtype(dt)?)
+    }
+    /// Training on the CPU: `f ⊙ (x Wᵀ + s·BA dropout(x)) + b` with the bracket as LoRA's one op.
+    fn fused(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
+        let Some(y) = self.lora.fused_low_rank(layer, proj, x, base, differentiable)? else { return Ok(None) };
+        let f = self.factor(layer, proj, base.w)?;
+        let y = match crate::model::low_rank::try_scale_columns(&y, &f)? {
+            Some(y) => y,
+            None => y.broadcast_mul(&f)?,
+        };
+        Ok(Some(match base.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The expanded norms equal the norms of the materialised `W + s·BA`, for a non-zero B.
+    #[test]
+    fn expanded_norms_equal_the_materialised_ones() {
+        let cfg = crate::model::random::preset("tiny").unwrap();
+        let model = crate::model::random::random_llama(&cfg, DType::F32, &Device::Cpu).unwrap();
+        let mut rng = Rng::new(4);
+        let ad = DoraAdapter::new(&model, 4, 8.0, 0.0, 0..cfg.num_layers, &[Proj::Q, Proj::Down], &mut rng).unwrap();
+        for ((l, p), lay) in &ad.lora.layers {
+            lay.b.set(&rng.normal_tensor(lay.b.dims(), 0.5, &Device::Cpu).unwrap()).unwrap();
+            let w = model.proj_weight(*l, *p);
+            let direct = row_norms(w, Some(&ad.lora.delta(*l, *p).unwrap().unwrap())).unwrap();
+            let fast = ad.norms_expanded(*l, *p, w).unwrap();
+            let rel = ((&fast - &direct).unwrap().abs().unwrap() / &direct).unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(rel < 1e-5, "layer {l} {p:?}: relative error {rel}");
+            let moved = ((&direct - row_norms(w, None).unwrap()).unwrap().abs().unwrap()).max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(moved > 1e-2, "the update changes the norms ({moved})");
+        }
     }
 }

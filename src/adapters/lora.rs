@@ -163,29 +163,49 @@ impl LoraAdapter {
     }
 
     /// `scaling · B A dropout(x)` for one adapted projection, in `dtype` (DoRA reuses it).
+    /// The rows are flattened to one `[n, in]` matrix first: two plain GEMMs forward (and two
+    /// per weight backward) instead of one small GEMM per batch row against a broadcast weight,
+    /// whose backward also sums the broadcast copies.
     pub(crate) fn low_rank(&self, layer: usize, proj: Proj, x: &Tensor, dtype: DType) -> Result<Tensor> {
         let l = &self.layers[&(layer, proj)];
-        let x = match self.dropout_mask(x.dims(), x.device())? {
-            Some(m) => (x * m.to_dtype(x.dtype())?)?,
-            None => x.clone(),
-        };
+        let x = self.dropped(x)?;
         let a = l.a.as_tensor().to_dtype(dtype)?;
         let b = l.b.as_tensor().to_dtype(dtype)?;
-        let d = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
-        Ok((d * self.scaling())?)
+        let dims = x.dims().to_vec();
+        let rows = x.elem_count() / dims[dims.len() - 1];
+        let d = x.reshape((rows, dims[dims.len() - 1]))?.matmul(&a.t()?)?.matmul(&b.t()?)?;
+        let mut out = dims;
+        *out.last_mut().expect("rank ≥ 1") = d.dim(1)?;
+        Ok((d.reshape(out)? * self.scaling())?)
     }
 
-    fn dropout_mask(&self, shape: &[usize], device: &Device) -> Result<Option<Tensor>> {
+    /// `x` through dropout while training (its own RNG stream), unchanged otherwise.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         if self.dropout == 0.0 {
-            return Ok(None);
+            return Ok(x.clone());
         }
         let mut g = self.train_rng.lock().expect("lora rng lock");
-        let Some(rng) = g.as_mut() else { return Ok(None) };
-        let keep = 1.0 - self.dropout;
-        let n: usize = shape.iter().product();
-        let mut v = vec![0f32; n];
-        rng.fill_uniform(&mut v, |u| if (u as f32) < keep { 1.0 / keep } else { 0.0 });
-        Ok(Some(Tensor::from_vec(v, shape, device)?))
+        match g.as_mut() {
+            Some(rng) => Ok(super::dropout::dropout(x, self.dropout, rng)?),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// `x Wᵀ + s·B A dropout(x)` (no bias) as one training op (`model::low_rank`), where it
+    /// applies: differentiable mode, f32 on the CPU. It draws the same dropout mask from the same
+    /// stream as the composed path.
+    pub(crate) fn fused_low_rank(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
+        let l = &self.layers[&(layer, proj)];
+        let fits = differentiable && x.dtype() == DType::F32 && crate::runtime::cpu_fast_path(x.device());
+        if !fits || base.w.is_variable() || base.w.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let mask = match self.train_rng.lock().expect("lora rng lock").as_mut() {
+            Some(rng) if self.dropout > 0.0 => Some(super::dropout::draw(x.elem_count(), self.dropout, rng)),
+            _ => None,
+        };
+        let (a, b) = (l.a.as_tensor(), l.b.as_tensor());
+        Ok(crate::model::low_rank::try_low_rank_linear(x, base.w, base.pack, a, b, self.scaling() as f32, mask)?)
     }
 }
 
@@ -196,5 +216,12 @@ impl LinearAdapter for LoraAdapter {
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
         let d = self.low_rank(layer, proj, x, h.dtype())?;
         Ok((h + d)?)
+    }
+    fn fused(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
+        let Some(y) = self.fused_low_rank(layer, proj, x, base, differentiable)? else { return Ok(None) };
+        Ok(Some(match base.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
     }
 }

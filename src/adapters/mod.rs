@@ -9,6 +9,7 @@ pub mod any;
 pub mod batch;
 pub mod boft;
 pub mod dora;
+pub mod dropout;
 pub mod fused;
 pub mod fused_cuda;
 pub mod lora;

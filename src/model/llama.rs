@@ -410,10 +410,14 @@ impl Llama {
             let lin = |p: Proj, l: &Lin, xin: &Tensor| -> Result<Tensor> {
                 match adapter {
                     Some(ad) if ad.touches(li, p) => {
+                        let base = BaseLinear { w: &l.w, b: l.b.as_ref(), pack: &l.pack };
+                        if let Some(y) = ad.fused(li, p, xin, base, differentiable)? {
+                            return Ok(y);
+                        }
                         let rotated = ad.adapt_input(li, p, xin)?;
                         let xin = rotated.as_ref().unwrap_or(xin);
                         let h = self.lin(l, xin, differentiable)?;
-                        ad.adapt(li, p, xin, h, BaseLinear { w: &l.w, b: l.b.as_ref() })
+                        ad.adapt(li, p, xin, h, base)
                     }
                     _ => self.lin(l, xin, differentiable),
                 }

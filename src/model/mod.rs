@@ -11,6 +11,7 @@ pub mod packed_gemm;
 pub mod init;
 mod json_keys;
 pub mod llama;
+pub mod low_rank;
 pub mod load;
 pub mod random;
 pub mod registry;

@@ -184,6 +184,8 @@ impl Proj {
 pub struct BaseLinear<'a> {
     pub w: &'a Tensor,
     pub b: Option<&'a Tensor>,
+    /// The weight's packed copies (the CPU's GEMM), for adapters that fuse the projection.
+    pub pack: &'a super::packed_gemm::PackSlot,
 }
 
 /// Transforms a linear projection: its output `h = W x` (RoAd: `R h`; LoRA: `h + B A x`; DoRA:
@@ -196,4 +198,10 @@ pub trait LinearAdapter: Send + Sync {
     }
     /// `h` is the projection of `x` (after `adapt_input`); `base` the frozen weight and bias.
     fn adapt(&self, layer: usize, proj: Proj, x: &Tensor, h: Tensor, base: BaseLinear) -> Result<Tensor>;
+    /// The whole adapted projection of `x` (bias included) as one op, where the adapter has one
+    /// for the case (LoRA and DoRA training on the CPU: `model::low_rank`); `None` takes the
+    /// composed path (`adapt_input`, the base projection, `adapt`).
+    fn fused(&self, _layer: usize, _proj: Proj, _x: &Tensor, _base: BaseLinear, _differentiable: bool) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
