@@ -124,7 +124,9 @@ fn finetuning_agrees_between_fast_and_generic_paths() {
     // With dropout: the fused CPU op (model::low_rank) must draw the composed path's masks.
     let lora_drop = MethodCfg::Lora { r: 4, alpha: 8.0, dropout: 0.2, targets: Proj::ALL.to_vec(), layers: None };
     let dora_drop = MethodCfg::Dora { r: 4, alpha: 8.0, dropout: 0.2, targets: Proj::ALL.to_vec(), layers: None };
-    for method in [base_cfg.method.clone(), lora, lora_drop, dora_drop, MethodCfg::Full] {
+    // OFT's rotation through model::rotated_linear on the fast path.
+    let oft = MethodCfg::Oft { block_size: 8, neumann_terms: Some(5), targets: Proj::ALL.to_vec(), layers: None };
+    for method in [base_cfg.method.clone(), lora, lora_drop, dora_drop, oft, MethodCfg::Full] {
         let mut c = base_cfg.clone();
         c.method = method.clone();
         if matches!(method, MethodCfg::Full) {

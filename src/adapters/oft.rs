@@ -164,6 +164,19 @@ impl LinearAdapter for OftAdapter {
     fn adapt(&self, _layer: usize, _proj: Proj, _x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
         Ok(h)
     }
+    /// Training on the CPU: the rotation and the frozen projection as one op
+    /// (`model::rotated_linear`), then the bias.
+    fn fused(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
+        if !differentiable || x.dtype() != DType::F32 || !crate::runtime::cpu_fast_path(x.device()) {
+            return Ok(None);
+        }
+        let r = self.rotation(layer, proj)?;
+        let Some(y) = crate::model::rotated_linear::try_rotated_linear(x, base.w, base.pack, &r)? else { return Ok(None) };
+        Ok(Some(match base.b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        }))
+    }
 }
 
 #[cfg(test)]

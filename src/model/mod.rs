@@ -15,6 +15,7 @@ pub mod low_rank;
 pub mod load;
 pub mod random;
 pub mod registry;
+pub mod rotated_linear;
 pub mod sites;
 pub mod train_ops;
 pub mod weights;
