@@ -183,10 +183,7 @@ impl LinearAdapter for DoraAdapter {
             Some(y) => y,
             None => y.broadcast_mul(&f)?,
         };
-        Ok(Some(match base.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        Ok(Some(base.add_bias(y)?))
     }
 }
 

@@ -219,9 +219,6 @@ impl LinearAdapter for LoraAdapter {
     }
     fn fused(&self, layer: usize, proj: Proj, x: &Tensor, base: BaseLinear, differentiable: bool) -> Result<Option<Tensor>> {
         let Some(y) = self.fused_low_rank(layer, proj, x, base, differentiable)? else { return Ok(None) };
-        Ok(Some(match base.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        Ok(Some(base.add_bias(y)?))
     }
 }

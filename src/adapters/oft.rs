@@ -172,10 +172,7 @@ impl LinearAdapter for OftAdapter {
         }
         let r = self.rotation(layer, proj)?;
         let Some(y) = crate::model::rotated_linear::try_rotated_linear(x, base.w, base.pack, &r)? else { return Ok(None) };
-        Ok(Some(match base.b {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        }))
+        Ok(Some(base.add_bias(y)?))
     }
 }
 

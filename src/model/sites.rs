@@ -188,6 +188,16 @@ pub struct BaseLinear<'a> {
     pub pack: &'a super::packed_gemm::PackSlot,
 }
 
+impl BaseLinear<'_> {
+    /// `y + b` where the projection has a bias (Qwen2's q/k/v), `y` otherwise.
+    pub fn add_bias(&self, y: Tensor) -> candle_core::Result<Tensor> {
+        match self.b {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+}
+
 /// Transforms a linear projection: its output `h = W x` (RoAd: `R h`; LoRA: `h + B A x`; DoRA:
 /// `m/‖W+sBA‖ · (h + s B A x)`) and, for input-side adapters (OFT, BOFT), its input first.
 pub trait LinearAdapter: Send + Sync {
