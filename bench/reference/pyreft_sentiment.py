@@ -66,6 +66,15 @@ def read_spec(spec):
     return tomllib.load(open(spec, "rb"))
 
 
+DEV = "cpu"  # set by --device
+
+
+def sync():
+    import torch
+    if DEV != "cpu":
+        torch.cuda.synchronize()
+
+
 def build(model, rank, layers, share):
     import pyreft
     import torch
@@ -75,7 +84,7 @@ def build(model, rank, layers, share):
              "intervention": pyreft.LoreftIntervention(embed_dim=d, low_rank_dimension=rank, dtype=torch.float32)}
             for _ in range(sides) for l in layers]
     rm = pyreft.get_reft_model(model, pyreft.ReftConfig(representations=reps))
-    rm.set_device("cpu")
+    rm.set_device(DEV)
     return rm
 
 
@@ -95,7 +104,7 @@ def batch_inputs(tok_ids, first_n, last_n, n_int, share):
         if any(i < 0 for row in loc for i in row):
             raise ValueError(f"a prompt of {len(x)} tokens is too short for f{first_n}+l{last_n} (pyreft would pad)")
         locs.append([[p + i for i in row] for row in loc])
-    ids, mask = torch.tensor(ids), torch.tensor(mask)
+    ids, mask = torch.tensor(ids, device=DEV), torch.tensor(mask, device=DEV)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     unit = torch.tensor(locs).permute(1, 0, 2).tolist()  # [n_int, b, k]
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}, unit
@@ -115,7 +124,7 @@ def evaluate(rm, rows, bs, **kw):
         for i in range(0, len(rows), bs):
             ch = rows[i:i + bs]
             lg = class_logits(rm, [t for t, _ in ch], **kw)
-            y = torch.tensor([l for _, l in ch])
+            y = torch.tensor([l for _, l in ch], device=DEV)
             loss += torch.nn.functional.cross_entropy(lg, y, reduction="sum").item()
             correct += (lg.argmax(-1) == y).sum().item()
             n += len(ch)
@@ -152,16 +161,18 @@ def train_mode(args, model, tok):
     best, best_state, best_step, train_secs, evals, per_step = -1.0, None, 0, 0.0, [], []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):
+        sync()
         t0 = time.perf_counter()
         rm.train()
         ch = [split["train"][i] for i in order[step * bs:(step + 1) * bs].tolist()]
         lg = class_logits(rm, [x for x, _ in ch], **kw)
-        loss = torch.nn.functional.cross_entropy(lg, torch.tensor([l for _, l in ch]))
+        loss = torch.nn.functional.cross_entropy(lg, torch.tensor([l for _, l in ch], device=DEV))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, t.get("clip_norm", 1.0))
         opt.step()
         sched.step()
+        sync()
         per_step.append(time.perf_counter() - t0)
         train_secs += per_step[-1]
         if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
@@ -182,8 +193,10 @@ def train_mode(args, model, tok):
         "trainable_params": n_params, "trainable_pct": 100.0 * n_params / sum(p.numel() for p in model.parameters()),
         "steps": steps, "batch": bs, "lr": lr, "best_step": best_step, "dev_accuracy": best,
         "test_accuracy": test_acc, "test_loss": test_loss, "test_n": len(split["test"]),
-        "train_secs": round(train_secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 2),
-        "threads": args.threads,
+        "train_secs": round(train_secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
+        "secs_per_step_median": round(sorted(per_step[1:] or per_step)[len(per_step[1:] or per_step) // 2], 4),
+        "threads": args.threads, "device": DEV,
+        "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if DEV != "cpu" else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "evals": evals,
     }), flush=True)
 
@@ -239,13 +252,18 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE spec override (also passed to road)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (train mode; timings synchronise the device)")
+    ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
     ap.add_argument("--roundtrip", help="a road-written LoReFT directory to load into pyreft instead of training")
     args = ap.parse_args()
+    global DEV
+    DEV = args.device
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(args.threads)
     mdir, mfile = os.path.split(os.path.abspath(os.path.expanduser(args.model)))
-    model = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(mdir, gguf_file=mfile, dtype=torch.float32,
+                                                 attn_implementation=args.attn or ("eager" if DEV == "cpu" else "sdpa")).to(DEV).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     tok = AutoTokenizer.from_pretrained(mdir, gguf_file=mfile)

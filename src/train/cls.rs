@@ -114,7 +114,9 @@ pub fn class_logits(
 
 /// Class logits `[b, K]` from final (post-norm) hidden states `[b, d]`.
 pub fn score_hidden(model: &Llama, last: &Tensor, scorer: &Scorer) -> Result<Tensor> {
-    let last = last.to_dtype(DType::F32)?;
+    // Callers pass the last position of `[b, t, d]`, a strided view: cuBLAS's matmul needs it
+    // contiguous (the CPU's gemm takes strides, so only a device run showed it).
+    let last = last.to_dtype(DType::F32)?.contiguous()?;
     Ok(match scorer {
         Scorer::LabelWords(ids) => {
             let idx = Tensor::from_vec(ids.clone(), ids.len(), model.device())?;

@@ -357,7 +357,9 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     let prev_elapsed = log.last().map(|r| r.elapsed_s).unwrap_or(0.0);
     let mut last_good = LastGood::new(trainable_params);
     let mut stopped: Option<String> = None;
+    let mut prof = super::step_profile::StepProfile::from_env();
     'steps: for step in start..cfg.steps {
+        prof.start();
         let lr = sched.lr(step);
         let mut acc: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0f64;
@@ -378,13 +380,15 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
                     lm::lm_loss(model, adapter, tok, &b, cfg.max_len, true)?.0
                 }
             };
-            let lv = loss.to_scalar::<f32>()? as f64;
+            let lv = loss.to_scalar::<f32>()? as f64; // (a device sync: `prof` times the forward up to here)
+            prof.mark(0, None)?;
             if !lv.is_finite() {
                 stopped = Some(format!("loss became {lv} at step {} (lr {lr:e} too high?)", step + 1));
                 break 'steps;
             }
             loss_sum += lv;
             let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+            prof.mark(1, Some(base.device()))?;
             let mut gs = Vec::with_capacity(params.len());
             for (name, v) in &params {
                 // A trainable parameter without a gradient means it is not wired into the loss.
@@ -412,6 +416,8 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         last_good.keep(&params, step)?;
         opt.apply(&grads, lr)?;
         trained.after_step()?;
+        prof.mark(2, Some(base.device()))?;
+        prof.report(step + 1);
         let loss = loss_sum / cfg.grad_accum as f64;
         log.push(LogRow { step: step + 1, lr, loss, grad_norm, elapsed_s: prev_elapsed + t0.elapsed().as_secs_f64() });
         pb.set_message(format!("loss {loss:.4}"));
@@ -469,3 +475,4 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     }
     Ok(out)
 }
+

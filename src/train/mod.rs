@@ -10,5 +10,6 @@ pub mod reft;
 pub mod schedule;
 pub mod run;
 pub mod spec;
+mod step_profile;
 
 pub use engine::{train, MethodCfg, TaskCfg, TrainConfig, TrainData, TrainOutput, Trained};
