@@ -118,14 +118,15 @@ pub fn try_frozen_linear(x: &Tensor, w: &Tensor, pack: &PackSlot) -> candle_core
         }
         return Ok(Some(x.contiguous()?.apply_op1(FrozenLinear { w: w.clone(), packed: pack.get(w), packed_t: pack.get_transposed(w) })?));
     }
-    if x.device().is_cpu() || !x.dtype().is_float() {
+    // Here the device is not the CPU: with generic ops not forced, the CPU took the branch above.
+    if !x.dtype().is_float() {
         return Ok(None);
     }
     Ok(Some(frozen_linear_any_device(x, w)?))
 }
 
 /// The any-device op itself (also on the CPU, where tests check it against candle's matmul).
-pub fn frozen_linear_any_device(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+fn frozen_linear_any_device(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinearAnyDevice)
 }
 

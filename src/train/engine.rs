@@ -475,4 +475,3 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
     }
     Ok(out)
 }
-
