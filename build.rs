@@ -4,6 +4,8 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=src/kernels/road.cu");
     println!("cargo:rerun-if-changed=src/kernels/tail.cu");
+    println!("cargo:rerun-if-changed=src/kernels/train.cu");
+    println!("cargo:rerun-if-changed=src/kernels/optim.cu");
     println!("cargo:rerun-if-changed=src/kernels/dtype.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -12,7 +14,12 @@ fn main() {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let nvcc = std::env::var("CUDA_HOME").map(|h| format!("{h}/bin/nvcc")).unwrap_or_else(|_| "nvcc".into());
-    for (src, ptx) in [("src/kernels/road.cu", "road_kernels.ptx"), ("src/kernels/tail.cu", "tail_kernels.ptx")] {
+    for (src, ptx) in [
+        ("src/kernels/road.cu", "road_kernels.ptx"),
+        ("src/kernels/tail.cu", "tail_kernels.ptx"),
+        ("src/kernels/train.cu", "train_kernels.ptx"),
+        ("src/kernels/optim.cu", "optim_kernels.ptx"),
+    ] {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])
             .arg(out_dir.join(ptx))

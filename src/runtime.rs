@@ -102,6 +102,11 @@ pub fn cpu_fast_path(device: &Device) -> bool {
     matches!(device, Device::Cpu) && !GENERIC_ONLY.with(|g| g.get())
 }
 
+/// Whether road's own CUDA kernels may run for tensors on `device` (builds with `cuda`).
+pub fn cuda_fast_path(device: &Device) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && !generic_forced()
+}
+
 /// Run `f` with the CPU fast paths off on this thread (they are checked on the calling thread,
 /// before any work is split across rayon's pool).
 pub fn with_generic_ops<T>(f: impl FnOnce() -> T) -> T {

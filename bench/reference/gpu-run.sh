@@ -43,6 +43,11 @@ if [ -d $G/whl ] && [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site
 B=$G/bench
+# In any phase: .gpu/cuda_train_ops.xz is tests/cuda_train_ops.rs built by `scripts/build-cuda.sh --test cuda_train_ops`.
+if [ -f $G/cuda_train_ops.xz ]; then
+  xz -dc $G/cuda_train_ops.xz > $W/cuda_train_ops && chmod +x $W/cuda_train_ops
+  step "tests/cuda_train_ops.rs on cuda" 120 $W/cuda_train_ops --test-threads 1
+fi
 
 if [ "$PHASE" = P ]; then  # only keep model part A (for a D or B call next) and warm the PTX cache
   [ -f $G/model.partA ] && cp $G/model.partA $W/model.partA && echo "kept model part A in $W"

@@ -31,6 +31,47 @@ pub fn try_fused_cuda(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
     Ok(None)
 }
 
+/// `(dh, df, ds)` of the training apply `z = f ⊙ h + s ⊙ rot(h)` (f32, `f`/`s` `[d]` shared by
+/// all rows) given `dL/dz`, in one launch (the composed backward was ~15 launches).
+pub fn road_bwd(h: &Tensor, f: &Tensor, s: &Tensor, gz: &Tensor, group_size: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let d = f.elem_count();
+    let n = h.elem_count();
+    let fs = Tensor::cat(&[f, s], 0)?;
+    let out = h.contiguous()?.apply_op3_no_bwd(&gz.contiguous()?, &fs, &RoadBwd { g: group_size })?;
+    Ok((out.narrow(0, 0, n)?.reshape(h.shape())?, out.narrow(0, n, d)?, out.narrow(0, n + d, d)?))
+}
+
+struct RoadBwd {
+    #[allow(dead_code)]
+    g: usize,
+}
+
+impl candle_core::CustomOp3 for RoadBwd {
+    fn name(&self) -> &'static str {
+        "road-bwd-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("road-bwd-cuda runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &candle_core::Layout,
+        gz: &candle_core::CudaStorage,
+        gl: &candle_core::Layout,
+        fs: &candle_core::CudaStorage,
+        fl: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::road_bwd(self.g, h, hl, gz, gl, fs, fl)
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(super) use imp::RoadCuda;
+
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
@@ -80,6 +121,23 @@ mod imp {
             unsafe { b.launch(cfg) }.w()?;
             Ok(z)
         }
+    }
+
+    /// Launches road.cu's `road_bwd_f32`: out = [dh; df; ds].
+    pub fn road_bwd(g: usize, h: &CudaStorage, hl: &Layout, gz: &CudaStorage, gl: &Layout, fs: &CudaStorage, fl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = h.device();
+        let (hv, gv, fv) = (slice(h.as_cuda_slice::<f32>()?, hl)?, slice(gz.as_cuda_slice::<f32>()?, gl)?, slice(fs.as_cuda_slice::<f32>()?, fl)?);
+        let (n, d) = (hv.len(), fv.len() / 2);
+        let func = dev.get_or_load_custom_func("road_bwd_f32", "road_kernels", PTX)?;
+        // SAFETY: the kernel writes every element of dh, df and ds.
+        let out = unsafe { dev.alloc::<f32>(n + 2 * d)? };
+        let (d32, g32, rows) = (d as u32, g as u32, (n / d.max(1)) as u64);
+        let mut b = func.builder();
+        b.arg(&hv).arg(&gv).arg(&fv).arg(&out).arg(&d32).arg(&g32).arg(&rows);
+        let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types and order match road.cu's road_bwd_f32.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage { slice: CudaStorageSlice::F32(out), device: dev.clone() }, Shape::from(n + 2 * d)))
     }
 
     impl CustomOp3 for RoadCuda {

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 mod attention;
 mod site_grads;
 mod tail;
-mod tail_cuda;
+pub(crate) mod tail_cuda;
 
 use attention::{last_rows, Attn, Prepared};
 pub use site_grads::{LastMetric, SitePass};

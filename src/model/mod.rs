@@ -18,6 +18,7 @@ pub mod registry;
 pub mod rotated_linear;
 pub mod sites;
 pub mod train_ops;
+pub(crate) mod train_ops_cuda;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -10,15 +10,22 @@
 //! RoAd fine-tuning step put these element-wise chains above the GEMMs.
 //!
 //! Each `try_*` returns None where it does not apply (another dtype or device, generic ops
-//! forced, unexpected shapes) and the caller composes candle's differentiable primitives.
+//! forced, unexpected shapes) and the caller composes candle's differentiable primitives. On
+//! CUDA devices the same ops run as road's kernels (`train_ops_cuda`).
+use super::train_ops_cuda as cuda;
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Elements per parallel task (whole rows), about what one core passes over in ~10 µs.
 const CHUNK: usize = 1 << 14;
 
+/// On the CPU these ops and their backwards run here; on CUDA the forwards are `train_ops_cuda`'s
+/// kernels (each op's `cuda_fwd`) and the backwards its one-launch kernels.
 fn applies(ts: &[&Tensor]) -> bool {
-    crate::runtime::cpu_fast_path(ts[0].device()) && ts.iter().all(|t| t.dtype() == DType::F32)
+    let dev = ts[0].device();
+    (crate::runtime::cpu_fast_path(dev) || crate::runtime::cuda_fast_path(dev)) && ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
 fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
@@ -73,8 +80,16 @@ impl CustomOp2 for RmsNorm {
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::rms_fwd(xs, xl, ws, wl, self.eps)
+    }
+
     /// `dx = r (g⊙w − x r² ⟨g⊙w, x⟩ / d)` per row, `dw = Σ_rows g ⊙ x r` (only for a trained w).
     fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if x.device().is_cuda() {
+            return cuda::rms_bwd(x, w, gy, self.eps);
+        }
         let want_dw = w.track_op();
         let (dx, dw) = with_data(x, |xv| {
             with_data(w, |wv| {
@@ -155,8 +170,16 @@ impl CustomOp2 for SiluMul {
         Ok((CpuStorage::F32(m), gl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, us: &CudaStorage, ul: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::silu_mul_fwd(gs, gl, us, ul)
+    }
+
     /// With σ = sigmoid(g): `dg = gm · u · σ (1 + g (1 − σ))`, `du = gm · g σ`.
     fn bwd(&self, g: &Tensor, u: &Tensor, _m: &Tensor, gm: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if g.device().is_cuda() {
+            return cuda::silu_mul_bwd(g, u, gm);
+        }
         let n = g.elem_count();
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
         with_data(g, |gv| {
@@ -193,11 +216,13 @@ pub fn try_silu_mul(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
 // ---------- RoPE ----------
 
 /// Rotate-half RoPE of `[b, heads, t, hd]` by tables `[b, t, hd/2]`: `y₁ = x₁c − x₂s`,
-/// `y₂ = x₂c + x₁s`. The backward is the inverse rotation (s → −s).
+/// `y₂ = x₂c + x₁s` (`sign` −1: the inverse). The backward is the inverse rotation (s → −s).
+#[derive(Clone)]
 struct Rope {
     cos: Tensor,
     sin: Tensor,
     heads: usize,
+    sign: f32,
 }
 
 impl Rope {
@@ -236,12 +261,17 @@ impl CustomOp1 for Rope {
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((CpuStorage::F32(self.rotate(slice(xs, xl)?, 1.0)?), xl.shape().clone()))
+        Ok((CpuStorage::F32(self.rotate(slice(xs, xl)?, self.sign)?), xl.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
-        let dx = with_data(gy, |g| self.rotate(g, -1.0))?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::rope(xs, xl, &self.cos, &self.sin, self.heads, self.sign)
+    }
+
+    fn bwd(&self, _x: &Tensor, _y: &Tensor, gy: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope { sign: -self.sign, ..self.clone() };
+        Ok(Some(gy.contiguous()?.apply_op1_no_bwd(&inverse)?))
     }
 }
 
@@ -254,7 +284,7 @@ pub fn try_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>
     if cos.dims() != [b, t, hd / 2] || hd % 2 != 0 {
         return Ok(None);
     }
-    let op = Rope { cos: cos.contiguous()?, sin: sin.contiguous()?, heads };
+    let op = Rope { cos: cos.contiguous()?, sin: sin.contiguous()?, heads, sign: 1.0 };
     Ok(Some(x.contiguous()?.apply_op1(op)?))
 }
 
@@ -309,8 +339,16 @@ impl CustomOp1 for MaskedSoftmax {
         Ok((CpuStorage::F32(p), xl.shape().clone()))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout) -> Result<(CudaStorage, Shape)> {
+        cuda::masked_softmax(xs, xl, self.mask.as_ref(), self.heads, self.scale)
+    }
+
     /// `dx = scale · p ⊙ (gp − ⟨gp, p⟩)` per row (the mask is a constant).
     fn bwd(&self, x: &Tensor, p: &Tensor, gp: &Tensor) -> Result<Option<Tensor>> {
+        if x.device().is_cuda() {
+            return cuda::masked_softmax_bwd(p, gp, self.scale);
+        }
         let s = x.dim(3)?;
         let step = rows_per_task(s) * s;
         let mut dx = vec![0f32; x.elem_count()];

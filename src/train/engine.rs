@@ -9,7 +9,7 @@
 use super::cls::{self, ClsMetrics, Head, Scorer};
 use super::data::{ClsExample, LmExample};
 use super::lm;
-use super::optim::{clip_global_norm, AdamW, AdamWConfig};
+use super::optim::{clip_scale, AdamW, AdamWConfig};
 use super::schedule::{Decay, Schedule};
 use crate::model::{LinearAdapter, Llama};
 pub use super::methods::{MethodCfg, Trained};
@@ -405,16 +405,15 @@ pub fn train(base: &Llama, tok: &Tok, cfg: &TrainConfig, data: &TrainData) -> Re
         trained.set_training(None);
         let mut grads = acc.expect("grad_accum >= 1");
         trained.project_grads(&params, &mut grads)?;
-        let grad_norm = match cfg.clip_norm {
-            Some(c) => clip_global_norm(&mut grads, c)?,
-            None => super::optim::global_norm(&grads)?,
-        };
+        // The clip factor goes into the update (one launch per tensor on CUDA).
+        let grad_norm = super::optim::global_norm(&grads)?;
+        let gscale = clip_scale(grad_norm, cfg.clip_norm);
         if !grad_norm.is_finite() {
             stopped = Some(format!("the gradient norm became {grad_norm} at step {} (lr {lr:e} too high, or an overflow in {:?}?)", step + 1, base.dtype()));
             break;
         }
         last_good.keep(&params, step)?;
-        opt.apply(&grads, lr)?;
+        opt.apply_scaled(&grads, lr, gscale)?;
         trained.after_step()?;
         prof.mark(2, Some(base.device()))?;
         prof.report(step + 1);

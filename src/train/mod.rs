@@ -5,6 +5,7 @@ pub mod engine;
 pub mod lm;
 pub mod methods;
 pub mod optim;
+mod optim_cuda;
 mod params;
 pub mod reft;
 pub mod schedule;

@@ -54,6 +54,14 @@ impl Rng {
         });
         self.0 = s0.wrapping_add((out.len() as u64).wrapping_mul(GAMMA));
     }
+    /// Skips the next `n` draws and returns the state before them, from which a device kernel
+    /// computes the same `n` uniforms `fill_uniform` would (the i-th: `next_u64` of state
+    /// `s0 + i·GAMMA`).
+    pub fn skip(&mut self, n: usize) -> u64 {
+        let s0 = self.0;
+        self.0 = s0.wrapping_add((n as u64).wrapping_mul(GAMMA));
+        s0
+    }
     /// A child stream, so adding draws in one place does not shift another's.
     pub fn fork(&mut self, tag: u64) -> Rng {
         Rng::new(self.next_u64() ^ tag.wrapping_mul(0xD6E8_FEB8_6659_FD93))

@@ -215,8 +215,10 @@ impl Llama {
         let rep = nh / nkv;
         let qg = q.reshape((b, nkv, rep * t, hd))?;
         let scale = self.attn_scale();
-        if differentiable && self.cfg.arch.attn_softcap.is_none() && crate::runtime::cpu_fast_path(q.device()) {
-            // Training on the CPU: scale, mask and softmax as one node with its own backward.
+        let own_ops = crate::runtime::cpu_fast_path(q.device()) || crate::runtime::cuda_fast_path(q.device());
+        if differentiable && self.cfg.arch.attn_softcap.is_none() && own_ops {
+            // Training (CPU, or CUDA with road's kernels): scale, mask and softmax as one node with
+            // its own backward (f32; other dtypes compose the same ops inside `masked_softmax`).
             let raw = qg.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
             let probs = super::super::train_ops::masked_softmax(&raw, scale, p.mask_for(blk))?.reshape((b, nkv, rep * t, s))?;
             let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
