@@ -7,6 +7,8 @@
 use candle_core::{Device, Tensor, Var};
 use road_dii::adapters::dropout::dropout;
 use road_dii::adapters::fused::try_fused;
+use road_dii::adapters::fused_cuda::try_road_params;
+use road_dii::adapters::{Rotation, Variant};
 use road_dii::model::train_ops::{masked_softmax, try_rms_norm, try_rope, try_silu_mul};
 use road_dii::train::optim::{global_norm, AdamW, AdamWConfig};
 use road_dii::util::rng::Rng;
@@ -87,6 +89,20 @@ fn cuda_training_ops_match_the_cpu() {
     dropout(&xd, 0.25, &mut a).unwrap();
     dropout(&xd.to_device(&gpu()).unwrap(), 0.25, &mut b).unwrap();
     assert_eq!(a.next_u64(), b.next_u64(), "dropout leaves the stream in another state on CUDA");
+    // RoAd straight from (θ, α) on CUDA against the CPU's columns + fused apply, every variant.
+    for (variant, g) in [(Variant::Road1, 16), (Variant::Road1, 64), (Variant::Road2, 16), (Variant::Road4, 16)] {
+        let rot = Rotation { variant, group_size: g, dim: 64 };
+        let np = variant.param_len(64);
+        let (th, al) = (Rng::new(12).normal_tensor(&[np], 1.0, &Device::Cpu).unwrap(), (Rng::new(13).normal_tensor(&[np], 0.3, &Device::Cpu).unwrap() + 1.0).unwrap());
+        check(&format!("road from params {variant:?} g={g}"), &[hh.clone(), th, al], 3, |t| {
+            if t[0].device().is_cuda() {
+                fused(try_road_params(&t[0], &t[1], &t[2], &rot).unwrap(), "road params")
+            } else {
+                let (f, s) = rot.columns(&t[1], &t[2]).unwrap();
+                fused(try_fused(&t[0], &f, &s, g).unwrap(), "road")
+            }
+        }, &mut rng);
+    }
     for g in [16, 64] {
         check(&format!("road g={g}"), &[hh.clone(), f.clone(), sn.clone()], 3, |t| fused(try_fused(&t[0], &t[1], &t[2], g).unwrap(), "road"), &mut rng);
     }

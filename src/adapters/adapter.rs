@@ -18,10 +18,16 @@ impl RoadLayer {
         self.rot.columns(self.theta.as_tensor(), self.alpha.as_tensor())
     }
 
-    /// Columns with frozen parameters detached, so no gradient is computed for them at all.
-    pub fn columns_frozen(&self, freeze: Freeze) -> Result<(Tensor, Tensor)> {
+    /// (θ, α) with frozen parameters detached, so no gradient is computed for them at all.
+    fn params_frozen(&self, freeze: Freeze) -> (Tensor, Tensor) {
         let t = if freeze.theta { self.theta.as_detached_tensor() } else { self.theta.as_tensor().clone() };
         let a = if freeze.alpha { self.alpha.as_detached_tensor() } else { self.alpha.as_tensor().clone() };
+        (t, a)
+    }
+
+    /// Columns with frozen parameters detached.
+    pub fn columns_frozen(&self, freeze: Freeze) -> Result<(Tensor, Tensor)> {
+        let (t, a) = self.params_frozen(freeze);
         self.rot.columns(&t, &a)
     }
 }
@@ -197,7 +203,12 @@ impl LinearAdapter for RoadAdapter {
     }
     fn adapt(&self, layer: usize, proj: Proj, _x: &Tensor, h: Tensor, _base: BaseLinear) -> Result<Tensor> {
         let l = &self.layers[&(layer, proj)];
-        let (f, s) = l.columns_frozen(self.freeze)?;
+        // CUDA, f32: the columns are computed inside the apply's kernel.
+        let (t, a) = l.params_frozen(self.freeze);
+        if let Some(z) = super::fused_cuda::try_road_params(&h, &t, &a, &l.rot)? {
+            return Ok(z);
+        }
+        let (f, s) = l.rot.columns(&t, &a)?;
         let (f, s) = (f.to_dtype(h.dtype())?, s.to_dtype(h.dtype())?);
         if let Some(z) = super::fused::try_fused(&h, &f, &s, l.rot.group_size)? {
             return Ok(z);

@@ -41,6 +41,101 @@ pub fn road_bwd(h: &Tensor, f: &Tensor, s: &Tensor, gz: &Tensor, group_size: usi
     Ok((out.narrow(0, 0, n)?.reshape(h.shape())?, out.narrow(0, n, d)?, out.narrow(0, n + d, d)?))
 }
 
+/// RoAd straight from its parameters on CUDA (f32): `z = f ⊙ h + s ⊙ rot(h)` with
+/// `f = α cos θ`, `s = α sin θ` computed inside the kernel, differentiable in h, θ and α (one
+/// launch forward, two backward). Composed, the columns alone were ~8 launches per adapted
+/// projection forward and more backward: most of a RoAd step's launches. None off CUDA, for
+/// other dtypes or shapes, or when generic ops are forced.
+pub fn try_road_params(h: &Tensor, theta: &Tensor, alpha: &Tensor, rot: &super::Rotation) -> candle_core::Result<Option<Tensor>> {
+    let d = *h.dims().last().unwrap_or(&0);
+    let g = rot.group_size;
+    let np = rot.variant.param_len(d);
+    let ok = crate::runtime::cuda_fast_path(h.device())
+        && [h, theta, alpha].iter().all(|t| t.dtype() == candle_core::DType::F32)
+        && d == rot.dim
+        && g >= 2
+        && g % 2 == 0
+        && d % g == 0
+        && theta.dims() == [np]
+        && alpha.dims() == [np];
+    if !ok {
+        return Ok(None);
+    }
+    let op = RoadParams { g, variant: variant_id(rot.variant) };
+    Ok(Some(h.contiguous()?.apply_op3(&theta.contiguous()?, &alpha.contiguous()?, op)?))
+}
+
+fn variant_id(v: super::Variant) -> i32 {
+    match v {
+        super::Variant::Road1 => 1,
+        super::Variant::Road2 => 2,
+        super::Variant::Road4 => 4,
+    }
+}
+
+#[derive(Clone, Copy)]
+#[allow(dead_code)]
+struct RoadParams {
+    g: usize,
+    variant: i32,
+}
+
+impl candle_core::CustomOp3 for RoadParams {
+    fn name(&self) -> &'static str {
+        "road-params-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("road-params-cuda runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &candle_core::Layout,
+        t: &candle_core::CudaStorage,
+        tl: &candle_core::Layout,
+        a: &candle_core::CudaStorage,
+        al: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::road_params_fwd(self.g, self.variant, h, hl, t, tl, a, al)
+    }
+
+    /// `(dh, dθ, dα)` from the two backward kernels (θ and α travel as one `[θ; α]` input).
+    fn bwd(&self, h: &Tensor, theta: &Tensor, alpha: &Tensor, _z: &Tensor, gz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, np) = (h.elem_count(), theta.elem_count());
+        let ta = Tensor::cat(&[theta, alpha], 0)?;
+        let out = h.apply_op3_no_bwd(&gz.contiguous()?, &ta, &RoadParamsBwd(*self))?;
+        Ok((Some(out.narrow(0, 0, n)?.reshape(h.shape())?), Some(out.narrow(0, n, np)?), Some(out.narrow(0, n + np, np)?)))
+    }
+}
+
+struct RoadParamsBwd(#[allow(dead_code)] RoadParams);
+
+impl candle_core::CustomOp3 for RoadParamsBwd {
+    fn name(&self) -> &'static str {
+        "road-params-bwd-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("road-params-bwd-cuda runs on CUDA devices only")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        h: &candle_core::CudaStorage,
+        hl: &candle_core::Layout,
+        gz: &candle_core::CudaStorage,
+        gl: &candle_core::Layout,
+        ta: &candle_core::CudaStorage,
+        tal: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        imp::road_params_bwd(self.0.g, self.0.variant, h, hl, gz, gl, ta, tal)
+    }
+}
+
 struct RoadBwd {
     #[allow(dead_code)]
     g: usize,
@@ -121,6 +216,56 @@ mod imp {
             unsafe { b.launch(cfg) }.w()?;
             Ok(z)
         }
+    }
+
+    fn f32_slice<'a>(st: &'a CudaStorage, l: &Layout) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
+        slice(st.as_cuda_slice::<f32>()?, l)
+    }
+
+    /// road.cu's `road_param_fwd`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn road_params_fwd(g: usize, variant: i32, h: &CudaStorage, hl: &Layout, t: &CudaStorage, tl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = h.device();
+        let (hv, tv, av) = (f32_slice(h, hl)?, f32_slice(t, tl)?, f32_slice(a, al)?);
+        let n = hv.len();
+        let d = *hl.dims().last().unwrap_or(&1);
+        let func = dev.get_or_load_custom_func("road_param_fwd", "road_kernels", PTX)?;
+        // SAFETY: the kernel writes every element.
+        let z = unsafe { dev.alloc::<f32>(n)? };
+        if n > 0 {
+            let (d32, g32, n64) = (d as u32, g as u32, n as u64);
+            let mut b = func.builder();
+            b.arg(&hv).arg(&tv).arg(&av).arg(&z).arg(&d32).arg(&g32).arg(&variant).arg(&n64);
+            // SAFETY: argument types and order match road.cu's road_param_fwd.
+            unsafe { b.launch(LaunchConfig::for_num_elems(n as u32)) }.w()?;
+        }
+        Ok((CudaStorage { slice: CudaStorageSlice::F32(z), device: dev.clone() }, hl.shape().clone()))
+    }
+
+    /// road.cu's `road_param_bwd_cols` then `road_param_bwd_params`: out = [dh; dθ; dα].
+    #[allow(clippy::too_many_arguments)]
+    pub fn road_params_bwd(g: usize, variant: i32, h: &CudaStorage, hl: &Layout, gz: &CudaStorage, gl: &Layout, ta: &CudaStorage, tal: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = h.device();
+        let (hv, gv, tav) = (f32_slice(h, hl)?, f32_slice(gz, gl)?, f32_slice(ta, tal)?);
+        let (n, np) = (hv.len(), tav.len() / 2);
+        let d = *hl.dims().last().unwrap_or(&1);
+        let rows = (n / d.max(1)) as u64;
+        // SAFETY: the two kernels write every element of out (dh, then dθ and dα) and of dfds.
+        let out = unsafe { dev.alloc::<f32>(n + 2 * np)? };
+        let dfds = unsafe { dev.alloc::<f32>(2 * d)? };
+        let (d32, g32, np32) = (d as u32, g as u32, np as u32);
+        let cols = dev.get_or_load_custom_func("road_param_bwd_cols", "road_kernels", PTX)?;
+        let mut b = cols.builder();
+        b.arg(&hv).arg(&gv).arg(&tav).arg(&out).arg(&dfds).arg(&d32).arg(&g32).arg(&variant).arg(&np32).arg(&rows);
+        let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types and order match road.cu's road_param_bwd_cols.
+        unsafe { b.launch(cfg) }.w()?;
+        let params = dev.get_or_load_custom_func("road_param_bwd_params", "road_kernels", PTX)?;
+        let mut b = params.builder();
+        b.arg(&tav).arg(&dfds).arg(&out).arg(&d32).arg(&g32).arg(&variant).arg(&np32).arg(&rows);
+        // SAFETY: argument types and order match road.cu's road_param_bwd_params.
+        unsafe { b.launch(LaunchConfig::for_num_elems(np as u32)) }.w()?;
+        Ok((CudaStorage { slice: CudaStorageSlice::F32(out), device: dev.clone() }, Shape::from(n + 2 * np)))
     }
 
     /// Launches road.cu's `road_bwd_f32`: out = [dh; df; ds].
