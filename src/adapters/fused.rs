@@ -78,26 +78,9 @@ impl CustomOp3 for RoadOp {
         Ok((CpuStorage::F32(z), hl.shape().clone()))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        h: &candle_core::CudaStorage,
-        hl: &Layout,
-        f: &candle_core::CudaStorage,
-        fl: &Layout,
-        s: &candle_core::CudaStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        super::fused_cuda::RoadCuda { g: self.g, rows_per_col: self.rows_per_col }.cuda_fwd(h, hl, f, fl, s, sl)
-    }
-
     fn bwd(&self, h: &Tensor, f: &Tensor, s: &Tensor, _z: &Tensor, gz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         if f.rank() != 1 {
             candle_core::bail!("road-fused: per-row columns are inference-only (no backward)");
-        }
-        if h.device().is_cuda() {
-            let (dh, df, ds) = super::fused_cuda::road_bwd(h, f, s, gz, self.g)?;
-            return Ok((Some(dh), Some(df), Some(ds)));
         }
         let d = f.elem_count();
         let half = self.g / 2;
@@ -176,9 +159,7 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
     if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
         return Ok(Some(z));
     }
-    // Training on CUDA (inputs carrying gradients) takes this op too: its `cuda_fwd` and the
-    // backward's one-launch kernel.
-    let ok = (crate::runtime::cpu_fast_path(h.device()) || crate::runtime::cuda_fast_path(h.device()))
+    let ok = crate::runtime::cpu_fast_path(h.device())
         && h.dtype() == DType::F32
         && first.dtype() == DType::F32
         && second.dtype() == DType::F32

@@ -31,16 +31,6 @@ pub fn try_fused_cuda(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
     Ok(None)
 }
 
-/// `(dh, df, ds)` of the training apply `z = f ⊙ h + s ⊙ rot(h)` (f32, `f`/`s` `[d]` shared by
-/// all rows) given `dL/dz`, in one launch (the composed backward was ~15 launches).
-pub fn road_bwd(h: &Tensor, f: &Tensor, s: &Tensor, gz: &Tensor, group_size: usize) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let d = f.elem_count();
-    let n = h.elem_count();
-    let fs = Tensor::cat(&[f, s], 0)?;
-    let out = h.contiguous()?.apply_op3_no_bwd(&gz.contiguous()?, &fs, &RoadBwd { g: group_size })?;
-    Ok((out.narrow(0, 0, n)?.reshape(h.shape())?, out.narrow(0, n, d)?, out.narrow(0, n + d, d)?))
-}
-
 /// RoAd straight from its parameters on CUDA (f32): `z = f ⊙ h + s ⊙ rot(h)` with
 /// `f = α cos θ`, `s = α sin θ` computed inside the kernel, differentiable in h, θ and α (one
 /// launch forward, two backward). Composed, the columns alone were ~8 launches per adapted
@@ -61,7 +51,7 @@ pub fn try_road_params(h: &Tensor, theta: &Tensor, alpha: &Tensor, rot: &super::
     if !ok {
         return Ok(None);
     }
-    let op = RoadParams { g, variant: variant_id(rot.variant) };
+    let op = RoadParams { g, variant: variant_id(rot.variant), backward: false };
     Ok(Some(h.contiguous()?.apply_op3(&theta.contiguous()?, &alpha.contiguous()?, op)?))
 }
 
@@ -73,99 +63,54 @@ fn variant_id(v: super::Variant) -> i32 {
     }
 }
 
+/// The forward (inputs h, θ, α) or, with `backward`, its gradient kernels (inputs h, dL/dz,
+/// `[θ; α]`; output `[dh; dθ; dα]`).
 #[derive(Clone, Copy)]
 #[allow(dead_code)]
 struct RoadParams {
     g: usize,
     variant: i32,
+    backward: bool,
 }
 
 impl candle_core::CustomOp3 for RoadParams {
     fn name(&self) -> &'static str {
-        "road-params-cuda"
+        if self.backward {
+            "road-params-bwd-cuda"
+        } else {
+            "road-params-cuda"
+        }
     }
 
     fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("road-params-cuda runs on CUDA devices only")
+        candle_core::bail!("{} runs on CUDA devices only", self.name())
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        h: &candle_core::CudaStorage,
-        hl: &candle_core::Layout,
-        t: &candle_core::CudaStorage,
-        tl: &candle_core::Layout,
         a: &candle_core::CudaStorage,
         al: &candle_core::Layout,
+        b: &candle_core::CudaStorage,
+        bl: &candle_core::Layout,
+        c: &candle_core::CudaStorage,
+        cl: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::road_params_fwd(self.g, self.variant, h, hl, t, tl, a, al)
+        if self.backward {
+            imp::road_params_bwd(self.g, self.variant, a, al, b, bl, c, cl)
+        } else {
+            imp::road_params_fwd(self.g, self.variant, a, al, b, bl, c, cl)
+        }
     }
 
     /// `(dh, dθ, dα)` from the two backward kernels (θ and α travel as one `[θ; α]` input).
     fn bwd(&self, h: &Tensor, theta: &Tensor, alpha: &Tensor, _z: &Tensor, gz: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, np) = (h.elem_count(), theta.elem_count());
         let ta = Tensor::cat(&[theta, alpha], 0)?;
-        let out = h.apply_op3_no_bwd(&gz.contiguous()?, &ta, &RoadParamsBwd(*self))?;
+        let out = h.apply_op3_no_bwd(&gz.contiguous()?, &ta, &RoadParams { backward: true, ..*self })?;
         Ok((Some(out.narrow(0, 0, n)?.reshape(h.shape())?), Some(out.narrow(0, n, np)?), Some(out.narrow(0, n + np, np)?)))
     }
 }
-
-struct RoadParamsBwd(#[allow(dead_code)] RoadParams);
-
-impl candle_core::CustomOp3 for RoadParamsBwd {
-    fn name(&self) -> &'static str {
-        "road-params-bwd-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("road-params-bwd-cuda runs on CUDA devices only")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        h: &candle_core::CudaStorage,
-        hl: &candle_core::Layout,
-        gz: &candle_core::CudaStorage,
-        gl: &candle_core::Layout,
-        ta: &candle_core::CudaStorage,
-        tal: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::road_params_bwd(self.0.g, self.0.variant, h, hl, gz, gl, ta, tal)
-    }
-}
-
-struct RoadBwd {
-    #[allow(dead_code)]
-    g: usize,
-}
-
-impl candle_core::CustomOp3 for RoadBwd {
-    fn name(&self) -> &'static str {
-        "road-bwd-cuda"
-    }
-
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout, _: &candle_core::CpuStorage, _: &candle_core::Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        candle_core::bail!("road-bwd-cuda runs on CUDA devices only")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        h: &candle_core::CudaStorage,
-        hl: &candle_core::Layout,
-        gz: &candle_core::CudaStorage,
-        gl: &candle_core::Layout,
-        fs: &candle_core::CudaStorage,
-        fl: &candle_core::Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
-        imp::road_bwd(self.g, h, hl, gz, gl, fs, fl)
-    }
-}
-
-#[cfg(feature = "cuda")]
-pub(super) use imp::RoadCuda;
 
 #[cfg(feature = "cuda")]
 mod imp {
@@ -266,23 +211,6 @@ mod imp {
         // SAFETY: argument types and order match road.cu's road_param_bwd_params.
         unsafe { b.launch(LaunchConfig::for_num_elems(np as u32)) }.w()?;
         Ok((CudaStorage { slice: CudaStorageSlice::F32(out), device: dev.clone() }, Shape::from(n + 2 * np)))
-    }
-
-    /// Launches road.cu's `road_bwd_f32`: out = [dh; df; ds].
-    pub fn road_bwd(g: usize, h: &CudaStorage, hl: &Layout, gz: &CudaStorage, gl: &Layout, fs: &CudaStorage, fl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = h.device();
-        let (hv, gv, fv) = (slice(h.as_cuda_slice::<f32>()?, hl)?, slice(gz.as_cuda_slice::<f32>()?, gl)?, slice(fs.as_cuda_slice::<f32>()?, fl)?);
-        let (n, d) = (hv.len(), fv.len() / 2);
-        let func = dev.get_or_load_custom_func("road_bwd_f32", "road_kernels", PTX)?;
-        // SAFETY: the kernel writes every element of dh, df and ds.
-        let out = unsafe { dev.alloc::<f32>(n + 2 * d)? };
-        let (d32, g32, rows) = (d as u32, g as u32, (n / d.max(1)) as u64);
-        let mut b = func.builder();
-        b.arg(&hv).arg(&gv).arg(&fv).arg(&out).arg(&d32).arg(&g32).arg(&rows);
-        let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, 1, 1), block_dim: (32, 16, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types and order match road.cu's road_bwd_f32.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((CudaStorage { slice: CudaStorageSlice::F32(out), device: dev.clone() }, Shape::from(n + 2 * d)))
     }
 
     impl CustomOp3 for RoadCuda {

@@ -32,47 +32,6 @@ ROAD_OP(float, road_rows_f32)
 ROAD_OP(__nv_bfloat16, road_rows_bf16)
 ROAD_OP(__half, road_rows_f16)
 
-// Backward of the training apply (f32; f, s shared by all rows; fs = [f (d); s (d)], out =
-// [dh (rows·d); df (d); ds (d)]): with c's pair partner p and sgn = +1 on first halves, −1 on
-// second halves:
-//   dh_c = g_c f_c + sgn · g_p s_p,  df_c = Σ_rows g_c h_c,  ds_c = −sgn · Σ_rows g_c h_p.
-// Block (32, 16): 32 columns × 16 row lanes; the lanes' partial sums are added in a fixed order
-// (no atomics), so a run is reproducible to the bit.
-extern "C" __global__ void road_bwd_f32(const float* h, const float* gz, const float* fs, float* out, unsigned int d,
-                                        unsigned int g, unsigned long long rows) {
-  const float *f = fs, *s = fs + d;
-  float *dh = out, *df = out + rows * d, *ds = df + d;
-  __shared__ float pf[16][33], ps[16][33];
-  unsigned int c = blockIdx.x * 32 + threadIdx.x;
-  float af = 0.f, as = 0.f;
-  bool first = true;
-  if (c < d) {
-    unsigned int half = g / 2;
-    first = (c % g) < half;
-    unsigned int p = first ? c + half : c - half;
-    float fc = f[c], sp = first ? s[p] : -s[p];
-    for (unsigned long long r = threadIdx.y; r < rows; r += 16) {
-      unsigned long long o = r * d;
-      float gc = gz[o + c];
-      dh[o + c] = gc * fc + gz[o + p] * sp;
-      af += gc * h[o + c];
-      as += gc * h[o + p];
-    }
-  }
-  pf[threadIdx.y][threadIdx.x] = af;
-  ps[threadIdx.y][threadIdx.x] = as;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < d) {
-    float a = 0.f, b = 0.f;
-    for (int y = 0; y < 16; y++) {
-      a += pf[y][threadIdx.x];
-      b += ps[y][threadIdx.x];
-    }
-    df[c] = a;
-    ds[c] = first ? -b : b;
-  }
-}
-
 // ---- RoAd from its parameters (f32, CUDA training and inference) ----
 // The columns f = α cos θ, s = α sin θ are computed inside the kernels instead of by ~8 composed
 // launches per adapted projection each way. variant 1 (RoAd1: one (θ, α) per pair, shared by
