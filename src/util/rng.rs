@@ -94,6 +94,19 @@ mod tests {
         assert_eq!(a.next_u64(), b.next_u64(), "the same state afterwards");
     }
 
+    /// `skip` hands out the state a device kernel draws from (the i-th uniform: `next_u64` of
+    /// state `s0 + i·GAMMA`) and leaves the stream where drawing them here would.
+    #[test]
+    fn skip_returns_the_state_of_the_skipped_draws() {
+        let (mut a, mut b) = (Rng::new(3), Rng::new(3));
+        let s0 = a.skip(1000);
+        let drawn: Vec<f64> = (0..1000).map(|_| b.uniform()).collect();
+        for (i, u) in drawn.iter().enumerate().step_by(97) {
+            assert_eq!(Rng(s0.wrapping_add((i as u64).wrapping_mul(super::GAMMA))).uniform(), *u);
+        }
+        assert_eq!(a.next_u64(), b.next_u64(), "the same state afterwards");
+    }
+
     #[test]
     fn same_seed_same_stream_and_uniform_in_range() {
         let (mut a, mut b) = (Rng::new(7), Rng::new(7));
