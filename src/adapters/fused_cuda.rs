@@ -117,6 +117,7 @@ mod imp {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
+    use crate::model::train_ops_cuda::f32_view;
     use candle_core::{CpuStorage, CudaDevice, CustomOp3, Layout, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/road_kernels.ptx"));
@@ -163,15 +164,11 @@ mod imp {
         }
     }
 
-    fn f32_slice<'a>(st: &'a CudaStorage, l: &Layout) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, f32>> {
-        slice(st.as_cuda_slice::<f32>()?, l)
-    }
-
     /// road.cu's `road_param_fwd`.
     #[allow(clippy::too_many_arguments)]
     pub fn road_params_fwd(g: usize, variant: i32, h: &CudaStorage, hl: &Layout, t: &CudaStorage, tl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = h.device();
-        let (hv, tv, av) = (f32_slice(h, hl)?, f32_slice(t, tl)?, f32_slice(a, al)?);
+        let (hv, tv, av) = (f32_view(h, hl)?, f32_view(t, tl)?, f32_view(a, al)?);
         let n = hv.len();
         let d = *hl.dims().last().unwrap_or(&1);
         let func = dev.get_or_load_custom_func("road_param_fwd", "road_kernels", PTX)?;
@@ -191,7 +188,7 @@ mod imp {
     #[allow(clippy::too_many_arguments)]
     pub fn road_params_bwd(g: usize, variant: i32, h: &CudaStorage, hl: &Layout, gz: &CudaStorage, gl: &Layout, ta: &CudaStorage, tal: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = h.device();
-        let (hv, gv, tav) = (f32_slice(h, hl)?, f32_slice(gz, gl)?, f32_slice(ta, tal)?);
+        let (hv, gv, tav) = (f32_view(h, hl)?, f32_view(gz, gl)?, f32_view(ta, tal)?);
         let (n, np) = (hv.len(), tav.len() / 2);
         let d = *hl.dims().last().unwrap_or(&1);
         let rows = (n / d.max(1)) as u64;

@@ -52,13 +52,8 @@ mod imp {
         Ok(s.as_cuda_slice::<f32>()?.slice(a..b))
     }
 
-    /// Threads per row block: a multiple of 32, enough for short rows, at most 256.
-    fn row_block(n: usize) -> u32 {
-        (n.div_ceil(32) * 32).clamp(32, 256) as u32
-    }
-
     fn per_row(rows: usize, width: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_block(width), 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (crate::model::llama::tail_cuda::imp::row_block(width), 1, 1), shared_mem_bytes: 0 }
     }
 
     /// Runs `f` on the CUDA storage of `t` (a constant of the op: RoPE tables, the mask).

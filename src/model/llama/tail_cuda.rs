@@ -40,7 +40,7 @@ fn usable(ts: &[&Tensor]) -> bool {
 }
 
 #[cfg(feature = "cuda")]
-mod imp {
+pub(crate) mod imp {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaStorage, CudaStorageSlice, WrapErr};
@@ -65,7 +65,7 @@ mod imp {
     }
 
     /// Threads per row block: a multiple of 32, enough for short rows, at most 256.
-    fn row_block(n: usize) -> u32 {
+    pub(crate) fn row_block(n: usize) -> u32 {
         (n.div_ceil(32) * 32).clamp(32, 256) as u32
     }
 
