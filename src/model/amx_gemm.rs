@@ -88,7 +88,7 @@ impl PackedBf16 {
         // Not zero-filled (the all-position logits are 50 MB at 16×32 on SmolLM2): every block
         // stores all its rows × columns, and the length is set once they have.
         let mut y: Vec<bf16> = Vec::with_capacity(m * n);
-        let out = SharedOut(y.as_mut_ptr());
+        let out = super::packed_gemm::SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
         let threads = rayon::current_num_threads().max(1);
         let group = panels.div_ceil(threads * 4).max(1);
@@ -132,10 +132,6 @@ impl PackedBf16 {
         y
     }
 }
-
-/// The output buffer, shared by tasks that write disjoint columns.
-struct SharedOut(*mut bf16);
-unsafe impl Sync for SharedOut {}
 
 /// AMX-BF16 (with AVX512_BF16 for the output rounding) present and granted by the OS, and not
 /// turned off (`ROAD_AMX=0`).
@@ -270,26 +266,9 @@ mod tests {
         if !available() {
             return; // no AMX here: the path is never taken
         }
-        let mut seed = 7u64;
-        let mut rnd = || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            bf16::from_f32(((seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
-        };
-        for (n, k) in [(40, 64), (33, 70), (5, 17), (64, 576)] {
-            let w: Vec<bf16> = (0..n * k).map(|_| rnd()).collect();
-            let p = PackedBf16::pack(&w, n, k);
-            for m in [1, 16, 17, 32, 33, 70] {
-                let x: Vec<bf16> = (0..m * k).map(|_| rnd()).collect();
-                let y = p.matmul(&x, m);
-                for r in 0..m {
-                    for o in 0..n {
-                        let want: f64 = (0..k).map(|i| x[r * k + i].to_f64() * w[o * k + i].to_f64()).sum();
-                        let got = y[r * n + o].to_f64();
-                        // bf16 output rounding: relative 2^-8, plus f32 accumulation error.
-                        assert!((got - want).abs() <= 4e-3 * want.abs() + 1e-4 * k as f64, "{n}x{k}, m {m}, ({r},{o}): {got} vs {want}");
-                    }
-                }
-            }
-        }
+        let shapes = [(40, 64), (33, 70), (5, 17), (64, 576)];
+        super::super::dot_bf16_gemm::check_against_f64(7, &shapes, &[1, 16, 17, 32, 33, 70], |w, n, k, x, m| {
+            PackedBf16::pack(w, n, k).matmul(x, m)
+        });
     }
 }

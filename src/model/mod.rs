@@ -1,6 +1,7 @@
 //! The LLaMA-family model: config and per-family knobs, tensor names, loaders, and the forward
 //! pass with intervention sites.
 pub mod amx_gemm;
+pub mod dot_bf16_gemm;
 pub mod arch;
 pub mod config;
 pub mod cpu_ops;

@@ -154,9 +154,9 @@ fn bytemuck_lines_ref(l: &[Line]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(l.as_ptr() as *const f32, l.len() * 16) }
 }
 
-/// The output buffer, shared by tasks that write disjoint columns.
-struct SharedOut(*mut f32);
-unsafe impl Sync for SharedOut {}
+/// An output buffer, shared by tasks that write disjoint columns (here and in the bf16 GEMMs).
+pub(super) struct SharedOut<T>(pub(super) *mut T);
+unsafe impl<T> Sync for SharedOut<T> {}
 
 /// AVX-512F present, and not turned off (`ROAD_PACKED_GEMM=0`, for comparisons).
 pub fn enabled() -> bool {
@@ -170,10 +170,12 @@ pub fn enabled() -> bool {
     })
 }
 
-/// A frozen weight's packed copy: f32 for the AVX-512 GEMM here, bf16 for the AMX one.
+/// A frozen weight's packed copy: f32 for the AVX-512 GEMM here, bf16 for the AMX one or (no
+/// AMX) the AVX512_BF16 one.
 pub enum PackedWeight {
     F32(Packed),
     Bf16(super::amx_gemm::PackedBf16),
+    DotBf16(super::dot_bf16_gemm::PackedDot),
 }
 
 /// A weight's packed copies, made on first use and kept beside the weight (a slot per weight; a
@@ -186,12 +188,13 @@ pub struct PackSlot {
 }
 
 impl PackSlot {
-    /// The packed copy of `w` (contiguous, on the CPU; f32 with AVX-512, bf16 with AMX), or None
-    /// where no packed path applies.
+    /// The packed copy of `w` (contiguous, on the CPU; f32 with AVX-512, bf16 with AMX or else
+    /// AVX512_BF16), or None where no packed path applies.
     pub fn get(&self, w: &Tensor) -> Option<Arc<PackedWeight>> {
+        use super::{amx_gemm, dot_bf16_gemm};
         let usable = match w.dtype() {
             DType::F32 => enabled(),
-            DType::BF16 => super::amx_gemm::available(),
+            DType::BF16 => amx_gemm::available() || dot_bf16_gemm::available(),
             _ => false,
         };
         if !usable {
@@ -200,7 +203,8 @@ impl PackSlot {
         once(&self.w, w, |cpu, range, n, k| {
             Some(match w.dtype() {
                 DType::F32 => PackedWeight::F32(Packed::pack(&cpu.as_slice::<f32>().ok()?[range], n, k)),
-                _ => PackedWeight::Bf16(super::amx_gemm::PackedBf16::pack(&cpu.as_slice::<half::bf16>().ok()?[range], n, k)),
+                _ if amx_gemm::available() => PackedWeight::Bf16(amx_gemm::PackedBf16::pack(&cpu.as_slice::<half::bf16>().ok()?[range], n, k)),
+                _ => PackedWeight::DotBf16(dot_bf16_gemm::PackedDot::pack(&cpu.as_slice::<half::bf16>().ok()?[range], n, k)),
             })
         })
     }
@@ -240,6 +244,7 @@ pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Te
     let (dtype, (n, k)) = match packed {
         PackedWeight::F32(p) => (DType::F32, p.dims()),
         PackedWeight::Bf16(p) => (DType::BF16, p.dims()),
+        PackedWeight::DotBf16(p) => (DType::BF16, p.dims()),
     };
     if !crate::runtime::cpu_fast_path(x.device()) || x.dtype() != dtype || x.dims().last() != Some(&k) {
         return Ok(None);
@@ -254,6 +259,7 @@ pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Te
     let y = match packed {
         PackedWeight::F32(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<f32>()?[range], rows), shape, x.device())?,
         PackedWeight::Bf16(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<half::bf16>()?[range], rows), shape, x.device())?,
+        PackedWeight::DotBf16(p) => Tensor::from_vec(p.matmul(&cpu.as_slice::<half::bf16>()?[range], rows), shape, x.device())?,
     };
     Ok(Some(y))
 }

@@ -426,7 +426,7 @@ mod tests {
     fn fused_training_ops_match_composed_gradients() {
         let dev = Device::Cpu;
         let mut rng = Rng::new(11);
-        let mut var = |shape: &[usize], s: f32, rng: &mut Rng| Var::from_tensor(&rng.normal_tensor(shape, s, &dev).unwrap()).unwrap();
+        let var = |shape: &[usize], s: f32, rng: &mut Rng| Var::from_tensor(&rng.normal_tensor(shape, s, &dev).unwrap()).unwrap();
         // RMSNorm, x and w both trained (full fine-tuning trains the norms).
         let (x, w) = (var(&[3, 5, 40], 1.0, &mut rng), var(&[40], 1.0, &mut rng));
         check(
