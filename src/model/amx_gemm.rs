@@ -90,8 +90,7 @@ impl PackedBf16 {
         let mut y: Vec<bf16> = Vec::with_capacity(m * n);
         let out = super::packed_gemm::SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
-        let threads = rayon::current_num_threads().max(1);
-        let group = panels.div_ceil(threads * 4).max(1);
+        let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 32;
         (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
             let out = &out;

@@ -82,8 +82,7 @@ impl PackedDot {
         let mut y: Vec<bf16> = Vec::with_capacity(m * n);
         let out = super::packed_gemm::SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
-        let threads = rayon::current_num_threads().max(1);
-        let group = panels.div_ceil(threads * 4).max(1);
+        let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 2;
         let flat = &self.lines;
         (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
@@ -95,24 +94,21 @@ impl PackedDot {
                 for p in p0..p1 {
                     let cols = NR.min(n - p * NR);
                     let bp = flat[p * per_panel..].as_ptr() as *const u16;
-                    // The next panel, prefetched by this panel's row blocks a step's lines at a
-                    // time, so it arrives from L3/DRAM while they compute.
+                    // The next panel, prefetched whole by this panel's first row block (two lines
+                    // per step), so it arrives from L3/DRAM while the block computes.
                     let (next, next_steps) = if p + 1 < p1 { (flat[(p + 1) * per_panel..].as_ptr() as *const u16, self.steps) } else { (bp, 0) };
                     let mut r = r0;
-                    let mut done = 0;
                     while r < r1 {
                         let rows = MR.min(r1 - r);
-                        let pf_steps = next_steps.saturating_sub(done).min(self.steps);
+                        let pf_steps = if r == r0 { next_steps } else { 0 };
                         // SAFETY: AVX512_BF16/BW/VL were detected (`available`); the tile writes
                         // rows r..r+rows, columns p·32..+cols of y, which no other task writes; x
                         // rows hold `steps` pairs and the panel `steps` steps.
                         unsafe {
                             let xr = x.as_ptr().add(r * ldx) as *const u16;
-                            let pf = next.add(done.min(next_steps) * 64);
-                            tile_dispatch(rows, xr, ldx, self.steps, bp, out.0.add(r * n + p * NR) as *mut u16, n, cols, pf, pf_steps);
+                            tile_dispatch(rows, xr, ldx, self.steps, bp, out.0.add(r * n + p * NR) as *mut u16, n, cols, next, pf_steps);
                         }
                         r += rows;
-                        done += self.steps;
                     }
                 }
                 r0 = r1;
@@ -188,13 +184,7 @@ unsafe fn tile<const R: usize>(x: *const u16, ldx: usize, steps: usize, bp: *con
             a[1] = _mm512_dpbf16_ps(a[1], xv, b1);
         }
     }
-    let (m0, m1): (__mmask16, __mmask16) = if cols >= NR {
-        (0xffff, 0xffff)
-    } else if cols >= 16 {
-        (0xffff, ((1u32 << (cols - 16)) - 1) as u16)
-    } else {
-        (((1u32 << cols) - 1) as u16, 0)
-    };
+    let (m0, m1) = super::packed_gemm::col_masks(cols);
     for (r, a) in acc.iter().enumerate() {
         let yr = y.add(r * ldy) as *mut i16;
         let lo: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(a[0]));

@@ -82,9 +82,7 @@ impl Packed {
         let panels = n.div_ceil(NR);
         // One row block: nothing to keep in L1 across blocks, so each panel streams whole.
         let kc_max = if m <= MR { k } else { KC };
-        // Enough tasks to balance the pool, few enough that each keeps its row blocks busy.
-        let threads = rayon::current_num_threads().max(1);
-        let group = panels.div_ceil(threads * 4).max(1);
+        let group = panel_group(panels);
         let out = SharedOut(y.as_mut_ptr());
         let flat: &[f32] = bytemuck_lines_ref(&self.lines);
         (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
@@ -157,6 +155,24 @@ fn bytemuck_lines_ref(l: &[Line]) -> &[f32] {
 /// An output buffer, shared by tasks that write disjoint columns (here and in the bf16 GEMMs).
 pub(super) struct SharedOut<T>(pub(super) *mut T);
 unsafe impl<T> Sync for SharedOut<T> {}
+
+/// Panels per parallel task (here and in the bf16 GEMMs): enough tasks to balance the pool, few
+/// enough that each keeps its row blocks busy.
+pub(super) fn panel_group(panels: usize) -> usize {
+    panels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1)
+}
+
+/// Store masks for the two 16-lane halves of a 32-feature panel with `cols` real features (here
+/// and in the AVX512_BF16 GEMM): all lanes except on the last, padded panel.
+pub(super) fn col_masks(cols: usize) -> (u16, u16) {
+    if cols >= NR {
+        (0xffff, 0xffff)
+    } else if cols >= 16 {
+        (0xffff, ((1u32 << (cols - 16)) - 1) as u16)
+    } else {
+        (((1u32 << cols) - 1) as u16, 0)
+    }
+}
 
 /// AVX-512F present, and not turned off (`ROAD_PACKED_GEMM=0`, for comparisons).
 pub fn enabled() -> bool {
@@ -310,13 +326,7 @@ unsafe fn tile<const R: usize>(x: *const f32, ldx: usize, k: usize, bp: *const f
             a[1] = _mm512_fmadd_ps(xv, b1, a[1]);
         }
     }
-    let (m0, m1): (__mmask16, __mmask16) = if cols >= NR {
-        (0xffff, 0xffff)
-    } else if cols >= 16 {
-        (0xffff, ((1u32 << (cols - 16)) - 1) as u16)
-    } else {
-        (((1u32 << cols) - 1) as u16, 0)
-    };
+    let (m0, m1) = col_masks(cols);
     for (r, a) in acc.iter_mut().enumerate() {
         let yr = y.add(r * ldy);
         if accumulate {
