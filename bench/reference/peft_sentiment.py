@@ -10,7 +10,8 @@ pyreft_sentiment.py's: `road finetune SPEC --write-split` gives the exact exampl
 cross-entropy over the label words' logits at the last prompt token; left padding with position
 ids counting real tokens; AdamW (the spec's weight decay), warm-up + linear decay, clip 1.0,
 dev evaluation every `eval_every` steps keeping the best, then test accuracy (skipped with
-`--no-test`, for timing-only runs). Batch order and init draws are torch's, not road's.
+`--no-test`, for timing-only runs). Batch order and init draws are torch's, not road's
+(`--road-order`: road's batch order, for a paired comparison).
 Prints one JSON line: trainable params, test accuracy, training seconds (the loop only, and per
 step), peak RSS of the process.
 
@@ -60,6 +61,7 @@ def main():
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--no-test", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings then synchronise the device each step)")
+    ap.add_argument("--road-order", action="store_true", help="train on road's batch order for this seed instead of torch's")
     ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
     args = ap.parse_args()
     import torch
@@ -109,7 +111,9 @@ def main():
     sched = transformers.get_linear_schedule_with_warmup(opt, round(t.get("warmup_ratio", 0.1) * steps), steps)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
-    best, best_state, best_step, secs, per_step = -1.0, None, 0, 0.0, []
+    if args.road_order:  # road's batches (its seeded sampler, from --write-split): a paired comparison
+        order = torch.tensor(head["train_order"])
+    best, best_state, best_step, secs, per_step, losses = -1.0, None, 0, 0.0, [], []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):
         sync()
@@ -125,6 +129,7 @@ def main():
         sync()
         per_step.append(time.perf_counter() - t0)
         secs += per_step[-1]
+        losses.append(round(loss.item(), 6))  # after the timed region (item() synchronises)
         if not args.no_test and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
             acc = evaluate(split["dev"], t.get("eval_batch", 16))
             print(json.dumps({"step": step + 1, "dev_acc": acc, "train_loss": loss.item()}), file=sys.stderr, flush=True)
@@ -143,7 +148,7 @@ def main():
         "best_step": best_step, "dev_accuracy": best if best >= 0 else None, "test_accuracy": test,
         "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
         "secs_per_step_median": round(sorted(per_step[1:] or per_step)[len(per_step[1:] or per_step) // 2], 4),
-        "threads": args.threads, "device": args.device,
+        "threads": args.threads, "device": args.device, "batch_order": "road" if args.road_order else "torch", "losses": losses,
         "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }), flush=True)

@@ -80,7 +80,9 @@ fn write_split(s: &spec::Spec, out: &Path) -> Result<()> {
     use std::io::Write;
     let d = s.cls_data(false)?;
     let mut f = std::io::BufWriter::new(std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?);
-    writeln!(f, "{}", serde_json::json!({"template": s.task.template, "label_words": s.task.label_words, "max_len": s.train.max_len}))?;
+    // train_order: the example indices of road's batches, step by step (micro-batches in turn).
+    let order = crate::train::engine::sample_order(s.seed, d.train.len(), s.train.steps * s.train.grad_accum * s.train.batch_size);
+    writeln!(f, "{}", serde_json::json!({"template": s.task.template, "label_words": s.task.label_words, "max_len": s.train.max_len, "train_order": order}))?;
     for (name, rows) in [("train", &d.train), ("dev", &d.dev), ("test", &d.test)] {
         for e in rows.iter() {
             writeln!(f, "{}", serde_json::json!({"split": name, "text": e.text, "label": e.label}))?;
