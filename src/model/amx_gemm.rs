@@ -11,6 +11,7 @@
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`) once, and every other machine keeps candle's path.
 use half::bf16;
 use rayon::prelude::*;
+use super::packed_gemm::CacheLine;
 use std::sync::OnceLock;
 
 /// Output features per panel (two B tiles).
@@ -20,9 +21,7 @@ const KB: usize = 32;
 /// Rows per block (two A tiles).
 const MB: usize = 32;
 
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u16; 32]);
+type Line = CacheLine<u16, 32>;
 
 /// A `[n, k]` bf16 weight as B tiles: panel p, step s holds two 1 KiB tiles (features
 /// p·32..+16, then +16..+32), tile row i = pair (k = 32s + 2i, 32s + 2i + 1) of its 16 features.
@@ -43,7 +42,7 @@ impl PackedBf16 {
         let panels = n.div_ceil(NR);
         // Per panel and step: 2 tiles × 16 rows × 32 bf16 = 32 lines of 32 bf16.
         let per_panel = steps * 32;
-        let mut lines = vec![Line([0; 32]); panels * per_panel];
+        let mut lines = vec![CacheLine([0; 32]); panels * per_panel];
         lines.par_chunks_mut(per_panel).enumerate().for_each(|(p, panel)| {
             for s in 0..steps {
                 for c in 0..2 {

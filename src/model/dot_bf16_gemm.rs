@@ -14,6 +14,7 @@
 //! turns the path off (for comparisons).
 use half::bf16;
 use rayon::prelude::*;
+use super::packed_gemm::CacheLine;
 use std::sync::OnceLock;
 
 /// Output features per panel (two zmm of f32 accumulators).
@@ -23,9 +24,7 @@ const MR: usize = 12;
 /// Rows of `x` per cache block: a task runs them across its panels before the next rows.
 const MC: usize = 96;
 
-#[repr(C, align(64))]
-#[derive(Clone, Copy)]
-struct Line([u16; 32]);
+type Line = CacheLine<u16, 32>;
 
 /// A `[n, k]` bf16 weight in panels of 32 features and pair steps (see the module doc),
 /// zero-padded to whole panels and an even k.
@@ -43,7 +42,7 @@ impl PackedDot {
         assert_eq!(ws.len(), n * k, "weight length");
         let steps = k.div_ceil(2);
         let per_panel = steps * 2;
-        let mut lines = vec![Line([0; 32]); n.div_ceil(NR) * per_panel];
+        let mut lines = vec![CacheLine([0; 32]); n.div_ceil(NR) * per_panel];
         lines.par_chunks_mut(per_panel).enumerate().for_each(|(p, panel)| {
             for j in 0..NR.min(n - p * NR) {
                 let row = &ws[(p * NR + j) * k..(p * NR + j + 1) * k];
@@ -139,20 +138,7 @@ pub fn available() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(rows: usize, x: *const u16, ldx: usize, steps: usize, bp: *const u16, y: *mut u16, ldy: usize, cols: usize, pf: *const u16, pf_steps: usize) {
-    match rows {
-        12 => tile::<12>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        11 => tile::<11>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        10 => tile::<10>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        9 => tile::<9>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        8 => tile::<8>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        7 => tile::<7>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        6 => tile::<6>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        5 => tile::<5>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        4 => tile::<4>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        3 => tile::<3>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        2 => tile::<2>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-        _ => tile::<1>(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps),
-    }
+    super::packed_gemm::tile_for_rows!(rows, tile(x, ldx, steps, bp, y, ldy, cols, pf, pf_steps))
 }
 
 #[cfg(not(target_arch = "x86_64"))]

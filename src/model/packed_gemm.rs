@@ -24,9 +24,37 @@ const MC: usize = 96;
 /// block of the row block runs through it; partial sums accumulate in y.
 const KC: usize = 192;
 
+/// One 64-byte cache line of a packed weight (64-byte aligned, so a panel's vector loads are
+/// aligned): `[f32; 16]` here, `[u16; 32]` (bf16 bits) in the AMX and AVX512_BF16 GEMMs.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Line([f32; 16]);
+pub(super) struct CacheLine<T: Copy, const N: usize>(pub(super) [T; N]);
+
+type Line = CacheLine<f32, 16>;
+
+/// `tile::<R>(args…)` with R = `rows` (1..=12: callers pass `MR.min(…)`, MR = 12; 0 is never
+/// passed): a register block's row count is a const generic so that its
+/// accumulators live in registers; this is the one table from a run-time row count to the
+/// instantiations, for this f32 tile and the AVX512_BF16 one (`dot_bf16_gemm`).
+macro_rules! tile_for_rows {
+    ($rows:expr, $tile:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            12 => $tile::<12>($($arg),*),
+            11 => $tile::<11>($($arg),*),
+            10 => $tile::<10>($($arg),*),
+            9 => $tile::<9>($($arg),*),
+            8 => $tile::<8>($($arg),*),
+            7 => $tile::<7>($($arg),*),
+            6 => $tile::<6>($($arg),*),
+            5 => $tile::<5>($($arg),*),
+            4 => $tile::<4>($($arg),*),
+            3 => $tile::<3>($($arg),*),
+            2 => $tile::<2>($($arg),*),
+            _ => $tile::<1>($($arg),*),
+        }
+    };
+}
+pub(super) use tile_for_rows;
 
 /// A `[n, k]` f32 weight in panels of `NR` features: element `(o, kk)` at
 /// `(o / NR) · k · NR + kk · NR + o % NR`, the last panel zero-padded.
@@ -55,7 +83,7 @@ impl Packed {
     /// Pack the `[n, k]` operand whose element `(o, i)` is `at(o, i)`.
     fn pack_with(n: usize, k: usize, at: impl Fn(usize, usize) -> f32 + Sync) -> Self {
         let panels = n.div_ceil(NR);
-        let mut lines = vec![Line([0.0; 16]); panels * k * (NR / 16)];
+        let mut lines = vec![CacheLine([0.0; 16]); panels * k * (NR / 16)];
         lines.par_chunks_mut(k * NR / 16).enumerate().for_each(|(p, panel)| {
             let flat: &mut [f32] = bytemuck_lines(panel);
             for kk in 0..k {
@@ -283,20 +311,7 @@ pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Te
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile_dispatch(rows: usize, x: *const f32, ldx: usize, k: usize, bp: *const f32, y: *mut f32, ldy: usize, cols: usize, acc: bool, pf: *const f32, pf_lines: usize) {
-    match rows {
-        12 => tile::<12>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        11 => tile::<11>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        10 => tile::<10>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        9 => tile::<9>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        8 => tile::<8>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        7 => tile::<7>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        6 => tile::<6>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        5 => tile::<5>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        4 => tile::<4>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        3 => tile::<3>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        2 => tile::<2>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-        _ => tile::<1>(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines),
-    }
+    tile_for_rows!(rows, tile(x, ldx, k, bp, y, ldy, cols, acc, pf, pf_lines))
 }
 
 #[cfg(not(target_arch = "x86_64"))]
