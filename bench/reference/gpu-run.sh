@@ -185,7 +185,9 @@ fi
 if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and method, road's full sentiment run, then its
   # peft / pyreft counterpart (same split via `road finetune --write-split`), device memory sampled by nvidia-smi.
   # Needs .gpu/sentiment.csv (the cached dataset). SEEDS (default 0), KINDS, BUDGET_S (stop starting runs after it),
-  # ROAD_ONLY=1 (skip the references), REF_ONLY=1 (skip road), ROAD_S / REF_S (one run's time limit, 150 / 200 s).
+  # ROAD_ONLY=1 (skip the references), REF_ONLY=1 (skip road), ROAD_S / REF_S (one run's time limit, 150 / 200 s),
+  # REF_JOBS=N (references N at a time in the background, accuracy only), ROAD_ORDER_KINDS (with REF_JOBS: also on road's order;
+  # REF_TORCH_ORDER=0: only on road's).
   export ROAD_CACHE=$W/cache ROAD_OFFLINE=1
   mkdir -p $ROAD_CACHE/models/smollm2-135m $ROAD_CACHE/models/qwen2.5-coder-0.5b $ROAD_CACHE/datasets/sentiment
   XS=(); P=gpu   # MODEL=qwen: both sides train Qwen2.5-Coder-0.5B (the spec's model swapped), runs named gpu-qwen-*
@@ -215,10 +217,24 @@ if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and m
     fi
     if [ $k = loreft ]; then ref=($B/pyreft_sentiment.py); else ref=($B/peft_sentiment.py --kind $k); fi
     [ -z "${ROAD_ONLY:-}" ] || continue
+    if [ -n "${REF_JOBS:-}" ]; then  # references in parallel, REF_JOBS at a time: accuracies only (their seconds and
+      # device memory are contended and not recorded); kinds in ROAD_ORDER_KINDS also run once on road's batch order
+      orders=(); [ "${REF_TORCH_ORDER:-1}" = 0 ] || orders=(torch); [[ " ${ROAD_ORDER_KINDS:-} " = *" $k "* ]] && orders+=(road)
+      for o in "${orders[@]}"; do
+        tag=; extra=; [ $o = road ] && { tag=-ro; extra=--road-order; }
+        while [ "$(jobs -rp | wc -l)" -ge "$REF_JOBS" ]; do sleep 2; done
+        step "reference $k seed $seed order $o ${XS[*]} (background)" ${REF_S:-560} bash -c \
+             "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]} $extra > $R/ref-$P-$k-s$seed$tag.json 2> $R/ref-$P-$k-s$seed$tag.err" &
+        sleep 1
+      done
+      continue
+    fi
     mem_start $R/mem-$P-$k-s$seed-ref.txt
     step "reference $k seed $seed ${XS[*]}" ${REF_S:-200} bash -c "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]} | tee $R/ref-$P-$k-s$seed.json"
     mem_stop $R/mem-$P-$k-s$seed-ref.txt
   done; done
+  wait $(jobs -p)   # not a bare `wait`: bash 5.1+ would also wait for the `exec > >(tee …)` above, forever
+  for f in $R/ref-*.json; do echo "$(basename $f): $(grep -o '"test_accuracy": [0-9.]*' $f)"; done
   tar czf $OUT/rout.tgz -C $W rout
   exit 0
 fi

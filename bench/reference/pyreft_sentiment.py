@@ -11,7 +11,7 @@ rank, positions (first_n/last_n prompt tokens, pyreft's `get_intervention_locati
 dev evaluation every `eval_every` steps keeping the best, then test accuracy. The loss is road's:
 cross-entropy over the label words' logits at the last prompt token. Batches are left-padded with
 position ids counting real tokens (as road). What differs: the batch order (torch's seeded
-shuffle, not road's) and the init draws (pyreft: torch orthogonal / nn.Linear init).
+shuffle, not road's, unless `--road-order`) and the init draws (pyreft: torch orthogonal / nn.Linear init).
 Prints one JSON line: test accuracy, training seconds (the loop only), peak RSS, trainable params.
 
 Round-trip mode (`--roundtrip DIR`): load road's `reft_config.json` + `reft_model.safetensors` into
@@ -158,6 +158,8 @@ def train_mode(args, model, tok):
     sched = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
+    if args.road_order:  # road's batches (its seeded sampler, from --write-split): a paired comparison
+        order = torch.tensor(head["train_order"])
     best, best_state, best_step, train_secs, evals, per_step = -1.0, None, 0, 0.0, [], []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):
@@ -190,7 +192,7 @@ def train_mode(args, model, tok):
     test_acc, test_loss = evaluate(rm, split["test"], t.get("eval_batch", 16), **kw)
     print(json.dumps({
         "impl": "pyreft 0.1.0", "method": f"loreft-r{rank}-f{first_n}l{last_n}", "seed": args.seed,
-        "trainable_params": n_params, "trainable_pct": 100.0 * n_params / sum(p.numel() for p in model.parameters()),
+        "batch_order": "road" if args.road_order else "torch", "trainable_params": n_params, "trainable_pct": 100.0 * n_params / sum(p.numel() for p in model.parameters()),
         "steps": steps, "batch": bs, "lr": lr, "best_step": best_step, "dev_accuracy": best,
         "test_accuracy": test_acc, "test_loss": test_loss, "test_n": len(split["test"]),
         "train_secs": round(train_secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
@@ -254,6 +256,7 @@ def main():
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE spec override (also passed to road)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (train mode; timings synchronise the device)")
     ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
+    ap.add_argument("--road-order", action="store_true", help="train on road's batch order for this seed instead of torch's")
     ap.add_argument("--roundtrip", help="a road-written LoReFT directory to load into pyreft instead of training")
     args = ap.parse_args()
     global DEV
