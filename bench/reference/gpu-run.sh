@@ -217,6 +217,7 @@ if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and m
     fi
     if [ $k = loreft ]; then ref=($B/pyreft_sentiment.py); else ref=($B/peft_sentiment.py --kind $k); fi
     [ -z "${ROAD_ONLY:-}" ] || continue
+    refcmd="python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]}"
     if [ -n "${REF_JOBS:-}" ]; then  # references in parallel, REF_JOBS at a time: accuracies only (their seconds and
       # device memory are contended and not recorded); kinds in ROAD_ORDER_KINDS also run once on road's batch order
       orders=(); [ "${REF_TORCH_ORDER:-1}" = 0 ] || orders=(torch); [[ " ${ROAD_ORDER_KINDS:-} " = *" $k "* ]] && orders+=(road)
@@ -224,13 +225,13 @@ if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and m
         tag=; extra=; [ $o = road ] && { tag=-ro; extra=--road-order; }
         while [ "$(jobs -rp | wc -l)" -ge "$REF_JOBS" ]; do sleep 2; done
         step "reference $k seed $seed order $o ${XS[*]} (background)" ${REF_S:-560} bash -c \
-             "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]} $extra > $R/ref-$P-$k-s$seed$tag.json 2> $R/ref-$P-$k-s$seed$tag.err" &
+             "$refcmd $extra > $R/ref-$P-$k-s$seed$tag.json 2> $R/ref-$P-$k-s$seed$tag.err" &
         sleep 1
       done
       continue
     fi
     mem_start $R/mem-$P-$k-s$seed-ref.txt
-    step "reference $k seed $seed ${XS[*]}" ${REF_S:-200} bash -c "python3 ${ref[*]} --road $ROAD --model $M --seed $seed --device cuda ${XS[*]} | tee $R/ref-$P-$k-s$seed.json"
+    step "reference $k seed $seed ${XS[*]}" ${REF_S:-200} bash -c "$refcmd | tee $R/ref-$P-$k-s$seed.json"
     mem_stop $R/mem-$P-$k-s$seed-ref.txt
   done; done
   wait $(jobs -p)   # not a bare `wait`: bash 5.1+ would also wait for the `exec > >(tee …)` above, forever

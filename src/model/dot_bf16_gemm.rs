@@ -78,8 +78,7 @@ impl PackedDot {
         };
         // Not zero-filled (the all-position logits are 50 MB at 16×32 on SmolLM2): every tile
         // stores all its rows × columns, and the length is set once they have.
-        let mut y: Vec<bf16> = Vec::with_capacity(m * n);
-        super::packed_gemm::advise_huge_pages(y.as_mut_ptr() as *mut u8, m * n * 2);
+        let mut y: Vec<bf16> = super::packed_gemm::output_buffer(m * n);
         let out = super::packed_gemm::SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
         let group = super::packed_gemm::panel_group(panels);

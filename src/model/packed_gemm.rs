@@ -106,8 +106,7 @@ impl Packed {
         // Not zero-filled (that matters for the all-position logits, 100 MB at 16×32 on
         // SmolLM2): the first inner-dimension block's tiles store all m × n values, and the
         // length is set once they have.
-        let mut y: Vec<f32> = Vec::with_capacity(m * n);
-        advise_huge_pages(y.as_mut_ptr() as *mut u8, m * n * 4);
+        let mut y: Vec<f32> = output_buffer(m * n);
         let panels = n.div_ceil(NR);
         // One row block: nothing to keep in L1 across blocks, so each panel streams whole.
         let kc_max = if m <= MR { k } else { KC };
@@ -171,28 +170,27 @@ impl Packed {
     }
 }
 
-/// Ask for transparent huge pages over a large, fresh output buffer (here and in the bf16
-/// GEMMs). Why: an output above glibc's 32 MiB mmap cap (the all-position logits, 100 MB at
-/// 16×32 on SmolLM2) is a fresh mapping on every call, and with THP in `madvise` mode its first
-/// touch took one 4 KiB page fault per page (~25k per call, a fifth of a 512-row lm_head GEMM's
-/// time in the kernel). Advice only: where the kernel declines, nothing changes.
-pub(super) fn advise_huge_pages(ptr: *mut u8, bytes: usize) {
+/// An empty output buffer with room for `len` values (here and in the bf16 GEMMs), on
+/// transparent huge pages where it is large. Why: an output above glibc's 32 MiB mmap cap (the
+/// all-position logits, 100 MB at 16×32 on SmolLM2) is a fresh mapping on every call, and with
+/// THP in `madvise` mode its first touch took one 4 KiB page fault per page (~25k per call; the
+/// kernel's share of `road bench gemm` on the lm_heads fell from 10.6 s to 7.1 s with the advice).
+/// Advice only: where the kernel declines, nothing changes.
+pub(super) fn output_buffer<T>(len: usize) -> Vec<T> {
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))]
+    let mut y = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
-        if bytes < 4 * HUGE {
-            return;
-        }
-        let start = (ptr as usize).next_multiple_of(HUGE);
-        let end = (ptr as usize + bytes) & !(HUGE - 1);
-        if end > start {
-            // SAFETY: the range lies inside the caller's allocation; MADV_HUGEPAGE changes no
-            // contents and only advises the kernel.
+        let (ptr, bytes) = (y.as_mut_ptr() as usize, len * std::mem::size_of::<T>());
+        let (start, end) = (ptr.next_multiple_of(HUGE), (ptr + bytes) & !(HUGE - 1));
+        if bytes >= 4 * HUGE && end > start {
+            // SAFETY: the range lies inside y's allocation; MADV_HUGEPAGE changes no contents
+            // and only advises the kernel.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, bytes);
+    y
 }
 
 fn bytemuck_lines(l: &mut [Line]) -> &mut [f32] {
