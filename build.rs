@@ -6,6 +6,8 @@ fn main() {
     println!("cargo:rerun-if-changed=src/kernels/tail.cu");
     println!("cargo:rerun-if-changed=src/kernels/train.cu");
     println!("cargo:rerun-if-changed=src/kernels/optim.cu");
+    println!("cargo:rerun-if-changed=src/kernels/attn.cu");
+    println!("cargo:rerun-if-changed=src/kernels/infer.cu");
     println!("cargo:rerun-if-changed=src/kernels/dtype.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -19,6 +21,8 @@ fn main() {
         ("src/kernels/tail.cu", "tail_kernels.ptx"),
         ("src/kernels/train.cu", "train_kernels.ptx"),
         ("src/kernels/optim.cu", "optim_kernels.ptx"),
+        ("src/kernels/attn.cu", "attn_kernels.ptx"),
+        ("src/kernels/infer.cu", "infer_kernels.ptx"),
     ] {
         let status = std::process::Command::new(&nvcc)
             .args(["--ptx", "-O3", &format!("-arch=compute_{cap}"), "-o"])

@@ -135,3 +135,91 @@ fn cuda_adamw_and_gradient_norm_match_the_cpu() {
         assert!(rel(b, &init[i]) > 1e-3, "parameter {i} did not move");
     }
 }
+
+/// Causal (+ window) attention in f32 on the CPU: `q` `[b, nh, t, hd]`, `k`, `v` `[b, nkv, s, hd]`,
+/// query `i` at position `s − t + i`; output `[b, t, nh·hd]`.
+fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>, scale: f64) -> Tensor {
+    let f = |x: &Tensor| x.to_device(&Device::Cpu).unwrap().to_dtype(candle_core::DType::F32).unwrap();
+    let (q, k, v) = (f(q), f(k), f(v));
+    let (b, nh, t, hd) = q.dims4().unwrap();
+    let (_, nkv, s, _) = k.dims4().unwrap();
+    let rep = nh / nkv;
+    let mut mask = vec![0f32; t * s];
+    for i in 0..t {
+        let qpos = s - t + i;
+        for j in 0..s {
+            if j > qpos || window.is_some_and(|w| qpos >= j + w) {
+                mask[i * s + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let mask = Tensor::from_vec(mask, (t, s), &Device::Cpu).unwrap();
+    let mut heads = Vec::new();
+    for h in 0..nh {
+        let (qh, kh, vh) = (q.narrow(1, h, 1).unwrap(), k.narrow(1, h / rep, 1).unwrap(), v.narrow(1, h / rep, 1).unwrap());
+        let sc = (qh.matmul(&kh.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+        let p = candle_nn::ops::softmax(&sc, candle_core::D::Minus1).unwrap();
+        heads.push(p.matmul(&vh).unwrap()); // [b, 1, t, hd]
+    }
+    Tensor::cat(&heads, 1).unwrap().transpose(1, 2).unwrap().reshape((b, t, nh * hd)).unwrap()
+}
+
+#[test]
+fn cuda_flash_attention_matches_f32_attention() {
+    use candle_core::DType;
+    use road_dii::model::flash_attn::try_flash_attention;
+    let mut rng = Rng::new(9);
+    // (b, nh, nkv, t, past, hd, window, strided): ragged tiles, GQA, a prefix, sliding windows
+    // and the projections' [b, t, heads, hd] layout read through strides.
+    let cases = [
+        (2, 4, 4, 77, 0, 64, None, false),
+        (1, 8, 2, 130, 0, 128, None, true),
+        (2, 6, 2, 65, 40, 64, None, true),
+        (1, 4, 1, 200, 0, 128, Some(48), true),
+        (3, 2, 2, 3, 9, 64, Some(5), false),
+    ];
+    for (b, nh, nkv, t, past, hd, window, strided) in cases {
+        let s = past + t;
+        for dt in [DType::BF16, DType::F16] {
+            let mut x = |heads: usize, rows: usize| {
+                let raw = rng.normal_tensor(&[b, rows, heads, hd], 1.0, &Device::Cpu).unwrap().to_dtype(dt).unwrap().to_device(&gpu()).unwrap();
+                if strided { raw.transpose(1, 2).unwrap() } else { raw.transpose(1, 2).unwrap().contiguous().unwrap() }
+            };
+            let (q, k, v) = (x(nh, t), x(nkv, s), x(nkv, s));
+            let scale = 1.0 / (hd as f64).sqrt();
+            let out = try_flash_attention(&q, &k, &v, window, scale).unwrap().expect("flash attention applies to these shapes");
+            assert_eq!(out.dims(), &[b, t, nh * hd]);
+            assert!(out.device().is_cuda() && out.dtype() == dt);
+            let want = attention_reference(&q, &k, &v, window, scale);
+            let got = out.to_dtype(DType::F32).unwrap();
+            let err = rel(&got, &want);
+            // bf16 rounds probabilities to 8 mantissa bits before the value product.
+            let tol = if dt == DType::BF16 { 2e-2 } else { 4e-3 };
+            assert!(err < tol, "flash {dt:?} b{b} nh{nh} nkv{nkv} t{t} past{past} hd{hd} window {window:?}: relative error {err}");
+        }
+    }
+    // Off the kernel's domain it declines rather than answering wrongly.
+    let q = rng.normal_tensor(&[1, 2, 8, 32], 1.0, &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap().to_device(&gpu()).unwrap();
+    assert!(try_flash_attention(&q, &q, &q, None, 0.1).unwrap().is_none(), "head size 32 has no kernel");
+}
+
+#[test]
+fn cuda_inference_silu_mul_matches_f32() {
+    use candle_core::DType;
+    use road_dii::model::infer_cuda::try_silu_mul;
+    let mut rng = Rng::new(11);
+    // 8-element vector loads plus a ragged tail.
+    for shape in [[3usize, 5, 1000], [2, 7, 333]] {
+        for dt in [DType::BF16, DType::F16] {
+            let mut x = |s: f32| rng.normal_tensor(&shape, s, &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let (g, u) = (x(4.0), x(1.0));
+            let got = try_silu_mul(&g.to_device(&gpu()).unwrap(), &u.to_device(&gpu()).unwrap()).unwrap().expect("applies to contiguous bf16/f16");
+            assert_eq!(got.dtype(), dt);
+            let (g32, u32_) = (g.to_dtype(DType::F32).unwrap(), u.to_dtype(DType::F32).unwrap());
+            let want = (candle_nn::ops::silu(&g32).unwrap() * u32_).unwrap();
+            let err = rel(&got.to_dtype(DType::F32).unwrap(), &want);
+            let tol = if dt == DType::BF16 { 8e-3 } else { 1e-3 };
+            assert!(err < tol, "silu·u {dt:?} {shape:?}: relative error {err}");
+        }
+    }
+}

@@ -118,6 +118,19 @@ def main():
     print(f"attention implementation: {used_attn}; dtype {next(model.parameters()).dtype}; "
           f"load {time.perf_counter() - t0:.1f}s")
 
+    if dev.type == "cuda":  # the GPU's measured matmul rate, for model FLOP utilisation
+        a, b = (torch.randn(8192, 8192, device=dev, dtype=dtype) for _ in range(2))
+        a @ b
+        sync()
+        best = float("inf")
+        for _ in range(10):
+            t = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - t)
+        print(f"torch {dtype} matmul 8192^3: {2 * 8192 ** 3 / best / 1e12:.1f} TFLOP/s")
+        del a, b
+
     with torch.inference_mode():
         # --- correctness check ---
         if not args.random_config:

@@ -5,7 +5,7 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q|K  (R: issue 21's sentiment fine-tuning, road and peft/pyreft,
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q|K|W  (W: road's flash vs composed attention vs torch sdpa/eager, 7B bf16 prefill; R: issue 21's sentiment fine-tuning, road and peft/pyreft,
 #   after P (MODEL=qwen: on Qwen2.5-Coder-0.5B, after the K calls that carry its parts); Q: a fine-tuning step's phases on cuda, candle's matmul vs the frozen op, after P; P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
@@ -66,6 +66,23 @@ if [ "$PHASE" = A ]; then
   for attn in sdpa eager; do
     step "torch bench forward 7b bf16 $attn" 200 python3 $B/bench_torch.py --device cuda --dtype bf16 \
          --random-config 7b --attn $attn --shapes 1x32,16x32,4x512 --reps 10 --decode-tokens 32
+  done
+  exit 0
+fi
+
+if [ "$PHASE" = W ]; then  # issue 18 req 4: flash attention, 7B-shape bf16 prefill, road (flash and composed) vs torch
+  SH=${SHAPES:-1x32,16x32,4x512,16x512,1x2048}
+  step "road bench peak (cuda matmul rate)" 120 $ROAD bench peak --device cuda --reps 10
+  for rep in 1 2; do  # alternated, so drift hits both sides alike
+    step "road bench forward 7b bf16, flash attention (rep $rep)" 240 $ROAD bench forward --random-config 7b --dtype bf16 \
+         --device cuda --shapes $SH --reps 10 --decode-tokens 32
+    step "road bench forward 7b bf16, composed attention (rep $rep)" 240 env ROAD_FLASH_ATTN=0 $ROAD bench forward \
+         --random-config 7b --dtype bf16 --device cuda --shapes $SH --reps 10 --decode-tokens 32
+    for attn in sdpa eager; do
+      [ "$attn" = eager ] && [ "$rep" = 2 ] && continue
+      step "torch bench forward 7b bf16 $attn (rep $rep)" 240 python3 $B/bench_torch.py --device cuda --dtype bf16 \
+           --random-config 7b --attn $attn --shapes $SH --reps 10 --decode-tokens 32
+    done
   done
   exit 0
 fi

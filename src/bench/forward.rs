@@ -35,10 +35,28 @@ pub fn forward(model: &str, random_config: Option<&str>, shapes: &[String], reps
     let seq = |row: usize, t: usize| -> Vec<u32> {
         (0..t).map(|i| ((row * 7919 + i * 104729 + 17) % (model.cfg.vocab_size - 100) + 50) as u32).collect()
     };
-    for &(b, t) in &shapes {
+    // On a GPU, model FLOP utilisation against this run's own measured matmul rate.
+    let peak = match model.device().is_cuda() {
+        true => Some(super::peak::matmul_tflops(model.device(), model.dtype(), 8192, 5)?),
+        false => None,
+    };
+    if let Some(p) = peak {
+        println!("measured {:?} matmul rate (8192^3, cuBLAS): {p:.1} TFLOP/s", model.dtype());
+    }
+    for (si, &(b, t)) in shapes.iter().enumerate() {
         let ids: Vec<Vec<u32>> = (0..b).map(|r| seq(r, t)).collect();
         let run = || model.forward(&ids, Fwd { logits: LogitsAt::All, ..Default::default() });
-        run()?; // warm-up (on CUDA also the first-use kernel loads)
+        let warm = run()?; // warm-up (on CUDA also the first-use kernel loads)
+        if si == 0 && model.device().is_cuda() {
+            // The timed path's numbers against candle's generic ops (no road kernels, composed
+            // attention) on the same input: what the speed costs in accuracy, if anything.
+            let generic = crate::runtime::with_generic_ops(|| run())?;
+            let f = |o: crate::model::FwdOut| o.logits.expect("requested logits").to_dtype(candle_core::DType::F32);
+            let (a, g) = (f(warm)?, f(generic)?);
+            let diff = (&a - &g)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let top = g.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            println!("logits {b}x{t} vs candle's generic ops: max |diff| {diff:.4} (max |logit| {top:.2})");
+        }
         sync(model.device())?;
         let mut times = Vec::with_capacity(reps);
         for _ in 0..reps.max(1) {
@@ -50,7 +68,13 @@ pub fn forward(model: &str, random_config: Option<&str>, shapes: &[String], reps
             times.push(t0.elapsed().as_secs_f64());
         }
         let s = median(times);
-        println!("prefill {b:>2}x{t}: {:>9.1} tokens/s  ({:.1} ms per batch, all-position logits)", (b * t) as f64 / s, s * 1e3);
+        let tflops = model.cfg.prefill_flops(b, t) / s / 1e12;
+        let mfu = peak.map(|p| format!(", MFU {:.1}%", 100.0 * tflops / p)).unwrap_or_default();
+        println!(
+            "prefill {b:>2}x{t}: {:>9.1} tokens/s  ({:.1} ms per batch, all-position logits; model {tflops:.3} TFLOP/s{mfu})",
+            (b * t) as f64 / s,
+            s * 1e3
+        );
     }
     let prompt = seq(0, 8);
     greedy(model, &prompt, 4, &[])?; // warm-up

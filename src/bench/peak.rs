@@ -139,6 +139,14 @@ pub fn peaks(threads: Option<usize>, iters: u64, reps: usize) -> Vec<Peak> {
 
 /// `road bench peak`: print the table (the figure BENCHMARKS.md divides by).
 pub fn peak(threads: Option<usize>, iters: u64, reps: usize) -> Result<()> {
+    let device = crate::runtime::device_for("cpu")?;
+    if device.is_cuda() {
+        println!("{device:?} matmul peak (8192x8192x8192, best of {reps}):");
+        for dtype in [candle_core::DType::BF16, candle_core::DType::F16, candle_core::DType::F32] {
+            println!("  {:<6} {:>8.1} TFLOP/s", format!("{dtype:?}"), matmul_tflops(&device, dtype, 8192, reps)?);
+        }
+        return Ok(());
+    }
     println!("machine peak (register-only FMA loops, {ACC} accumulators, best of {reps}):");
     for p in peaks(threads, iters, reps) {
         match p.gflops {
@@ -147,6 +155,24 @@ pub fn peak(threads: Option<usize>, iters: u64, reps: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// TFLOP/s of one `n`×`n`×`n` matmul in `dtype` on `device` (cuBLAS on CUDA), the best of
+/// `reps`: the GPU's measured matmul rate, the denominator of model FLOP utilisation.
+pub fn matmul_tflops(device: &candle_core::Device, dtype: candle_core::DType, n: usize, reps: usize) -> Result<f64> {
+    let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+    drop(a.matmul(&b)?); // warm-up (cuBLAS handle and heuristics)
+    device.synchronize()?;
+    let mut best = f64::MAX;
+    for _ in 0..reps.max(1) {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        device.synchronize()?;
+        best = best.min(t.elapsed().as_secs_f64());
+        drop(c);
+    }
+    Ok(2.0 * (n as f64).powi(3) / best / 1e12)
 }
 
 #[cfg(test)]

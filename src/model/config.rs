@@ -247,4 +247,23 @@ impl LlamaConfig {
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_layers * per_block + d
     }
+
+    /// Model FLOPs of one prefill of `b` rows × `t` tokens with all-position logits: 2 per
+    /// multiply-add of every projection and the LM head, plus attention's two matmuls over the
+    /// (query, key) pairs it scores (causal; sliding layers only within their window). The
+    /// numerator of "model FLOP utilisation".
+    pub fn prefill_flops(&self, b: usize, t: usize) -> f64 {
+        let d = self.hidden_size;
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        let per_block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size;
+        let linear = 2.0 * (self.num_layers * per_block + self.vocab_size * d) as f64 * (b * t) as f64;
+        let pairs = |window: Option<usize>| -> f64 { (0..t).map(|i| window.map_or(i + 1, |w| (i + 1).min(w)) as f64).sum() };
+        let attn: f64 = (0..self.num_layers)
+            .map(|l| {
+                let w = if self.arch.is_sliding(l) { self.arch.sliding_window } else { None };
+                4.0 * (self.num_heads * self.head_dim) as f64 * pairs(w)
+            })
+            .sum();
+        linear + attn * b as f64
+    }
 }

@@ -437,6 +437,7 @@ impl Llama {
             let prefix = layer_cache.as_deref().and_then(Option::as_ref);
             let (ak, av, heads) = match &p32 {
                 Some(p32) => self.attention_upcast(blk, &q, &k, &v, p32, prefix)?,
+                None if !differentiable => self.attention_inference(blk, &q, &k, &v, &p, prefix, layer_cache.is_some())?,
                 None => {
                     let a = self.attention(blk, &q, &k, &v, &p, prefix, differentiable)?;
                     (a.k, a.v, a.heads)
@@ -508,7 +509,13 @@ impl Llama {
     /// own backward).
     fn act_mul(&self, g: &Tensor, u: &Tensor, differentiable: bool) -> Result<Tensor> {
         if self.cfg.arch.act == Act::Silu {
-            let fused = if differentiable { super::train_ops::try_silu_mul(g, u)? } else { super::cpu_ops::silu_mul(g, u)? };
+            let fused = match differentiable {
+                true => super::train_ops::try_silu_mul(g, u)?,
+                false => match super::cpu_ops::silu_mul(g, u)? {
+                    Some(m) => Some(m),
+                    None => super::infer_cuda::try_silu_mul(g, u)?,
+                },
+            };
             if let Some(m) = fused {
                 return Ok(m);
             }

@@ -29,6 +29,8 @@ pub(super) struct Prepared {
     pub t: usize,
     pub past: usize,
     pub mask_rows: Vec<Vec<u8>>,
+    /// No padding anywhere in the mask (causal order and windows are the only masking).
+    pub unpadded: bool,
     pub rope: Rope,
     /// Additive `[b, 1, t, past+t]` (CPU) or expanded `[b, heads, t, past+t]`; None for decode.
     pub mask: Option<Tensor>,
@@ -46,6 +48,7 @@ impl Prepared {
             t: self.t,
             past: self.past,
             mask_rows: self.mask_rows.clone(),
+            unpadded: self.unpadded,
             rope: Rope { cos: f(&self.rope.cos)?, sin: f(&self.rope.sin)? },
             mask: opt(&self.mask)?,
             mask_sliding: opt(&self.mask_sliding)?,
@@ -119,7 +122,7 @@ impl Llama {
             }
             _ => None,
         };
-        Ok(Prepared { b, t, past, mask_rows, rope, mask, mask_sliding })
+        Ok(Prepared { b, t, past, mask_rows, unpadded, rope, mask, mask_sliding })
     }
 
     fn expand_mask(&self, m: Tensor, b: usize, t: usize, total: usize) -> Result<Tensor> {
@@ -252,6 +255,51 @@ impl Llama {
         let probs = probs.reshape((b, nkv, rep * t, s))?;
         let heads = probs.matmul(&v)?.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         Ok(Attn { q_pre, k_pre, qg, k, v, capped_tanh, probs, heads })
+    }
+
+    /// Inference attention: the layer's cache (keys/values over prefix + new rows; contiguous
+    /// `[b, n_kv, past + t, hd]` when `want_cache`, else possibly a strided view) and the heads
+    /// `[b, t, heads·hd]`. On CUDA in bf16/f16, prefill of an unpadded batch runs the fused
+    /// kernel (`flash_attn`) on the projections in place: RoPE in their `[b, t, heads, hd]`
+    /// layout, no transposes, no materialised scores. Everything else composes [`Self::attention`].
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_inference(
+        &self,
+        blk: &Block,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &Prepared,
+        prefix: Option<&(Tensor, Tensor)>,
+        want_cache: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t) = (p.b, p.t);
+        let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
+        // Decode (t = 1) keeps the composed path: one query row per head fills no tile.
+        let fused = t > 1 && p.unpadded && self.cfg.arch.attn_softcap.is_none() && crate::runtime::cuda_fast_path(q.device());
+        if fused && matches!(self.dtype, DType::BF16 | DType::F16) && (hd == 64 || hd == 128) {
+            let rows = |x: &Tensor, n: usize| x.reshape((b, t, n, hd));
+            let (mut qt, mut kt, vt) = (rows(q, nh)?, rows(k, nkv)?, rows(v, nkv)?);
+            if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
+                qt = self.rms(&qt, qn, false)?;
+                kt = self.rms(&kt, kn, false)?;
+            }
+            let qt = candle_nn::rotary_emb::rope_thd(&qt.contiguous()?, &p.rope.cos, &p.rope.sin)?;
+            let kt = candle_nn::rotary_emb::rope_thd(&kt.contiguous()?, &p.rope.cos, &p.rope.sin)?;
+            // [b, heads, rows, hd] views of the [b, rows, heads, hd] tensors.
+            let (qh, kh, vh) = (qt.transpose(1, 2)?, kt.transpose(1, 2)?, vt.transpose(1, 2)?);
+            let (k_all, v_all) = match prefix {
+                Some((pk, pv)) => (cat_keys(pk, &kh)?, cat_keys(pv, &vh)?),
+                None if want_cache => (kh.contiguous()?, vh.contiguous()?),
+                None => (kh, vh),
+            };
+            let window = if blk.sliding { self.cfg.arch.sliding_window } else { None };
+            if let Some(heads) = super::super::flash_attn::try_flash_attention(&qh, &k_all, &v_all, window, self.attn_scale())? {
+                return Ok((k_all, v_all, heads));
+            }
+        }
+        let a = self.attention(blk, q, k, v, p, prefix, false)?;
+        Ok((a.k, a.v, a.heads))
     }
 
     /// Inference attention of a bf16 model on the CPU, computed in f32 (`p32`: the call's tables
