@@ -6,7 +6,7 @@ use super::packed_gemm::PackSlot;
 use super::sites::{BaseLinear, Hooks, LinearAdapter, Proj, Site, SiteCtx};
 use super::weights::{self, Norm};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, TensorId};
 use candle_nn::VarBuilder;
 
 mod attention;
@@ -393,6 +393,9 @@ impl Llama {
         if first_layer > end {
             bail!("cannot resume at layer {first_layer} and stop before layer {end}");
         }
+        // A norm computed together with the residual add that produced `x` (fused on CUDA),
+        // valid only while `x` is that sum (a hook that replaces it voids it).
+        let mut pending: Option<(TensorId, Tensor)> = None;
         for (li, blk) in self.blocks.iter().enumerate().take(end).skip(first_layer) {
             let mut site = |s: Site, a: Tensor| -> Result<Tensor> {
                 if let Some(h) = hooks.as_deref_mut() {
@@ -429,7 +432,7 @@ impl Llama {
                 }
             };
             x = site(Site::BlockInput, x)?;
-            let hn = self.rms(&x, &blk.ln1, differentiable)?;
+            let hn = self.normed(&x, &blk.ln1, pending.take(), differentiable)?;
             let q = site(Site::Q, lin(Proj::Q, &blk.q, &hn)?)?;
             let k = site(Site::K, lin(Proj::K, &blk.k, &hn)?)?;
             let v = site(Site::V, lin(Proj::V, &blk.v, &hn)?)?;
@@ -450,18 +453,27 @@ impl Llama {
             // attn_output / mlp_output are what the sublayer adds to the residual stream (after
             // Gemma's post-norms).
             let attn = site(Site::AttnOutput, post(&blk.post_attn, lin(Proj::O, &blk.o, &heads)?)?)?;
-            x = site(Site::ResidMid, self.add(&x, &attn, differentiable)?)?;
-            let hn = self.rms(&x, &blk.ln2, differentiable)?;
+            let (sum, pre) = self.add_then_norm(&x, &attn, Some(&blk.ln2), differentiable)?;
+            x = site(Site::ResidMid, sum)?;
+            let hn = self.normed(&x, &blk.ln2, pre, differentiable)?;
             let g = lin(Proj::Gate, &blk.gate, &hn)?;
             let u = lin(Proj::Up, &blk.up, &hn)?;
             let m = self.act_mul(&g, &u, differentiable)?;
             let mlp = site(Site::MlpOutput, post(&blk.post_mlp, lin(Proj::Down, &blk.down, &m)?)?)?;
-            x = site(Site::BlockOutput, self.add(&x, &mlp, differentiable)?)?;
+            // The next norm (the following block's, or the final one) rides on the add.
+            let next = match self.blocks.get(li + 1) {
+                Some(nb) if li + 1 < end => Some(&nb.ln1),
+                _ if li + 1 == self.cfg.num_layers && !stop_early => Some(&self.norm),
+                _ => None,
+            };
+            let (sum, pre) = self.add_then_norm(&x, &mlp, next, differentiable)?;
+            pending = pre;
+            x = site(Site::BlockOutput, sum)?;
         }
         if stop_early {
             return Ok(FwdOut { logits: None, hidden: x });
         }
-        let hidden = self.rms(&x, &self.norm, differentiable)?;
+        let hidden = self.normed(&x, &self.norm, pending.take(), differentiable)?;
         let logits = match logits {
             LogitsAt::None => None,
             LogitsAt::All => Some(self.cap_logits(self.head(&hidden, differentiable)?)?),
@@ -521,6 +533,26 @@ impl Llama {
             }
         }
         Ok((self.act(g)? * u)?)
+    }
+
+    /// `a + b`, and with `norm` the sum's RMSNorm too where one fused pass computes both (CUDA
+    /// bf16/f16 inference), tagged with the sum's id for [`Self::normed`].
+    fn add_then_norm(&self, a: &Tensor, b: &Tensor, norm: Option<&Tensor>, differentiable: bool) -> Result<(Tensor, Option<(TensorId, Tensor)>)> {
+        if let (false, Some(w)) = (differentiable, norm) {
+            if let Some((s, n)) = super::infer_cuda::try_add_rms(a, b, w, self.cfg.rms_norm_eps as f32)? {
+                let id = s.id();
+                return Ok((s, Some((id, n))));
+            }
+        }
+        Ok((self.add(a, b, differentiable)?, None))
+    }
+
+    /// `rms(x, w)`, or the precomputed norm when it is of this very tensor.
+    fn normed(&self, x: &Tensor, w: &Tensor, pre: Option<(TensorId, Tensor)>, differentiable: bool) -> Result<Tensor> {
+        match pre {
+            Some((id, n)) if id == x.id() => Ok(n),
+            _ => self.rms(x, w, differentiable),
+        }
     }
 
     /// A residual add: one AVX-512 pass on the CPU in inference (candle's bf16 add is slow).
