@@ -272,7 +272,7 @@ fn cuda_bf16_forward_with_road_kernels_tracks_f32() {
     let mut rng = Rng::new(13);
     let mut weights = std::collections::HashMap::new();
     for (name, shape) in road_dii::model::init::param_shapes(&cfg) {
-        let t = if shape.len() == 1 { (Tensor::ones(shape.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap() + rng.normal_tensor(&shape, 0.1, &Device::Cpu).unwrap()).unwrap() } else { rng.normal_tensor(&shape, 0.05, &Device::Cpu).unwrap() };
+        let t = if shape.len() == 1 { (Tensor::ones(shape.as_slice(), candle_core::DType::F32, &Device::Cpu).unwrap() + rng.normal_tensor(&shape, 0.1, &Device::Cpu).unwrap()).unwrap() } else { rng.normal_tensor(&shape, 0.02, &Device::Cpu).unwrap() };
         weights.insert(name, t);
     }
     let load = |dt: DType| {
@@ -293,7 +293,8 @@ fn cuda_bf16_forward_with_road_kernels_tracks_f32() {
         assert!(fast <= 1.5 * generic + 1e-3, "hook {hook:?}: road's bf16 path is {fast} from f32, candle's generic bf16 path {generic}");
         if hook.is_some() {
             let moved = rel(&want, &logits(&m32, None));
-            assert!(moved > 10.0 * fast, "hook {hook:?} barely changes the logits ({moved}): the check would not see it ignored");
+            // bf16 noise is the yardstick: a hook the fast path ignored would be `moved` away.
+            assert!(moved > 5.0 * fast.max(generic), "hook {hook:?} moves the logits by {moved}, bf16 noise is {fast}/{generic}: the check would not see it ignored");
         }
     }
     // Prefill 76 tokens into a cache, then decode the 77th: as close to the f32 model's last row
