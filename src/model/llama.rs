@@ -10,6 +10,7 @@ use candle_core::{DType, Device, Tensor, TensorId};
 use candle_nn::VarBuilder;
 
 mod attention;
+mod ops;
 mod site_grads;
 mod tail;
 pub(crate) mod tail_cuda;
@@ -507,120 +508,4 @@ impl Llama {
             None => Ok(x),
         }
     }
-
-    /// The MLP's gate activation.
-    fn act(&self, g: &Tensor) -> Result<Tensor> {
-        Ok(match self.cfg.arch.act {
-            Act::Silu => candle_nn::ops::silu(g)?,
-            // candle's `gelu` is the tanh approximation (`gelu_pytorch_tanh`), with a backward.
-            Act::GeluTanh => g.gelu()?,
-        })
-    }
-
-    /// The MLP's `act(gate) · up`: one fused pass on the CPU (SiLU families; in training with its
-    /// own backward).
-    fn act_mul(&self, g: &Tensor, u: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if self.cfg.arch.act == Act::Silu {
-            let fused = match differentiable {
-                true => super::train_ops::try_silu_mul(g, u)?,
-                false => match super::cpu_ops::silu_mul(g, u)? {
-                    Some(m) => Some(m),
-                    None => super::infer_cuda::try_silu_mul(g, u)?,
-                },
-            };
-            if let Some(m) = fused {
-                return Ok(m);
-            }
-        }
-        Ok((self.act(g)? * u)?)
-    }
-
-    /// `a + b`, and with `norm` the sum's RMSNorm too where one fused pass computes both (CUDA
-    /// bf16/f16 inference), tagged with the sum's id for [`Self::normed`].
-    fn add_then_norm(&self, a: &Tensor, b: &Tensor, norm: Option<&Tensor>, differentiable: bool) -> Result<(Tensor, Option<(TensorId, Tensor)>)> {
-        if let (false, Some(w)) = (differentiable, norm) {
-            if let Some((s, n)) = super::infer_cuda::try_add_rms(a, b, w, self.cfg.rms_norm_eps as f32)? {
-                let id = s.id();
-                return Ok((s, Some((id, n))));
-            }
-        }
-        Ok((self.add(a, b, differentiable)?, None))
-    }
-
-    /// `rms(x, w)`, or the precomputed norm when it is of this very tensor.
-    fn normed(&self, x: &Tensor, w: &Tensor, pre: Option<(TensorId, Tensor)>, differentiable: bool) -> Result<Tensor> {
-        match pre {
-            Some((id, n)) if id == x.id() => Ok(n),
-            _ => self.rms(x, w, differentiable),
-        }
-    }
-
-    /// A residual add: one AVX-512 pass on the CPU in inference (candle's bf16 add is slow).
-    fn add(&self, a: &Tensor, b: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if !differentiable {
-            if let Some(s) = super::cpu_ops::add(a, b)? {
-                return Ok(s);
-            }
-        }
-        Ok((a + b)?)
-    }
-
-    /// A projection with its bias, if any.
-    fn lin(&self, l: &Lin, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let y = self.linear(&l.w, &l.pack, x, differentiable)?;
-        match &l.b {
-            Some(b) => Ok(y.broadcast_add(b)?),
-            None => Ok(y),
-        }
-    }
-
-    /// `x @ lm_headᵀ`: the logits before any soft-capping.
-    fn head(&self, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        self.linear(&self.lm_head, &self.lm_head_pack, x, differentiable)
-    }
-
-    /// `x @ wᵀ`. Inference on the CPU: the AVX-512 GEMM against w's packed copy (in `pack`), or
-    /// on machines without AVX-512 the AVX2 gemv for a few rows (decode). Differentiable with a
-    /// frozen w: an op whose backward skips the weight gradient. Elsewhere candle's matmul.
-    fn linear(&self, w: &Tensor, pack: &PackSlot, x: &Tensor, differentiable: bool) -> Result<Tensor> {
-        if !differentiable {
-            if let Some(p) = pack.get(w) {
-                if let Some(y) = super::packed_gemm::try_linear(x, &p)? {
-                    return Ok(y);
-                }
-            }
-            if let Some(y) = super::gemv::try_linear(x, w)? {
-                return Ok(y);
-            }
-        } else if let Some(y) = super::frozen::try_frozen_linear(x, w, pack)? {
-            return Ok(y);
-        }
-        // One GEMM over all rows: a `[b, t, in]` batch as `[b·t, in]`. broadcast_matmul would
-        // run b small GEMMs against a stride-0 weight, which on CUDA is a strided-batched call
-        // far from peak for short sequences.
-        let dims = x.dims();
-        let in_d = *dims.last().expect("rank >= 1");
-        let rows = x.elem_count() / in_d.max(1);
-        let y = x.reshape((rows, in_d))?.matmul(&w.t()?)?;
-        let mut shape = dims.to_vec();
-        *shape.last_mut().expect("rank >= 1") = w.dim(0)?;
-        Ok(y.reshape(shape)?)
-    }
-
-    fn rms(&self, x: &Tensor, w: &Tensor, differentiable: bool) -> Result<Tensor> {
-        let eps = self.cfg.rms_norm_eps as f32;
-        if differentiable {
-            if let Some(y) = super::train_ops::try_rms_norm(x, w, eps)? {
-                return Ok(y);
-            }
-            return Ok(candle_nn::ops::rms_norm_slow(x, w, eps)?);
-        }
-        // candle's fused norm runs bf16 per element through half's conversions (5% of a bf16
-        // prefill); this one computes in f32 (for f32 as fast as candle's).
-        if let Some(y) = super::cpu_ops::rms_norm(x, w, eps)? {
-            return Ok(y);
-        }
-        Ok(candle_nn::ops::rms_norm(x, w, eps)?)
-    }
-
 }
