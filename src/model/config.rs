@@ -235,6 +235,13 @@ impl LlamaConfig {
     }
 
     /// Parameter count of the model (embeddings counted once when tied).
+    /// Weights of one block's seven projections (q, k, v, o, gate, up, down).
+    fn block_matmul_params(&self) -> usize {
+        let d = self.hidden_size;
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size
+    }
+
     pub fn param_count(&self) -> usize {
         let d = self.hidden_size;
         let q = self.num_heads * self.head_dim;
@@ -242,7 +249,7 @@ impl LlamaConfig {
         let a = &self.arch;
         let bias = if a.qkv_bias { q + 2 * kv } else { 0 } + if a.o_bias { d } else { 0 };
         let norms = if a.sandwich_norms { 4 * d } else { 2 * d } + if a.qk_norm { 2 * self.head_dim } else { 0 };
-        let per_block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size + bias + norms;
+        let per_block = self.block_matmul_params() + bias + norms;
         let emb = self.vocab_size * d;
         let head = if self.tie_word_embeddings { 0 } else { emb };
         emb + head + self.num_layers * per_block + d
@@ -253,10 +260,7 @@ impl LlamaConfig {
     /// (query, key) pairs it scores (causal; sliding layers only within their window). The
     /// numerator of "model FLOP utilisation".
     pub fn prefill_flops(&self, b: usize, t: usize) -> f64 {
-        let d = self.hidden_size;
-        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
-        let per_block = d * q + 2 * d * kv + q * d + 3 * d * self.intermediate_size;
-        let linear = 2.0 * (self.num_layers * per_block + self.vocab_size * d) as f64 * (b * t) as f64;
+        let linear = 2.0 * (self.num_layers * self.block_matmul_params() + self.vocab_size * self.hidden_size) as f64 * (b * t) as f64;
         let pairs = |window: Option<usize>| -> f64 { (0..t).map(|i| window.map_or(i + 1, |w| (i + 1).min(w)) as f64).sum() };
         let attn: f64 = (0..self.num_layers)
             .map(|l| {

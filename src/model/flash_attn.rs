@@ -26,13 +26,27 @@ pub fn try_flash_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<us
     Ok(None)
 }
 
+/// Whether the kernel can serve a model of this dtype and head size on `device` in this run
+/// (CUDA build and device, bf16/f16, head size 64 or 128, generic ops not forced, not
+/// `ROAD_FLASH_ATTN=0`): the caller checks it before preparing the kernel's layout, so a run
+/// without the kernel does none of that work. Per-call shape and stride checks stay inside.
+#[allow(unused_variables)]
+pub fn available(device: &candle_core::Device, dtype: candle_core::DType, head_dim: usize) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::DType;
+        crate::runtime::cuda_fast_path(device) && matches!(dtype, DType::BF16 | DType::F16) && (head_dim == 64 || head_dim == 128) && enabled()
+    }
+    #[cfg(not(feature = "cuda"))]
+    false
+}
+
 #[cfg(feature = "cuda")]
 fn usable(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> bool {
-    use candle_core::DType;
     let dims_ok = match (q.dims4(), k.dims4(), v.dims4()) {
         (Ok((b, nh, t, hd)), Ok(kd), Ok(vd)) => {
             let (_, nkv, s, _) = kd;
-            kd == vd && kd.0 == b && kd.3 == hd && (hd == 64 || hd == 128) && nkv > 0 && nh % nkv == 0 && s >= t && t > 0
+            kd == vd && kd.0 == b && kd.3 == hd && nkv > 0 && nh % nkv == 0 && s >= t && t > 0
         }
         _ => false,
     };
@@ -45,12 +59,9 @@ fn usable(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> bool {
     dims_ok
         && rows
         && small
-        && q.device().is_cuda()
-        && matches!(q.dtype(), DType::BF16 | DType::F16)
         && k.dtype() == q.dtype()
         && v.dtype() == q.dtype()
-        && !crate::runtime::generic_forced()
-        && enabled()
+        && available(q.device(), q.dtype(), q.dim(3).unwrap_or(0))
 }
 
 /// `ROAD_FLASH_ATTN=0` turns the kernel off for a run (the composed ops then answer), so its

@@ -3,6 +3,12 @@
 //! backwards; these serve forwards without gradients only).
 use candle_core::{Result, Tensor};
 
+/// Contiguous and starting on a 16-byte boundary (8 bf16/f16 elements): the kernels' vector loads.
+#[cfg(feature = "cuda")]
+fn aligned(x: &Tensor) -> bool {
+    x.is_contiguous() && x.layout().start_offset() % 8 == 0
+}
+
 /// `silu(g) · u` in one pass, for contiguous, 16-byte aligned bf16/f16 CUDA tensors of one shape
 /// (None otherwise, or when generic ops are forced: the caller composes candle's ops).
 #[allow(unused_variables)]
@@ -10,7 +16,6 @@ pub fn try_silu_mul(g: &Tensor, u: &Tensor) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::DType;
-        let aligned = |x: &Tensor| x.is_contiguous() && x.layout().start_offset() % 8 == 0;
         if crate::runtime::cuda_fast_path(g.device())
             && g.dims() == u.dims()
             && matches!(g.dtype(), DType::BF16 | DType::F16)
@@ -32,7 +37,6 @@ pub fn try_add_rms(a: &Tensor, b: &Tensor, w: &Tensor, eps: f32) -> Result<Optio
     #[cfg(feature = "cuda")]
     {
         use candle_core::{DType, D};
-        let aligned = |x: &Tensor| x.is_contiguous() && x.layout().start_offset() % 8 == 0;
         let d = a.dim(D::Minus1)?;
         if crate::runtime::cuda_fast_path(a.device())
             && a.dims() == b.dims()
@@ -41,7 +45,7 @@ pub fn try_add_rms(a: &Tensor, b: &Tensor, w: &Tensor, eps: f32) -> Result<Optio
             && matches!(a.dtype(), DType::BF16 | DType::F16)
             && b.dtype() == a.dtype()
             && w.dtype() == a.dtype()
-            && [a, b, w].iter().all(|x| aligned(x))
+            && [a, b, w].into_iter().all(aligned)
         {
             let both = a.apply_op3_no_bwd(b, w, &imp::AddRms { eps })?;
             return Ok(Some((both.get(0)?, both.get(1)?)));

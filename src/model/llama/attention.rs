@@ -276,8 +276,8 @@ impl Llama {
         let (b, t) = (p.b, p.t);
         let (nh, nkv, hd) = (self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim);
         // Decode (t = 1) keeps the composed path: one query row per head fills no tile.
-        let fused = t > 1 && p.unpadded && self.cfg.arch.attn_softcap.is_none() && crate::runtime::cuda_fast_path(q.device());
-        if fused && matches!(self.dtype, DType::BF16 | DType::F16) && (hd == 64 || hd == 128) {
+        let fused = t > 1 && p.unpadded && self.cfg.arch.attn_softcap.is_none();
+        if fused && super::super::flash_attn::available(q.device(), self.dtype, hd) {
             let rows = |x: &Tensor, n: usize| x.reshape((b, t, n, hd));
             let (mut qt, mut kt, vt) = (rows(q, nh)?, rows(k, nkv)?, rows(v, nkv)?);
             if let (Some(qn), Some(kn)) = (&blk.q_norm, &blk.k_norm) {
