@@ -9,6 +9,8 @@ use candle_core::{DType, Device};
 use std::cell::Cell;
 use std::sync::RwLock;
 
+pub mod graph;
+
 /// `cpu`, `cuda`, `cuda:N`, or `auto` (CUDA device 0 when this build has CUDA and a GPU
 /// answers, else the CPU). N counts the GPUs CUDA_VISIBLE_DEVICES leaves visible (all when
 /// unset), so inside a Slurm task with `--gpus-per-task` `cuda` is the task's own GPU.

@@ -107,13 +107,13 @@ fi
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c || exit 3
 fi
 
-if [ "$PHASE" = D ]; then  # DAS: frozen tail with its kernels, composed ops, autograd; pyvene; patching pair
-  step "road bench das f32" 90 $ROAD bench das --model $M --device cuda --dtype f32
-  step "road bench das f32 (again)" 90 $ROAD bench das --model $M --device cuda --dtype f32
-  step "road bench das f32, ROAD_GENERIC_OPS=1" 90 env ROAD_GENERIC_OPS=1 $ROAD bench das --model $M --device cuda --dtype f32
-  step "road bench das f32, ROAD_AUTOGRAD_TAIL=1" 90 env ROAD_AUTOGRAD_TAIL=1 $ROAD bench das --model $M --device cuda --dtype f32
-  step "pyvene das f32" 120 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32
-  step "road bench das f32 (after pyvene)" 90 $ROAD bench das --model $M --device cuda --dtype f32
+if [ "$PHASE" = D ]; then  # DAS with its steps replayed from CUDA graphs vs eager (ROAD_CUDA_GRAPHS=0); pyvene; patching pair
+  for steps in 50 300; do
+    step "road bench das f32, $steps steps (CUDA graphs)" 90 $ROAD bench das --model $M --device cuda --dtype f32 --steps $steps
+    step "road bench das f32, $steps steps, ROAD_CUDA_GRAPHS=0" 90 env ROAD_CUDA_GRAPHS=0 $ROAD bench das --model $M --device cuda --dtype f32 --steps $steps
+    step "pyvene das f32, $steps steps" 150 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32 --steps $steps
+    step "road bench das f32, $steps steps (CUDA graphs, after pyvene)" 90 $ROAD bench das --model $M --device cuda --dtype f32 --steps $steps
+  done
   step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
   step "pyvene patching f32" 200 python3 $B/bench_pyvene.py --workload patching --model $M --device cuda --dtype f32
   exit 0

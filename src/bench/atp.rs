@@ -6,7 +6,8 @@ use anyhow::{bail, Result};
 use std::time::Instant;
 
 pub fn atp(model: &str, pairs: usize, method: &str, steps: usize, patch_layers: Option<usize>) -> Result<()> {
-    use crate::experiment::cells::{evaluate, Cell};
+    use crate::experiment::cells::Cell;
+    use crate::experiment::evaluate::evaluate;
     use crate::experiment::data::{cache_split, Clean};
     let method = match method {
         "plain" => AtpMethod::Plain,

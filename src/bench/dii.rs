@@ -11,7 +11,8 @@ fn ioi_pairs(tok: &crate::tokenizer::Tok, variable: crate::tasks::ioi::Variable,
 
 /// `road bench patching`: a full layer x position activation-patching sweep on IOI.
 pub fn patching(model: &str, pairs: usize, layers: Option<usize>) -> Result<()> {
-    use crate::experiment::cells::{evaluate, Cell};
+    use crate::experiment::cells::Cell;
+    use crate::experiment::evaluate::evaluate;
     use crate::experiment::data::{cache_split, Clean};
     use crate::model::Site;
     let l = crate::model::registry::load_default(model)?;
@@ -88,12 +89,14 @@ pub fn das(model: &str, layer: usize, steps: usize, batch: usize) -> Result<()> 
         println!("road das gradient check: loss {la:.6} (autograd) vs {lt:.6} (frozen tail), max relative gradient error {err:.2e}");
     }
     let ts = TrainSpec { steps, batch, lr: 1e-2, ..Default::default() };
+    let replays = crate::runtime::graph::launches();
     let t1 = Instant::now();
     let log = train(model, &cell, &cc, &ps, iv.as_mut(), &ts, 0, &std::sync::atomic::AtomicBool::new(false), None, &mut |_| {})?.log;
     let s = t1.elapsed().as_secs_f64();
     let (first, last) = (log.first().map_or(f64::NAN, |r| r.loss), log.last().map_or(f64::NAN, |r| r.loss));
+    let replays = crate::runtime::graph::launches() - replays;
     println!(
-        "road das: {:.1} examples/s ({steps} steps x batch {batch}, layer {layer}, last token; {:.1}s training + {:.1}s one-off clean caching of {} pairs; loss {first:.4} -> {last:.4})",
+        "road das: {:.1} examples/s ({steps} steps x batch {batch}, layer {layer}, last token; {:.1}s training + {:.1}s one-off clean caching of {} pairs; loss {first:.4} -> {last:.4}; {replays} steps replayed from CUDA graphs)",
         (steps * batch) as f64 / s,
         s,
         cache_s,

@@ -5,7 +5,8 @@
 //! among the random cells, all ranked below the top K, against the smallest one inside it.
 use super::atp::Estimates;
 use super::atp_run::AtpRun;
-use super::cells::{self, Cell};
+use super::cells::Cell;
+use super::evaluate::evaluate;
 use super::data;
 use crate::intervene::atp::AtpMetric;
 use crate::intervene::InterventionSpec;
@@ -95,7 +96,7 @@ pub fn verify(r: &AtpRun<'_>, est: &Estimates, means: &[f64], cancel: &AtomicBoo
         let cc = cache.cell(pairs, c.layer, c.site, &c.position)?;
         let width = cell.cols.as_ref().map(|x| x.dim(0)).transpose()?.unwrap_or(cc.source_vec[0].dim(0)?);
         let iv = InterventionSpec::Vanilla { dims: None }.build(width, 0, None, r.model.device())?;
-        let e = cells::evaluate(r.model, &cell, &cc, pairs, &clean, iv.as_ref())?;
+        let e = evaluate(r.model, &cell, &cc, pairs, &clean, iv.as_ref())?;
         // The patching sweep's own numbers: its logit_diff (or −CE for log p(cf)) minus the clean base's.
         let true_effect = match r.opts.metric {
             AtpMetric::LogitDiff => e.logit_diff - ld_base,

@@ -1,7 +1,8 @@
 //! One cell of a sweep: build the intervention, train it (if its kind learns) with dev
 //! evaluations, evaluate it on every split, and run its controls beside it. The runner
 //! schedules cells; everything a cell produces is in its [`CellResult`].
-use super::cells::{self, Cell, Eval, Monitor};
+use super::cells::{self, Cell, Monitor};
+use super::evaluate::{self, Eval};
 use super::controls::{self, Control};
 use super::data::{self, CellCache, Prepared};
 use super::outputs::{ExampleRow, MetricRow, TrainRow};
@@ -70,7 +71,7 @@ impl Evaluator<'_> {
     fn eval(&self, split: Split, iv: &dyn Intervention, only: Option<&[usize]>) -> Result<Option<Eval>> {
         let Some(cache) = self.caches.get(&split) else { return Ok(None) };
         let clean = self.clean(split);
-        Ok(Some(cells::evaluate_on(self.model, self.cell, cache, self.pairs(split), &clean, iv, only)?))
+        Ok(Some(evaluate::evaluate_on(self.model, self.cell, cache, self.pairs(split), &clean, iv, only)?))
     }
     /// (dev loss, dev IIA, train IIA on the probe pairs), for the training monitor.
     fn monitor(&self, iv: &dyn Intervention) -> Result<(f64, f64, f64)> {
@@ -222,7 +223,7 @@ pub fn run_cell(ctx: &CellCtx, ci: usize, global_idx: usize, cell: &Cell, emit: 
     let (mut rows, test_eval) = ev.rows(iv.as_ref(), "none")?;
     rows.iter_mut().for_each(|r| r.cut = !out.complete);
     out.metrics = rows;
-    out.examples.extend(cells::example_rows(cell, real(Split::Test), &test_eval, ctx.tok));
+    out.examples.extend(evaluate::example_rows(cell, real(Split::Test), &test_eval, ctx.tok));
     let stats = iv.stats(ApplyCtx::EVAL);
     if !stats.is_empty() {
         let s: Vec<String> = stats.iter().map(|(k, v)| format!("{k}={v:.3}")).collect();

@@ -1,7 +1,7 @@
 //! One cell of a sweep = (layer, site, position[, heads]): train its intervention if it has
 //! parameters, then evaluate it on every split.
-use super::data::{left_pad, CellCache, Clean, EVAL_BATCH};
-use super::outputs::{ExampleRow, TrainRow};
+use super::data::{left_pad, CellCache};
+use super::outputs::TrainRow;
 use super::spec::TrainSpec;
 use crate::intervene::hook::InterventionHook;
 use crate::intervene::{orth, ApplyCtx, Intervention};
@@ -65,7 +65,7 @@ pub fn intervened_logits(
     ctx: ApplyCtx,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let mut r = resume(model, cell, cache, pairs, idx, iv, ctx)?;
+    let mut r = resume(model, cell, cache, pairs, idx, &batch_rows(model, idx)?, iv, ctx)?;
     let ids = std::mem::take(&mut r.ids);
     let out = model.forward(&ids, Fwd { logits: LogitsAt::Last, ..r.fwd(cell.layer, differentiable) })?;
     Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
@@ -108,12 +108,39 @@ pub fn loss_grads(
     targets: &[u32],
     how: Backward,
 ) -> Result<(f64, GradStore)> {
-    let mut r = resume(model, cell, cache, pairs, idx, iv, ctx)?;
+    let (rows, targets) = (batch_rows(model, idx)?, Tensor::new(targets, model.device())?);
+    let (loss, grads) = loss_grads_on(model, cell, cache, pairs, idx, &rows, iv, ctx, &targets, how)?;
+    Ok((loss.to_scalar::<f32>()? as f64, grads))
+}
+
+/// The batch's pair indices on the device (`[b]` u32): one gather per cached tensor.
+pub(super) fn batch_rows(model: &Llama, idx: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?)
+}
+
+/// [`loss_grads`] with the batch's rows (`idx` on the device, see [`batch_rows`]) and targets
+/// as device tensors and the loss left there: what [`super::step_graph`] captures. `idx` gives
+/// the shapes and, outside the fast path, the rows' lengths and padding; on the fast path every
+/// value that differs between batches of one group is read from `rows` and `targets`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn loss_grads_on(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    idx: &[usize],
+    rows: &Tensor,
+    iv: &dyn Intervention,
+    ctx: ApplyCtx,
+    targets: &Tensor,
+    how: Backward,
+) -> Result<(Tensor, GradStore)> {
+    let mut r = resume(model, cell, cache, pairs, idx, rows, iv, ctx)?;
     let ids = std::mem::take(&mut r.ids);
     let (loss, surrogate) = match how {
         Backward::Autograd => {
             let logits = model.forward(&ids, Fwd { logits: LogitsAt::Last, ..r.fwd(cell.layer, true) })?.logits.expect("requested logits");
-            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &Tensor::new(targets, logits.device())?)?;
+            let loss = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, targets)?;
             (loss.clone(), loss)
         }
         Backward::FrozenTail => {
@@ -123,7 +150,7 @@ pub fn loss_grads(
             let differentiable = cell.site != Site::BlockOutput;
             let x = model.forward(&ids, Fwd { logits: LogitsAt::None, end: Some(end), ..r.fwd(cell.layer, differentiable) })?.hidden;
             let tail = Fwd { attention_mask: r.mask.as_deref(), cache: r.kv.as_mut(), start: Some((end, x.detach())), ..Default::default() };
-            let (loss, dx) = model.tail_loss_grad(&ids, tail, targets)?;
+            let (loss, dx) = model.tail_loss_grad_on(&ids, tail, targets)?;
             // d/dθ of Σ x·(dL/dx), with dL/dx held constant, is dL/dθ.
             (loss, (x.to_dtype(DType::F32)? * dx.to_dtype(DType::F32)?)?.sum_all()?)
         }
@@ -132,7 +159,7 @@ pub fn loss_grads(
         Some(p) => ((loss + &p)?, (surrogate + p)?),
         None => (loss, surrogate),
     };
-    Ok((loss.to_scalar::<f32>()? as f64, surrogate.backward()?))
+    Ok((loss, surrogate.backward()?))
 }
 
 fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, rows: &Tensor, positions: Vec<usize>, iv: &'a dyn Intervention, ctx: ApplyCtx) -> Result<InterventionHook<'a>> {
@@ -151,12 +178,11 @@ fn resume<'a>(
     cache: &CellCache<'_>,
     pairs: &[Pair],
     idx: &[usize],
+    sel: &Tensor,
     iv: &'a dyn Intervention,
     ctx: ApplyCtx,
 ) -> Result<Resume<'a>> {
     let (t, p) = (pairs[idx[0]].base.ids.len(), cache.base_pos[idx[0]]);
-    // The batch's pair indices on the device: one gather per cached tensor.
-    let sel = Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?;
     if p == 0 || idx.iter().any(|&i| pairs[i].base.ids.len() != t || cache.base_pos[i] != p) {
         let rows: Vec<&[u32]> = idx.iter().map(|&i| pairs[i].base.ids.as_slice()).collect();
         let (ids, mask, offs) = left_pad(&rows);
@@ -171,7 +197,7 @@ fn resume<'a>(
         let x0 = Tensor::stack(&xs, 0)?;
         debug_assert_eq!(x0.dim(1)?, t);
         let positions: Vec<usize> = idx.iter().zip(&offs).map(|(&i, o)| o + cache.base_pos[i]).collect();
-        let hook = hook(cell, cache, &sel, positions, iv, ctx)?;
+        let hook = hook(cell, cache, sel, positions, iv, ctx)?;
         return Ok(Resume { ids, x0, mask: Some(mask), kv: None, hook });
     }
     let n_layers = model.cfg.num_layers;
@@ -179,7 +205,7 @@ fn resume<'a>(
     for l in cell.layer..n_layers {
         layers[l] = Some(match cache.base_kv_rows {
             // One gather per layer for the whole batch.
-            Some(kv) => (kv[l].0.index_select(&sel, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(&sel, 0)?.narrow(2, 0, p)?),
+            Some(kv) => (kv[l].0.index_select(sel, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(sel, 0)?.narrow(2, 0, p)?),
             None => {
                 let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
                 let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
@@ -188,118 +214,33 @@ fn resume<'a>(
         });
     }
     let x0 = match &cache.base_input_rows {
-        Some(x) => x.index_select(&sel, 0)?.narrow(1, p, t - p)?,
+        Some(x) => x.index_select(sel, 0)?.narrow(1, p, t - p)?,
         None => Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?,
     };
     let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids[p..].to_vec()).collect();
-    let hook = hook(cell, cache, &sel, vec![p; idx.len()], iv, ctx)?;
+    let hook = hook(cell, cache, sel, vec![p; idx.len()], iv, ctx)?;
     Ok(Resume { ids, x0, mask: None, kv: Some(KvCache::from_layers(layers)), hook })
 }
 
+/// Whether [`resume`] reads everything that differs between batches of `idx`'s group from
+/// device tensors indexed by the batch's rows (the fast path with stacked caches): what a
+/// captured step (`step_graph`) needs, since a replay re-runs no host code.
+pub(super) fn replayable(cache: &CellCache<'_>, pairs: &[Pair], idx: &[usize]) -> bool {
+    let Some(&first) = idx.first() else { return false };
+    let (t, p) = (pairs[first].base.ids.len(), cache.base_pos[first]);
+    p > 0
+        && cache.base_kv_rows.is_some()
+        && cache.base_input_rows.is_some()
+        && idx.iter().all(|&i| pairs[i].base.ids.len() == t && cache.base_pos[i] == p)
+}
+
 /// Pair indices grouped by (base length, intervened position).
-fn groups(cache: &CellCache<'_>, pairs: &[Pair]) -> Vec<Vec<usize>> {
+pub(super) fn groups(cache: &CellCache<'_>, pairs: &[Pair]) -> Vec<Vec<usize>> {
     let mut m: std::collections::BTreeMap<(usize, usize), Vec<usize>> = Default::default();
     for (i, p) in pairs.iter().enumerate() {
         m.entry((p.base.ids.len(), cache.base_pos[i])).or_default().push(i);
     }
     m.into_values().collect()
-}
-
-/// Per-split evaluation result.
-#[derive(Debug, Clone, Default)]
-pub struct Eval {
-    pub iia_vocab: f64,
-    pub iia_answers: f64,
-    pub logit_diff: f64,
-    pub normalized_effect: f64,
-    pub base_acc: f64,
-    pub source_acc: f64,
-    pub n: usize,
-    /// Mean cross-entropy of the intervened output against the counterfactual label.
-    pub loss: f64,
-    pub examples: Vec<(usize, u32, bool, f64)>, // (example, predicted, correct, logit diff)
-}
-
-pub fn evaluate(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], clean: &[&Clean], iv: &dyn Intervention) -> Result<Eval> {
-    evaluate_on(model, cell, cache, pairs, clean, iv, None)
-}
-
-/// [`evaluate`] on the pairs `only` lists (all when None; `clean` is indexed like `pairs`).
-pub fn evaluate_on(
-    model: &Llama,
-    cell: &Cell,
-    cache: &CellCache<'_>,
-    pairs: &[Pair],
-    clean: &[&Clean],
-    iv: &dyn Intervention,
-    only: Option<&[usize]>,
-) -> Result<Eval> {
-    let keep: Vec<bool> = match only {
-        None => vec![true; pairs.len()],
-        Some(ix) => {
-            let mut k = vec![false; pairs.len()];
-            for &i in ix.iter().filter(|&&i| i < pairs.len()) {
-                k[i] = true;
-            }
-            k
-        }
-    };
-    let n = keep.iter().filter(|&&k| k).count();
-    let mut e = Eval { n, ..Default::default() };
-    if n == 0 {
-        return Ok(e);
-    }
-    let (mut hit_v, mut hit_a, mut ld_sum, mut ce_sum) = (0usize, 0usize, 0f64, 0f64);
-    // Units whose source vector equals the base's leave an interchange without effect: their
-    // output is the clean base run's (e.g. every position before the first token that differs).
-    // One comparison and one transfer for all pairs (not one device round trip per pair).
-    let same: Vec<bool> = if iv.identity_on_equal() {
-        let d = (&cache.source_rows - Tensor::stack(&cache.base_vec, 0)?)?.abs()?.max(1)?;
-        d.to_dtype(DType::F32)?.to_vec1::<f32>()?.into_iter().map(|x| x == 0.0).collect()
-    } else {
-        vec![false; pairs.len()]
-    };
-    let mut rows: Vec<(usize, Vec<f32>)> = Vec::with_capacity(n);
-    let same_idx: Vec<usize> = (0..pairs.len()).filter(|&i| same[i] && keep[i]).collect();
-    if !same_idx.is_empty() {
-        let stacked = Tensor::stack(&same_idx.iter().map(|&i| cache.base_logits[i]).collect::<Vec<_>>(), 0)?;
-        rows.extend(same_idx.into_iter().zip(stacked.to_vec2::<f32>()?));
-    }
-    for group in groups(cache, pairs) {
-        let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i] && keep[i]).collect();
-        for chunk in todo.chunks(EVAL_BATCH) {
-            let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?.to_vec2::<f32>()?;
-            rows.extend(chunk.iter().copied().zip(logits));
-        }
-    }
-    for (i, row) in &rows {
-        let i = *i;
-        let p = &pairs[i];
-        let pred = crate::generate::argmax(row);
-        let pred_ans = *p.answers.iter().max_by(|a, b| row[**a as usize].total_cmp(&row[**b as usize])).unwrap_or(&pred);
-        let ld = (row[p.cf_label as usize] - row[p.base.label as usize]) as f64;
-        hit_v += (pred == p.cf_label) as usize;
-        hit_a += (pred_ans == p.cf_label) as usize;
-        ld_sum += ld;
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
-        ce_sum += lse - row[p.cf_label as usize] as f64;
-        e.examples.push((i, pred, pred == p.cf_label, ld));
-    }
-    e.examples.sort_by_key(|x| x.0);
-    let nf = n as f64;
-    e.iia_vocab = hit_v as f64 / nf;
-    e.iia_answers = hit_a as f64 / nf;
-    e.logit_diff = ld_sum / nf;
-    e.loss = ce_sum / nf;
-    let clean: Vec<&Clean> = clean.iter().zip(&keep).filter(|(_, &k)| k).map(|(c, _)| *c).collect();
-    let ld_base = clean.iter().map(|c| c.ld_base).sum::<f64>() / nf;
-    let ld_source = clean.iter().map(|c| c.ld_source).sum::<f64>() / nf;
-    let den = ld_source - ld_base;
-    e.normalized_effect = if den.abs() > 1e-6 { (e.logit_diff - ld_base) / den } else { f64::NAN };
-    e.base_acc = clean.iter().filter(|c| c.base_correct).count() as f64 / nf;
-    e.source_acc = clean.iter().filter(|c| c.source_correct).count() as f64 / nf;
-    Ok(e)
 }
 
 fn lr_at(spec: &TrainSpec, base: f64, step: usize) -> f64 {
@@ -369,6 +310,7 @@ pub fn train(
     let total: usize = groups.iter().map(|g| g.len()).sum();
     let mut out = Trained { log: Vec::with_capacity(spec.steps), cut: false, stopped_early: false };
     let how = Backward::for_training();
+    let mut graphs = super::step_graph::applies(model, &*iv, how).then(super::step_graph::StepGraphs::default);
     let t0 = std::time::Instant::now();
     let mut best: Option<(f64, Vec<Tensor>)> = None;
     let mut since_best = 0usize;
@@ -391,11 +333,21 @@ pub fn train(
         }
         let ctx = ApplyCtx { progress: step as f64 / spec.steps.max(1) as f64, train: true };
         let targets: Vec<u32> = idx.iter().map(|&i| pairs[i].cf_label).collect();
-        let (l, mut grads) = loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?;
+        let replayed = match graphs.as_mut() {
+            Some(g) => g.step(model, cell, cache, pairs, gi, &idx, &*iv, ctx, &targets)?,
+            None => None,
+        };
+        let (loss, mut grads) = match replayed {
+            Some(r) => r,
+            None => {
+                let (rows, targets) = (batch_rows(model, &idx)?, Tensor::new(targets.as_slice(), model.device())?);
+                loss_grads_on(model, cell, cache, pairs, &idx, &rows, iv, ctx, &targets, how)?
+            }
+        };
         let lr = lr_at(spec, spec.lr, step);
-        if !l.is_finite() {
-            bail!("{}: training loss is {l} at step {step} (learning rate {lr} too high, or a NaN in the model's activations?)", cell.label());
-        }
+        // The loss is read after the update is queued (below): on a GPU the host then queues the
+        // optimiser while the step still runs, instead of waiting for it. A non-finite loss
+        // still fails the cell at this step.
         if riemannian {
             for p in params.iter().filter(|p| p.orthonormal) {
                 if let Some(g) = grads.get(p.var.as_tensor()) {
@@ -413,6 +365,10 @@ pub fn train(
             o.step(&grads)?;
         }
         iv.after_step()?;
+        let l = loss.to_scalar::<f32>()? as f64;
+        if !l.is_finite() {
+            bail!("{}: training loss is {l} at step {step} (learning rate {lr} too high, or a NaN in the model's activations?)", cell.label());
+        }
         let stats = iv.stats(ctx);
         let stat = |k: &str| stats.iter().find(|(n, _)| n == k).map(|x| x.1).unwrap_or(f64::NAN);
         let mut row = TrainRow {
@@ -461,25 +417,4 @@ pub fn train(
         }
     }
     Ok(out)
-}
-
-/// Rows of `examples.csv` for one cell's test split.
-pub fn example_rows(cell: &Cell, pairs: &[Pair], e: &Eval, tok: &crate::tokenizer::Tok) -> Vec<ExampleRow> {
-    e.examples
-        .iter()
-        .map(|&(i, pred, correct, ld)| ExampleRow {
-            layer: cell.layer,
-            site: cell.site.name().into(),
-            position: cell.position.clone(),
-            example: i,
-            base: pairs[i].base.text.clone(),
-            source: pairs[i].source.text.clone(),
-            base_label: tok.token_str(pairs[i].base.label),
-            cf_label: tok.token_str(pairs[i].cf_label),
-            predicted: tok.token_str(pred),
-            correct,
-            logit_diff: ld,
-            heads: cell.heads.clone(),
-        })
-        .collect()
 }

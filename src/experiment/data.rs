@@ -104,6 +104,17 @@ pub fn last_logits(model: &Llama, prompts: &[&[u32]], col: Option<&mut Collector
 
 pub const EVAL_BATCH: usize = 32;
 
+/// Rows per intervened forward in a cell's evaluation: [`EVAL_BATCH`] on the CPU; on a GPU,
+/// where a forward costs hundreds of kernel launches whatever its size, up to 256 (a
+/// 48-pair split is one forward, not two).
+pub fn eval_batch(device: &candle_core::Device) -> usize {
+    if device.is_cpu() {
+        EVAL_BATCH
+    } else {
+        256
+    }
+}
+
 /// The clean base and source runs' facts about each pair (last-position logits only).
 pub fn clean_facts(model: &Llama, pairs: &[Pair]) -> Result<Vec<Clean>> {
     let mut facts = Vec::with_capacity(pairs.len());
@@ -202,6 +213,14 @@ pub struct SplitCache {
     base_act: Vec<HashMap<(usize, Site), Tensor>>,
     /// Per pair: the clean base run's last-position logits `[vocab]` (f32).
     base_logits: Vec<Option<Tensor>>,
+    /// The same stacked, `[n_pairs, vocab]`: a cell's unchanged rows are one gather.
+    base_logits_rows: Option<Tensor>,
+    /// When the base (source) prompts share one length: per (layer, site) the activations of
+    /// all pairs `[n_pairs, t, w]`, and per layer the block inputs `[n_pairs, t, d]`, so a
+    /// cell's rows are one gather each (not one copy per pair: on a GPU, one launch, not 48).
+    base_act_rows: HashMap<(usize, Site), Tensor>,
+    source_act_rows: HashMap<(usize, Site), Tensor>,
+    base_input_rows: HashMap<usize, Tensor>,
     source_act: Vec<HashMap<(usize, Site), Tensor>>,
 }
 
@@ -221,6 +240,10 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
         base_logits: vec![None; n],
         source_act: vec![HashMap::new(); n],
         base_kv_rows: None,
+        base_logits_rows: None,
+        base_act_rows: HashMap::new(),
+        source_act_rows: HashMap::new(),
+        base_input_rows: HashMap::new(),
     };
     // Per-group KV of the base runs, in pair order when all base prompts share one length.
     let mut group_kv: Vec<Vec<(Tensor, Tensor)>> = Vec::new();
@@ -278,6 +301,25 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
             .collect::<Result<Vec<_>>>()?;
         sc.base_kv_rows = Some(rows);
     }
+    if n > 0 {
+        let logits: Vec<&Tensor> = sc.base_logits.iter().map(|l| l.as_ref().expect("cached with the base run")).collect();
+        sc.base_logits_rows = Some(Tensor::stack(&logits, 0)?);
+        let source_uniform = pairs.windows(2).all(|w| w[0].source.ids.len() == w[1].source.ids.len());
+        let stack = |acts: &[HashMap<(usize, Site), Tensor>], c: &(usize, Site)| Tensor::stack(&acts.iter().map(|a| &a[c]).collect::<Vec<_>>(), 0);
+        for c in cells {
+            if uniform {
+                sc.base_act_rows.insert(*c, stack(&sc.base_act, c)?);
+            }
+            if source_uniform {
+                sc.source_act_rows.insert(*c, stack(&sc.source_act, c)?);
+            }
+        }
+        if uniform {
+            for &l in &layers {
+                sc.base_input_rows.insert(l, Tensor::stack(&sc.base_input.iter().map(|x| &x[&l]).collect::<Vec<_>>(), 0)?);
+            }
+        }
+    }
     Ok(sc)
 }
 
@@ -291,6 +333,8 @@ pub struct CellCache<'a> {
     pub base_kv_rows: Option<&'a [(Tensor, Tensor)]>,
     /// `[w]` per pair at the intervened position.
     pub base_vec: Vec<Tensor>,
+    /// `base_vec` stacked, `[n_pairs, w]`.
+    pub base_rows: Tensor,
     pub source_vec: Vec<Tensor>,
     /// `source_vec` stacked, `[n_pairs, w]`: a batch's sources are one gather.
     pub source_rows: Tensor,
@@ -299,6 +343,8 @@ pub struct CellCache<'a> {
     pub base_pos: Vec<usize>,
     /// Clean base last-position logits `[vocab]` per pair.
     pub base_logits: Vec<&'a Tensor>,
+    /// The same stacked, `[n_pairs, vocab]`.
+    pub base_logits_rows: Option<&'a Tensor>,
 }
 
 impl SplitCache {
@@ -310,6 +356,8 @@ impl SplitCache {
             base_vec: vec![],
             source_vec: vec![],
             source_rows: Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
+            base_rows: Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
+            base_logits_rows: self.base_logits_rows.as_ref(),
             base_input_rows: None,
             base_pos: vec![],
             base_logits: vec![],
@@ -324,11 +372,29 @@ impl SplitCache {
             c.base_logits.push(self.base_logits[i].as_ref().expect("cached with the base run"));
         }
         if !pairs.is_empty() {
-            c.source_rows = Tensor::stack(&c.source_vec, 0)?;
-            if c.base_input.windows(2).all(|w| w[0].dims() == w[1].dims()) {
-                c.base_input_rows = Some(Tensor::stack(&c.base_input, 0)?);
-            }
+            let ps: Vec<usize> = pairs.iter().map(|p| p.source.position(position)).collect::<Result<_>>()?;
+            c.source_rows = match self.source_act_rows.get(&(layer, site)) {
+                Some(all) => at_positions(all, &ps)?,
+                None => Tensor::stack(&c.source_vec, 0)?,
+            };
+            c.base_rows = match self.base_act_rows.get(&(layer, site)) {
+                Some(all) => at_positions(all, &c.base_pos)?,
+                None => Tensor::stack(&c.base_vec, 0)?,
+            };
+            c.base_input_rows = match self.base_input_rows.get(&layer) {
+                Some(all) => Some(all.clone()),
+                None if c.base_input.windows(2).all(|w| w[0].dims() == w[1].dims()) => Some(Tensor::stack(&c.base_input, 0)?),
+                None => None,
+            };
         }
         Ok(c)
     }
+}
+
+/// Row i of `all` (`[n, t, w]`) at position `pos[i]`: `[n, w]`, one gather.
+fn at_positions(all: &Tensor, pos: &[usize]) -> Result<Tensor> {
+    let (n, t, w) = all.dims3()?;
+    let flat: Vec<u32> = pos.iter().enumerate().map(|(i, &p)| (i * t + p) as u32).collect();
+    let idx = Tensor::from_vec(flat, n, all.device())?;
+    Ok(all.reshape((n * t, w))?.index_select(&idx, 0)?)
 }

@@ -9,12 +9,14 @@ pub mod cells;
 pub mod controls;
 pub mod merge;
 pub mod data;
+pub mod evaluate;
 pub mod local_pool;
 pub mod figures;
 pub mod outputs;
 pub mod runner;
 pub mod search;
 pub mod spec;
+pub mod step_graph;
 pub mod submit;
 pub mod tables;
 

@@ -2,7 +2,7 @@
 //! with a learned soft boundary β: `m_i = σ(i/T)·σ((β·d − i)/T)`,
 //! `out = Rᵀ((1−m)⊙Rb + m⊙Rs)`, β ∈ [1e-3, 1] (init 0.5), T annealed, loss + λ·β.
 use super::orth::{random_orthonormal, retract};
-use super::{temperature, ApplyCtx, Intervention, Param};
+use super::{temperature, ApplyCtx, Intervention, Param, StepScalar};
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 
@@ -14,7 +14,7 @@ pub struct RotatedSpace {
 
 enum Mode {
     Fixed { mask: Tensor, k: usize },
-    Boundless { beta: Var, temp: [f64; 2], lambda: f64, index: Tensor },
+    Boundless { beta: Var, temp: [f64; 2], lambda: f64, index: Tensor, inv_t: StepScalar },
 }
 
 impl RotatedSpace {
@@ -32,18 +32,18 @@ impl RotatedSpace {
         Ok(Self {
             r: Var::from_tensor(&random_orthonormal(d, d, seed, device)?)?,
             d,
-            mode: Mode::Boundless { beta: Var::from_tensor(&Tensor::new(&[0.5f32], device)?)?, temp, lambda, index },
+            mode: Mode::Boundless { beta: Var::from_tensor(&Tensor::new(&[0.5f32], device)?)?, temp, lambda, index, inv_t: StepScalar::new(device)? },
         })
     }
 
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
         match &self.mode {
             Mode::Fixed { mask, .. } => Ok(mask.clone()),
-            Mode::Boundless { beta, temp, index, .. } => {
-                let t = temperature(*temp, ctx.progress);
+            Mode::Boundless { beta, temp, index, inv_t, .. } => {
+                let inv = 1.0 / temperature(*temp, ctx.progress);
                 let hi = (beta.as_tensor() * self.d as f64)?;
-                let lower = candle_nn::ops::sigmoid(&(index / t)?)?;
-                let upper = candle_nn::ops::sigmoid(&(hi.broadcast_sub(index)? / t)?)?;
+                let lower = candle_nn::ops::sigmoid(&inv_t.scale(index, inv, ctx)?)?;
+                let upper = candle_nn::ops::sigmoid(&inv_t.scale(&hi.broadcast_sub(index)?, inv, ctx)?)?;
                 Ok((lower * upper)?)
             }
         }
@@ -64,6 +64,15 @@ impl Intervention for RotatedSpace {
         let m = self.mask(ctx)?;
         let mixed = (rb.broadcast_mul(&(1.0 - &m)?)? + rs.broadcast_mul(&m)?)?;
         Ok(mixed.matmul(r)?)
+    }
+    fn replayable(&self) -> bool {
+        true
+    }
+    fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
+        match &self.mode {
+            Mode::Boundless { temp, inv_t, .. } => inv_t.write(1.0 / temperature(*temp, ctx.progress)),
+            Mode::Fixed { .. } => Ok(()),
+        }
     }
     fn params(&self) -> Vec<Param> {
         let mut v = vec![Param::orthonormal("rotation", &self.r)];

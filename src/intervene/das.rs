@@ -31,4 +31,7 @@ impl Intervention for LowRankDas {
     fn after_step(&mut self) -> Result<()> {
         retract(&self.r)
     }
+    fn replayable(&self) -> bool {
+        true
+    }
 }

@@ -63,6 +63,9 @@ impl Intervention for LoReft {
     fn after_step(&mut self) -> Result<()> {
         retract(&self.r)
     }
+    fn replayable(&self) -> bool {
+        true
+    }
     fn uses_source(&self) -> bool {
         false
     }

@@ -77,12 +77,57 @@ pub trait Intervention: Send + Sync {
     fn identity_on_equal(&self) -> bool {
         self.uses_source()
     }
+    /// Whether a training step is a function of the variables and the step's inputs only (no
+    /// schedule read from `ctx.progress`, no randomness): such a step may be captured once
+    /// into a CUDA graph and replayed (`experiment::step_graph`).
+    fn replayable(&self) -> bool {
+        false
+    }
+    /// Write the per-step values a replayed step reads from the device ([`StepScalar`]s such as
+    /// the temperature), before each replay.
+    fn write_step_inputs(&self, _ctx: ApplyCtx) -> Result<()> {
+        Ok(())
+    }
     /// A few numbers worth logging (β, temperature, subspace size).
     fn stats(&self, _ctx: ApplyCtx) -> Vec<(String, f64)> {
         vec![]
     }
     fn is_trainable(&self) -> bool {
         !self.params().is_empty()
+    }
+}
+
+/// A scalar that changes from training step to training step (the inverse temperature of an
+/// annealed mask), kept in a one-element device buffer while training on a GPU so a step
+/// captured into a CUDA graph reads each step's value (`Intervention::write_step_inputs`
+/// writes it before a replay). Multiplying by the buffer equals candle's `x * v` (its affine
+/// op) bit for bit; evaluation and the CPU use the host value directly.
+pub struct StepScalar {
+    buf: Tensor,
+}
+
+impl StepScalar {
+    pub fn new(device: &Device) -> Result<Self> {
+        Ok(Self { buf: Tensor::zeros(1, candle_core::DType::F32, device)? })
+    }
+
+    pub fn write(&self, v: f64) -> Result<()> {
+        if self.buf.device().is_cuda() {
+            self.buf.slice_set(&Tensor::new(&[v as f32], self.buf.device())?, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    /// `x · v`, with `v` from the buffer in GPU training (written here, unless a graph is
+    /// being recorded: then the replay writes it).
+    pub fn scale(&self, x: &Tensor, v: f64, ctx: ApplyCtx) -> Result<Tensor> {
+        if !ctx.train || !self.buf.device().is_cuda() {
+            return Ok((x * v)?);
+        }
+        if !crate::runtime::graph::capturing() {
+            self.write(v)?;
+        }
+        Ok(x.broadcast_mul(&self.buf)?)
     }
 }
 

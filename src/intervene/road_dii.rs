@@ -6,7 +6,7 @@
 //! Swapping *both* coordinates of a block makes its angle irrelevant, so selections act on the
 //! first coordinate of each block by default: the angle then chooses which direction of the
 //! block's plane is interchanged.
-use super::{temperature, ApplyCtx, Intervention, Param, RoadSelection};
+use super::{temperature, ApplyCtx, Intervention, Param, RoadSelection, StepScalar};
 use crate::adapters::{Rotation, Variant};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
@@ -16,9 +16,9 @@ enum Selection {
     /// A fixed 0/1 mask over rotated coordinates.
     Fixed(Tensor),
     /// m = σ(w/T) per rotated coordinate, penalty λ·mean(m).
-    Learned { w: Var, temp: [f64; 2], lambda: f64 },
+    Learned { w: Var, temp: [f64; 2], lambda: f64, inv_t: StepScalar },
     /// Boundless over the coordinate order (block first-coordinates first): β learned.
-    Boundless { beta: Var, order: Tensor, temp: [f64; 2], lambda: f64 },
+    Boundless { beta: Var, order: Tensor, temp: [f64; 2], lambda: f64, inv_t: StepScalar },
 }
 
 pub struct RoadDii {
@@ -74,7 +74,7 @@ impl RoadDii {
             RoadSelection::Learned => {
                 // Start with first coordinates slightly open and second ones closed.
                 let w: Vec<f32> = (0..d).map(|j| if is_first(j, g) { 0.0 } else { -2.0 }).collect();
-                Selection::Learned { w: Var::from_tensor(&Tensor::from_vec(w, d, device)?)?, temp: spec.temperature, lambda: spec.penalty }
+                Selection::Learned { w: Var::from_tensor(&Tensor::from_vec(w, d, device)?)?, temp: spec.temperature, lambda: spec.penalty, inv_t: StepScalar::new(device)? }
             }
             RoadSelection::Boundless => {
                 let order: Vec<f32> = (0..d)
@@ -88,6 +88,7 @@ impl RoadDii {
                     order: Tensor::from_vec(order, d, device)?,
                     temp: spec.temperature,
                     lambda: spec.penalty,
+                    inv_t: StepScalar::new(device)?,
                 }
             }
         };
@@ -103,12 +104,12 @@ impl RoadDii {
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
         Ok(match &self.sel {
             Selection::Fixed(m) => m.clone(),
-            Selection::Learned { w, temp, .. } => candle_nn::ops::sigmoid(&(w.as_tensor() / temperature(*temp, ctx.progress))?)?,
-            Selection::Boundless { beta, order, temp, .. } => {
-                let t = temperature(*temp, ctx.progress);
+            Selection::Learned { w, temp, inv_t, .. } => candle_nn::ops::sigmoid(&inv_t.scale(w.as_tensor(), 1.0 / temperature(*temp, ctx.progress), ctx)?)?,
+            Selection::Boundless { beta, order, temp, inv_t, .. } => {
+                let inv = 1.0 / temperature(*temp, ctx.progress);
                 let hi = (beta.as_tensor() * self.rot.dim as f64)?;
-                let lower = candle_nn::ops::sigmoid(&(order / t)?)?;
-                let upper = candle_nn::ops::sigmoid(&(hi.broadcast_sub(order)? / t)?)?;
+                let lower = candle_nn::ops::sigmoid(&inv_t.scale(order, inv, ctx)?)?;
+                let upper = candle_nn::ops::sigmoid(&inv_t.scale(&hi.broadcast_sub(order)?, inv, ctx)?)?;
                 (lower * upper)?
             }
         })
@@ -126,6 +127,15 @@ impl Intervention for RoadDii {
         let m = self.mask(ctx)?;
         let mixed = (rb.broadcast_mul(&(1.0 - &m)?)? + rs.broadcast_mul(&m)?)?;
         self.rot.apply_inverse(&mixed, &f, &s)
+    }
+    fn replayable(&self) -> bool {
+        true
+    }
+    fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
+        match &self.sel {
+            Selection::Learned { temp, inv_t, .. } | Selection::Boundless { temp, inv_t, .. } => inv_t.write(1.0 / temperature(*temp, ctx.progress)),
+            Selection::Fixed(_) => Ok(()),
+        }
     }
     fn params(&self) -> Vec<Param> {
         let mut v = vec![Param::new("road_theta", &self.theta, "main")];

@@ -1,5 +1,5 @@
 //! Learned soft mask in the neuron basis: `m = σ(w / T)`, `out = (1−m)⊙b + m⊙s`, penalty λ·mean(m).
-use super::{temperature, ApplyCtx, Intervention, Param};
+use super::{temperature, ApplyCtx, Intervention, Param, StepScalar};
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 
@@ -7,15 +7,16 @@ pub struct SigmoidMask {
     w: Var,
     temp: [f64; 2],
     lambda: f64,
+    inv_t: StepScalar,
 }
 
 impl SigmoidMask {
     pub fn new(d: usize, temp: [f64; 2], lambda: f64, device: &Device) -> Result<Self> {
         // Start half-open (w = 0 -> m = 0.5) so gradients flow to every coordinate.
-        Ok(Self { w: Var::from_tensor(&Tensor::zeros(d, candle_core::DType::F32, device)?)?, temp, lambda })
+        Ok(Self { w: Var::from_tensor(&Tensor::zeros(d, candle_core::DType::F32, device)?)?, temp, lambda, inv_t: StepScalar::new(device)? })
     }
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
-        Ok(candle_nn::ops::sigmoid(&(self.w.as_tensor() / temperature(self.temp, ctx.progress))?)?)
+        Ok(candle_nn::ops::sigmoid(&self.inv_t.scale(self.w.as_tensor(), 1.0 / temperature(self.temp, ctx.progress), ctx)?)?)
     }
 }
 
@@ -29,6 +30,12 @@ impl Intervention for SigmoidMask {
     }
     fn params(&self) -> Vec<Param> {
         vec![Param::new("mask_logits", &self.w, "main")]
+    }
+    fn replayable(&self) -> bool {
+        true
+    }
+    fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
+        self.inv_t.write(1.0 / temperature(self.temp, ctx.progress))
     }
     fn penalty(&self) -> Result<Option<Tensor>> {
         let m = candle_nn::ops::sigmoid(self.w.as_tensor())?;

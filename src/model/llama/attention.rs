@@ -152,8 +152,9 @@ impl Llama {
             }
         }
         let shape = (b, t, hd / 2);
-        let cos = Tensor::from_vec(cos, shape, &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, shape, &self.device)?.to_dtype(self.dtype)?;
+        // `graph::constant`: the same tables at every step of a captured training step.
+        let cos = crate::runtime::graph::constant(cos, shape, &self.device)?.to_dtype(self.dtype)?;
+        let sin = crate::runtime::graph::constant(sin, shape, &self.device)?.to_dtype(self.dtype)?;
         Ok(Rope { cos, sin })
     }
 
@@ -177,7 +178,7 @@ impl Llama {
                 }
             }
         }
-        Ok(Tensor::from_vec(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
+        Ok(crate::runtime::graph::constant(m, (b, 1, t, total), &self.device)?.to_dtype(self.dtype)?)
     }
 
     /// Attention of `t` new rows (projections `[b, t, heads·hd]`) over `prefix` (cached keys and

@@ -66,6 +66,12 @@ impl Llama {
     /// `fwd.cache` holds the prefix's keys/values for blocks `from..` (read only); hooks and
     /// adapters are not allowed here (the tail is the frozen model).
     pub fn tail_loss_grad(&self, ids: &[Vec<u32>], fwd: Fwd<'_>, targets: &[u32]) -> Result<(Tensor, Tensor)> {
+        self.tail_loss_grad_on(ids, fwd, &Tensor::new(targets, &self.device)?)
+    }
+
+    /// [`Self::tail_loss_grad`] with the targets already on the device (`[b]` u32): a captured
+    /// training step reads them from a buffer rewritten before each replay.
+    pub fn tail_loss_grad_on(&self, ids: &[Vec<u32>], fwd: Fwd<'_>, targets: &Tensor) -> Result<(Tensor, Tensor)> {
         let Fwd { attention_mask, cache, hooks, adapter, start, end, .. } = fwd;
         if hooks.is_some() || adapter.is_some() || end.is_some() {
             bail!("the frozen tail takes no hooks, adapters or end layer");
@@ -83,8 +89,8 @@ impl Llama {
         if x0.dims() != [p.b, p.t, self.cfg.hidden_size] {
             bail!("tail input must be [b={}, t={}, d={}]", p.b, p.t, self.cfg.hidden_size);
         }
-        if targets.len() != p.b {
-            bail!("{} targets for a batch of {}", targets.len(), p.b);
+        if targets.dims() != [p.b] {
+            bail!("targets of shape {:?} for a batch of {}", targets.dims(), p.b);
         }
         let neg_sin = p.rope.sin.neg()?;
         let mut saved = Vec::with_capacity(n - from);
@@ -108,7 +114,7 @@ impl Llama {
             }
             None => (raw, None),
         };
-        let tgt = Tensor::from_vec(targets.to_vec(), (p.b, 1), &self.device)?;
+        let tgt = targets.reshape((p.b, 1))?;
         let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let loss = (logp.gather(&tgt, 1)?.sum_all()? / -(p.b as f64))?;
         // dL/dlogits = (softmax − onehot) / b.
