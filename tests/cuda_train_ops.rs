@@ -350,7 +350,9 @@ fn cuda_graph_replayed_training_equals_eager_training() {
         let sc = cache_split(&m, &pairs, &[(layer, site)]).unwrap();
         let cc = sc.cell(&pairs, layer, site, "x").unwrap();
         let cell = Cell { layer, site, position: "x".into(), cols: None, heads: String::new() };
-        let spec = TrainSpec { steps: 12, batch: 8, lr: 2e-2, eval_every: 0, ..Default::default() };
+        // Boundless trains a full d×d rotation: at DAS's rate its polar retraction diverges.
+        let lr = if kind == "boundless" { 1e-3 } else { 2e-2 };
+        let spec = TrainSpec { steps: 12, batch: 8, lr, eval_every: 0, ..Default::default() };
         let build = || InterventionSpec::from_kind(kind).unwrap().with_rank(2).build(cfg.hidden_size, 3, None, &gpu()).unwrap();
         let init: Vec<Tensor> = build().params().iter().map(|p| p.var.as_tensor().to_device(&Device::Cpu).unwrap()).collect();
         let run = || {
@@ -372,6 +374,61 @@ fn cuda_graph_replayed_training_equals_eager_training() {
             assert!(e < 1e-4, "{label}: trained parameters differ by {e} (relative)");
             // The optimiser moved them (in place, where the graph reads them).
             assert!(rel(q, p0) > 1e-3, "{label}: training left a parameter at its initial value");
+        }
+    }
+}
+
+/// A patching sweep's cell evaluations replayed from CUDA graphs (`experiment::eval_graph`:
+/// whole rows from the layer, one graph per layer and site) equal the eager evaluations (the
+/// clean prefix's cached keys/values): same predictions, logit differences and losses, at every
+/// position, for the vanilla interchange and a trained-style kind (DAS at its initial rotation).
+#[test]
+fn cuda_graph_replayed_cell_evaluation_equals_eager_evaluation() {
+    use road_dii::experiment::cells::Cell;
+    use road_dii::experiment::data::{cache_split, Clean};
+    use road_dii::experiment::evaluate::evaluate;
+    use road_dii::intervene::InterventionSpec;
+    use road_dii::model::{Llama, Site};
+    use road_dii::tasks::{Pair, Prompt};
+    let (cfg, weights) = random_smollm2_weights(31);
+    let ts = weights.iter().map(|(k, v)| (k.clone(), v.to_device(&gpu()).unwrap())).collect();
+    let m = Llama::load(candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &gpu()), cfg.clone()).unwrap();
+    let mut rng = Rng::new(9);
+    let mut ids = |shared: &[u32]| -> Vec<u32> { shared.iter().copied().chain((0..6).map(|_| 50 + rng.below(40000) as u32)).collect() };
+    // Bases and sources share their first 4 tokens: positions 0..4 are unchanged units.
+    let pairs: Vec<Pair> = (0..40)
+        .map(|i| {
+            let shared = [11u32, 12, 13, 14];
+            let p = |ids: Vec<u32>| Prompt { text: String::new(), ids, label: 300 + i as u32, positions: Default::default() };
+            Pair { base: p(ids(&shared)), source: p(ids(&shared)), cf_label: 100 + (i as u32 * 37) % 900, answers: vec![100, 137, 300 + i as u32] }
+        })
+        .collect();
+    let clean: Vec<Clean> = vec![Clean { ld_base: 0.0, ld_source: 1.0, base_correct: true, source_correct: true }; pairs.len()];
+    let clean: Vec<&Clean> = clean.iter().collect();
+    let cells = [(0, Site::BlockOutput), (17, Site::BlockOutput), (29, Site::BlockOutput), (9, Site::ResidMid)];
+    let sc = cache_split(&m, &pairs, &cells).unwrap();
+    for kind in ["vanilla", "das"] {
+        let iv = InterventionSpec::from_kind(kind).unwrap().with_rank(4).build(cfg.hidden_size, 3, None, &gpu()).unwrap();
+        for &(layer, site) in &cells {
+            for pos in 0..10 {
+                let position = pos.to_string();
+                let cc = sc.cell(&pairs, layer, site, &position).unwrap();
+                let cell = Cell { layer, site, position: position.clone(), cols: None, heads: String::new() };
+                let eager = road_dii::runtime::graph::without(|| evaluate(&m, &cell, &cc, &pairs, &clean, iv.as_ref()).unwrap());
+                let before = road_dii::runtime::graph::launches();
+                let e = evaluate(&m, &cell, &cc, &pairs, &clean, iv.as_ref()).unwrap();
+                let label = format!("{kind} L{layer} {site} @{pos}");
+                // Positions 0..4 hold the shared prefix: no row changes there, nothing is run.
+                let launched = road_dii::runtime::graph::launches() - before;
+                assert!(launched == 1 || (pos < 4 && launched == 0), "{label}: the evaluation replayed {launched} graphs, expected one");
+                assert!((e.logit_diff - eager.logit_diff).abs() < 1e-4, "{label}: logit diff {} replayed vs {} eager", e.logit_diff, eager.logit_diff);
+                assert!((e.loss - eager.loss).abs() < 1e-4, "{label}: loss {} replayed vs {} eager", e.loss, eager.loss);
+                assert_eq!((e.iia_vocab, e.iia_answers), (eager.iia_vocab, eager.iia_answers), "{label}: IIA");
+                for (a, b) in e.examples.iter().zip(&eager.examples) {
+                    assert_eq!((a.0, a.1), (b.0, b.1), "{label}: predicted token of example {}", b.0);
+                    assert!((a.3 - b.3).abs() < 1e-4, "{label}: example {} logit diff {} vs {}", b.0, a.3, b.3);
+                }
+            }
         }
     }
 }

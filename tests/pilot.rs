@@ -69,6 +69,7 @@ fn fast_swap_path_equals_full_intervened_forward() {
                     cols: None,
                     intervention: iv.as_ref(),
                     ctx: ApplyCtx::EVAL,
+                    onehot: None,
                 };
                 let out = m.forward(&[base.clone()], Fwd { hooks: Some(&mut hook), logits: LogitsAt::None, ..Default::default() }).unwrap();
                 let t = out.hidden.dim(1).unwrap();

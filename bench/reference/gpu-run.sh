@@ -116,6 +116,13 @@ if [ "$PHASE" = D ]; then  # DAS with its steps replayed from CUDA graphs vs eag
   done
   step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
   step "pyvene patching f32" 200 python3 $B/bench_pyvene.py --workload patching --model $M --device cuda --dtype f32
+  # The shipped training experiments, replayed and eager: same metrics, and the time each takes.
+  for exp in ioi-das capitals-boundless ioi-road-dii; do
+    step "road run $exp on cuda (CUDA graphs)" 120 $ROAD run experiments/$exp.toml --device cuda --set model.name=$M
+    step "road run $exp on cuda, ROAD_CUDA_GRAPHS=0" 120 env ROAD_CUDA_GRAPHS=0 $ROAD run experiments/$exp.toml --device cuda --set model.name=$M
+  done
+  mkdir -p $OUT/runs && for f in notebooks-out/*/*/metrics.csv notebooks-out/*/*/summary.json notebooks-out/*/*/timing.csv; do
+    d=$OUT/runs/$(echo $f | cut -d/ -f2-3); mkdir -p $d && cp $f $d/; done
   exit 0
 fi
 

@@ -164,7 +164,7 @@ pub(super) fn loss_grads_on(
 
 fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, rows: &Tensor, positions: Vec<usize>, iv: &'a dyn Intervention, ctx: ApplyCtx) -> Result<InterventionHook<'a>> {
     let source = cache.source_rows.index_select(rows, 0)?;
-    Ok(InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx })
+    Ok(InterventionHook { layer: cell.layer, site: cell.site, positions, source, cols: cell.cols.clone(), intervention: iv, ctx, onehot: None })
 }
 
 /// The resumed base run of `idx` at the cell's layer, with the intervention hooked.

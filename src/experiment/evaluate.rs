@@ -73,11 +73,22 @@ pub fn evaluate_on(
         };
         rows.extend(same_idx.iter().copied().zip(row_stats(&stacked, &same_idx, pairs)?));
     }
-    for group in groups(cache, pairs) {
-        let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i] && keep[i]).collect();
-        for chunk in todo.chunks(eval_batch(model.device())) {
-            let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?;
-            rows.extend(chunk.iter().copied().zip(row_stats(&logits, chunk, pairs)?));
+    // On a GPU, the cell is one replay of its (split, layer, site)'s captured forward.
+    let any = (0..pairs.len()).any(|i| !same[i] && keep[i]);
+    let replayed = match any && super::eval_graph::applies(model, cell, cache, pairs) {
+        true => super::eval_graph::stats(model, cell, cache, pairs, iv)?,
+        false => None,
+    };
+    match replayed {
+        Some(all) => rows.extend(all.into_iter().enumerate().filter(|(i, _)| !same[*i] && keep[*i])),
+        None => {
+            for group in groups(cache, pairs) {
+                let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i] && keep[i]).collect();
+                for chunk in todo.chunks(eval_batch(model.device())) {
+                    let logits = intervened_logits(model, cell, cache, pairs, chunk, iv, ApplyCtx::EVAL, false)?;
+                    rows.extend(chunk.iter().copied().zip(row_stats(&logits, chunk, pairs)?));
+                }
+            }
         }
     }
     for (i, r) in rows {
@@ -105,7 +116,7 @@ pub fn evaluate_on(
 }
 
 /// What evaluation keeps of one output row.
-struct RowStats {
+pub(super) struct RowStats {
     /// Argmax over the vocabulary (first on ties) and over the pair's answers (last on ties).
     pred: u32,
     pred_ans: u32,
@@ -115,6 +126,26 @@ struct RowStats {
     ce: f64,
 }
 
+/// Per row of pairs `idx`: the counterfactual label, the base label, then the answers (padded
+/// with the first), as a `[n, width]` index matrix for one gather of the logits.
+pub(super) fn picks(idx: &[usize], pairs: &[Pair]) -> (Vec<u32>, usize) {
+    let width = 2 + idx.iter().map(|&i| pairs[i].answers.len()).max().unwrap_or(0);
+    let mut pick = Vec::with_capacity(idx.len() * width);
+    for &i in idx {
+        let p = &pairs[i];
+        let row: Vec<u32> = [p.cf_label, p.base.label].into_iter().chain(p.answers.iter().copied()).collect();
+        pick.extend((0..width).map(|k| *row.get(k).unwrap_or(&p.cf_label)));
+    }
+    (pick, width)
+}
+
+/// [`RowStats`] of pair `i` from its argmax, log-sum-exp and picked logits (see [`picks`]).
+pub(super) fn finish(p: &Pair, pred: u32, lse: f32, v: &[f32]) -> RowStats {
+    let answers = &v[2..2 + p.answers.len()];
+    let pred_ans = p.answers.iter().zip(answers).max_by(|a, b| a.1.total_cmp(b.1)).map_or(pred, |(a, _)| *a);
+    RowStats { pred, pred_ans, ld: (v[0] - v[1]) as f64, ce: lse as f64 - v[0] as f64 }
+}
+
 /// [`RowStats`] of the logits `[n, vocab]` of pairs `idx`: the reductions over the vocabulary
 /// run where the logits are, and only n·(answers + 4) numbers come to the host (not the n rows
 /// of 49 152 logits, whose host-side log-sum-exp in f64 cost more than the forward).
@@ -122,29 +153,10 @@ fn row_stats(logits: &Tensor, idx: &[usize], pairs: &[Pair]) -> Result<Vec<RowSt
     let logits = logits.to_dtype(DType::F32)?;
     let preds = crate::generate::argmax_rows(&logits)?;
     let lse = logits.log_sum_exp(candle_core::D::Minus1)?.to_vec1::<f32>()?;
-    // Per row: the counterfactual label, the base label, then the answers (padded with the first).
-    let width = 2 + idx.iter().map(|&i| pairs[i].answers.len()).max().unwrap_or(0);
-    let mut pick = Vec::with_capacity(idx.len() * width);
-    for &i in idx {
-        let p = &pairs[i];
-        let row = [p.cf_label, p.base.label].into_iter().chain(p.answers.iter().copied());
-        let row: Vec<u32> = row.collect();
-        pick.extend((0..width).map(|k| *row.get(k).unwrap_or(&p.cf_label)));
-    }
-    let pick_t = Tensor::from_vec(pick.clone(), (idx.len(), width), logits.device())?;
+    let (pick, width) = picks(idx, pairs);
+    let pick_t = Tensor::from_vec(pick, (idx.len(), width), logits.device())?;
     let picked = logits.gather(&pick_t, 1)?.to_vec2::<f32>()?;
-    Ok(idx
-        .iter()
-        .zip(preds)
-        .zip(lse)
-        .zip(picked)
-        .map(|(((&i, pred), lse), v)| {
-            let p = &pairs[i];
-            let answers = &v[2..2 + p.answers.len()];
-            let pred_ans = p.answers.iter().zip(answers).max_by(|a, b| a.1.total_cmp(b.1)).map_or(pred, |(a, _)| *a);
-            RowStats { pred, pred_ans, ld: (v[0] - v[1]) as f64, ce: lse as f64 - v[0] as f64 }
-        })
-        .collect())
+    Ok(idx.iter().zip(preds).zip(lse).zip(picked).map(|(((&i, pred), lse), v)| finish(&pairs[i], pred, lse, &v)).collect())
 }
 
 /// Rows of `examples.csv` for one cell's test split.

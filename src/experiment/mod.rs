@@ -9,6 +9,7 @@ pub mod cells;
 pub mod controls;
 pub mod merge;
 pub mod data;
+pub mod eval_graph;
 pub mod evaluate;
 pub mod local_pool;
 pub mod figures;

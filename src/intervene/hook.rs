@@ -17,6 +17,9 @@ pub struct InterventionHook<'a> {
     pub cols: Option<Tensor>,
     pub intervention: &'a dyn Intervention,
     pub ctx: ApplyCtx,
+    /// The positions as a `[b, t, 1]` one-hot already on the device (a captured evaluation
+    /// reads them from a buffer rewritten per cell); `positions` is then ignored.
+    pub onehot: Option<Tensor>,
 }
 
 impl Hooks for InterventionHook<'_> {
@@ -25,17 +28,23 @@ impl Hooks for InterventionHook<'_> {
     }
     fn on(&mut self, _: usize, _: Site, act: &Tensor, ctx: SiteCtx) -> Result<Option<Tensor>> {
         let (b, t, w) = act.dims3()?;
-        if b != self.positions.len() {
-            bail!("intervention has {} positions for a batch of {b}", self.positions.len());
-        }
-        // One-hot over positions: gather and scatter stay differentiable and allocation-light.
-        let mut oh = vec![0f32; b * t];
-        for (i, &p) in self.positions.iter().enumerate() {
-            let p = p.checked_sub(ctx.pos_offset).filter(|&p| p < t);
-            let Some(p) = p else { bail!("intervened position out of range for this call") };
-            oh[i * t + p] = 1.0;
-        }
-        let oh = Tensor::from_vec(oh, (b, t, 1), act.device())?.to_dtype(act.dtype())?;
+        let oh = match &self.onehot {
+            Some(oh) if oh.dims() == [b, t, 1] => oh.to_dtype(act.dtype())?,
+            Some(oh) => bail!("intervention one-hot of shape {:?} for activations [{b}, {t}, {w}]", oh.dims()),
+            None => {
+                if b != self.positions.len() {
+                    bail!("intervention has {} positions for a batch of {b}", self.positions.len());
+                }
+                // One-hot over positions: gather and scatter stay differentiable and allocation-light.
+                let mut oh = vec![0f32; b * t];
+                for (i, &p) in self.positions.iter().enumerate() {
+                    let p = p.checked_sub(ctx.pos_offset).filter(|&p| p < t);
+                    let Some(p) = p else { bail!("intervened position out of range for this call") };
+                    oh[i * t + p] = 1.0;
+                }
+                Tensor::from_vec(oh, (b, t, 1), act.device())?.to_dtype(act.dtype())?
+            }
+        };
         // Interventions work in f32 whatever the model's dtype.
         let old = act.broadcast_mul(&oh)?.sum(1)?.to_dtype(candle_core::DType::F32)?; // [b, w]
         let new = match &self.cols {

@@ -21,4 +21,7 @@ impl Intervention for Vanilla {
         let keep = (1.0 - &self.mask)?;
         Ok((base.broadcast_mul(&keep)? + source.broadcast_mul(&self.mask)?)?)
     }
+    fn replayable(&self) -> bool {
+        true
+    }
 }

@@ -1,0 +1,133 @@
+//! A sweep's cell evaluations replayed from CUDA graphs (`runtime::graph`). On a GPU a cell's
+//! evaluation is a few hundred kernel launches on a few thousand numbers: launch-bound. Every
+//! cell at one (split, layer, site) runs the same forward — the clean block inputs at the layer
+//! for all pairs (whole rows), one position per row replaced, the layers after it, and the
+//! last position's logits reduced to what the metrics need — and differs only in which position
+//! is replaced and by what. So that forward is captured once per (split, layer, site), with the
+//! one-hot positions and the replacement vectors as device buffers, and each cell is: the
+//! intervention applied to the cached base/source vectors (eager, a few launches), two buffer
+//! writes, one replay, one transfer.
+//!
+//! Whole rows instead of the clean prefix's cached keys/values: positions before the replaced
+//! one are recomputed from the clean block input, which gives the clean values again (causal
+//! attention), so the numbers equal the prefix path's up to float rounding.
+use super::cells::Cell;
+use super::data::{eval_batch, CellCache};
+use super::evaluate::{finish, picks, RowStats};
+use crate::intervene::hook::InterventionHook;
+use crate::intervene::{ApplyCtx, Intervention};
+use crate::model::{Fwd, Llama, LogitsAt, Site};
+use crate::runtime::graph::{self, Graph};
+use crate::tasks::Pair;
+use anyhow::Result;
+use candle_core::{DType, Tensor, TensorId, D};
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// One (split, layer, site)'s captured forward: its buffers and the graph writing
+/// `[n, 2 + width]` numbers per row (argmax, log-sum-exp, picked logits).
+struct Captured {
+    onehot: Tensor,
+    new: Tensor,
+    graph: Graph<Tensor>,
+}
+
+/// Keyed by the split's stacked block input at the layer (a tensor of one model's cache of one
+/// split: its id is never reused), the layer and the site.
+type Key = (TensorId, usize, Site);
+
+/// Graphs kept at most (a sweep needs one per layer × site × split); beyond, all are dropped.
+const MAX_GRAPHS: usize = 256;
+
+thread_local! {
+    static GRAPHS: RefCell<HashMap<Key, Option<Captured>>> = RefCell::new(HashMap::new());
+}
+
+/// The vectors written into the forward are given (the intervention was applied outside).
+struct Given;
+impl Intervention for Given {
+    fn kind(&self) -> &'static str {
+        "given"
+    }
+    fn apply(&self, _base: &Tensor, given: &Tensor, _: ApplyCtx) -> Result<Tensor> {
+        Ok(given.clone())
+    }
+}
+
+/// Whether `cell`'s evaluation can replay a graph: CUDA with graphs on, the whole site vector
+/// (no head subset), every pair in one forward, all base prompts of one length.
+pub(super) fn applies(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair]) -> bool {
+    graph::enabled(model.device())
+        && cell.cols.is_none()
+        && cache.base_input_rows.is_some()
+        && !pairs.is_empty()
+        && pairs.len() <= eval_batch(model.device())
+}
+
+/// Every pair's [`RowStats`] with `iv` applied at the cell, from the (split, layer, site)'s graph;
+/// None when it cannot be captured (the caller evaluates eagerly).
+pub(super) fn stats(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], iv: &dyn Intervention) -> Result<Option<Vec<RowStats>>> {
+    let x0 = cache.base_input_rows.as_ref().expect("checked by applies");
+    let (n, t, _) = x0.dims3()?;
+    let mut oh = vec![0f32; n * t];
+    for (i, &p) in cache.base_pos.iter().enumerate() {
+        if p >= t {
+            anyhow::bail!("intervened position {p} outside a prompt of {t} tokens");
+        }
+        oh[i * t + p] = 1.0;
+    }
+    let oh = Tensor::from_vec(oh, (n, t, 1), model.device())?;
+    let new = iv.apply(&cache.base_rows, &cache.source_rows, ApplyCtx::EVAL)?.to_dtype(DType::F32)?.contiguous()?;
+    GRAPHS.with(|g| -> Result<Option<Vec<RowStats>>> {
+        let mut g = g.borrow_mut();
+        if g.len() >= MAX_GRAPHS {
+            g.clear();
+        }
+        let entry = g.entry((x0.id(), cell.layer, cell.site)).or_insert_with(|| capture(model, cell, x0, pairs, &oh, &new));
+        let Some(c) = entry.as_ref().filter(|c| c.new.dims() == new.dims()) else { return Ok(None) };
+        c.onehot.slice_set(&oh, 0, 0)?;
+        c.new.slice_set(&new, 0, 0)?;
+        c.graph.launch()?;
+        let numbers = c.graph.out().to_vec2::<f32>()?;
+        Ok(Some(pairs.iter().zip(numbers).map(|(p, v)| finish(p, v[0] as u32, v[1], &v[2..])).collect()))
+    })
+}
+
+/// Capture the forward of all pairs from `cell.layer` with the buffers' positions and vectors;
+/// None (noted once on stderr) when capture fails.
+fn capture(model: &Llama, cell: &Cell, x0: &Tensor, pairs: &[Pair], oh: &Tensor, new: &Tensor) -> Option<Captured> {
+    let attempt = || -> Result<Captured> {
+        let (onehot, new) = (oh.copy()?, new.copy()?);
+        let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.base.ids.clone()).collect();
+        let idx: Vec<usize> = (0..pairs.len()).collect();
+        let (pick, width) = picks(&idx, pairs);
+        let graph = graph::capture(model.device(), || {
+            let mut hook = InterventionHook {
+                layer: cell.layer,
+                site: cell.site,
+                positions: Vec::new(),
+                source: new.clone(),
+                cols: None,
+                intervention: &Given,
+                ctx: ApplyCtx::EVAL,
+                onehot: Some(onehot.clone()),
+            };
+            let fwd = Fwd { hooks: Some(&mut hook), start: Some((cell.layer, x0.clone())), logits: LogitsAt::Last, ..Default::default() };
+            let logits = model.forward(&ids, fwd)?.logits.expect("requested logits").to_dtype(DType::F32)?;
+            let preds = logits.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?;
+            let lse = logits.log_sum_exp(D::Minus1)?.unsqueeze(1)?;
+            let pick_t = graph::constant(pick.clone(), (pairs.len(), width), model.device())?;
+            let picked = logits.gather(&pick_t, 1)?;
+            Ok(Tensor::cat(&[&preds, &lse, &picked], 1)?)
+        })?;
+        Ok(Captured { onehot, new, graph })
+    };
+    match attempt() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| eprintln!("note: cell evaluations run without CUDA graphs ({e:#}); set ROAD_CUDA_GRAPHS=0 to skip the attempt"));
+            None
+        }
+    }
+}
