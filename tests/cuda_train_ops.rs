@@ -316,6 +316,14 @@ fn random_smollm2_weights(seed: u64) -> (road_dii::model::LlamaConfig, std::coll
     (cfg, weights)
 }
 
+/// [`random_smollm2_weights`] as an f32 model on the GPU.
+fn random_smollm2_f32_on_gpu(seed: u64) -> (road_dii::model::LlamaConfig, road_dii::model::Llama) {
+    let (cfg, weights) = random_smollm2_weights(seed);
+    let ts = weights.iter().map(|(k, v)| (k.clone(), v.to_device(&gpu()).unwrap())).collect();
+    let m = road_dii::model::Llama::load(candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &gpu()), cfg.clone()).unwrap();
+    (cfg, m)
+}
+
 /// Intervention training (DAS, LoReFT, Boundless, RoAd-DII) on the GPU with its steps replayed from CUDA graphs
 /// (`experiment::step_graph`) equals the eager steps: the same loss at every step and the same
 /// trained parameters. Batches draw different rows every step from two position groups, so a
@@ -327,21 +335,19 @@ fn cuda_graph_replayed_training_equals_eager_training() {
     use road_dii::experiment::data::cache_split;
     use road_dii::experiment::spec::TrainSpec;
     use road_dii::intervene::InterventionSpec;
-    use road_dii::model::{Llama, Site};
+    use road_dii::model::Site;
     use road_dii::tasks::{Pair, Prompt};
-    let (cfg, weights) = random_smollm2_weights(29);
-    let ts = weights.iter().map(|(k, v)| (k.clone(), v.to_device(&gpu()).unwrap())).collect();
-    let m = Llama::load(candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &gpu()), cfg.clone()).unwrap();
+    let (cfg, m) = random_smollm2_f32_on_gpu(29);
     let mut rng = Rng::new(5);
-    let mut prompt = |x: usize| {
-        let ids: Vec<u32> = (0..12).map(|_| 50 + rng.below(40000) as u32).collect();
+    let mut prompt = |len: usize, x: usize| {
+        let ids: Vec<u32> = (0..len).map(|_| 50 + rng.below(40000) as u32).collect();
         Prompt { text: String::new(), ids, label: 7, positions: [("x".to_string(), x)].into_iter().collect() }
     };
-    // 24 pairs, one length; the intervened position is 5 for the first half and 9 for the rest.
+    // 24 pairs: 12 and 10 tokens, the intervened position 5 and 9 (two groups, two lengths).
     let pairs: Vec<Pair> = (0..24)
         .map(|i| {
-            let x = if i < 12 { 5 } else { 9 };
-            Pair { base: prompt(x), source: prompt(x), cf_label: 100 + (i as u32 * 37) % 900, answers: vec![100, 137] }
+            let (len, x) = if i % 2 == 0 { (12, 5) } else { (10, 9) };
+            Pair { base: prompt(len, x), source: prompt(len, x), cf_label: 100 + (i as u32 * 37) % 900, answers: vec![100, 137] }
         })
         .collect();
     let layer = 20;
@@ -379,7 +385,7 @@ fn cuda_graph_replayed_training_equals_eager_training() {
 }
 
 /// A patching sweep's cell evaluations replayed from CUDA graphs (`experiment::eval_graph`:
-/// whole rows from the layer, one graph per layer and site) equal the eager evaluations (the
+/// whole rows from the layer, one graph per base length, layer and site) equal the eager evaluations (the
 /// clean prefix's cached keys/values): same predictions, logit differences and losses, at every
 /// position, for the vanilla interchange and a trained-style kind (DAS at its initial rotation).
 #[test]
@@ -388,19 +394,19 @@ fn cuda_graph_replayed_cell_evaluation_equals_eager_evaluation() {
     use road_dii::experiment::data::{cache_split, Clean};
     use road_dii::experiment::evaluate::evaluate;
     use road_dii::intervene::InterventionSpec;
-    use road_dii::model::{Llama, Site};
+    use road_dii::model::Site;
     use road_dii::tasks::{Pair, Prompt};
-    let (cfg, weights) = random_smollm2_weights(31);
-    let ts = weights.iter().map(|(k, v)| (k.clone(), v.to_device(&gpu()).unwrap())).collect();
-    let m = Llama::load(candle_nn::VarBuilder::from_tensors(ts, candle_core::DType::F32, &gpu()), cfg.clone()).unwrap();
+    let (cfg, m) = random_smollm2_f32_on_gpu(31);
     let mut rng = Rng::new(9);
-    let mut ids = |shared: &[u32]| -> Vec<u32> { shared.iter().copied().chain((0..6).map(|_| 50 + rng.below(40000) as u32)).collect() };
+    let mut ids = |shared: &[u32], len: usize| -> Vec<u32> { shared.iter().copied().chain((shared.len()..len).map(|_| 50 + rng.below(40000) as u32)).collect() };
     // Bases and sources share their first 4 tokens: positions 0..4 are unchanged units.
     let pairs: Vec<Pair> = (0..40)
         .map(|i| {
             let shared = [11u32, 12, 13, 14];
             let p = |ids: Vec<u32>| Prompt { text: String::new(), ids, label: 300 + i as u32, positions: Default::default() };
-            Pair { base: p(ids(&shared)), source: p(ids(&shared)), cf_label: 100 + (i as u32 * 37) % 900, answers: vec![100, 137, 300 + i as u32] }
+            // Two base lengths (10 and 12 tokens): one graph each per layer and site.
+            let len = if i % 3 == 0 { 12 } else { 10 };
+            Pair { base: p(ids(&shared, len)), source: p(ids(&shared, 10)), cf_label: 100 + (i as u32 * 37) % 900, answers: vec![100, 137, 300 + i as u32] }
         })
         .collect();
     let clean: Vec<Clean> = vec![Clean { ld_base: 0.0, ld_source: 1.0, base_correct: true, source_correct: true }; pairs.len()];
@@ -420,7 +426,7 @@ fn cuda_graph_replayed_cell_evaluation_equals_eager_evaluation() {
                 let label = format!("{kind} L{layer} {site} @{pos}");
                 // Positions 0..4 hold the shared prefix: no row changes there, nothing is run.
                 let launched = road_dii::runtime::graph::launches() - before;
-                assert!(launched == 1 || (pos < 4 && launched == 0), "{label}: the evaluation replayed {launched} graphs, expected one");
+                assert!(launched == 2 || (pos < 4 && launched == 0), "{label}: the evaluation replayed {launched} graphs, expected one per base length");
                 assert!((e.logit_diff - eager.logit_diff).abs() < 1e-4, "{label}: logit diff {} replayed vs {} eager", e.logit_diff, eager.logit_diff);
                 assert!((e.loss - eager.loss).abs() < 1e-4, "{label}: loss {} replayed vs {} eager", e.loss, eager.loss);
                 assert_eq!((e.iia_vocab, e.iia_answers), (eager.iia_vocab, eager.iia_answers), "{label}: IIA");

@@ -5,7 +5,7 @@
 #   fixtures: public.json, public.safetensors, public_peft_road_1/), whl/ (pyvene 0.1.8, gguf), model.part{A,B} (the SmolLM2 GGUF split in two: the
 #   file is 98 MB and one call carries at most 64 MiB, so call A leaves part A in /tmp, which a
 #   warm machine keeps, and call B adds part B).
-# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q|K|W  (W: road's flash vs composed attention vs torch sdpa/eager, 7B bf16 prefill; R: issue 21's sentiment fine-tuning, road and peft/pyreft,
+# Usage: bash .gpu/bench/gpu-run.sh P|A|B|C|D|E|S|T|R|Q|K|W|X  (X: issue 18 req 5's CUDA graphs, road both ways beside pyvene, after P; W: road's flash vs composed attention vs torch sdpa/eager, 7B bf16 prefill; R: issue 21's sentiment fine-tuning, road and peft/pyreft,
 #   after P (MODEL=qwen: on Qwen2.5-Coder-0.5B, after the K calls that carry its parts); Q: a fine-tuning step's phases on cuda, candle's matmul vs the frozen op, after P; P: keep model part A only; C: road's SmolLM2
 #   benchmarks only, after P or A; D: DAS variants + pyvene DAS and patching, after P or A;
 #   E: 300-step DAS both sides + the ioi-das experiment on cuda, after P or A; L: fixture-prompt
@@ -105,6 +105,24 @@ if [ ! -f $M ]; then
   if [ -f $W/model.partA ] && [ -f $G/model.partB ]; then cat $W/model.partA $G/model.partB > $M; else echo "MISSING model part A (machine was not warm)"; fi
 fi
 echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  $M" | sha256sum -c || exit 3
+fi
+
+if [ "$PHASE" = X ]; then  # after P: road's DAS (graphs vs eager) beside pyvene, patching, the training experiments both ways
+  for steps in 50 300; do
+    step "road bench das f32, $steps steps (CUDA graphs)" 90 $ROAD bench das --model $M --device cuda --dtype f32 --steps $steps
+    step "road bench das f32, $steps steps, ROAD_CUDA_GRAPHS=0" 90 env ROAD_CUDA_GRAPHS=0 $ROAD bench das --model $M --device cuda --dtype f32 --steps $steps
+  done
+  step "pyvene das f32, 50 steps" 150 python3 $B/bench_pyvene.py --workload das --model $M --device cuda --dtype f32 --steps 50
+  step "road bench das f32, 50 steps (CUDA graphs, after pyvene)" 90 $ROAD bench das --model $M --device cuda --dtype f32 --steps 50
+  step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
+  step "road bench patching f32, ROAD_CUDA_GRAPHS=0" 150 env ROAD_CUDA_GRAPHS=0 $ROAD bench patching --model $M --device cuda --dtype f32
+  for exp in ioi-das capitals-boundless ioi-road-dii ioi-patching; do
+    for g in 1 0; do
+      step "road run $exp on cuda, ROAD_CUDA_GRAPHS=$g" 120 env ROAD_CUDA_GRAPHS=$g $ROAD run experiments/$exp.toml --device cuda --set model.name=$M
+      d=$(ls -td notebooks-out/$exp/*/ | head -1); cp $d/metrics.csv $OUT/$exp-graphs$g-metrics.csv; cp $d/timing.csv $OUT/$exp-graphs$g-timing.csv 2>/dev/null
+    done
+  done
+  exit 0
 fi
 
 if [ "$PHASE" = D ]; then  # DAS with its steps replayed from CUDA graphs vs eager (ROAD_CUDA_GRAPHS=0); pyvene; patching pair

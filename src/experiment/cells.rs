@@ -65,7 +65,7 @@ pub fn intervened_logits(
     ctx: ApplyCtx,
     differentiable: bool,
 ) -> Result<Tensor> {
-    let mut r = resume(model, cell, cache, pairs, idx, &batch_rows(model, idx)?, iv, ctx)?;
+    let mut r = resume(model, cell, cache, pairs, idx, &Rows::of(model, cache, idx)?, iv, ctx)?;
     let ids = std::mem::take(&mut r.ids);
     let out = model.forward(&ids, Fwd { logits: LogitsAt::Last, ..r.fwd(cell.layer, differentiable) })?;
     Ok(out.logits.expect("requested logits").to_dtype(DType::F32)?)
@@ -108,7 +108,7 @@ pub fn loss_grads(
     targets: &[u32],
     how: Backward,
 ) -> Result<(f64, GradStore)> {
-    let (rows, targets) = (batch_rows(model, idx)?, Tensor::new(targets, model.device())?);
+    let (rows, targets) = (Rows::of(model, cache, idx)?, Tensor::new(targets, model.device())?);
     let (loss, grads) = loss_grads_on(model, cell, cache, pairs, idx, &rows, iv, ctx, &targets, how)?;
     Ok((loss.to_scalar::<f32>()? as f64, grads))
 }
@@ -118,8 +118,30 @@ pub(super) fn batch_rows(model: &Llama, idx: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(idx.iter().map(|&i| i as u32).collect::<Vec<_>>(), idx.len(), model.device())?)
 }
 
-/// [`loss_grads`] with the batch's rows (`idx` on the device, see [`batch_rows`]) and targets
-/// as device tensors and the loss left there: what [`super::step_graph`] captures. `idx` gives
+/// A batch's rows on the device (`[b]` u32 each): its pairs (for the tensors stacked over all
+/// pairs) and their rows within their length's stacked caches (`CellCache::by_len`).
+pub(super) struct Rows {
+    pub pairs: Tensor,
+    pub in_len: Tensor,
+}
+
+impl Rows {
+    pub fn of(model: &Llama, cache: &CellCache<'_>, idx: &[usize]) -> Result<Self> {
+        let local: Vec<usize> = idx.iter().map(|&i| cache.row_in_len[i]).collect();
+        Ok(Rows { pairs: batch_rows(model, idx)?, in_len: batch_rows(model, &local)? })
+    }
+
+    /// Overwrite these buffers with another batch of the same size (before a graph replay).
+    pub fn write(&self, model: &Llama, cache: &CellCache<'_>, idx: &[usize]) -> Result<()> {
+        let new = Rows::of(model, cache, idx)?;
+        self.pairs.slice_set(&new.pairs, 0, 0)?;
+        self.in_len.slice_set(&new.in_len, 0, 0)?;
+        Ok(())
+    }
+}
+
+/// [`loss_grads`] with the batch's rows (`idx` on the device, see [`Rows`]) and targets as
+/// device tensors and the loss left there: what [`super::step_graph`] captures. `idx` gives
 /// the shapes and, outside the fast path, the rows' lengths and padding; on the fast path every
 /// value that differs between batches of one group is read from `rows` and `targets`.
 #[allow(clippy::too_many_arguments)]
@@ -129,7 +151,7 @@ pub(super) fn loss_grads_on(
     cache: &CellCache<'_>,
     pairs: &[Pair],
     idx: &[usize],
-    rows: &Tensor,
+    rows: &Rows,
     iv: &dyn Intervention,
     ctx: ApplyCtx,
     targets: &Tensor,
@@ -178,10 +200,11 @@ fn resume<'a>(
     cache: &CellCache<'_>,
     pairs: &[Pair],
     idx: &[usize],
-    sel: &Tensor,
+    rows: &Rows,
     iv: &'a dyn Intervention,
     ctx: ApplyCtx,
 ) -> Result<Resume<'a>> {
+    let sel = &rows.pairs;
     let (t, p) = (pairs[idx[0]].base.ids.len(), cache.base_pos[idx[0]]);
     if p == 0 || idx.iter().any(|&i| pairs[i].base.ids.len() != t || cache.base_pos[i] != p) {
         let rows: Vec<&[u32]> = idx.iter().map(|&i| pairs[i].base.ids.as_slice()).collect();
@@ -202,10 +225,12 @@ fn resume<'a>(
     }
     let n_layers = model.cfg.num_layers;
     let mut layers: Vec<Option<(Tensor, Tensor)>> = vec![None; n_layers];
+    let stacked = cache.by_len.get(&t);
+    let local = &rows.in_len;
     for l in cell.layer..n_layers {
-        layers[l] = Some(match cache.base_kv_rows {
+        layers[l] = Some(match stacked {
             // One gather per layer for the whole batch.
-            Some(kv) => (kv[l].0.index_select(sel, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(sel, 0)?.narrow(2, 0, p)?),
+            Some((kv, _)) => (kv[l].0.index_select(local, 0)?.narrow(2, 0, p)?, kv[l].1.index_select(local, 0)?.narrow(2, 0, p)?),
             None => {
                 let ks: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].0.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
                 let vs: Vec<Tensor> = idx.iter().map(|&i| cache.base_kv[i][l].1.narrow(1, 0, p)).collect::<candle_core::Result<_>>()?;
@@ -213,8 +238,8 @@ fn resume<'a>(
             }
         });
     }
-    let x0 = match &cache.base_input_rows {
-        Some(x) => x.index_select(sel, 0)?.narrow(1, p, t - p)?,
+    let x0 = match stacked {
+        Some((_, x)) => x.index_select(local, 0)?.narrow(1, p, t - p)?,
         None => Tensor::stack(&idx.iter().map(|&i| cache.base_input[i].narrow(0, p, t - p)).collect::<candle_core::Result<Vec<_>>>()?, 0)?,
     };
     let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids[p..].to_vec()).collect();
@@ -228,10 +253,7 @@ fn resume<'a>(
 pub(super) fn replayable(cache: &CellCache<'_>, pairs: &[Pair], idx: &[usize]) -> bool {
     let Some(&first) = idx.first() else { return false };
     let (t, p) = (pairs[first].base.ids.len(), cache.base_pos[first]);
-    p > 0
-        && cache.base_kv_rows.is_some()
-        && cache.base_input_rows.is_some()
-        && idx.iter().all(|&i| pairs[i].base.ids.len() == t && cache.base_pos[i] == p)
+    p > 0 && cache.by_len.contains_key(&t) && idx.iter().all(|&i| pairs[i].base.ids.len() == t && cache.base_pos[i] == p)
 }
 
 /// Pair indices grouped by (base length, intervened position).
@@ -340,7 +362,7 @@ pub fn train(
         let (loss, mut grads) = match replayed {
             Some(r) => r,
             None => {
-                let (rows, targets) = (batch_rows(model, &idx)?, Tensor::new(targets.as_slice(), model.device())?);
+                let (rows, targets) = (Rows::of(model, cache, &idx)?, Tensor::new(targets.as_slice(), model.device())?);
                 loss_grads_on(model, cell, cache, pairs, &idx, &rows, iv, ctx, &targets, how)?
             }
         };

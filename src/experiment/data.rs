@@ -205,10 +205,11 @@ pub struct SplitCache {
     base_input: Vec<HashMap<usize, Tensor>>,
     /// Per pair: per layer (k, v) `[n_kv, t, head_dim]`.
     base_kv: Vec<Vec<(Tensor, Tensor)>>,
-    /// When every base prompt has the same length: per layer (k, v) `[n_pairs, n_kv, t, hd]`,
-    /// row i = pair i, so a batch's clean prefix is one gather per layer instead of one copy
-    /// per pair (on a GPU, one kernel launch instead of dozens).
-    base_kv_rows: Option<Vec<(Tensor, Tensor)>>,
+    /// Per base length, the pairs of that length stacked: a batch (always of one length) gathers
+    /// its clean prefix and block input in one launch per tensor instead of one copy per pair.
+    by_len: HashMap<usize, LenRows>,
+    /// Pair i's row in its length's stacked tensors.
+    row_in_len: Vec<usize>,
     /// Per pair: (layer, site) -> activation `[t, w]` (f32).
     base_act: Vec<HashMap<(usize, Site), Tensor>>,
     /// Per pair: the clean base run's last-position logits `[vocab]` (f32).
@@ -216,12 +217,19 @@ pub struct SplitCache {
     /// The same stacked, `[n_pairs, vocab]`: a cell's unchanged rows are one gather.
     base_logits_rows: Option<Tensor>,
     /// When the base (source) prompts share one length: per (layer, site) the activations of
-    /// all pairs `[n_pairs, t, w]`, and per layer the block inputs `[n_pairs, t, d]`, so a
-    /// cell's rows are one gather each (not one copy per pair: on a GPU, one launch, not 48).
+    /// all pairs `[n_pairs, t, w]`, so a cell's rows are one gather each (not one copy per
+    /// pair: on a GPU, one launch, not 48).
     base_act_rows: HashMap<(usize, Site), Tensor>,
     source_act_rows: HashMap<(usize, Site), Tensor>,
-    base_input_rows: HashMap<usize, Tensor>,
     source_act: Vec<HashMap<(usize, Site), Tensor>>,
+}
+
+/// The base runs of one prompt length, stacked over its pairs (in pair order).
+struct LenRows {
+    /// Per layer (k, v) `[rows, n_kv, t, hd]`.
+    kv: Vec<(Tensor, Tensor)>,
+    /// Per cached layer, the block input `[rows, t, d]`.
+    input: HashMap<usize, Tensor>,
 }
 
 /// Run the clean base and source prompts once, keeping what the cells at `cells` need.
@@ -239,14 +247,14 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
         base_act: vec![HashMap::new(); n],
         base_logits: vec![None; n],
         source_act: vec![HashMap::new(); n],
-        base_kv_rows: None,
+        by_len: HashMap::new(),
+        row_in_len: vec![0; n],
         base_logits_rows: None,
         base_act_rows: HashMap::new(),
         source_act_rows: HashMap::new(),
-        base_input_rows: HashMap::new(),
     };
-    // Per-group KV of the base runs, in pair order when all base prompts share one length.
-    let mut group_kv: Vec<Vec<(Tensor, Tensor)>> = Vec::new();
+    // Per base group (one length, pair order): its KV cache, to stack per length below.
+    let mut group_kv: Vec<(usize, Vec<(Tensor, Tensor)>)> = Vec::new();
     let uniform = pairs.windows(2).all(|w| w[0].base.ids.len() == w[1].base.ids.len());
     for is_base in [true, false] {
         let prompts: Vec<&crate::tasks::Prompt> = pairs.iter().map(|p| if is_base { &p.base } else { &p.source }).collect();
@@ -285,21 +293,33 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
                         .collect::<Result<_>>()?;
                 }
             }
-            if is_base && uniform {
-                group_kv.push((0..model.cfg.num_layers).map(|l| kv.layer(l).expect("cache filled").clone()).collect());
+            if is_base {
+                group_kv.push((ids[0].len(), (0..model.cfg.num_layers).map(|l| kv.layer(l).expect("cache filled").clone()).collect()));
             }
         }
     }
-    if uniform && !group_kv.is_empty() {
-        // by_length keeps pair order within one length, so concatenated groups are rows 0..n.
-        let rows = (0..model.cfg.num_layers)
+    // by_length keeps pair order within one length, so a length's concatenated groups are its
+    // pairs in order.
+    let mut lengths: Vec<usize> = group_kv.iter().map(|g| g.0).collect();
+    lengths.dedup();
+    for len in lengths {
+        let groups: Vec<&Vec<(Tensor, Tensor)>> = group_kv.iter().filter(|g| g.0 == len).map(|g| &g.1).collect();
+        let kv = (0..model.cfg.num_layers)
             .map(|l| {
-                let ks: Vec<&Tensor> = group_kv.iter().map(|g| &g[l].0).collect();
-                let vs: Vec<&Tensor> = group_kv.iter().map(|g| &g[l].1).collect();
+                let ks: Vec<&Tensor> = groups.iter().map(|g| &g[l].0).collect();
+                let vs: Vec<&Tensor> = groups.iter().map(|g| &g[l].1).collect();
                 Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
             })
             .collect::<Result<Vec<_>>>()?;
-        sc.base_kv_rows = Some(rows);
+        let members: Vec<usize> = (0..n).filter(|&i| pairs[i].base.ids.len() == len).collect();
+        for (r, &i) in members.iter().enumerate() {
+            sc.row_in_len[i] = r;
+        }
+        let mut input = HashMap::new();
+        for &l in &layers {
+            input.insert(l, Tensor::stack(&members.iter().map(|&i| &sc.base_input[i][&l]).collect::<Vec<_>>(), 0)?);
+        }
+        sc.by_len.insert(len, LenRows { kv, input });
     }
     if n > 0 {
         let logits: Vec<&Tensor> = sc.base_logits.iter().map(|l| l.as_ref().expect("cached with the base run")).collect();
@@ -314,11 +334,6 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
                 sc.source_act_rows.insert(*c, stack(&sc.source_act, c)?);
             }
         }
-        if uniform {
-            for &l in &layers {
-                sc.base_input_rows.insert(l, Tensor::stack(&sc.base_input.iter().map(|x| &x[&l]).collect::<Vec<_>>(), 0)?);
-            }
-        }
     }
     Ok(sc)
 }
@@ -329,8 +344,11 @@ pub struct CellCache<'a> {
     pub base_input: Vec<Tensor>,
     /// Per pair, all layers: clean (k, v), so positions before the intervened one are reused.
     pub base_kv: Vec<&'a [(Tensor, Tensor)]>,
-    /// The same, stacked over pairs per layer (`[n_pairs, n_kv, t, hd]`), when available.
-    pub base_kv_rows: Option<&'a [(Tensor, Tensor)]>,
+    /// Per base length: the pairs of that length stacked, per layer their clean (k, v)
+    /// `[rows, n_kv, t, hd]`, and their block input at the cell's layer `[rows, t, d]`; pair
+    /// i is row `row_in_len[i]` of its length.
+    pub by_len: HashMap<usize, (&'a [(Tensor, Tensor)], Tensor)>,
+    pub row_in_len: &'a [usize],
     /// `[w]` per pair at the intervened position.
     pub base_vec: Vec<Tensor>,
     /// `base_vec` stacked, `[n_pairs, w]`.
@@ -338,8 +356,6 @@ pub struct CellCache<'a> {
     pub source_vec: Vec<Tensor>,
     /// `source_vec` stacked, `[n_pairs, w]`: a batch's sources are one gather.
     pub source_rows: Tensor,
-    /// `base_input` stacked, `[n_pairs, t, d]`, when every base prompt has the same length.
-    pub base_input_rows: Option<Tensor>,
     pub base_pos: Vec<usize>,
     /// Clean base last-position logits `[vocab]` per pair.
     pub base_logits: Vec<&'a Tensor>,
@@ -352,13 +368,13 @@ impl SplitCache {
         let mut c = CellCache {
             base_input: vec![],
             base_kv: vec![],
-            base_kv_rows: self.base_kv_rows.as_deref(),
+            by_len: self.by_len.iter().filter_map(|(&len, r)| Some((len, (r.kv.as_slice(), r.input.get(&layer)?.clone())))).collect(),
+            row_in_len: &self.row_in_len,
             base_vec: vec![],
             source_vec: vec![],
             source_rows: Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
             base_rows: Tensor::zeros(0, DType::F32, &candle_core::Device::Cpu)?,
             base_logits_rows: self.base_logits_rows.as_ref(),
-            base_input_rows: None,
             base_pos: vec![],
             base_logits: vec![],
         };
@@ -380,11 +396,6 @@ impl SplitCache {
             c.base_rows = match self.base_act_rows.get(&(layer, site)) {
                 Some(all) => at_positions(all, &c.base_pos)?,
                 None => Tensor::stack(&c.base_vec, 0)?,
-            };
-            c.base_input_rows = match self.base_input_rows.get(&layer) {
-                Some(all) => Some(all.clone()),
-                None if c.base_input.windows(2).all(|w| w[0].dims() == w[1].dims()) => Some(Tensor::stack(&c.base_input, 0)?),
-                None => None,
             };
         }
         Ok(c)

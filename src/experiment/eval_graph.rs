@@ -11,7 +11,7 @@
 //! Whole rows instead of the clean prefix's cached keys/values: positions before the replaced
 //! one are recomputed from the clean block input, which gives the clean values again (causal
 //! attention), so the numbers equal the prefix path's up to float rounding.
-use super::cells::Cell;
+use super::cells::{batch_rows, Cell};
 use super::data::{eval_batch, CellCache};
 use super::evaluate::{finish, picks, RowStats};
 use crate::intervene::hook::InterventionHook;
@@ -32,8 +32,8 @@ struct Captured {
     graph: Graph<Tensor>,
 }
 
-/// Keyed by the split's stacked block input at the layer (a tensor of one model's cache of one
-/// split: its id is never reused), the layer and the site.
+/// Keyed by the stacked block input at the layer of one base length's pairs (a tensor of one
+/// model's cache of one split: its id is never reused), the layer and the site.
 type Key = (TensorId, usize, Site);
 
 /// Graphs kept at most (a sweep needs one per layer × site × split); beyond, all are dropped.
@@ -54,53 +54,76 @@ impl Intervention for Given {
     }
 }
 
-/// Whether `cell`'s evaluation can replay a graph: CUDA with graphs on, the whole site vector
-/// (no head subset), every pair in one forward, all base prompts of one length.
+/// Whether `cell`'s evaluation can replay graphs: CUDA with graphs on, the whole site vector
+/// (no head subset), and each base length's pairs in one forward.
 pub(super) fn applies(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair]) -> bool {
     graph::enabled(model.device())
         && cell.cols.is_none()
-        && cache.base_input_rows.is_some()
         && !pairs.is_empty()
-        && pairs.len() <= eval_batch(model.device())
+        && cache.by_len.values().all(|(_, x)| x.dim(0).is_ok_and(|n| n <= eval_batch(model.device())))
+        && pairs.iter().all(|p| cache.by_len.contains_key(&p.base.ids.len()))
 }
 
-/// Every pair's [`RowStats`] with `iv` applied at the cell, from the (split, layer, site)'s graph;
-/// None when it cannot be captured (the caller evaluates eagerly).
-pub(super) fn stats(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], iv: &dyn Intervention) -> Result<Option<Vec<RowStats>>> {
-    let x0 = cache.base_input_rows.as_ref().expect("checked by applies");
-    let (n, t, _) = x0.dims3()?;
-    let mut oh = vec![0f32; n * t];
-    for (i, &p) in cache.base_pos.iter().enumerate() {
-        if p >= t {
-            anyhow::bail!("intervened position {p} outside a prompt of {t} tokens");
-        }
-        oh[i * t + p] = 1.0;
+/// The [`RowStats`] of every pair of a base length with a `needed` pair, with `iv` applied at
+/// the cell, from that (split, length, layer, site)'s graph; None when a graph cannot be
+/// captured (the caller evaluates eagerly).
+pub(super) fn stats(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], iv: &dyn Intervention, needed: &[bool]) -> Result<Option<Vec<Option<RowStats>>>> {
+    let mut out: Vec<Option<RowStats>> = (0..pairs.len()).map(|_| None).collect();
+    // Pairs per base length, in pair order: the rows of that length's stacked block input.
+    let mut by_len: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
+    for (i, p) in pairs.iter().enumerate() {
+        by_len.entry(p.base.ids.len()).or_default().push(i);
     }
-    let oh = Tensor::from_vec(oh, (n, t, 1), model.device())?;
-    let new = iv.apply(&cache.base_rows, &cache.source_rows, ApplyCtx::EVAL)?.to_dtype(DType::F32)?.contiguous()?;
-    GRAPHS.with(|g| -> Result<Option<Vec<RowStats>>> {
-        let mut g = g.borrow_mut();
-        if g.len() >= MAX_GRAPHS {
-            g.clear();
+    for (len, idx) in by_len {
+        if !idx.iter().any(|&i| needed[i]) {
+            continue;
         }
-        let entry = g.entry((x0.id(), cell.layer, cell.site)).or_insert_with(|| capture(model, cell, x0, pairs, &oh, &new));
-        let Some(c) = entry.as_ref().filter(|c| c.new.dims() == new.dims()) else { return Ok(None) };
-        c.onehot.slice_set(&oh, 0, 0)?;
-        c.new.slice_set(&new, 0, 0)?;
-        c.graph.launch()?;
-        let numbers = c.graph.out().to_vec2::<f32>()?;
-        Ok(Some(pairs.iter().zip(numbers).map(|(p, v)| finish(p, v[0] as u32, v[1], &v[2..])).collect()))
-    })
+        let x0 = &cache.by_len[&len].1;
+        let (n, t, _) = x0.dims3()?;
+        if n != idx.len() {
+            anyhow::bail!("{n} stacked rows for the {} pairs of length {len}", idx.len());
+        }
+        let mut oh = vec![0f32; n * t];
+        for (k, &i) in idx.iter().enumerate() {
+            let p = cache.base_pos[i];
+            if p >= t {
+                anyhow::bail!("intervened position {p} outside a prompt of {t} tokens");
+            }
+            oh[k * t + p] = 1.0;
+        }
+        let oh = Tensor::from_vec(oh, (n, t, 1), model.device())?;
+        let sel = batch_rows(model, &idx)?;
+        let (base, source) = (cache.base_rows.index_select(&sel, 0)?, cache.source_rows.index_select(&sel, 0)?);
+        let new = iv.apply(&base, &source, ApplyCtx::EVAL)?.to_dtype(DType::F32)?.contiguous()?;
+        let numbers = GRAPHS.with(|g| -> Result<Option<Vec<Vec<f32>>>> {
+            let mut g = g.borrow_mut();
+            if g.len() >= MAX_GRAPHS {
+                g.clear();
+            }
+            let entry = g.entry((x0.id(), cell.layer, cell.site)).or_insert_with(|| capture(model, cell, x0, pairs, &idx, &oh, &new));
+            let Some(c) = entry.as_ref().filter(|c| c.new.dims() == new.dims()) else { return Ok(None) };
+            c.onehot.slice_set(&oh, 0, 0)?;
+            c.new.slice_set(&new, 0, 0)?;
+            c.graph.launch()?;
+            Ok(Some(c.graph.out().to_vec2::<f32>()?))
+        })?;
+        let Some(numbers) = numbers else { return Ok(None) };
+        for (&i, v) in idx.iter().zip(numbers) {
+            out[i] = Some(finish(&pairs[i], v[0] as u32, v[1], &v[2..]));
+        }
+    }
+    Ok(Some(out))
 }
 
-/// Capture the forward of all pairs from `cell.layer` with the buffers' positions and vectors;
-/// None (noted once on stderr) when capture fails.
-fn capture(model: &Llama, cell: &Cell, x0: &Tensor, pairs: &[Pair], oh: &Tensor, new: &Tensor) -> Option<Captured> {
+/// Capture the forward of pairs `idx` (one base length, `x0` their stacked block input) from
+/// `cell.layer` with the buffers' positions and vectors; None (noted once on stderr) when
+/// capture fails.
+#[allow(clippy::too_many_arguments)]
+fn capture(model: &Llama, cell: &Cell, x0: &Tensor, pairs: &[Pair], idx: &[usize], oh: &Tensor, new: &Tensor) -> Option<Captured> {
     let attempt = || -> Result<Captured> {
         let (onehot, new) = (oh.copy()?, new.copy()?);
-        let ids: Vec<Vec<u32>> = pairs.iter().map(|p| p.base.ids.clone()).collect();
-        let idx: Vec<usize> = (0..pairs.len()).collect();
-        let (pick, width) = picks(&idx, pairs);
+        let ids: Vec<Vec<u32>> = idx.iter().map(|&i| pairs[i].base.ids.clone()).collect();
+        let (pick, width) = picks(idx, pairs);
         let graph = graph::capture(model.device(), || {
             let mut hook = InterventionHook {
                 layer: cell.layer,
@@ -116,18 +139,11 @@ fn capture(model: &Llama, cell: &Cell, x0: &Tensor, pairs: &[Pair], oh: &Tensor,
             let logits = model.forward(&ids, fwd)?.logits.expect("requested logits").to_dtype(DType::F32)?;
             let preds = logits.argmax_keepdim(D::Minus1)?.to_dtype(DType::F32)?;
             let lse = logits.log_sum_exp(D::Minus1)?.unsqueeze(1)?;
-            let pick_t = graph::constant(pick.clone(), (pairs.len(), width), model.device())?;
+            let pick_t = graph::constant(pick.clone(), (idx.len(), width), model.device())?;
             let picked = logits.gather(&pick_t, 1)?;
             Ok(Tensor::cat(&[&preds, &lse, &picked], 1)?)
         })?;
         Ok(Captured { onehot, new, graph })
     };
-    match attempt() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            static NOTED: std::sync::Once = std::sync::Once::new();
-            NOTED.call_once(|| eprintln!("note: cell evaluations run without CUDA graphs ({e:#}); set ROAD_CUDA_GRAPHS=0 to skip the attempt"));
-            None
-        }
-    }
+    graph::or_eager(attempt(), "cell evaluations")
 }

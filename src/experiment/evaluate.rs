@@ -74,13 +74,13 @@ pub fn evaluate_on(
         rows.extend(same_idx.iter().copied().zip(row_stats(&stacked, &same_idx, pairs)?));
     }
     // On a GPU, the cell is one replay of its (split, layer, site)'s captured forward.
-    let any = (0..pairs.len()).any(|i| !same[i] && keep[i]);
-    let replayed = match any && super::eval_graph::applies(model, cell, cache, pairs) {
-        true => super::eval_graph::stats(model, cell, cache, pairs, iv)?,
+    let needed: Vec<bool> = (0..pairs.len()).map(|i| !same[i] && keep[i]).collect();
+    let replayed = match needed.contains(&true) && super::eval_graph::applies(model, cell, cache, pairs) {
+        true => super::eval_graph::stats(model, cell, cache, pairs, iv, &needed)?,
         false => None,
     };
     match replayed {
-        Some(all) => rows.extend(all.into_iter().enumerate().filter(|(i, _)| !same[*i] && keep[*i])),
+        Some(all) => rows.extend(all.into_iter().enumerate().filter(|(i, _)| needed[*i]).map(|(i, r)| (i, r.expect("computed with its length")))),
         None => {
             for group in groups(cache, pairs) {
                 let todo: Vec<usize> = group.into_iter().filter(|&i| !same[i] && keep[i]).collect();

@@ -6,7 +6,7 @@
 //! as device buffers; every later step writes them and replays the graph with one launch. The
 //! optimiser, tangent projection and retraction stay eager (their step-dependent scalars would
 //! be frozen into a graph), updating the variables in place, where the graph reads them.
-use super::cells::{self, batch_rows, Backward, Cell};
+use super::cells::{self, Backward, Cell, Rows};
 use super::data::CellCache;
 use crate::intervene::{ApplyCtx, Intervention};
 use crate::model::Llama;
@@ -19,7 +19,7 @@ use std::collections::HashMap;
 
 /// One group's captured step: its input buffers and the graph writing loss and gradients.
 struct Captured {
-    rows: Tensor,
+    rows: Rows,
     targets: Tensor,
     graph: Graph<(Tensor, Vec<(TensorId, Tensor)>)>,
 }
@@ -57,8 +57,8 @@ impl StepGraphs {
             return Ok(None);
         }
         let entry = self.by_group.entry(group).or_insert_with(|| capture(model, cell, cache, pairs, idx, iv, ctx, targets));
-        let Some(c) = entry.as_ref().filter(|c| c.rows.dims() == [idx.len()]) else { return Ok(None) };
-        c.rows.slice_set(&batch_rows(model, idx)?, 0, 0)?;
+        let Some(c) = entry.as_ref().filter(|c| c.rows.pairs.dims() == [idx.len()]) else { return Ok(None) };
+        c.rows.write(model, cache, idx)?;
         c.targets.slice_set(&Tensor::new(targets, model.device())?, 0, 0)?;
         iv.write_step_inputs(ctx)?;
         c.graph.launch()?;
@@ -76,7 +76,7 @@ impl StepGraphs {
 #[allow(clippy::too_many_arguments)]
 fn capture(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], idx: &[usize], iv: &dyn Intervention, ctx: ApplyCtx, targets: &[u32]) -> Option<Captured> {
     let attempt = || -> Result<Captured> {
-        let rows = batch_rows(model, idx)?;
+        let rows = Rows::of(model, cache, idx)?;
         let targets = Tensor::new(targets, model.device())?;
         let vars: Vec<Tensor> = iv.params().iter().map(|p| p.var.as_tensor().clone()).collect();
         let graph = graph::capture(model.device(), || {
@@ -87,12 +87,5 @@ fn capture(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[Pair], id
         })?;
         Ok(Captured { rows, targets, graph })
     };
-    match attempt() {
-        Ok(c) => Some(c),
-        Err(e) => {
-            static NOTED: std::sync::Once = std::sync::Once::new();
-            NOTED.call_once(|| eprintln!("note: training steps run without CUDA graphs ({e:#}); set ROAD_CUDA_GRAPHS=0 to skip the attempt"));
-            None
-        }
-    }
+    graph::or_eager(attempt(), "training steps")
 }

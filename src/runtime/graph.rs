@@ -73,6 +73,19 @@ pub fn constant<T: WithDType, S: Into<candle_core::Shape>>(data: Vec<T>, shape: 
     Ok(t)
 }
 
+/// `captured`'s value, or None with a note on stderr (once per process) naming `what` now runs
+/// eagerly: a capture failure costs speed, never a result.
+pub fn or_eager<T>(captured: Result<T>, what: &str) -> Option<T> {
+    match captured {
+        Ok(c) => Some(c),
+        Err(e) => {
+            static NOTED: std::sync::Once = std::sync::Once::new();
+            NOTED.call_once(|| eprintln!("note: {what} run without CUDA graphs ({e:#}); set ROAD_CUDA_GRAPHS=0 to skip the attempt"));
+            None
+        }
+    }
+}
+
 /// A captured step: its outputs (tensors the graph rewrites at every launch) and the graph.
 /// Fields drop in order: the outputs (freed outside the graph, which CUDA allows for graph
 /// allocations), the constants, then the graph.
