@@ -194,6 +194,7 @@ fn hook<'a>(cell: &Cell, cache: &CellCache<'_>, rows: &Tensor, positions: Vec<us
 /// Fast path when every row has the same length and intervened position p: positions < p are
 /// unchanged by the intervention, so only positions p.. run from the cell's layer, attending to
 /// the clean run's cached keys/values for 0..p. Otherwise whole rows, left padded.
+#[allow(clippy::too_many_arguments)]
 fn resume<'a>(
     model: &Llama,
     cell: &Cell,

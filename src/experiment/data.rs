@@ -338,6 +338,10 @@ pub fn cache_split(model: &Llama, pairs: &[Pair], cells: &[(usize, Site)]) -> Re
     Ok(sc)
 }
 
+/// One base length's stacked caches as a cell sees them: per layer (k, v), and the block input
+/// at the cell's layer.
+pub type LenView<'a> = (&'a [(Tensor, Tensor)], Tensor);
+
 /// What one cell reads from a split's cache.
 pub struct CellCache<'a> {
     /// `[t_i, d]` per pair: the clean base's block input at the cell's layer.
@@ -347,7 +351,7 @@ pub struct CellCache<'a> {
     /// Per base length: the pairs of that length stacked, per layer their clean (k, v)
     /// `[rows, n_kv, t, hd]`, and their block input at the cell's layer `[rows, t, d]`; pair
     /// i is row `row_in_len[i]` of its length.
-    pub by_len: HashMap<usize, (&'a [(Tensor, Tensor)], Tensor)>,
+    pub by_len: HashMap<usize, LenView<'a>>,
     pub row_in_len: &'a [usize],
     /// `[w]` per pair at the intervened position.
     pub base_vec: Vec<Tensor>,

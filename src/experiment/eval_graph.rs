@@ -36,11 +36,20 @@ struct Captured {
 /// model's cache of one split: its id is never reused), the layer and the site.
 type Key = (TensorId, usize, Site);
 
-/// Graphs kept at most (a sweep needs one per layer × site × split); beyond, all are dropped.
-const MAX_GRAPHS: usize = 256;
+/// Device memory the kept graphs may hold (each keeps its forward's peak): a sweep runs its
+/// cells layer by layer, so when a new graph would pass this all are dropped and the current
+/// layer's are captured again.
+const GRAPH_BYTES: usize = 2 << 30;
 
 thread_local! {
-    static GRAPHS: RefCell<HashMap<Key, Option<Captured>>> = RefCell::new(HashMap::new());
+    static GRAPHS: RefCell<(HashMap<Key, Option<Captured>>, usize)> = RefCell::new((HashMap::new(), 0));
+}
+
+/// A rough upper bound on one graph's memory: a few layers' temporaries over `n × t` rows and
+/// the logits with their reductions.
+fn footprint(model: &Llama, n: usize, t: usize) -> usize {
+    let c = &model.cfg;
+    n * (t * (8 * c.hidden_size + 3 * c.intermediate_size) + 3 * c.vocab_size) * 4
 }
 
 /// The vectors written into the forward are given (the intervention was applied outside).
@@ -96,11 +105,17 @@ pub(super) fn stats(model: &Llama, cell: &Cell, cache: &CellCache<'_>, pairs: &[
         let (base, source) = (cache.base_rows.index_select(&sel, 0)?, cache.source_rows.index_select(&sel, 0)?);
         let new = iv.apply(&base, &source, ApplyCtx::EVAL)?.to_dtype(DType::F32)?.contiguous()?;
         let numbers = GRAPHS.with(|g| -> Result<Option<Vec<Vec<f32>>>> {
-            let mut g = g.borrow_mut();
-            if g.len() >= MAX_GRAPHS {
-                g.clear();
+            let (graphs, bytes) = &mut *g.borrow_mut();
+            let key = (x0.id(), cell.layer, cell.site);
+            if !graphs.contains_key(&key) {
+                let cost = footprint(model, n, t);
+                if *bytes + cost > GRAPH_BYTES {
+                    graphs.clear();
+                    *bytes = 0;
+                }
+                *bytes += cost;
             }
-            let entry = g.entry((x0.id(), cell.layer, cell.site)).or_insert_with(|| capture(model, cell, x0, pairs, &idx, &oh, &new));
+            let entry = graphs.entry(key).or_insert_with(|| capture(model, cell, x0, pairs, &idx, &oh, &new));
             let Some(c) = entry.as_ref().filter(|c| c.new.dims() == new.dims()) else { return Ok(None) };
             c.onehot.slice_set(&oh, 0, 0)?;
             c.new.slice_set(&new, 0, 0)?;
