@@ -108,9 +108,26 @@ pub fn loss_grads(
     targets: &[u32],
     how: Backward,
 ) -> Result<(f64, GradStore)> {
-    let (rows, targets) = (Rows::of(model, cache, idx)?, Tensor::new(targets, model.device())?);
-    let (loss, grads) = loss_grads_on(model, cell, cache, pairs, idx, &rows, iv, ctx, &targets, how)?;
+    let (loss, grads) = eager_loss_grads(model, cell, cache, pairs, idx, iv, ctx, targets, how)?;
     Ok((loss.to_scalar::<f32>()? as f64, grads))
+}
+
+/// [`loss_grads`] with the loss left on the device (the training loop reads it once the
+/// update is queued).
+#[allow(clippy::too_many_arguments)]
+fn eager_loss_grads(
+    model: &Llama,
+    cell: &Cell,
+    cache: &CellCache<'_>,
+    pairs: &[Pair],
+    idx: &[usize],
+    iv: &dyn Intervention,
+    ctx: ApplyCtx,
+    targets: &[u32],
+    how: Backward,
+) -> Result<(Tensor, GradStore)> {
+    let (rows, targets) = (Rows::of(model, cache, idx)?, Tensor::new(targets, model.device())?);
+    loss_grads_on(model, cell, cache, pairs, idx, &rows, iv, ctx, &targets, how)
 }
 
 /// The batch's pair indices on the device (`[b]` u32): one gather per cached tensor.
@@ -362,10 +379,7 @@ pub fn train(
         };
         let (loss, mut grads) = match replayed {
             Some(r) => r,
-            None => {
-                let (rows, targets) = (Rows::of(model, cache, &idx)?, Tensor::new(targets.as_slice(), model.device())?);
-                loss_grads_on(model, cell, cache, pairs, &idx, &rows, iv, ctx, &targets, how)?
-            }
+            None => eager_loss_grads(model, cell, cache, pairs, &idx, iv, ctx, &targets, how)?,
         };
         let lr = lr_at(spec, spec.lr, step);
         // The loss is read after the update is queued (below): on a GPU the host then queues the

@@ -382,8 +382,10 @@ impl SplitCache {
             base_pos: vec![],
             base_logits: vec![],
         };
+        let mut source_pos = Vec::with_capacity(pairs.len());
         for (i, p) in pairs.iter().enumerate() {
             let (pb, ps) = (p.base.position(position)?, p.source.position(position)?);
+            source_pos.push(ps);
             c.base_input.push(self.base_input[i][&layer].clone());
             c.base_kv.push(&self.base_kv[i]);
             c.base_vec.push(self.base_act[i][&(layer, site)].get(pb)?);
@@ -392,9 +394,8 @@ impl SplitCache {
             c.base_logits.push(self.base_logits[i].as_ref().expect("cached with the base run"));
         }
         if !pairs.is_empty() {
-            let ps: Vec<usize> = pairs.iter().map(|p| p.source.position(position)).collect::<Result<_>>()?;
             c.source_rows = match self.source_act_rows.get(&(layer, site)) {
-                Some(all) => at_positions(all, &ps)?,
+                Some(all) => at_positions(all, &source_pos)?,
                 None => Tensor::stack(&c.source_vec, 0)?,
             };
             c.base_rows = match self.base_act_rows.get(&(layer, site)) {

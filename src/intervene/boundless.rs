@@ -2,7 +2,7 @@
 //! with a learned soft boundary β: `m_i = σ(i/T)·σ((β·d − i)/T)`,
 //! `out = Rᵀ((1−m)⊙Rb + m⊙Rs)`, β ∈ [1e-3, 1] (init 0.5), T annealed, loss + λ·β.
 use super::orth::{random_orthonormal, retract};
-use super::{temperature, ApplyCtx, Intervention, Param, StepScalar};
+use super::{Annealed, ApplyCtx, Intervention, Param};
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 
@@ -14,7 +14,7 @@ pub struct RotatedSpace {
 
 enum Mode {
     Fixed { mask: Tensor, k: usize },
-    Boundless { beta: Var, temp: [f64; 2], lambda: f64, index: Tensor, inv_t: StepScalar },
+    Boundless { beta: Var, temp: Annealed, lambda: f64, index: Tensor },
 }
 
 impl RotatedSpace {
@@ -32,18 +32,17 @@ impl RotatedSpace {
         Ok(Self {
             r: Var::from_tensor(&random_orthonormal(d, d, seed, device)?)?,
             d,
-            mode: Mode::Boundless { beta: Var::from_tensor(&Tensor::new(&[0.5f32], device)?)?, temp, lambda, index, inv_t: StepScalar::new(device)? },
+            mode: Mode::Boundless { beta: Var::from_tensor(&Tensor::new(&[0.5f32], device)?)?, temp: Annealed::new(temp, device)?, lambda, index },
         })
     }
 
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
         match &self.mode {
             Mode::Fixed { mask, .. } => Ok(mask.clone()),
-            Mode::Boundless { beta, temp, index, inv_t, .. } => {
-                let inv = 1.0 / temperature(*temp, ctx.progress);
+            Mode::Boundless { beta, temp, index, .. } => {
                 let hi = (beta.as_tensor() * self.d as f64)?;
-                let lower = candle_nn::ops::sigmoid(&inv_t.scale(index, inv, ctx)?)?;
-                let upper = candle_nn::ops::sigmoid(&inv_t.scale(&hi.broadcast_sub(index)?, inv, ctx)?)?;
+                let lower = candle_nn::ops::sigmoid(&temp.divide(index, ctx)?)?;
+                let upper = candle_nn::ops::sigmoid(&temp.divide(&hi.broadcast_sub(index)?, ctx)?)?;
                 Ok((lower * upper)?)
             }
         }
@@ -70,7 +69,7 @@ impl Intervention for RotatedSpace {
     }
     fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
         match &self.mode {
-            Mode::Boundless { temp, inv_t, .. } => inv_t.write(1.0 / temperature(*temp, ctx.progress)),
+            Mode::Boundless { temp, .. } => temp.write(ctx),
             Mode::Fixed { .. } => Ok(()),
         }
     }
@@ -101,7 +100,7 @@ impl Intervention for RotatedSpace {
                 let b = beta.as_tensor().to_vec1::<f32>().map(|v| v[0] as f64).unwrap_or(f64::NAN);
                 vec![
                     ("beta".into(), b),
-                    ("temperature".into(), temperature(*temp, ctx.progress)),
+                    ("temperature".into(), temp.at(ctx)),
                     ("subspace_dims".into(), (b * self.d as f64).round()),
                 ]
             }

@@ -83,8 +83,8 @@ pub trait Intervention: Send + Sync {
     fn replayable(&self) -> bool {
         false
     }
-    /// Write the per-step values a replayed step reads from the device ([`StepScalar`]s such as
-    /// the temperature), before each replay.
+    /// Write the per-step values a replayed step reads from the device (an [`Annealed`]
+    /// temperature), before each replay.
     fn write_step_inputs(&self, _ctx: ApplyCtx) -> Result<()> {
         Ok(())
     }
@@ -97,37 +97,44 @@ pub trait Intervention: Send + Sync {
     }
 }
 
-/// A scalar that changes from training step to training step (the inverse temperature of an
-/// annealed mask), kept in a one-element device buffer while training on a GPU so a step
-/// captured into a CUDA graph reads each step's value (`Intervention::write_step_inputs`
-/// writes it before a replay). Multiplying by the buffer equals candle's `x * v` (its affine
-/// op) bit for bit; evaluation and the CPU use the host value directly.
-pub struct StepScalar {
-    buf: Tensor,
+/// An annealed temperature `T` (linear from `schedule[0]` to `schedule[1]` over training) that
+/// masks divide by. While training on a GPU, `1/T` lives in a one-element device buffer, so a
+/// step captured into a CUDA graph reads each step's value (`Intervention::write_step_inputs`
+/// writes it before a replay); multiplying by the buffer equals candle's `x / T` (its affine
+/// op, `x · (1/T)`) bit for bit. Evaluation and the CPU use the host value directly.
+pub struct Annealed {
+    schedule: [f64; 2],
+    inv: Tensor,
 }
 
-impl StepScalar {
-    pub fn new(device: &Device) -> Result<Self> {
-        Ok(Self { buf: Tensor::zeros(1, candle_core::DType::F32, device)? })
+impl Annealed {
+    pub fn new(schedule: [f64; 2], device: &Device) -> Result<Self> {
+        Ok(Self { schedule, inv: Tensor::zeros(1, candle_core::DType::F32, device)? })
     }
 
-    pub fn write(&self, v: f64) -> Result<()> {
-        if self.buf.device().is_cuda() {
-            self.buf.slice_set(&Tensor::new(&[v as f32], self.buf.device())?, 0, 0)?;
+    /// The temperature at `ctx`'s point of training.
+    pub fn at(&self, ctx: ApplyCtx) -> f64 {
+        temperature(self.schedule, ctx.progress)
+    }
+
+    /// Write `1/T` at `ctx` into the device buffer (a no-op off the GPU).
+    pub fn write(&self, ctx: ApplyCtx) -> Result<()> {
+        if self.inv.device().is_cuda() {
+            self.inv.slice_set(&Tensor::new(&[(1.0 / self.at(ctx)) as f32], self.inv.device())?, 0, 0)?;
         }
         Ok(())
     }
 
-    /// `x · v`, with `v` from the buffer in GPU training (written here, unless a graph is
+    /// `x / T`, with `1/T` from the buffer in GPU training (written here, unless a graph is
     /// being recorded: then the replay writes it).
-    pub fn scale(&self, x: &Tensor, v: f64, ctx: ApplyCtx) -> Result<Tensor> {
-        if !ctx.train || !self.buf.device().is_cuda() {
-            return Ok((x * v)?);
+    pub fn divide(&self, x: &Tensor, ctx: ApplyCtx) -> Result<Tensor> {
+        if !ctx.train || !self.inv.device().is_cuda() {
+            return Ok((x / self.at(ctx))?);
         }
         if !crate::runtime::graph::capturing() {
-            self.write(v)?;
+            self.write(ctx)?;
         }
-        Ok(x.broadcast_mul(&self.buf)?)
+        Ok(x.broadcast_mul(&self.inv)?)
     }
 }
 

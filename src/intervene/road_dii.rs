@@ -6,7 +6,7 @@
 //! Swapping *both* coordinates of a block makes its angle irrelevant, so selections act on the
 //! first coordinate of each block by default: the angle then chooses which direction of the
 //! block's plane is interchanged.
-use super::{temperature, ApplyCtx, Intervention, Param, RoadSelection, StepScalar};
+use super::{Annealed, ApplyCtx, Intervention, Param, RoadSelection};
 use crate::adapters::{Rotation, Variant};
 use crate::util::rng::Rng;
 use anyhow::{bail, Result};
@@ -16,9 +16,9 @@ enum Selection {
     /// A fixed 0/1 mask over rotated coordinates.
     Fixed(Tensor),
     /// m = σ(w/T) per rotated coordinate, penalty λ·mean(m).
-    Learned { w: Var, temp: [f64; 2], lambda: f64, inv_t: StepScalar },
+    Learned { w: Var, temp: Annealed, lambda: f64 },
     /// Boundless over the coordinate order (block first-coordinates first): β learned.
-    Boundless { beta: Var, order: Tensor, temp: [f64; 2], lambda: f64, inv_t: StepScalar },
+    Boundless { beta: Var, order: Tensor, temp: Annealed, lambda: f64 },
 }
 
 pub struct RoadDii {
@@ -74,7 +74,7 @@ impl RoadDii {
             RoadSelection::Learned => {
                 // Start with first coordinates slightly open and second ones closed.
                 let w: Vec<f32> = (0..d).map(|j| if is_first(j, g) { 0.0 } else { -2.0 }).collect();
-                Selection::Learned { w: Var::from_tensor(&Tensor::from_vec(w, d, device)?)?, temp: spec.temperature, lambda: spec.penalty, inv_t: StepScalar::new(device)? }
+                Selection::Learned { w: Var::from_tensor(&Tensor::from_vec(w, d, device)?)?, temp: Annealed::new(spec.temperature, device)?, lambda: spec.penalty }
             }
             RoadSelection::Boundless => {
                 let order: Vec<f32> = (0..d)
@@ -86,9 +86,8 @@ impl RoadDii {
                 Selection::Boundless {
                     beta: Var::from_tensor(&Tensor::new(&[0.5f32], device)?)?,
                     order: Tensor::from_vec(order, d, device)?,
-                    temp: spec.temperature,
+                    temp: Annealed::new(spec.temperature, device)?,
                     lambda: spec.penalty,
-                    inv_t: StepScalar::new(device)?,
                 }
             }
         };
@@ -104,12 +103,11 @@ impl RoadDii {
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
         Ok(match &self.sel {
             Selection::Fixed(m) => m.clone(),
-            Selection::Learned { w, temp, inv_t, .. } => candle_nn::ops::sigmoid(&inv_t.scale(w.as_tensor(), 1.0 / temperature(*temp, ctx.progress), ctx)?)?,
-            Selection::Boundless { beta, order, temp, inv_t, .. } => {
-                let inv = 1.0 / temperature(*temp, ctx.progress);
+            Selection::Learned { w, temp, .. } => candle_nn::ops::sigmoid(&temp.divide(w.as_tensor(), ctx)?)?,
+            Selection::Boundless { beta, order, temp, .. } => {
                 let hi = (beta.as_tensor() * self.rot.dim as f64)?;
-                let lower = candle_nn::ops::sigmoid(&inv_t.scale(order, inv, ctx)?)?;
-                let upper = candle_nn::ops::sigmoid(&inv_t.scale(&hi.broadcast_sub(order)?, inv, ctx)?)?;
+                let lower = candle_nn::ops::sigmoid(&temp.divide(order, ctx)?)?;
+                let upper = candle_nn::ops::sigmoid(&temp.divide(&hi.broadcast_sub(order)?, ctx)?)?;
                 (lower * upper)?
             }
         })
@@ -133,7 +131,7 @@ impl Intervention for RoadDii {
     }
     fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
         match &self.sel {
-            Selection::Learned { temp, inv_t, .. } | Selection::Boundless { temp, inv_t, .. } => inv_t.write(1.0 / temperature(*temp, ctx.progress)),
+            Selection::Learned { temp, .. } | Selection::Boundless { temp, .. } => temp.write(ctx),
             Selection::Fixed(_) => Ok(()),
         }
     }
@@ -169,10 +167,10 @@ impl Intervention for RoadDii {
             .unwrap_or(f32::NAN) as f64;
         let mut v = vec![("subspace_dims".into(), dims)];
         match &self.sel {
-            Selection::Learned { temp, .. } => v.push(("temperature".into(), temperature(*temp, ctx.progress))),
+            Selection::Learned { temp, .. } => v.push(("temperature".into(), temp.at(ctx))),
             Selection::Boundless { beta, temp, .. } => {
                 v.push(("beta".into(), beta.as_tensor().to_vec1::<f32>().map(|x| x[0] as f64).unwrap_or(f64::NAN)));
-                v.push(("temperature".into(), temperature(*temp, ctx.progress)));
+                v.push(("temperature".into(), temp.at(ctx)));
             }
             Selection::Fixed(_) => {}
         }

@@ -1,22 +1,21 @@
 //! Learned soft mask in the neuron basis: `m = σ(w / T)`, `out = (1−m)⊙b + m⊙s`, penalty λ·mean(m).
-use super::{temperature, ApplyCtx, Intervention, Param, StepScalar};
+use super::{Annealed, ApplyCtx, Intervention, Param};
 use anyhow::Result;
 use candle_core::{Device, Tensor, Var};
 
 pub struct SigmoidMask {
     w: Var,
-    temp: [f64; 2],
+    temp: Annealed,
     lambda: f64,
-    inv_t: StepScalar,
 }
 
 impl SigmoidMask {
     pub fn new(d: usize, temp: [f64; 2], lambda: f64, device: &Device) -> Result<Self> {
         // Start half-open (w = 0 -> m = 0.5) so gradients flow to every coordinate.
-        Ok(Self { w: Var::from_tensor(&Tensor::zeros(d, candle_core::DType::F32, device)?)?, temp, lambda, inv_t: StepScalar::new(device)? })
+        Ok(Self { w: Var::from_tensor(&Tensor::zeros(d, candle_core::DType::F32, device)?)?, temp: Annealed::new(temp, device)?, lambda })
     }
     fn mask(&self, ctx: ApplyCtx) -> Result<Tensor> {
-        Ok(candle_nn::ops::sigmoid(&self.inv_t.scale(self.w.as_tensor(), 1.0 / temperature(self.temp, ctx.progress), ctx)?)?)
+        Ok(candle_nn::ops::sigmoid(&self.temp.divide(self.w.as_tensor(), ctx)?)?)
     }
 }
 
@@ -35,7 +34,7 @@ impl Intervention for SigmoidMask {
         true
     }
     fn write_step_inputs(&self, ctx: ApplyCtx) -> Result<()> {
-        self.inv_t.write(1.0 / temperature(self.temp, ctx.progress))
+        self.temp.write(ctx)
     }
     fn penalty(&self) -> Result<Option<Tensor>> {
         let m = candle_nn::ops::sigmoid(self.w.as_tensor())?;
@@ -46,6 +45,6 @@ impl Intervention for SigmoidMask {
             .mask(ctx)
             .and_then(|m| Ok(m.ge(0.5f32)?.to_dtype(candle_core::DType::F32)?.sum_all()?.to_scalar::<f32>()?))
             .unwrap_or(f32::NAN);
-        vec![("subspace_dims".into(), n as f64), ("temperature".into(), temperature(self.temp, ctx.progress))]
+        vec![("subspace_dims".into(), n as f64), ("temperature".into(), self.temp.at(ctx))]
     }
 }
