@@ -116,6 +116,7 @@ if [ "$PHASE" = X ]; then  # after P: road's DAS (graphs vs eager) beside pyvene
   step "road bench das f32, 50 steps (CUDA graphs, after pyvene)" 90 $ROAD bench das --model $M --device cuda --dtype f32 --steps 50
   step "road bench patching f32" 150 $ROAD bench patching --model $M --device cuda --dtype f32
   step "road bench patching f32, ROAD_CUDA_GRAPHS=0" 150 env ROAD_CUDA_GRAPHS=0 $ROAD bench patching --model $M --device cuda --dtype f32
+  [ -n "${PYVENE_PATCHING:-}" ] && step "pyvene patching f32" 200 python3 $B/bench_pyvene.py --workload patching --model $M --device cuda --dtype f32
   for exp in ioi-das capitals-boundless ioi-road-dii ioi-patching; do
     for g in 1 0; do
       step "road run $exp on cuda, ROAD_CUDA_GRAPHS=$g" 120 env ROAD_CUDA_GRAPHS=$g $ROAD run experiments/$exp.toml --device cuda --set model.name=$M

@@ -76,9 +76,16 @@ pub struct Sweep {
     pub lora_r: usize,
     pub prompt_len: usize,
     pub repeats: usize,
+    /// Which of `METHODS` to measure.
+    pub methods: Vec<String>,
 }
 
+const METHODS: [&str; 5] = ["base", "road", "lora", "dora", "oft"];
+
 pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
+    if let Some(bad) = sw.methods.iter().find(|m| !METHODS.contains(&m.as_str())) {
+        anyhow::bail!("bench batching: unknown method {bad:?} (expected any of {})", METHODS.join(", "));
+    }
     let l = crate::model::registry::load_default(model)?;
     let model = &l.model;
     let mut rng = Rng::new(0);
@@ -90,17 +97,17 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
     let prompt = |row: usize| -> Vec<u32> { (0..sw.prompt_len).map(|i| ((row * 7919 + i * 104_729 + 17) % 40_000 + 100) as u32).collect() };
     // Configurations: (method, n_adapters, batch); the plain model once per batch size.
     let mut configs = vec![];
+    let want = |m: &str| sw.methods.iter().any(|x| x == m);
     for &b in &sw.batches {
-        configs.push(("base", 0, b));
+        if want("base") {
+            configs.push(("base", 0, b));
+        }
         // A batch of b rows can use at most b distinct adapters: n is capped at b.
         let mut ns: Vec<usize> = sw.n_adapters.iter().map(|&n| n.min(b).max(1)).collect();
         ns.sort_unstable();
         ns.dedup();
         for n in ns {
-            configs.push(("road", n, b));
-            configs.push(("lora", n, b));
-            configs.push(("dora", n, b));
-            configs.push(("oft", n, b));
+            configs.extend(METHODS[1..].iter().filter(|m| want(m)).map(|&m| (m, n, b)));
         }
     }
     let total = configs.len() * sw.tokens.len() * sw.repeats.max(1);

@@ -19,7 +19,7 @@ fn parse(s: &str) -> Result<(usize, usize, usize)> {
     }
 }
 
-pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
+pub fn gemm(shapes: &[String], reps: usize, cold_mib: usize) -> Result<()> {
     let dev = Device::Cpu;
     let dtype = crate::runtime::dtype_for("f32")?;
     let peak = super::peak::peaks(None, 20_000_000, 3);
@@ -30,25 +30,29 @@ pub fn gemm(shapes: &[String], reps: usize) -> Result<()> {
     for s in shapes {
         let (m, k, n) = parse(s)?;
         let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(dtype)?;
-        let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?;
-        let slot = PackSlot::default();
-        let packed = slot.get(&w);
-        let road = |x: &Tensor| -> Result<Option<Tensor>> {
-            match &packed {
+        // Distinct weights (and their packed copies) cycled call by call when --cold-mib asks
+        // for more than one: the working set then exceeds the caches, as a decode step's does.
+        let copies = (cold_mib << 20).div_ceil(n * k * dtype.size_in_bytes()).max(1);
+        let ws: Vec<(Tensor, PackSlot)> = (0..copies).map(|_| Ok((Tensor::randn(0f32, 1.0, (n, k), &dev)?.to_dtype(dtype)?, PackSlot::default()))).collect::<Result<_>>()?;
+        let packed: Vec<_> = ws.iter().map(|(w, slot)| slot.get(w)).collect();
+        let road = |i: usize, x: &Tensor| -> Result<Option<Tensor>> {
+            match &packed[i] {
                 Some(p) => packed_gemm::try_linear(x, p),
-                None if dtype == candle_core::DType::F32 => gemv::try_linear(x, &w),
+                None if dtype == candle_core::DType::F32 => gemv::try_linear(x, &ws[i].0),
                 None => Ok(None),
             }
         };
-        let has_road = road(&x)?.is_some();
+        let has_road = road(0, &x)?.is_some();
         let (mut tc, mut tr) = (Vec::new(), Vec::new());
-        for _ in 0..reps.max(1) + 1 {
+        for rep in 0..reps.max(1) + 1 {
+            let i = rep % copies;
             let t = Instant::now();
-            std::hint::black_box(x.matmul(&w.t()?)?);
+            std::hint::black_box(x.matmul(&ws[i].0.t()?)?);
             tc.push(t.elapsed().as_secs_f64());
             if has_road {
+                let i = (rep + copies / 2) % copies;
                 let t = Instant::now();
-                std::hint::black_box(road(&x)?);
+                std::hint::black_box(road(i, &x)?);
                 tr.push(t.elapsed().as_secs_f64());
             }
         }

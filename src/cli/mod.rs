@@ -223,6 +223,10 @@ pub enum BenchCmd {
         shapes: Vec<String>,
         #[arg(long, default_value_t = 20)]
         reps: usize,
+        /// Cycle through distinct weights totalling this many MiB per shape (0: one weight), so
+        /// each call reads its weight from DRAM as a decode step does rather than from cache.
+        #[arg(long, default_value_t = 0)]
+        cold_mib: usize,
     },
     /// Activation-patching sweep (every layer x position of one IOI template): cells/s.
     Patching {
@@ -282,6 +286,9 @@ pub enum BenchCmd {
         /// method alike); the CSV keeps each round and the printed table their medians.
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+        /// Methods to measure (any of base, road, lora, dora, oft).
+        #[arg(long, value_delimiter = ',', default_value = "base,road,lora,dora,oft")]
+        methods: Vec<String>,
     },
 }
 
@@ -365,12 +372,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 bench::forward::forward(&m.model, random_config.as_deref(), &shapes, reps, decode_tokens)?
             }
             BenchCmd::Peak { threads, iters, reps } => bench::peak::peak(threads, iters, reps)?,
-            BenchCmd::Gemm { shapes, reps } => bench::gemm::gemm(&shapes, reps)?,
+            BenchCmd::Gemm { shapes, reps, cold_mib } => bench::gemm::gemm(&shapes, reps, cold_mib)?,
             BenchCmd::Patching { m, pairs, layers } => bench::dii::patching(&m.model, pairs, layers)?,
             BenchCmd::Atp { m, pairs, method, steps, patch_layers } => bench::atp::atp(&m.model, pairs, &method, steps, patch_layers)?,
             BenchCmd::Das { m, layer, steps, batch } => bench::dii::das(&m.model, layer, steps, batch)?,
-            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats } => {
-                let sw = crate::bench::batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats };
+            BenchCmd::Batching { m, batches, adapters, tokens, lora_r, prompt_len, repeats, methods } => {
+                let sw = crate::bench::batching::Sweep { batches, n_adapters: adapters, tokens, lora_r, prompt_len, repeats, methods };
                 crate::bench::batching::batching(&m.model, &sw)?;
             }
         },

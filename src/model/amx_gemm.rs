@@ -91,7 +91,7 @@ impl PackedBf16 {
         let panels = n.div_ceil(NR);
         let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 32;
-        (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
+        super::packed_gemm::par_tasks(panels.div_ceil(group), |g| {
             let out = &out;
             let mut c = [0f32; MB * NR];
             // SAFETY: AMX was detected and permitted (`available`); this thread's tile state is

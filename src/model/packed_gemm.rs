@@ -11,6 +11,7 @@
 //! weight's size once more in memory; `ROAD_PACKED_GEMM=0` turns the path off.
 use candle_core::{DType, Storage, Tensor};
 use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Output features per panel (two zmm).
@@ -23,6 +24,11 @@ const MC: usize = 96;
 /// Inner-dimension block: a panel slice (KC × 32 floats, 24 KiB) stays in L1 while every register
 /// block of the row block runs through it; partial sums accumulate in y.
 const KC: usize = 192;
+/// f32 values per cache line.
+const LINE: usize = 16;
+/// Lines of the next panel slice prefetched per inner step: its two lines, so a slice run by one
+/// row block (m ≤ 12: decode) prefetches all of the next slice, not its first half.
+const PF_PER_STEP: usize = 2;
 
 /// One 64-byte cache line of a packed weight (64-byte aligned, so a panel's vector loads are
 /// aligned): `[f32; 16]` here, `[u16; 32]` (bf16 bits) in the AMX and AVX512_BF16 GEMMs.
@@ -113,7 +119,7 @@ impl Packed {
         let group = panel_group(panels);
         let out = SharedOut(y.as_mut_ptr());
         let flat: &[f32] = bytemuck_lines_ref(&self.lines);
-        (0..panels.div_ceil(group)).into_par_iter().for_each(|g| {
+        par_tasks(panels.div_ceil(group), |g| {
             let out = &out;
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
             let mut r0 = 0;
@@ -139,7 +145,7 @@ impl Packed {
                             None
                         };
                         let (next_ptr, next_lines) = match next {
-                            Some((np, nk0, nkc)) => (flat[np * k * NR + nk0 * NR..].as_ptr(), nkc * NR / 16),
+                            Some((np, nk0, nkc)) => (flat[np * k * NR + nk0 * NR..].as_ptr(), nkc * NR / LINE),
                             None => (bp, 0),
                         };
                         let mut r = r0;
@@ -151,12 +157,12 @@ impl Packed {
                             // task writes; x and the panel are read within their lengths.
                             unsafe {
                                 let (x, yp) = (xs.as_ptr().add(r * k + k0), out.0.add(r * n + p * NR));
-                                let lines = next_lines.saturating_sub(done_lines).min(kc);
-                                let pf = next_ptr.add(done_lines.min(next_lines) * 16);
+                                let lines = next_lines.saturating_sub(done_lines).min(PF_PER_STEP * kc);
+                                let pf = next_ptr.add(done_lines.min(next_lines) * LINE);
                                 tile_dispatch(rows, x, k, kc, bp, yp, n, cols, k0 > 0, pf, lines);
                             }
                             r += rows;
-                            done_lines += kc;
+                            done_lines += PF_PER_STEP * kc;
                         }
                         k0 += kc;
                     }
@@ -210,7 +216,94 @@ unsafe impl<T> Sync for SharedOut<T> {}
 /// Panels per parallel task (here and in the bf16 GEMMs): enough tasks to balance the pool, few
 /// enough that each keeps its row blocks busy.
 pub(super) fn panel_group(panels: usize) -> usize {
-    panels.div_ceil(rayon::current_num_threads().max(1) * 4).max(1)
+    panels.div_ceil(pool_threads() * 4).max(1)
+}
+
+/// Threads that run a GEMM's tasks: rayon's pool (the caller takes a share too, but it only
+/// claims what the pool's threads have not).
+fn pool_threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// `ROAD_GEMM_POOL=rayon`: the GEMMs' tasks through rayon's `for_each` from any thread, as
+/// before `par_tasks`, for comparisons.
+fn plain_rayon() -> bool {
+    static R: OnceLock<bool> = OnceLock::new();
+    *R.get_or_init(|| std::env::var("ROAD_GEMM_POOL").is_ok_and(|v| v == "rayon"))
+}
+
+/// Run tasks `0..n` (here and in the bf16 GEMMs) on rayon's pool with the calling thread working
+/// too. Why not `into_par_iter().for_each` from the forward's (main) thread: that injects the
+/// whole loop into the pool and puts the caller to sleep on a condvar until it is done — a futex
+/// wait and wake per GEMM, 20–40 µs in this VM, as much as a decode step's whole GEMM at batch 8.
+/// Here the caller hands the pool `threads − 1` claim loops (`rayon::spawn`: no waiting), claims
+/// tasks itself from the same cursor, and at the end waits only for tasks already claimed and
+/// running. A pool thread that starts late finds the cursor past `n` and leaves without touching
+/// the caller's data. Idle pool threads keep rayon's policy (yield, then sleep), so several
+/// processes on few cores do not starve each other (candle's barrier pool, tried first, spins
+/// ~0.7 ms after each call: four 2-thread runs on 2 cores took 112 s instead of 9 s).
+pub(super) fn par_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+    let threads = pool_threads();
+    if n <= 1 || threads <= 1 {
+        (0..n).for_each(f);
+        return;
+    }
+    if plain_rayon() || rayon::current_thread_index().is_some() {
+        // On a pool thread, rayon's own splitting is cheap (no sleeping caller).
+        (0..n).into_par_iter().for_each(f);
+        return;
+    }
+    let local: &(dyn Fn(usize) + Sync) = &f;
+    // SAFETY (lifetime): `Claims::f` is only called for a claimed task index < n, and this
+    // function returns only after every claimed task has finished (`done == n`); once the cursor
+    // has passed n nobody dereferences it again.
+    let f_static = unsafe { std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(local) };
+    let claims = Arc::new(Claims { cursor: AtomicUsize::new(0), done: AtomicUsize::new(0), panicked: AtomicBool::new(false), n, f: f_static });
+    for _ in 1..threads.min(n) {
+        let c = claims.clone();
+        rayon::spawn(move || c.work());
+    }
+    claims.work();
+    let mut spins = 0u32;
+    while claims.done.load(Ordering::Acquire) < n {
+        spins += 1;
+        if spins < 1 << 12 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    assert!(!claims.panicked.load(Ordering::Relaxed), "a GEMM task panicked");
+}
+
+/// The shared claim cursor of one `par_tasks` call.
+struct Claims {
+    cursor: AtomicUsize,
+    done: AtomicUsize,
+    panicked: AtomicBool,
+    n: usize,
+    f: *const (dyn Fn(usize) + Sync + 'static),
+}
+
+// SAFETY: `f` points at a `Sync` closure, called from several threads only while its owner waits.
+unsafe impl Send for Claims {}
+unsafe impl Sync for Claims {}
+
+impl Claims {
+    fn work(&self) {
+        loop {
+            let i = self.cursor.fetch_add(1, Ordering::AcqRel);
+            if i >= self.n {
+                return;
+            }
+            // SAFETY: i < n is claimed, so the owner is still waiting (see `par_tasks`).
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*self.f)(i) })).is_ok();
+            if !ok {
+                self.panicked.store(true, Ordering::Relaxed);
+            }
+            self.done.fetch_add(1, Ordering::Release);
+        }
+    }
 }
 
 /// Store masks for the two 16-lane halves of a 32-feature panel with `cols` real features (here
@@ -353,8 +446,11 @@ unsafe fn tile<const R: usize>(x: *const f32, ldx: usize, k: usize, bp: *const f
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
     for kk in 0..k {
-        if kk < pf_lines {
-            _mm_prefetch::<_MM_HINT_T0>(pf.add(kk * 16) as *const i8);
+        if PF_PER_STEP * kk < pf_lines {
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(PF_PER_STEP * kk * LINE) as *const i8);
+            if PF_PER_STEP * kk + 1 < pf_lines {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add((PF_PER_STEP * kk + 1) * LINE) as *const i8);
+            }
         }
         let b0 = _mm512_load_ps(bp.add(kk * NR));
         let b1 = _mm512_load_ps(bp.add(kk * NR + 16));
