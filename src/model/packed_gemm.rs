@@ -119,7 +119,7 @@ impl Packed {
         let group = panel_group(panels);
         let out = SharedOut(y.as_mut_ptr());
         let flat: &[f32] = bytemuck_lines_ref(&self.lines);
-        par_tasks(panels.div_ceil(group), |g| {
+        par_tasks(panels.div_ceil(group), m * n * k, |g| {
             let out = &out;
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
             let mut r0 = 0;
@@ -232,8 +232,12 @@ fn plain_rayon() -> bool {
     *R.get_or_init(|| std::env::var("ROAD_GEMM_POOL").is_ok_and(|v| v == "rayon"))
 }
 
-/// Run tasks `0..n` (here and in the bf16 GEMMs) on rayon's pool with the calling thread working
-/// too. Why not `into_par_iter().for_each` from the forward's (main) thread: that injects the
+/// Multiply-adds up to which a GEMM takes `par_tasks`' claim loops (≈ 130 µs on two Zen 5
+/// cores): every decode-step projection, 1×32 prefill's projections; not 16×32 prefill's.
+const SHORT_GEMM_MACS: usize = 1 << 25;
+
+/// Run tasks `0..n` of a GEMM of `macs` multiply-adds (here and in the bf16 GEMMs) on rayon's
+/// pool with the calling thread working too. Why not `into_par_iter().for_each` from the forward's (main) thread: that injects the
 /// whole loop into the pool and puts the caller to sleep on a condvar until it is done — a futex
 /// wait and wake per GEMM, 20–40 µs in this VM, as much as a decode step's whole GEMM at batch 8.
 /// Here the caller hands the pool `threads − 1` claim loops (`rayon::spawn`: no waiting), claims
@@ -242,14 +246,16 @@ fn plain_rayon() -> bool {
 /// the caller's data. Idle pool threads keep rayon's policy (yield, then sleep), so several
 /// processes on few cores do not starve each other (candle's barrier pool, tried first, spins
 /// ~0.7 ms after each call: four 2-thread runs on 2 cores took 112 s instead of 9 s).
-pub(super) fn par_tasks(n: usize, f: impl Fn(usize) + Sync + Send) {
+pub(super) fn par_tasks(n: usize, macs: usize, f: impl Fn(usize) + Sync + Send) {
     let threads = pool_threads();
     if n <= 1 || threads <= 1 {
         (0..n).for_each(f);
         return;
     }
-    if plain_rayon() || rayon::current_thread_index().is_some() {
-        // On a pool thread, rayon's own splitting is cheap (no sleeping caller).
+    // On a pool thread rayon's own splitting is cheap (no sleeping caller); and a long GEMM
+    // (prefill) pays the sleep once for milliseconds of work, while the claim loops' extra
+    // awake thread cost 16×32 prefill 7–9% on 2 cores.
+    if plain_rayon() || rayon::current_thread_index().is_some() || macs > SHORT_GEMM_MACS {
         (0..n).into_par_iter().for_each(f);
         return;
     }
@@ -476,6 +482,33 @@ unsafe fn tile<const R: usize>(x: *const f32, ldx: usize, k: usize, bp: *const f
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// Every task runs exactly once and has finished when `par_tasks` returns — with several
+    /// callers at once (the claim loops of one call must not run another's tasks), short and
+    /// long GEMMs (claim loops and rayon's `for_each`), and from inside the pool.
+    #[test]
+    fn par_tasks_runs_each_task_once_before_returning() {
+        use std::sync::atomic::AtomicU32;
+        let check = |n: usize, macs: usize| {
+            let hits: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
+            par_tasks(n, macs, |i| {
+                std::thread::sleep(std::time::Duration::from_micros((i % 3) as u64 * 50));
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1), "n={n} macs={macs}");
+        };
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                s.spawn(move || {
+                    for n in [0, 1, 2, 7, 37] {
+                        check(n + t, 1000);
+                        check(n + t, SHORT_GEMM_MACS + 1);
+                    }
+                });
+            }
+        });
+        rayon::scope(|_| check(19, 1000));
+    }
 
     /// Equal to candle's matmul at every row-block remainder, a ragged last panel (n not a
     /// multiple of 32, and under 16), row counts beyond one cache block, and odd inner sizes;
