@@ -91,7 +91,7 @@ impl PackedBf16 {
         let panels = n.div_ceil(NR);
         let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 32;
-        super::packed_gemm::par_tasks(panels.div_ceil(group), m * n * k, |g| {
+        super::gemm_tasks::par_tasks(panels.div_ceil(group), m * n * k, |g| {
             let out = &out;
             let mut c = [0f32; MB * NR];
             // SAFETY: AMX was detected and permitted (`available`); this thread's tile state is

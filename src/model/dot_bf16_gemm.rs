@@ -84,7 +84,7 @@ impl PackedDot {
         let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 2;
         let flat = &self.lines;
-        super::packed_gemm::par_tasks(panels.div_ceil(group), m * n * k, |g| {
+        super::gemm_tasks::par_tasks(panels.div_ceil(group), m * n * k, |g| {
             let out = &out;
             let (p0, p1) = (g * group, ((g + 1) * group).min(panels));
             let mut r0 = 0;

@@ -9,6 +9,7 @@ pub mod file_checks;
 pub mod flash_attn;
 pub mod frozen;
 pub mod infer_cuda;
+pub mod gemm_tasks;
 pub mod gemv;
 pub mod packed_gemm;
 pub mod init;
