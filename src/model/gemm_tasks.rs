@@ -4,12 +4,6 @@ use rayon::prelude::*;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Threads that run a GEMM's tasks: rayon's pool (the caller takes a share too, but it only
-/// claims what the pool's threads have not).
-fn pool_threads() -> usize {
-    rayon::current_num_threads().max(1)
-}
-
 /// `ROAD_GEMM_POOL=rayon`: the GEMMs' tasks through rayon's `for_each` from any thread, as
 /// before `par_tasks`, for comparisons.
 fn plain_rayon() -> bool {
@@ -22,17 +16,17 @@ fn plain_rayon() -> bool {
 const SHORT_GEMM_MACS: usize = 1 << 25;
 
 /// Run tasks `0..n` of a GEMM of `macs` multiply-adds (here and in the bf16 GEMMs) on rayon's
-/// pool with the calling thread working too. Why not `into_par_iter().for_each` from the forward's (main) thread: that injects the
-/// whole loop into the pool and puts the caller to sleep on a condvar until it is done — a futex
-/// wait and wake per GEMM, 20–40 µs in this VM, as much as a decode step's whole GEMM at batch 8.
-/// Here the caller hands the pool `threads − 1` claim loops (`rayon::spawn`: no waiting), claims
+/// pool with the calling thread working too. Why not `into_par_iter().for_each` from the
+/// forward's (main) thread: that injects the whole loop into the pool and puts the caller to
+/// sleep on a condvar until it is done — a futex wait and wake per GEMM, 20–40 µs in this VM,
+/// as much as a decode step's whole GEMM at batch 8. Here the caller hands the pool `threads − 1` claim loops (`rayon::spawn`: no waiting), claims
 /// tasks itself from the same cursor, and at the end waits only for tasks already claimed and
 /// running. A pool thread that starts late finds the cursor past `n` and leaves without touching
 /// the caller's data. Idle pool threads keep rayon's policy (yield, then sleep), so several
 /// processes on few cores do not starve each other (candle's barrier pool, tried first, spins
 /// ~0.7 ms after each call: four 2-thread runs on 2 cores took 112 s instead of 9 s).
 pub(super) fn par_tasks(n: usize, macs: usize, f: impl Fn(usize) + Sync + Send) {
-    let threads = pool_threads();
+    let threads = rayon::current_num_threads();
     if n <= 1 || threads <= 1 {
         (0..n).for_each(f);
         return;
