@@ -27,7 +27,11 @@ fn last_logits(m: &Llama, ids: &[u32], ad: Option<&dyn LinearAdapter>) -> Tensor
 const IDS: [u32; 6] = [504, 3575, 282, 4649, 314, 1010];
 
 fn random_road(m: &Llama, variant: Variant, g: usize, seed: u64) -> RoadAdapter {
-    let a = RoadAdapter::new_identity(&m.cfg, variant, g, 0..m.cfg.num_layers, &Proj::ALL, m.device()).unwrap();
+    random_road_on(m, variant, g, &Proj::ALL, seed)
+}
+
+fn random_road_on(m: &Llama, variant: Variant, g: usize, targets: &[Proj], seed: u64) -> RoadAdapter {
+    let a = RoadAdapter::new_identity(&m.cfg, variant, g, 0..m.cfg.num_layers, targets, m.device()).unwrap();
     let mut rng = Rng::new(seed);
     for l in a.layers.values() {
         let n = l.theta.elem_count();
@@ -111,11 +115,14 @@ fn mixed_batch_rows_equal_single_runs() {
     let named = vec![
         ("r".to_string(), AnyAdapter::Road(random_road(m, Variant::Road1, 8, 7))),
         ("l".to_string(), AnyAdapter::Lora(random_lora(m, 4, &[Proj::Q, Proj::O, Proj::Up], 8))),
-        ("r4".to_string(), AnyAdapter::Road(random_road(m, Variant::Road4, 8, 9))),
+        // RoAd4 on some projections only: the others have RoAd1 rows alone, whose batches
+        // gather only each pair's shared half of the columns.
+        ("r4".to_string(), AnyAdapter::Road(random_road_on(m, Variant::Road4, 8, &[Proj::Q, Proj::V, Proj::Down], 9))),
+        ("r1b".to_string(), AnyAdapter::Road(random_road(m, Variant::Road1, 8, 13))),
     ];
-    let rows: Vec<Option<usize>> = vec![Some(0), None, Some(1), Some(2), Some(0), Some(1)];
-    let prompts: Vec<Vec<u32>> = vec![IDS[..3].to_vec(), IDS.to_vec(), IDS[1..5].to_vec(), IDS[2..].to_vec(), vec![7, 8, 9, 10, 11], vec![42]];
-    let maxes = vec![5, 3, 6, 4, 1, 5];
+    let rows: Vec<Option<usize>> = vec![Some(0), None, Some(1), Some(2), Some(3), Some(1), Some(3)];
+    let prompts: Vec<Vec<u32>> = vec![IDS[..3].to_vec(), IDS.to_vec(), IDS[1..5].to_vec(), IDS[2..].to_vec(), vec![7, 8, 9, 10, 11], vec![42], IDS[..6].to_vec()];
+    let maxes = vec![5, 3, 6, 4, 1, 5, 4];
     let mut mixed = MixedAdapters::new(&named, m).unwrap();
     mixed.set_rows(&rows, m.dtype()).unwrap();
     let g = greedy_batch(m, Some(&mixed), &prompts, &maxes, &[]).unwrap();

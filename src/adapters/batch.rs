@@ -23,6 +23,17 @@ struct RoadStack {
     first: Tensor,  // [n+1, d]
     second: Tensor, // [n+1, d]
     users: Vec<bool>,
+    /// Every adapter here is RoAd1, whose two members of a pair share (θ, α): each group's
+    /// second half of the columns repeats its first, so a batch gathers only the halves.
+    paired: bool,
+}
+
+/// One projection's RoAd columns for the current batch's rows: `[b, 1, d]`, or `[b, 1, d/2]`
+/// (each group's first half) when `paired` — half the bytes a decode step streams per row.
+struct RoadRows {
+    first: Tensor,
+    second: Tensor,
+    paired: bool,
 }
 
 struct LoraStack {
@@ -39,7 +50,7 @@ struct Stack {
 
 /// The row assignment of the current batch, gathered once.
 struct Gathered {
-    road: HashMap<(usize, Proj), (Tensor, Tensor)>,
+    road: HashMap<(usize, Proj), RoadRows>,
     lora: HashMap<(usize, Proj), (Tensor, Tensor)>,
     dora: HashMap<(usize, Proj), Tensor>,
     oft: HashMap<(usize, Proj), Tensor>,
@@ -85,6 +96,7 @@ impl MixedAdapters {
                 let mut firsts = vec![Tensor::ones(out_d, DType::F32, device)?];
                 let mut seconds = vec![Tensor::zeros(out_d, DType::F32, device)?];
                 let mut users = vec![false];
+                let mut paired = true;
                 for (name, ad) in adapters {
                     match ad {
                         AnyAdapter::Road(a) if a.touches(l, p) => {
@@ -95,6 +107,7 @@ impl MixedAdapters {
                                 }
                             }
                             rot = Some(layer.rot);
+                            paired &= layer.rot.variant == super::Variant::Road1;
                             let (f, s) = layer.columns()?;
                             firsts.push(f);
                             seconds.push(s);
@@ -108,7 +121,7 @@ impl MixedAdapters {
                     }
                 }
                 if let Some(rot) = rot {
-                    road.insert((l, p), RoadStack { rot, first: Tensor::stack(&firsts, 0)?, second: Tensor::stack(&seconds, 0)?, users });
+                    road.insert((l, p), RoadStack { rot, first: Tensor::stack(&firsts, 0)?, second: Tensor::stack(&seconds, 0)?, users, paired });
                 }
                 // LoRA slots, ranks zero-padded to the largest.
                 let r_max = adapters
@@ -222,12 +235,17 @@ impl MixedAdapters {
         for (k, st) in &self.road {
             if any(&st.users) {
                 let idx = Tensor::from_vec(slots.clone(), b, st.first.device())?;
-                let d = st.rot.dim;
+                let (d, gs) = (st.rot.dim, st.rot.group_size);
+                // Halves only where the fused CPU op reads them (f32 rows on the CPU fast path).
+                let paired = st.paired && dtype == DType::F32 && crate::runtime::cpu_fast_path(st.first.device());
                 // Detached: mixed batches are inference, and a tensor that still tracks the
                 // adapters' Vars would keep the CUDA kernel (which has no backward) from running.
-                let f = st.first.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?.detach();
-                let s = st.second.index_select(&idx, 0)?.reshape((b, 1, d))?.to_dtype(dtype)?.detach();
-                g.road.insert(*k, (f, s));
+                let rows = |c: &Tensor| -> Result<Tensor> {
+                    let c = c.index_select(&idx, 0)?;
+                    let c = if paired { c.reshape((b, d / gs, gs))?.narrow(2, 0, gs / 2)?.contiguous()?.reshape((b, 1, d / 2))? } else { c.reshape((b, 1, d))? };
+                    Ok(c.to_dtype(dtype)?.detach())
+                };
+                g.road.insert(*k, RoadRows { first: rows(&st.first)?, second: rows(&st.second)?, paired });
             }
         }
         for (k, st) in &self.lora {
@@ -280,14 +298,24 @@ impl LinearAdapter for MixedAdapters {
         let k = (layer, proj);
         let b = h.dim(0)?;
         let mut out = h.clone();
-        if let Some((f, s)) = g.road.get(&k) {
-            if f.dim(0)? != b {
-                bail!("MixedAdapters: batch has {b} rows but set_rows was given {}", f.dim(0)?);
+        if let Some(rr) = g.road.get(&k) {
+            if rr.first.dim(0)? != b {
+                bail!("MixedAdapters: batch has {b} rows but set_rows was given {}", rr.first.dim(0)?);
             }
-            let g = self.road[&k].rot.group_size;
-            out = match super::fused::try_fused_rows(&h, f, s, g)? {
+            let rot = &self.road[&k].rot;
+            out = match super::fused::try_fused_rows(&h, &rr.first, &rr.second, rot.group_size, rr.paired)? {
                 Some(z) => z,
-                None => self.road[&k].rot.apply(&h, f, s)?,
+                // The fused op gone since `set_rows` (e.g. generic ops switched on): rebuild the
+                // full columns from the halves.
+                None if rr.paired => {
+                    let (d, gs) = (rot.dim, rot.group_size);
+                    let full = |c: &Tensor| -> Result<Tensor> {
+                        let c = c.reshape((b, d / gs, gs / 2))?;
+                        Ok(Tensor::cat(&[&c, &c], 2)?.reshape((b, 1, d))?)
+                    };
+                    rot.apply(&h, &full(&rr.first)?, &full(&rr.second)?)?
+                }
+                None => rot.apply(&h, &rr.first, &rr.second)?,
             };
         }
         if let Some((a, bb)) = g.lora.get(&k) {

@@ -14,33 +14,68 @@ use rayon::prelude::*;
 /// takes ~1 µs, less than handing it to rayon's pool (measured in `road bench batching`).
 const PAR_MIN: usize = 1 << 15;
 
-/// One row: `z = f ⊙ h + s ⊙ rot(h)`, written group by group so the inner loops are plain
-/// slices (no per-element partner lookup) and vectorise. `z` may be `h` itself (in place).
+/// One row: `z = f ⊙ h + s ⊙ rot(h)`, written group by group over split halves so the inner
+/// loops are zipped slices (no bounds checks, no per-element partner lookup) and vectorise.
+/// `h = None` rotates `z` in place.
 #[inline]
 fn rotate_row(z: &mut [f32], h: Option<&[f32]>, f: &[f32], s: &[f32], g: usize) {
     let half = g / 2;
-    for gb in (0..z.len()).step_by(g) {
-        for i in gb..gb + half {
-            let (a, b) = match h {
-                Some(h) => (h[i], h[i + half]),
-                None => (z[i], z[i + half]),
-            };
-            z[i] = f[i] * a - s[i] * b;
-            z[i + half] = f[i + half] * b + s[i + half] * a;
+    for (gi, zc) in z.chunks_exact_mut(g).enumerate() {
+        let o = gi * g;
+        let (f1, f2) = f[o..o + g].split_at(half);
+        let (s1, s2) = s[o..o + g].split_at(half);
+        let (z1, z2) = zc.split_at_mut(half);
+        match h {
+            Some(h) => {
+                let (h1, h2) = h[o..o + g].split_at(half);
+                for i in 0..half {
+                    let (a, b) = (h1[i], h2[i]);
+                    z1[i] = f1[i] * a - s1[i] * b;
+                    z2[i] = f2[i] * b + s2[i] * a;
+                }
+            }
+            None => {
+                for ((((a, b), (f1, f2)), s1), s2) in z1.iter_mut().zip(z2.iter_mut()).zip(f1.iter().zip(f2)).zip(s1).zip(s2) {
+                    let (x, y) = (*a, *b);
+                    *a = f1 * x - s1 * y;
+                    *b = f2 * y + s2 * x;
+                }
+            }
         }
     }
 }
 
-/// Apply `rotate_row` to every `d`-wide row of `z` (row r uses column row `r / rpc`).
-fn rotate_rows(z: &mut [f32], h: Option<&[f32]>, f: &[f32], s: &[f32], d: usize, g: usize, rpc: usize) {
+/// `rotate_row` for RoAd1's pair-shared columns: `f`, `s` hold each group's first half only
+/// (both members of a pair use the same value), so a row reads `d/2` of each. In place.
+#[inline]
+fn rotate_row_paired(z: &mut [f32], f: &[f32], s: &[f32], g: usize) {
+    let half = g / 2;
+    for ((zc, fc), sc) in z.chunks_exact_mut(g).zip(f.chunks_exact(half)).zip(s.chunks_exact(half)) {
+        let (z1, z2) = zc.split_at_mut(half);
+        for (((a, b), f), s) in z1.iter_mut().zip(z2.iter_mut()).zip(fc).zip(sc) {
+            let (x, y) = (*a, *b);
+            *a = f * x - s * y;
+            *b = f * y + s * x;
+        }
+    }
+}
+
+/// Apply `rotate_row` to every `d`-wide row of `z` (row r uses column row `r / rpc`); with
+/// `paired`, the columns are `d/2` wide (`rotate_row_paired`, in place: `h` must be None).
+fn rotate_rows(z: &mut [f32], h: Option<&[f32]>, (f, s): (&[f32], &[f32]), d: usize, g: usize, rpc: usize, paired: bool) {
+    let cw = if paired { d / 2 } else { d };
     let one = |r: usize, zr: &mut [f32]| {
-        let c = (r / rpc) * d;
-        rotate_row(zr, h.map(|h| &h[r * d..(r + 1) * d]), &f[c..c + d], &s[c..c + d], g);
+        let c = (r / rpc) * cw;
+        let (f, s) = (&f[c..c + cw], &s[c..c + cw]);
+        match (paired, h) {
+            (true, _) => rotate_row_paired(zr, f, s, g),
+            (false, h) => rotate_row(zr, h.map(|h| &h[r * d..(r + 1) * d]), f, s, g),
+        }
     };
     if z.len() < PAR_MIN {
         z.chunks_mut(d).enumerate().for_each(|(r, zr)| one(r, zr));
     } else {
-        z.par_chunks_mut(d).enumerate().for_each(|(r, zr)| one(r, zr));
+        crate::model::gemm_tasks::par_row_chunks(z, d, |r0, zc| zc.chunks_mut(d).enumerate().for_each(|(r, zr)| one(r0 + r, zr)));
     }
 }
 
@@ -74,7 +109,7 @@ impl CustomOp3 for RoadOp {
         let d = *hl.dims().last().unwrap_or(&0);
         let (g, rpc) = (self.g, self.rows_per_col.max(1));
         let mut z = vec![0f32; h.len()];
-        rotate_rows(&mut z, Some(h), f, s, d, g, rpc);
+        rotate_rows(&mut z, Some(h), (f, s), d, g, rpc, false);
         Ok((CpuStorage::F32(z), hl.shape().clone()))
     }
 
@@ -136,6 +171,7 @@ impl CustomOp3 for RoadOp {
 struct RoadInplace {
     g: usize,
     rows_per_col: usize,
+    paired: bool,
 }
 
 impl InplaceOp3 for RoadInplace {
@@ -147,7 +183,7 @@ impl InplaceOp3 for RoadInplace {
         let d = *hl.dims().last().unwrap_or(&0);
         let (a, b) = hl.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("road-fused: non-contiguous input".into()))?;
         let CpuStorage::F32(h) = hs else { candle_core::bail!("road-fused: f32 only") };
-        rotate_rows(&mut h[a..b], None, f, s, d, self.g, self.rows_per_col.max(1));
+        rotate_rows(&mut h[a..b], None, (f, s), d, self.g, self.rows_per_col.max(1), self.paired);
         Ok(())
     }
 }
@@ -175,12 +211,16 @@ pub fn try_fused(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize)
 }
 
 /// Fused apply with per-batch-row columns `[b, 1, d]` for `h` of shape `[b, t, d]` (inference:
-/// mixed-adapter batches), overwriting `h`: the caller must own it (a projection output). None
+/// mixed-adapter batches), overwriting `h`: the caller must own it (a projection output). With
+/// `paired` the columns are RoAd1's halves `[b, 1, d/2]` (`rotate_row_paired`; CPU only). None
 /// when it does not apply or `h` carries gradients.
-pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize) -> candle_core::Result<Option<Tensor>> {
-    if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
-        return Ok(Some(z));
+pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: usize, paired: bool) -> candle_core::Result<Option<Tensor>> {
+    if !paired {
+        if let Some(z) = super::fused_cuda::try_fused_cuda(h, first, second, group_size)? {
+            return Ok(Some(z));
+        }
     }
+    let width = if paired { h.dim(h.rank().saturating_sub(1))? / 2 } else { h.dim(h.rank().saturating_sub(1))? };
     let ok = crate::runtime::cpu_fast_path(h.device())
         && !h.track_op()
         && h.dtype() == DType::F32
@@ -191,14 +231,14 @@ pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
         && first.dims() == second.dims()
         && first.dim(0)? == h.dim(0)?
         && first.dim(1)? == 1
-        && first.dim(2)? == h.dim(2)?
+        && first.dim(2)? == width
         && h.dim(2)? % group_size == 0;
     if !ok {
         return Ok(None);
     }
     let t = h.dim(1)?;
     let h = h.contiguous()?;
-    h.inplace_op3(&first.contiguous()?, &second.contiguous()?, &RoadInplace { g: group_size, rows_per_col: t })?;
+    h.inplace_op3(&first.contiguous()?, &second.contiguous()?, &RoadInplace { g: group_size, rows_per_col: t, paired })?;
     Ok(Some(h))
 }
 

@@ -2,7 +2,8 @@
 //! adapter) for RoAd vs LoRA vs DoRA vs OFT vs the plain model, like the RoAd paper's Figure 4. Adapters are
 //! random (non-identity), on every projection of every layer; rows use adapter `row % n`.
 //! Every configuration is measured `repeats` times in interleaved rounds (the machine is shared:
-//! a burst of someone else's load then lands on all methods, not on one), and compared by medians.
+//! a burst of someone else's load then lands on all methods, not on one), each round starting one
+//! configuration later, and compared by medians.
 use crate::generate::greedy_batch;
 use crate::model::{LinearAdapter, Llama, Proj};
 use crate::adapters::{AnyAdapter, DoraAdapter, LoraAdapter, MixedAdapters, OftAdapter, RoadAdapter, Variant};
@@ -131,7 +132,10 @@ pub fn batching(model: &str, sw: &Sweep) -> Result<PathBuf> {
     }
     let mut rows = vec![];
     for round in 0..sw.repeats.max(1) {
-        for (method, n, b, mixed) in &prepared {
+        // Each round starts one configuration later, so no method always runs right after the
+        // same other one (position in the round measurably moves a method's time).
+        let k = prepared.len().max(1);
+        for (method, n, b, mixed) in prepared.iter().cycle().skip(round % k).take(prepared.len()) {
             let (method, n, b) = (*method, *n, *b);
             let prompts: Vec<Vec<u32>> = (0..b).map(prompt).collect();
             let ad = mixed.as_ref().map(|m| m as &dyn LinearAdapter);
