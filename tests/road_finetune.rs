@@ -324,3 +324,26 @@ fn compose_run_writes_all_task_block_combinations() {
     assert_eq!(none.len(), 4);
     assert!(none[0] == none[2] && none[1] == none[3], "joint vs separate, per task: {csv}");
 }
+
+/// `road finetune --write-init`'s parameters are the ones step 1 starts from: one Adam step
+/// (lr 1e-3, no decay or dropout) moves each LoRA A entry by at most ≈ lr from them, while a
+/// different init draw would differ by the init's own scale.
+#[test]
+fn the_written_init_is_what_training_starts_from() {
+    let l = tiny_a();
+    let (train_ex, dev) = toy_cls();
+    let lora = MethodCfg::Lora { r: 4, alpha: 8.0, dropout: 0.0, targets: vec![Proj::Q, Proj::Down], layers: None };
+    let mut c = toy_cfg(lora, 1);
+    c.lr = 1e-3;
+    c.seed = 7;
+    let (init, _) = train::engine::initial(&l.model, &c).unwrap();
+    let out = train::train(&l.model, &l.tok, &c, &TrainData::Cls { train: train_ex, dev }).unwrap();
+    let (train::Trained::Lora(a0), train::Trained::Lora(a1)) = (&init, &out.trained) else { panic!("LoRA expected") };
+    let other = LoraAdapter::new(&l.model.cfg, 4, 8.0, 0.0, 0..l.model.cfg.num_layers, &[Proj::Q, Proj::Down], &mut Rng::new(8), l.model.device()).unwrap();
+    for (k, v0) in &a0.layers {
+        let (x0, x1) = (v0.a.as_tensor(), a1.layers[k].a.as_tensor());
+        let moved = max_abs_diff(x0, x1);
+        assert!(moved > 0.0 && moved < 1.1e-3, "{k:?}: step 1 moved A by {moved}");
+        assert!(max_abs_diff(x0, other.layers[k].a.as_tensor()) > 1e-2, "{k:?}: another seed's draw is not distinguishable");
+    }
+}

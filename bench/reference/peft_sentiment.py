@@ -11,7 +11,9 @@ cross-entropy over the label words' logits at the last prompt token; left paddin
 ids counting real tokens; AdamW (the spec's weight decay), warm-up + linear decay, clip 1.0,
 dev evaluation every `eval_every` steps keeping the best, then test accuracy (skipped with
 `--no-test`, for timing-only runs). Batch order and init draws are torch's, not road's
-(`--road-order`: road's batch order, for a paired comparison).
+(`--road-order`: road's batch order, for a paired comparison; `--init-adapter DIR` from
+`road finetune SPEC --write-init DIR` also takes road's init draws and `--road-schedule` road's
+warm-up: with `--set method.dropout=0` on both sides, only the implementations differ).
 Prints one JSON line: trainable params, test accuracy, training seconds (the loop only, and per
 step), peak RSS of the process.
 
@@ -63,6 +65,8 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings then synchronise the device each step)")
     ap.add_argument("--road-order", action="store_true", help="train on road's batch order for this seed instead of torch's")
     ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
+    ap.add_argument("--init-adapter", default=None, help="start from this adapter's parameters (`road finetune SPEC --write-init DIR`: road's init draws for the seed)")
+    ap.add_argument("--road-schedule", action="store_true", help="road's warm-up, lr·(s+1)/w at 0-based step s (transformers' starts at lr·s/w, i.e. 0)")
     args = ap.parse_args()
     import torch
     import transformers
@@ -83,6 +87,16 @@ def main():
     n_base = sum(p.numel() for p in base.parameters())
     torch.manual_seed(args.seed)
     model = get_peft_model(base, peft_config(m["kind"], m))
+    if args.init_adapter:  # road's init draws: with --road-order, dropout 0 and --road-schedule, a fully paired run
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        sd = load_file(os.path.join(args.init_adapter, "adapter_model.safetensors"))
+        res = set_peft_model_state_dict(model, sd)
+        if res.unexpected_keys:
+            raise SystemExit(f"--init-adapter: keys peft does not know: {res.unexpected_keys[:3]}")
+        missing = [k for k in res.missing_keys if any(t in k for t in ("lora_", "oft_", "boft_", "road_"))]
+        if missing:
+            raise SystemExit(f"--init-adapter: adapter parameters missing from {args.init_adapter}: {missing[:3]}")
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)
     label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in head["label_words"]]
@@ -108,7 +122,11 @@ def main():
     steps, bs, lr = t["steps"], t["batch_size"], float(t["lr"])
     wd = float(t.get("weight_decay", 0.01 if m["kind"] in ("lora",) else 0.0))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
-    sched = transformers.get_linear_schedule_with_warmup(opt, round(t.get("warmup_ratio", 0.1) * steps), steps)
+    warm = round(t.get("warmup_ratio", 0.1) * steps)
+    if args.road_schedule:  # train::schedule::Schedule::lr, linear decay
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(steps - warm, 1)))
+    else:
+        sched = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
     g = torch.Generator().manual_seed(args.seed)
     order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
     if args.road_order:  # road's batches (its seeded sampler, from --write-split): a paired comparison
@@ -148,7 +166,7 @@ def main():
         "best_step": best_step, "dev_accuracy": best if best >= 0 else None, "test_accuracy": test,
         "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
         "secs_per_step_median": round(sorted(per_step[1:] or per_step)[len(per_step[1:] or per_step) // 2], 4),
-        "threads": args.threads, "device": args.device, "batch_order": "road" if args.road_order else "torch", "losses": losses,
+        "threads": args.threads, "device": args.device, "batch_order": "road" if args.road_order else "torch", "init": args.init_adapter or "torch", "schedule": "road" if args.road_schedule else "transformers", "losses": losses,
         "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }), flush=True)

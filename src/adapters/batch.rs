@@ -1,8 +1,9 @@
 //! Mixed-adapter batching: one batch whose rows use different adapters (or none).
 //!
 //! RoAd rows: each row's `(first, second)` column vectors are gathered into `[b, 1, d]` once per
-//! batch, and `Rotation::apply` broadcasts them — two element-wise multiplies per projection, no
-//! matmul. LoRA rows: per-row `A`, `B` are gathered into `[b, r, in]`/`[b, out, r]` and applied
+//! batch (RoAd1-only projections: `[b, 1, d/2]`, each pair's shared value once), and the fused
+//! in-place op (or `Rotation::apply`) broadcasts them — two element-wise multiplies per
+//! projection, no matmul. LoRA rows: per-row `A`, `B` are gathered into `[b, r, in]`/`[b, out, r]` and applied
 //! with two batched matmuls. DoRA rows use the LoRA stack plus a per-row factor `m/‖W+sBA‖`
 //! (computed once, at construction, from the base weights) on `h` without its bias. OFT rows
 //! rotate their input with per-row block stacks `[b, k, s, s]` (one batched matmul). Rows without

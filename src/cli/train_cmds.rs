@@ -25,6 +25,11 @@ pub struct FinetuneArgs {
     /// without training, so a reference script trains on exactly the same data.
     #[arg(long, value_name = "FILE")]
     pub write_split: Option<PathBuf>,
+    /// Write the parameters a run of the spec starts from (its seed's init draws, before any
+    /// step) as a new adapter directory and exit, so a reference script starts from the same
+    /// parameters.
+    #[arg(long, value_name = "DIR")]
+    pub write_init: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -71,6 +76,10 @@ pub fn finetune(a: &FinetuneArgs) -> Result<()> {
     if let Some(out) = &a.write_split {
         let Some(p) = &a.spec else { bail!("--write-split needs a spec file") };
         return write_split(&spec::load(p, &a.set)?, out);
+    }
+    if let Some(out) = &a.write_init {
+        let Some(p) = &a.spec else { bail!("--write-init needs a spec file") };
+        return run::write_init(p, &a.set, out);
     }
     run::run_finetune(a.spec.as_deref(), &a.set, a.resume.as_deref())?;
     Ok(())

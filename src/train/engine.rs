@@ -159,22 +159,15 @@ impl TrainOutput {
     /// Save in peft format (`adapter_config.json` + `adapter_model.safetensors`; a head, if any,
     /// as `head.safetensors`), or an HF checkpoint for full fine-tuning.
     pub fn save(&self, dir: &Path, tok: &Tok, base_model: &str) -> Result<()> {
-        match &self.trained {
-            Trained::Road(a) => a.save_peft(dir, base_model)?,
-            Trained::Lora(a) => a.save_peft(dir, base_model)?,
-            Trained::Dora(a) => a.save_peft(dir, base_model)?,
-            Trained::Oft(a) => a.save_peft(dir, base_model)?,
-            Trained::Boft(a) => a.save_peft(dir, base_model)?,
-            Trained::Loreft(s) => s.save(dir, base_model)?,
-            Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
-        }
-        if let Some(h) = &self.head {
-            let map: std::collections::HashMap<String, Tensor> =
-                h.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
-            candle_core::safetensors::save(&map, dir.join("head.safetensors"))?;
-        }
-        Ok(())
+        self.trained.save(self.head.as_ref(), dir, tok, base_model)
     }
+}
+
+/// The parameters a run of `cfg` starts from (the method's and head's init draws for its seed,
+/// as `train` makes them), untrained: `road finetune --write-init`.
+pub fn initial(base: &Llama, cfg: &TrainConfig) -> Result<(Trained, Option<Head>)> {
+    let Setup { trained, head, .. } = setup(base, cfg, &mut Rng::new(cfg.seed))?;
+    Ok((trained, head))
 }
 
 /// Human-readable count like the paper's tables: `0.123M (0.09%)`.

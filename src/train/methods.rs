@@ -55,6 +55,24 @@ pub enum Trained {
 }
 
 impl Trained {
+    /// Save in peft format (`adapter_config.json` + `adapter_model.safetensors`; a head, if any,
+    /// as `head.safetensors`), LoReFT in its own format, or an HF checkpoint for full fine-tuning.
+    pub fn save(&self, head: Option<&super::cls::Head>, dir: &std::path::Path, tok: &crate::tokenizer::Tok, base_model: &str) -> Result<()> {
+        match self {
+            Trained::Road(a) => a.save_peft(dir, base_model)?,
+            Trained::Lora(a) => a.save_peft(dir, base_model)?,
+            Trained::Dora(a) => a.save_peft(dir, base_model)?,
+            Trained::Oft(a) => a.save_peft(dir, base_model)?,
+            Trained::Boft(a) => a.save_peft(dir, base_model)?,
+            Trained::Loreft(s) => s.save(dir, base_model)?,
+            Trained::Full(m) => crate::adapters::merge::save_hf(m, tok, dir)?,
+        }
+        if let Some(h) = head {
+            let map: std::collections::HashMap<String, candle_core::Tensor> = h.named_vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+            candle_core::safetensors::save(&map, dir.join("head.safetensors"))?;
+        }
+        Ok(())
+    }
     /// The adapter to run with the base model (`None` for full fine-tuning).
     pub fn adapter(&self) -> Option<&dyn LinearAdapter> {
         match self {

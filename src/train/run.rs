@@ -53,6 +53,24 @@ pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: 
     Ok(dir)
 }
 
+/// `road finetune SPEC --write-init DIR`: the parameters a run of `spec` starts from, before any
+/// step, saved as its adapter would be (peft format; LoReFT's own), so a reference
+/// implementation can start from road's init draws (`peft_sentiment.py --init-adapter`): with
+/// `--write-split`'s batch order and dropout 0, a fully paired comparison.
+pub fn write_init(spec_path: &Path, overrides: &[String], out: &Path) -> Result<()> {
+    if out.exists() {
+        bail!("{} exists; --write-init writes a new directory (never over another)", out.display());
+    }
+    let spec = spec::load(spec_path, overrides)?;
+    let cfg = spec.train_cfg()?;
+    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
+    let (trained, head) = engine::initial(&l.model, &cfg)?;
+    std::fs::create_dir_all(out)?;
+    trained.save(head.as_ref(), out, &l.tok, &cfg.base_model)?;
+    eprintln!("{}: {} seed {} before step 1", out.display(), cfg.method.label(), cfg.seed);
+    Ok(())
+}
+
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Summary {
     pub name: String,
