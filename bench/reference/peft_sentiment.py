@@ -31,7 +31,7 @@ import time
 import tomllib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pyreft_sentiment import apply_sets, load_split  # noqa: E402
+from pyreft_sentiment import apply_sets, batch_order, load_split, lr_schedule  # noqa: E402
 
 PROJ = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
@@ -69,7 +69,6 @@ def main():
     ap.add_argument("--road-schedule", action="store_true", help="road's warm-up, lr·(s+1)/w at 0-based step s (transformers' starts at lr·s/w, i.e. 0)")
     args = ap.parse_args()
     import torch
-    import transformers
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     torch.set_num_threads(args.threads)
@@ -122,15 +121,8 @@ def main():
     steps, bs, lr = t["steps"], t["batch_size"], float(t["lr"])
     wd = float(t.get("weight_decay", 0.01 if m["kind"] in ("lora",) else 0.0))
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd, betas=(0.9, 0.999), eps=1e-8)
-    warm = round(t.get("warmup_ratio", 0.1) * steps)
-    if args.road_schedule:  # train::schedule::Schedule::lr, linear decay
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(steps - warm, 1)))
-    else:
-        sched = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
-    if args.road_order:  # road's batches (its seeded sampler, from --write-split): a paired comparison
-        order = torch.tensor(head["train_order"])
+    sched = lr_schedule(args, opt, round(t.get("warmup_ratio", 0.1) * steps), steps)
+    order = batch_order(args, len(split["train"]), head, steps, bs)
     best, best_state, best_step, secs, per_step, losses = -1.0, None, 0, 0.0, [], []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):

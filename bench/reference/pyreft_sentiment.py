@@ -66,6 +66,26 @@ def read_spec(spec):
     return tomllib.load(open(spec, "rb"))
 
 
+def batch_order(args, n_train, head, steps, bs):
+    """The example indices, step by step: torch's seeded permutations, or with --road-order road's
+    batches (its seeded sampler, recorded by --write-split): a paired comparison."""
+    import torch
+    if args.road_order:
+        return torch.tensor(head["train_order"])
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.cat([torch.randperm(n_train, generator=g) for _ in range(steps * bs // n_train + 1)])
+
+
+def lr_schedule(args, opt, warm, steps):
+    """Warm-up + linear decay: transformers' (its first step has lr 0), or with --road-schedule
+    road's (train::schedule::Schedule::lr: lr·(s+1)/w at 0-based step s)."""
+    import torch
+    import transformers
+    if args.road_schedule:
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else max(0.0, 1.0 - (s - warm) / max(steps - warm, 1)))
+    return transformers.get_linear_schedule_with_warmup(opt, warm, steps)
+
+
 DEV = "cpu"  # set by --device
 
 
@@ -133,7 +153,6 @@ def evaluate(rm, rows, bs, **kw):
 
 def train_mode(args, model, tok):
     import torch
-    import transformers
     spec = read_spec(args.spec)
     sets = [f"seed={args.seed}"] + args.set
     head, split = load_split(args.road, args.spec, sets)
@@ -155,11 +174,8 @@ def train_mode(args, model, tok):
     kw = dict(tok=tok, template=head["template"], max_len=head["max_len"], label_ids=label_ids,
               first_n=first_n, last_n=last_n, n_int=n_int, share=share)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(t.get("weight_decay", 0.0)), betas=(0.9, 0.999), eps=1e-8)
-    sched = transformers.get_linear_schedule_with_warmup(opt, warm, steps)
-    g = torch.Generator().manual_seed(args.seed)
-    order = torch.cat([torch.randperm(len(split["train"]), generator=g) for _ in range(steps * bs // len(split["train"]) + 1)])
-    if args.road_order:  # road's batches (its seeded sampler, from --write-split): a paired comparison
-        order = torch.tensor(head["train_order"])
+    sched = lr_schedule(args, opt, warm, steps)
+    order = batch_order(args, len(split["train"]), head, steps, bs)
     best, best_state, best_step, train_secs, evals, per_step = -1.0, None, 0, 0.0, [], []
     eval_every = t.get("eval_every", 16)
     for step in range(steps):
@@ -257,6 +273,7 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda (train mode; timings synchronise the device)")
     ap.add_argument("--attn", default=None, help="attention implementation (default: eager on cpu, sdpa on cuda)")
     ap.add_argument("--road-order", action="store_true", help="train on road's batch order for this seed instead of torch's")
+    ap.add_argument("--road-schedule", action="store_true", help="road's warm-up, lr·(s+1)/w at 0-based step s (transformers' starts at 0)")
     ap.add_argument("--roundtrip", help="a road-written LoReFT directory to load into pyreft instead of training")
     args = ap.parse_args()
     global DEV
