@@ -220,7 +220,8 @@ pub fn try_fused_rows(h: &Tensor, first: &Tensor, second: &Tensor, group_size: u
             return Ok(Some(z));
         }
     }
-    let width = if paired { h.dim(h.rank().saturating_sub(1))? / 2 } else { h.dim(h.rank().saturating_sub(1))? };
+    let last = h.dims().last().copied().unwrap_or(0);
+    let width = if paired { last / 2 } else { last };
     let ok = crate::runtime::cpu_fast_path(h.device())
         && !h.track_op()
         && h.dtype() == DType::F32

@@ -169,7 +169,7 @@ pub struct ComposeRow {
 pub fn run_compose(spec_path: &Path, overrides: &[String]) -> Result<PathBuf> {
     let spec = load_spec(spec_path, overrides)?;
     let site = Site::parse(&spec.site)?;
-    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
+    let l = registry::load_default(&spec.model)?;
     let (model, tok) = (&l.model, &l.tok);
     if spec.layer >= model.cfg.num_layers {
         bail!("layer {} out of range (model has {} blocks)", spec.layer, model.cfg.num_layers);

@@ -87,7 +87,7 @@ impl PackedBf16 {
         // Not zero-filled (the all-position logits are 50 MB at 16×32 on SmolLM2): every block
         // stores all its rows × columns, and the length is set once they have.
         let mut y: Vec<bf16> = super::packed_gemm::output_buffer(m * n);
-        let out = super::packed_gemm::SharedOut(y.as_mut_ptr());
+        let out = super::gemm_tasks::SharedOut(y.as_mut_ptr());
         let panels = n.div_ceil(NR);
         let group = super::packed_gemm::panel_group(panels);
         let per_panel = self.steps * 32;

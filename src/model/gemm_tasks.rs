@@ -70,27 +70,22 @@ pub fn par_row_chunks(z: &mut [f32], row: usize, f: impl Fn(usize, &mut [f32]) +
     let rows = z.len() / row.max(1);
     let per = rows.div_ceil(2 * rayon::current_num_threads()).max(1);
     let n = rows.div_ceil(per);
-    let base = SendPtr(z.as_mut_ptr());
+    let out = SharedOut(z.as_mut_ptr());
     par_tasks(n, 0, |i| {
+        let out = &out;
         let (r0, r1) = (i * per, ((i + 1) * per).min(rows));
         // SAFETY: task i owns rows r0..r1 only; the tasks' ranges are disjoint and inside `z`,
         // which stays mutably borrowed until `par_tasks` returns (after every task).
-        let chunk = unsafe { std::slice::from_raw_parts_mut(base.get().add(r0 * row), (r1 - r0) * row) };
+        let chunk = unsafe { std::slice::from_raw_parts_mut(out.0.add(r0 * row), (r1 - r0) * row) };
         f(r0, chunk);
     });
 }
 
-/// A raw pointer the tasks share (each touches its own disjoint range).
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    /// A method, not the field: closures then capture the whole (Sync) wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
+/// An output buffer shared by tasks that write disjoint parts of it (the GEMMs' columns,
+/// `par_row_chunks`' rows). A task borrows the wrapper whole (`let out = &out;`): a closure that
+/// named `out.0` directly would capture the raw pointer, which is not `Sync`.
+pub(super) struct SharedOut<T>(pub(super) *mut T);
+unsafe impl<T> Sync for SharedOut<T> {}
 
 /// The shared claim cursor of one `par_tasks` call.
 struct Claims {

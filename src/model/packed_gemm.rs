@@ -10,7 +10,7 @@
 //! of zmm accumulators: 24 FMAs per 14 loads, so the FMA pipes set the pace. The copy costs the
 //! weight's size once more in memory; `ROAD_PACKED_GEMM=0` turns the path off.
 use candle_core::{DType, Storage, Tensor};
-use super::gemm_tasks::par_tasks;
+use super::gemm_tasks::{par_tasks, SharedOut};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
@@ -212,9 +212,6 @@ fn bytemuck_lines_ref(l: &[Line]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(l.as_ptr() as *const f32, l.len() * 16) }
 }
 
-/// An output buffer, shared by tasks that write disjoint columns (here and in the bf16 GEMMs).
-pub(super) struct SharedOut<T>(pub(super) *mut T);
-unsafe impl<T> Sync for SharedOut<T> {}
 
 /// Panels per parallel task (here and in the bf16 GEMMs): enough tasks to balance the pool, few
 /// enough that each keeps its row blocks busy.

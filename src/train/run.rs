@@ -37,7 +37,7 @@ pub fn run_finetune(spec_path: Option<&Path>, overrides: &[String], resume_dir: 
         (None, None) => bail!("give a spec file (or --resume RUN_DIR)"),
     };
     eprintln!("run directory {}", dir.display());
-    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
+    let l = registry::load_default(&spec.model)?;
     let summary = finetune_and_test(&spec, &l.model, &l.tok, &dir, resume_dir.is_some())?;
     std::fs::write(dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     println!("{}", serde_json::to_string(&summary)?);
@@ -63,7 +63,7 @@ pub fn write_init(spec_path: &Path, overrides: &[String], out: &Path) -> Result<
     }
     let spec = spec::load(spec_path, overrides)?;
     let cfg = spec.train_cfg()?;
-    let l = registry::load(&spec.model, crate::runtime::dtype_for("f32")?, &crate::runtime::device_for("auto")?, true)?;
+    let l = registry::load_default(&spec.model)?;
     let (trained, head) = engine::initial(&l.model, &cfg)?;
     std::fs::create_dir_all(out)?;
     trained.save(head.as_ref(), out, &l.tok, &cfg.base_model)?;
