@@ -158,7 +158,7 @@ def main():
         "best_step": best_step, "dev_accuracy": best if best >= 0 else None, "test_accuracy": test,
         "train_secs": round(secs, 1), "secs_per_step_after_first": round(sum(per_step[1:]) / max(len(per_step) - 1, 1), 4),
         "secs_per_step_median": round(sorted(per_step[1:] or per_step)[len(per_step[1:] or per_step) // 2], 4),
-        "threads": args.threads, "device": args.device, "batch_order": "road" if args.road_order else "torch", "init": args.init_adapter or "torch", "schedule": "road" if args.road_schedule else "transformers", "losses": losses,
+        "threads": args.threads, "device": args.device, "batch_order": "road" if args.road_order else "torch", "init": args.init_adapter or "torch", "schedule": "road" if args.road_schedule else "transformers", "losses": losses, "step_secs": [round(x, 4) for x in per_step],
         "peak_device_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if dev.type == "cuda" else None,
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }), flush=True)

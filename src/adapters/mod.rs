@@ -14,6 +14,7 @@ pub mod fused;
 pub mod fused_cuda;
 pub mod lora;
 pub mod merge;
+pub mod neumann;
 pub mod oft;
 pub mod orth;
 pub mod rotation;

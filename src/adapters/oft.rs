@@ -76,9 +76,15 @@ impl OftAdapter {
         self.layers.values().map(|l| l.weight.elem_count()).sum()
     }
 
-    /// The orthogonal blocks `[k, b, b]` of one projection (tracked for training).
+    /// The orthogonal blocks `[k, b, b]` of one projection (tracked for training): on the CPU
+    /// the Neumann series as one op, elsewhere (and for the exact transform) composed.
     pub fn rotation(&self, l: usize, p: Proj) -> Result<Tensor> {
         let layer = &self.layers[&(l, p)];
+        if let Some(t) = self.neumann_terms {
+            if let Some(r) = super::neumann::try_cayley_neumann(layer.weight.as_tensor(), layer.block, t)? {
+                return Ok(r);
+            }
+        }
         let q = orth::skew_from_upper(layer.weight.as_tensor(), layer.block)?;
         match self.neumann_terms {
             Some(t) => orth::cayley_neumann(&q, t),

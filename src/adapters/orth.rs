@@ -64,6 +64,8 @@ pub fn cayley(s: &Tensor) -> Result<Tensor> {
 
 /// peft's Cayley–Neumann series with `terms` terms: `I + 2Q + 2Q² + … + 2Q^{t−2} + Q^{t−1}`
 /// (for t ≥ 3; peft's loop makes t = 3 and t = 4 the same series, reproduced here as written).
+/// On the CPU, OFT computes it from the parameters as one op (`neumann::try_cayley_neumann`,
+/// tested against this); this composed form serves the other devices.
 pub fn cayley_neumann(q: &Tensor, terms: usize) -> Result<Tensor> {
     let h = q.dim(1)?;
     let mut r = eye(h, q.dtype(), q.device())?.broadcast_as(q.shape())?.contiguous()?;

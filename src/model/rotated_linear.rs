@@ -24,7 +24,7 @@ unsafe impl Sync for Out {}
 /// SAFETY: the caller guarantees every addressed element lies inside its buffer and that no
 /// other task writes the same destination elements.
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
+pub(crate) unsafe fn block_gemm(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: usize, lhs: *const f32, lhs_rs: usize, lhs_cs: usize, rhs: *const f32, rhs_rs: usize, rhs_cs: usize) {
     gemm::gemm(
         m, n, k,
         dst, 1, dst_rs as isize,
