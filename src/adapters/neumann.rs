@@ -124,11 +124,6 @@ impl Neumann {
     }
 }
 
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("cayley-neumann: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
-}
-
 impl CustomOp1 for Neumann {
     fn name(&self) -> &'static str {
         "cayley-neumann"
@@ -136,7 +131,7 @@ impl CustomOp1 for Neumann {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (nb, n) = l.shape().dims2()?;
-        let v = contiguous(s, l)?;
+        let v = crate::model::train_ops::slice(s, l)?;
         let h = self.h;
         let mut r = vec![0f32; nb * h * h];
         r.par_chunks_mut(h * h).zip(v.par_chunks(n)).for_each(|(out, vj)| self.block(vj, out));

@@ -7,7 +7,7 @@
 //! rows of `x` (no copies), blocks run in parallel, and the backward is `g W` through the packed
 //! transpose, then per block `dR_j = x_jᵀ (gW)_j` and `dx_j = (gW)_j R_jᵀ`.
 use super::packed_gemm::{PackSlot, PackedWeight};
-use super::train_ops::with_data;
+use super::train_ops::{slice, with_data};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -77,8 +77,8 @@ impl CustomOp2 for RotatedLinear {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, nb, h, out_d) = self.dims(xl, rl)?;
-        let x = contiguous(xs, xl)?;
-        let r = contiguous(rs, rl)?;
+        let x = slice(xs, xl)?;
+        let r = slice(rs, rl)?;
         let xr = rotate(x, r, rows, nb, h, false);
         let y = match self.packed.as_deref() {
             Some(PackedWeight::F32(p)) if p.dims() == (out_d, nb * h) => p.matmul(&xr, rows),
@@ -117,11 +117,6 @@ impl CustomOp2 for RotatedLinear {
         let dev = x.device();
         Ok((dx.map(|v| Tensor::from_vec(v, x.shape(), dev)).transpose()?, Some(Tensor::from_vec(dr, r.shape(), dev)?)))
     }
-}
-
-fn contiguous<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("rotated linear: non-contiguous input".into()))?;
-    Ok(&s.as_slice::<f32>()?[a..b])
 }
 
 /// `rotate_blocks(x, r) Wᵀ` for a frozen `w` `[out, in]` and blocks `r` `[nb, h, h]` (or one

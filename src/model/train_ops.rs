@@ -28,7 +28,7 @@ fn applies(ts: &[&Tensor]) -> bool {
     (crate::runtime::cpu_fast_path(dev) || crate::runtime::cuda_fast_path(dev)) && ts.iter().all(|t| t.dtype() == DType::F32)
 }
 
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+pub(crate) fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
     let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("train-ops: non-contiguous input".into()))?;
     Ok(&s.as_slice::<f32>()?[a..b])
 }
