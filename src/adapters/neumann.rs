@@ -11,6 +11,7 @@
 //! with `dH_0 = dR`: `dQ = Σ_{k<K} dH_k H_{k+1}ᵀ` and `dH_{k+1} = Qᵀ dH_k` (the adjoint of each
 //! Horner step; the forward evaluates the powers as peft does, the same polynomial). The skew
 //! layout then gives `dv[(r, c)] = dQ[r, c] − dQ[c, r]`.
+use super::orth::upper_entries;
 use crate::model::rotated_linear::block_gemm;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -48,13 +49,9 @@ fn mm(h: usize, dst: &mut [f32], a: &[f32], b: &[f32], bt: bool) {
 /// order): `Q[r, c] = v`, `Q[c, r] = −v`.
 fn skew(v: &[f32], h: usize, q: &mut [f32]) {
     q.fill(0.0);
-    let mut k = 0;
-    for r in 0..h {
-        for c in r + 1..h {
-            q[r * h + c] = v[k];
-            q[c * h + r] = -v[k];
-            k += 1;
-        }
+    for ((r, c), &x) in upper_entries(h).zip(v) {
+        q[r * h + c] = x;
+        q[c * h + r] = -x;
     }
 }
 
@@ -114,12 +111,8 @@ impl Neumann {
                 std::mem::swap(&mut dh, &mut next);
             }
         }
-        let mut k = 0;
-        for r in 0..h {
-            for col in r + 1..h {
-                dv[k] = dq[r * h + col] - dq[col * h + r];
-                k += 1;
-            }
+        for ((r, c), d) in upper_entries(h).zip(dv.iter_mut()) {
+            *d = dq[r * h + c] - dq[c * h + r];
         }
     }
 }
@@ -172,9 +165,7 @@ mod tests {
     use crate::util::rng::Rng;
     use candle_core::{Device, Var};
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::util::max_abs_diff as max_diff;
 
     /// Values and parameter gradients equal candle's autograd of the composed skew + series, for
     /// every series length peft's loop distinguishes and odd block sizes.

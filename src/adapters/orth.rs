@@ -15,16 +15,18 @@ pub fn skew_from_upper(v: &Tensor, h: usize) -> Result<Tensor> {
     // Slot 0 = 0, slots 1..=n = +v, n+1..=2n = −v.
     let table = Tensor::cat(&[&Tensor::zeros((b, 1), v.dtype(), v.device())?, v, &v.neg()?], 1)?;
     let mut idx = vec![0u32; h * h];
-    let mut k = 0u32;
-    for r in 0..h {
-        for c in r + 1..h {
-            k += 1;
-            idx[r * h + c] = k;
-            idx[c * h + r] = k + n as u32;
-        }
+    for (k, (r, c)) in upper_entries(h).enumerate() {
+        idx[r * h + c] = k as u32 + 1;
+        idx[c * h + r] = (k + 1 + n) as u32;
     }
     let idx = Tensor::from_vec(idx, h * h, v.device())?;
     Ok(table.index_select(&idx, 1)?.reshape((b, h, h))?)
+}
+
+/// The (row, column) of each upper-triangle entry in parameter order: row-major, diagonal
+/// excluded (torch's `triu_indices(h, h, 1)`, peft's layout of OFT/BOFT parameters).
+pub fn upper_entries(h: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..h).flat_map(move |r| (r + 1..h).map(move |c| (r, c)))
 }
 
 fn eye(h: usize, dtype: DType, device: &Device) -> Result<Tensor> {

@@ -142,9 +142,7 @@ mod tests {
     use crate::util::rng::Rng;
     use candle_core::Var;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::util::max_abs_diff as max_diff;
 
     /// Values and the gradients of x and R equal candle's autograd of the composed
     /// `rotate_blocks(x, R) Wᵀ` (its blocks as one batched matmul), per-block and shared.

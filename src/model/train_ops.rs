@@ -397,9 +397,7 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Largest |a − b| over all elements.
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::util::max_abs_diff as max_diff;
 
     /// Forward values and the gradients of a random linear functional of the output, fused op
     /// against the same function composed from candle's primitives (whose backward candle

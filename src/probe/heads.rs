@@ -147,9 +147,7 @@ mod tests {
         ProbeHead::new(kind, 16, 8, 2, &mut Rng::new(7), &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
+    use crate::util::max_abs_diff as max_diff;
 
     /// Property: for random inputs, random rotations/reflections of the input (direction changes,
     /// norm kept) leave the magnitude-only head's output unchanged; positive rescaling leaves the

@@ -8,6 +8,13 @@ pub mod stats;
 
 pub use paths::check_model_path;
 
+/// Largest `|a − b|` over two same-shaped tensors: the unit tests' comparison of a fused op with
+/// its composed reference.
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
 /// `MemAvailable` from /proc/meminfo, in bytes (None where there is no such file).
 pub fn mem_available_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
