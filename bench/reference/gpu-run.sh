@@ -277,7 +277,7 @@ if [ "$PHASE" = R ]; then  # issue 21's efficiency table on cuda: per seed and m
     step "reference $k seed $seed ${XS[*]}" ${REF_S:-200} bash -c "$refcmd | tee $R/ref-$P-$k-s$seed.json"
     mem_stop $R/mem-$P-$k-s$seed-ref.txt
   done; done
-  wait $(jobs -p)   # not a bare `wait`: bash 5.1+ would also wait for the `exec > >(tee …)` above, forever
+  J=$(jobs -p); [ -z "$J" ] || wait $J   # never a bare `wait` (also when no job is left): bash 5.1+ would also wait for the `exec > >(tee …)` above, forever
   for f in $R/ref-*.json; do echo "$(basename $f): $(grep -o '"test_accuracy": [0-9.]*' $f)"; done
   tar czf $OUT/rout.tgz -C $W rout
   exit 0
