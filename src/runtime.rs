@@ -88,7 +88,7 @@ pub fn dtype_for(spec: &str) -> Result<DType> {
 }
 
 thread_local! {
-    /// Set: every CPU-only fast path (AVX2 gemv, fused RoAd op, frozen-weight op) declines, so
+    /// Set: every CPU-only fast path (packed GEMMs, fused RoAd op, frozen-weight op) declines, so
     /// the CPU runs exactly the device-generic ops a GPU runs. Tests use it to check both paths
     /// agree; `ROAD_GENERIC_OPS=1` sets it for a whole run.
     static GENERIC_ONLY: Cell<bool> = Cell::new(std::env::var_os("ROAD_GENERIC_OPS").is_some_and(|v| v != "0"));

@@ -2,10 +2,9 @@
 //! `--dtype bf16`: candle's bf16 matmul against the AMX path) through
 //! candle's GEMM and through the path road's forward takes (the AVX-512 GEMM against the weight
 //! packed once, packed outside the timing as the model packs it once per weight; without AVX-512
-//! the AVX2 decode gemv for m ≤ 4), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
+//! its AVX2 register block up to 256 rows), interleaved rep by rep so a busy machine slows both alike; GFLOP/s and the
 //! fraction of the machine's measured FMA peak (`road bench peak`).
 use super::median;
-use crate::model::gemv;
 use crate::model::packed_gemm::{self, PackSlot};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
@@ -38,7 +37,6 @@ pub fn gemm(shapes: &[String], reps: usize, cold_mib: usize) -> Result<()> {
         let road = |i: usize, x: &Tensor| -> Result<Option<Tensor>> {
             match &packed[i] {
                 Some(p) => packed_gemm::try_linear(x, p),
-                None if dtype == candle_core::DType::F32 => gemv::try_linear(x, &ws[i].0),
                 None => Ok(None),
             }
         };

@@ -33,7 +33,7 @@ impl CustomOp1 for FrozenLinear {
         let rows = xs.len() / in_d.max(1);
         // The packed AVX-512 GEMM where it applies, on the input in place.
         let y = match self.packed.as_deref() {
-            Some(PackedWeight::F32(p)) if p.dims() == (out_d, in_d) => p.matmul(xs, rows),
+            Some(PackedWeight::F32(p)) if p.dims() == (out_d, in_d) && p.serves(rows) => p.matmul(xs, rows),
             _ => Tensor::from_slice(xs, (rows, in_d), &Device::Cpu)?.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
         };
         let mut shape = dims.to_vec();

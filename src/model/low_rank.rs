@@ -80,7 +80,7 @@ impl LowRankLinear {
     fn base(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (out_d, in_d) = self.w.dims2()?;
         match self.packed.as_deref() {
-            Some(PackedWeight::F32(p)) if p.dims() == (out_d, in_d) => Ok(p.matmul(x, rows)),
+            Some(PackedWeight::F32(p)) if p.dims() == (out_d, in_d) && p.serves(rows) => Ok(p.matmul(x, rows)),
             _ => Tensor::from_slice(x, (rows, in_d), &Device::Cpu)?.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>(),
         }
     }
@@ -89,7 +89,7 @@ impl LowRankLinear {
     fn base_t(&self, g: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (out_d, in_d) = self.w.dims2()?;
         match self.packed_t.as_deref() {
-            Some(PackedWeight::F32(p)) if p.dims() == (in_d, out_d) => Ok(p.matmul(g, rows)),
+            Some(PackedWeight::F32(p)) if p.dims() == (in_d, out_d) && p.serves(rows) => Ok(p.matmul(g, rows)),
             _ => Tensor::from_slice(g, (rows, out_d), &Device::Cpu)?.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>(),
         }
     }

@@ -1,5 +1,6 @@
 //! Inference-only AVX-512 GEMM against a weight packed once: `y = x · wᵀ` for a frozen `[n, k]`
-//! weight, every row count.
+//! weight, every row count (without AVX-512 but with AVX2/FMA: the same layout and loops with
+//! `packed_avx2`'s register block, for few-row GEMMs only — `Packed::serves`).
 //!
 //! Why a packed copy: in its checkpoint layout a weight row runs along `k`, so a kernel that reads
 //! it in place computes dot products and pays a horizontal reduction per output (the earlier
@@ -108,17 +109,29 @@ impl Packed {
         (self.n, self.k)
     }
 
+    /// Whether `matmul` is the path for `rows` rows: always with AVX-512; with AVX2 only up to
+    /// `packed_avx2::MAX_ROWS` (callers use candle's GEMM otherwise).
+    pub fn serves(&self, rows: usize) -> bool {
+        match isa() {
+            Some(Isa::Avx512) => true,
+            Some(Isa::Avx2) => rows <= super::packed_avx2::MAX_ROWS,
+            None => false,
+        }
+    }
+
     /// `y [m, n] = x [m, k] · wᵀ`, parallel over groups of panels.
     pub(super) fn matmul(&self, xs: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(xs.len(), m * k, "input length");
+        let isa = isa().expect("a packed weight exists only where a packed GEMM runs");
+        let mr = if isa == Isa::Avx512 { MR } else { super::packed_avx2::MR };
         // Not zero-filled (that matters for the all-position logits, 100 MB at 16×32 on
         // SmolLM2): the first inner-dimension block's tiles store all m × n values, and the
         // length is set once they have.
         let mut y: Vec<f32> = output_buffer(m * n);
         let panels = n.div_ceil(NR);
         // One row block: nothing to keep in L1 across blocks, so each panel streams whole.
-        let kc_max = if m <= MR { k } else { KC };
+        let kc_max = if m <= mr { k } else { KC };
         let group = panel_group(panels);
         let out = SharedOut(y.as_mut_ptr());
         let flat: &[f32] = bytemuck_lines_ref(&self.lines);
@@ -154,15 +167,19 @@ impl Packed {
                         let mut r = r0;
                         let mut done_lines = 0;
                         while r < r1 {
-                            let rows = MR.min(r1 - r);
-                            // SAFETY: AVX-512F was detected by the caller (`enabled`); the block
+                            let rows = mr.min(r1 - r);
+                            // SAFETY: the ISA's features were detected (`isa`); the block
                             // writes rows r..r+rows, columns p·NR..p·NR+cols of y, which no other
                             // task writes; x and the panel are read within their lengths.
                             unsafe {
                                 let (x, yp) = (xs.as_ptr().add(r * k + k0), out.0.add(r * n + p * NR));
-                                let lines = next_lines.saturating_sub(done_lines).min(PF_PER_STEP * kc);
-                                let pf = next_ptr.add(done_lines.min(next_lines) * LINE);
-                                tile_dispatch(rows, x, k, kc, bp, yp, n, cols, k0 > 0, pf, lines);
+                                if isa == Isa::Avx512 {
+                                    let lines = next_lines.saturating_sub(done_lines).min(PF_PER_STEP * kc);
+                                    let pf = next_ptr.add(done_lines.min(next_lines) * LINE);
+                                    tile_dispatch(rows, x, k, kc, bp, yp, n, cols, k0 > 0, pf, lines);
+                                } else {
+                                    super::packed_avx2::panel(rows, x, k, kc, bp, yp, n, cols, k0 > 0);
+                                }
                             }
                             r += rows;
                             done_lines += PF_PER_STEP * kc;
@@ -231,16 +248,40 @@ pub(super) fn col_masks(cols: usize) -> (u16, u16) {
     }
 }
 
-/// AVX-512F present, and not turned off (`ROAD_PACKED_GEMM=0`, for comparisons).
-pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
+/// Which register block the f32 packed GEMM runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+/// The f32 packed GEMM's instruction set on this CPU: AVX-512F, else AVX2 with FMA, else none.
+/// `ROAD_PACKED_GEMM=0` turns the path off and `ROAD_PACKED_GEMM=avx2` takes the AVX2 block on
+/// an AVX-512 CPU (both for comparisons).
+pub fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        let want = std::env::var("ROAD_PACKED_GEMM").unwrap_or_default();
+        if want == "0" {
+            return None;
+        }
         #[cfg(target_arch = "x86_64")]
-        let has = is_x86_feature_detected!("avx512f");
-        #[cfg(not(target_arch = "x86_64"))]
-        let has = false;
-        has && std::env::var("ROAD_PACKED_GEMM").map_or(true, |v| v != "0")
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if is_x86_feature_detected!("avx512f") && want != "avx2" {
+                return Some(Isa::Avx512);
+            }
+            if avx2 {
+                return Some(Isa::Avx2);
+            }
+        }
+        None
     })
+}
+
+/// An f32 packed GEMM runs on this CPU (`isa`).
+pub fn enabled() -> bool {
+    isa().is_some()
 }
 
 /// A frozen weight's packed copy: f32 for the AVX-512 GEMM here, bf16 for the AMX one or (no
@@ -283,9 +324,10 @@ impl PackSlot {
     }
 
     /// The packed transpose of an f32 `w` (the backward's `g · W` as `g · (Wᵀ)ᵀ`), or None where
-    /// the path does not apply.
+    /// the path does not apply. AVX-512 only: a backward's rows (batch × sequence) are above
+    /// what the AVX2 block serves, so there the copy would never be read.
     pub fn get_transposed(&self, w: &Tensor) -> Option<Arc<PackedWeight>> {
-        if !enabled() || w.dtype() != DType::F32 {
+        if isa() != Some(Isa::Avx512) || w.dtype() != DType::F32 {
             return None;
         }
         once(&self.wt, w, |cpu, range, n, k| Some(PackedWeight::F32(Packed::pack_transposed(&cpu.as_slice::<f32>().ok()?[range], n, k))))
@@ -323,6 +365,11 @@ pub fn try_linear(x: &Tensor, packed: &PackedWeight) -> anyhow::Result<Option<Te
         return Ok(None);
     }
     let rows = x.elem_count() / k.max(1);
+    if let PackedWeight::F32(p) = packed {
+        if !p.serves(rows) {
+            return Ok(None);
+        }
+    }
     let xc = x.contiguous()?;
     let mut shape = x.dims().to_vec();
     *shape.last_mut().expect("x has a last dim") = n;
@@ -390,33 +437,40 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// Equal to candle's matmul at every row-block remainder, a ragged last panel (n not a
-    /// multiple of 32, and under 16), row counts beyond one cache block, and odd inner sizes;
-    /// the transposed copy likewise for `g · W`.
+    /// Equal to candle's matmul at every row-block remainder (AVX-512's 12 rows, AVX2's 6), a
+    /// ragged last panel (n not a multiple of 32, under 16, and 16 < n % 32), row counts beyond
+    /// one cache block, and odd inner sizes; the transposed copy likewise for `g · W` (AVX-512);
+    /// `try_linear` takes the path exactly where `serves` says.
     #[test]
     fn packed_gemm_equals_matmul() {
         if !enabled() {
-            return; // no AVX-512 here: the path is never taken
+            return; // neither AVX-512 nor AVX2 here: the path is never taken
         }
         let dev = Device::Cpu;
-        for (n, k) in [(130, 70), (64, 64), (5, 17), (200, 1)] {
+        let max_diff = |a: Tensor, b: Tensor| crate::util::max_abs_diff(&a, &b);
+        for (n, k) in [(130, 70), (64, 64), (5, 17), (200, 1), (57, 600)] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let slot = PackSlot::default();
             let p = slot.get(&w).unwrap();
-            assert!(matches!(*p, PackedWeight::F32(_)));
-            for rows in [1, 2, 5, 11, 12, 13, 32, 97, 200] {
+            let PackedWeight::F32(packed) = &*p else { panic!("an f32 weight packs as f32") };
+            for rows in [1, 2, 5, 6, 7, 11, 12, 13, 32, 33, 97, 200] {
                 let x = Tensor::randn(0f32, 1.0, (1, rows, k), &dev).unwrap();
-                let fast = try_linear(&x, &p).unwrap().unwrap();
                 let slow = x.reshape((rows, k)).unwrap().matmul(&w.t().unwrap()).unwrap().reshape((1, rows, n)).unwrap();
-                let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let fast = Tensor::from_vec(packed.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), rows), (1, rows, n), &dev).unwrap();
+                let d = max_diff(fast, slow.clone());
                 assert!(d < 1e-4, "{n}x{k}, rows {rows}: max diff {d}");
-                // The transposed copy: g [rows, n] · W.
-                let g = Tensor::randn(0f32, 1.0, (rows, n), &dev).unwrap();
-                let pt = slot.get_transposed(&w).unwrap();
-                let fast = try_linear(&g, &pt).unwrap().unwrap();
-                let slow = g.matmul(&w).unwrap();
-                let d = (fast - slow).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(d < 1e-4, "transposed {n}x{k}, rows {rows}: max diff {d}");
+                let via = try_linear(&x, &p).unwrap();
+                assert_eq!(via.is_some(), packed.serves(rows), "{n}x{k}, rows {rows}: try_linear vs serves");
+                if let Some(y) = via {
+                    assert!(max_diff(y, slow) < 1e-4);
+                }
+                // The transposed copy (AVX-512 only): g [rows, n] · W.
+                if let Some(pt) = slot.get_transposed(&w) {
+                    let g = Tensor::randn(0f32, 1.0, (rows, n), &dev).unwrap();
+                    let fast = try_linear(&g, &pt).unwrap().unwrap();
+                    let d = max_diff(fast, g.matmul(&w).unwrap());
+                    assert!(d < 1e-4, "transposed {n}x{k}, rows {rows}: max diff {d}");
+                }
             }
         }
     }

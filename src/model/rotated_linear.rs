@@ -81,7 +81,7 @@ impl CustomOp2 for RotatedLinear {
         let r = slice(rs, rl)?;
         let xr = rotate(x, r, rows, nb, h, false);
         let y = match self.packed.as_deref() {
-            Some(PackedWeight::F32(p)) if p.dims() == (out_d, nb * h) => p.matmul(&xr, rows),
+            Some(PackedWeight::F32(p)) if p.dims() == (out_d, nb * h) && p.serves(rows) => p.matmul(&xr, rows),
             _ => Tensor::from_vec(xr, (rows, nb * h), &Device::Cpu)?.matmul(&self.w.t()?)?.flatten_all()?.to_vec1::<f32>()?,
         };
         let mut shape = xl.dims().to_vec();
@@ -94,7 +94,7 @@ impl CustomOp2 for RotatedLinear {
         let (nb_r, h, _) = r.dims3()?;
         let (rows, nb) = (x.elem_count() / in_d, in_d / h);
         let gxr = with_data(gy, |g| match self.packed_t.as_deref() {
-            Some(PackedWeight::F32(p)) if p.dims() == (in_d, out_d) => Ok(p.matmul(g, rows)),
+            Some(PackedWeight::F32(p)) if p.dims() == (in_d, out_d) && p.serves(rows) => Ok(p.matmul(g, rows)),
             _ => Tensor::from_slice(g, (rows, out_d), &Device::Cpu)?.matmul(&self.w)?.flatten_all()?.to_vec1::<f32>(),
         })?;
         let want_dx = x.track_op();

@@ -167,8 +167,8 @@ pub fn check_plain(m: &Llama, pairs: &[Pair], units: &[(usize, Site)], positions
     for (c, v) in est.cells.iter().zip(&est.per_pair) {
         let got: f64 = v.iter().sum();
         let want = direct(m, pairs, c, which, None);
-        // The estimate's forward runs road's CPU paths (the packed AVX-512 GEMM, or gemm's AVX2
-        // kernels and the gemv path elsewhere), the reference's candle's differentiable ops: their
+        // The estimate's forward runs road's CPU paths (the packed GEMM: AVX-512, or AVX2 up
+        // to 256 rows and gemm's AVX2 kernels above), the reference's candle's differentiable ops: their
         // f32 summation orders differ, and each pair's term carries its own rounding. So the
         // tolerance scales with the terms summed, not with their net (which can cancel: on an
         // AVX2-only Zen 3 one cell netted 1.124 from terms summing to 12.7 in magnitude and

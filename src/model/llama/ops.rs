@@ -80,8 +80,8 @@ impl Llama {
         self.linear(&self.lm_head, &self.lm_head_pack, x, differentiable)
     }
 
-    /// `x @ wᵀ`. Inference on the CPU: the AVX-512 GEMM against w's packed copy (in `pack`), or
-    /// on machines without AVX-512 the AVX2 gemv for a few rows (decode). Differentiable with a
+    /// `x @ wᵀ`. Inference on the CPU: the packed GEMM against w's copy in `pack` (AVX-512 at
+    /// every row count; AVX2 up to `Packed::serves`' rows: decode and short prompts). Differentiable with a
     /// frozen w: an op whose backward skips the weight gradient. Elsewhere candle's matmul.
     pub(super) fn linear(&self, w: &Tensor, pack: &PackSlot, x: &Tensor, differentiable: bool) -> Result<Tensor> {
         if !differentiable {
@@ -89,9 +89,6 @@ impl Llama {
                 if let Some(y) = crate::model::packed_gemm::try_linear(x, &p)? {
                     return Ok(y);
                 }
-            }
-            if let Some(y) = crate::model::gemv::try_linear(x, w)? {
-                return Ok(y);
             }
         } else if let Some(y) = crate::model::frozen::try_frozen_linear(x, w, pack)? {
             return Ok(y);
